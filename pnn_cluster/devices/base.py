@@ -1,0 +1,151 @@
+"""The device protocol a user implements to bring their own physical system.
+
+A device is one small class::
+
+    class MyDevice(Device):
+        spec = DeviceSpec(
+            name="my_amp",
+            input=Port(size=8, low=0.0, high=1.0, unit="V"),
+            output=Port(size=8, unit="V"),
+            params=(ParamSpec("gain", shape=(8,), low=0.0, high=2.0, unit="V/V"),),
+        )
+
+        def measure(self, x, params):          # batched numpy, already validated
+            return np.tanh(params["gain"] * x)
+
+        def model(self):                        # optional: differentiable physics
+            return MyPhysicsModel()
+
+The engine only ever calls :meth:`Device.forward` and :meth:`Device.set_params`;
+both validate against ``spec`` before :meth:`measure` runs, so a user's
+``measure`` never sees an out-of-range, non-finite or mis-shaped value.
+Constructors do no I/O; :meth:`connect` does (an actor calls it in its own
+process, on the node that has the instrument).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from pnn_cluster.devices.spec import DeviceSpec, LimitError
+
+__all__ = ["Device", "DeviceError"]
+
+
+class DeviceError(RuntimeError):
+    """The device itself failed (lost connection, instrument error), as opposed to a refused value."""
+
+
+class Device:
+    """Base class of every physical device, simulated or real."""
+
+    spec: DeviceSpec
+
+    def __init__(self, spec: DeviceSpec | None = None) -> None:
+        if spec is not None:
+            self.spec = spec
+        if not isinstance(getattr(self, "spec", None), DeviceSpec):
+            raise TypeError(f"{type(self).__name__} must define a DeviceSpec as `spec`")
+        self._params: dict[str, np.ndarray] = self.spec.initial_params()
+        self._lock = threading.Lock()
+        self.connected = False
+        self.stats = {"calls": 0, "samples": 0, "param_writes": 0, "rejected": 0, "busy_s": 0.0}
+
+    # -- what a user implements ---------------------------------------------------
+
+    def measure(self, x: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Run one batch on the hardware: ``x`` is (batch, input.size), validated."""
+        raise NotImplementedError
+
+    def model(self):
+        """Optional differentiable model of this device (a :class:`PhysicsModel`), or None."""
+        return None
+
+    def open(self) -> None:
+        """Open the connection to the instrument (override for real hardware)."""
+
+    def shutdown(self) -> None:
+        """Release the instrument (override for real hardware)."""
+
+    def write_params(self, params: Mapping[str, np.ndarray]) -> None:
+        """Push validated parameters to hardware (override when the hardware holds them)."""
+
+    def identity(self) -> dict[str, Any]:
+        """Who this device is: driver, resource, serial, calibration. Logged with every run."""
+        return {"driver": type(self).__module__ + "." + type(self).__qualname__}
+
+    # -- what the engine calls ------------------------------------------------------
+
+    def connect(self) -> "Device":
+        if not self.connected:
+            self.open()
+            self.connected = True
+        return self
+
+    def close(self) -> None:
+        if self.connected:
+            self.shutdown()
+            self.connected = False
+
+    def __enter__(self) -> "Device":
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._params.items()}
+
+    def set_params(self, params: Mapping[str, Any]) -> None:
+        """Validate and write parameters; a partial mapping updates only the named ones."""
+        try:
+            checked = self.spec.check_params(params, partial=True)
+        except LimitError:
+            self.stats["rejected"] += 1
+            raise
+        with self._lock:
+            merged = {**self._params, **checked}
+            self.write_params(merged)
+            self._params = merged
+            self.stats["param_writes"] += 1
+
+    def forward(self, x: Any, params: Mapping[str, Any] | None = None) -> np.ndarray:
+        """Measure a batch. Parameters, when given, are validated and written first."""
+        try:
+            xa = self.spec.check_input(x)
+        except LimitError:
+            self.stats["rejected"] += 1
+            raise
+        if params is not None:
+            self.set_params(params)
+        if not self.connected:
+            self.connect()
+        with self._lock:
+            t0 = time.perf_counter()
+            y = np.asarray(self.measure(xa, self._params), dtype=np.float64)
+            self.stats["busy_s"] += time.perf_counter() - t0
+            self.stats["calls"] += 1
+            self.stats["samples"] += xa.shape[0]
+        if y.shape != (xa.shape[0], self.spec.output.size):
+            raise DeviceError(
+                f"{self.spec.name}: measure returned shape {y.shape}, spec says "
+                f"({xa.shape[0]}, {self.spec.output.size})"
+            )
+        return y
+
+    def health(self) -> dict[str, Any]:
+        return {"name": self.spec.name, "connected": self.connected, **self.stats}
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-safe description of the device: spec, limits, identity and current parameters."""
+        return {
+            "spec": self.spec.to_dict(),
+            "identity": self.identity(),
+            "params": {k: v.tolist() for k, v in self._params.items()},
+            "stats": dict(self.stats),
+        }

@@ -1,0 +1,183 @@
+"""Simulated physical devices: a "real" device with imperfections around a physics model.
+
+Each simulated system supplies an ideal :class:`PhysicsModel` with nominal
+calibration constants. The simulated device runs a *true* copy of it whose
+constants are off by a fixed miscalibration (the sim-reality gap the ideal
+model does not know) and drift slowly as samples are measured; on top of it
+come shot-to-shot fluctuation, measurement noise, optional quantisation and a
+latency that is spent waiting, as hardware does, not computing.
+
+Everything random is drawn from generators seeded by ``Imperfections.seed``,
+so a run is reproducible call for call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from pnn_cluster.devices.base import Device
+from pnn_cluster.devices.physics import PhysicsModel
+from pnn_cluster.devices.spec import DeviceSpec
+
+__all__ = ["Imperfections", "SimulatedDevice"]
+
+
+@dataclass(frozen=True)
+class Imperfections:
+    """How far a simulated device is from its ideal model.
+
+    noise: additive measurement noise, standard deviation as a fraction of the
+        device's output scale.
+    shot: shot-to-shot fluctuation, a multiplicative factor per sample with this
+        standard deviation (laser energy, drive amplitude...).
+    gap: size of the fixed miscalibration, in units of each calibration
+        constant's natural spread (0: the ideal model is exact).
+    drift: random-walk step of the calibration constants per 10,000 measured
+        samples, in the same units.
+    quant_bits: quantise the output to this many bits over the device's output
+        range (an 8-bit oscilloscope), or None.
+    latency_call_s, latency_sample_s: time a call takes on the hardware.
+    seed: seeds miscalibration, noise and drift.
+    """
+
+    noise: float = 0.01
+    shot: float = 0.01
+    gap: float = 1.0
+    drift: float = 0.0
+    quant_bits: int | None = None
+    latency_call_s: float = 0.0
+    latency_sample_s: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("noise", "shot", "gap", "drift", "latency_call_s", "latency_sample_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
+                raise ValueError(f"Imperfections.{name} must be a finite number >= 0, got {v!r}")
+        if self.quant_bits is not None and not (2 <= int(self.quant_bits) <= 24):
+            raise ValueError(f"Imperfections.quant_bits must be in 2..24 or None, got {self.quant_bits!r}")
+
+    @classmethod
+    def ideal(cls, seed: int = 0) -> "Imperfections":
+        """No noise, no gap, no drift: the device is exactly its ideal model."""
+        return cls(noise=0.0, shot=0.0, gap=0.0, drift=0.0, quant_bits=None, seed=seed)
+
+    def with_(self, **kw: Any) -> "Imperfections":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SimulatedDevice(Device):
+    """Base class of the simulated systems.
+
+    Subclasses implement :meth:`build_spec`, :meth:`build_model` and
+    :meth:`calibration_spread`; they may override :attr:`output_scale` and
+    :attr:`output_range` (used for noise and quantisation) and
+    :meth:`fluctuate` for physics-specific noise.
+    """
+
+    #: default imperfections of this system when none are given
+    default_imperfections = Imperfections()
+    #: typical magnitude of the output, the unit of ``Imperfections.noise``
+    output_scale: float = 1.0
+    #: full-scale range of the detector, for quantisation
+    output_range: tuple[float, float] = (-1.0, 1.0)
+
+    def __init__(self, imperfections: Imperfections | None = None, **options: Any) -> None:
+        self.options = dict(options)
+        self.imperfections = imperfections or self.default_imperfections
+        super().__init__(self.build_spec(**options))
+        self._ideal = self.build_model(**options)
+        self._true = self._ideal.clone()
+        self._spread = {k: torch.as_tensor(v, dtype=torch.get_default_dtype())
+                        for k, v in self.calibration_spread().items()}
+        seed = self.imperfections.seed
+        gap_rng = torch.Generator().manual_seed(10_007 + seed)
+        with torch.no_grad():
+            for name, spread in self._spread.items():
+                c = self._true.calibration[name]
+                z = torch.randn(c.shape, generator=gap_rng, dtype=c.dtype)
+                c.add_(self.imperfections.gap * spread * z)
+        self._noise_rng = np.random.default_rng(seed)
+        self._drift_rng = torch.Generator().manual_seed(20_011 + seed)
+
+    # -- subclass hooks ------------------------------------------------------------
+
+    def build_spec(self, **options: Any) -> DeviceSpec:  # pragma: no cover
+        raise NotImplementedError
+
+    def build_model(self, **options: Any) -> PhysicsModel:  # pragma: no cover
+        raise NotImplementedError
+
+    def calibration_spread(self) -> Mapping[str, Any]:
+        """Natural spread of each calibration constant (the unit of gap and drift)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def fluctuate(self, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Shot-to-shot fluctuation and measurement noise on a clean batch ``y``."""
+        imp = self.imperfections
+        if imp.shot > 0:
+            y = y * (1.0 + imp.shot * rng.standard_normal((y.shape[0], 1)))
+        if imp.noise > 0:
+            y = y + imp.noise * self.output_scale * rng.standard_normal(y.shape)
+        return y
+
+    # -- the device -------------------------------------------------------------------
+
+    def model(self) -> PhysicsModel:
+        """The ideal model: what the lab believes the device does (nominal calibration)."""
+        return self._ideal.clone()
+
+    def true_model(self) -> PhysicsModel:
+        """The simulator's exact noise-free physics, drift included. Simulated devices only."""
+        return self._true.clone()
+
+    def measure(self, x: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        t0 = time.perf_counter()
+        dtype = torch.get_default_dtype()
+        with torch.no_grad():
+            xt = torch.from_numpy(x).to(dtype)
+            pt = {k: torch.from_numpy(v).to(dtype) for k, v in params.items()}
+            y = self._true(xt, pt).double().numpy()
+        y = self.fluctuate(y, self._noise_rng)
+        if self.imperfections.quant_bits:
+            y = self._quantise(y, int(self.imperfections.quant_bits))
+        self._drift(x.shape[0])
+        wait = self.imperfections.latency_call_s + self.imperfections.latency_sample_s * x.shape[0]
+        wait -= time.perf_counter() - t0
+        if wait > 0:
+            time.sleep(wait)  # the hardware is busy; a real instrument blocks the same way
+        return y
+
+    def _quantise(self, y: np.ndarray, bits: int) -> np.ndarray:
+        lo, hi = self.output_range
+        levels = 2**bits - 1
+        step = (hi - lo) / levels
+        # a detector saturates at full scale: that is the measurement, not a clip of our making
+        return lo + step * np.clip(np.round((y - lo) / step), 0, levels)
+
+    def _drift(self, n_samples: int) -> None:
+        if self.imperfections.drift <= 0:
+            return
+        scale = self.imperfections.drift * float(np.sqrt(n_samples / 10_000.0))
+        with torch.no_grad():
+            for name, spread in self._spread.items():
+                c = self._true.calibration[name]
+                c.add_(scale * spread * torch.randn(c.shape, generator=self._drift_rng, dtype=c.dtype))
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            **super().identity(),
+            "system": self.spec.name,
+            "simulated": True,
+            "options": dict(self.options),
+            "imperfections": self.imperfections.to_dict(),
+            "true_calibration": self._true.calibration_values(),
+        }

@@ -1,0 +1,223 @@
+"""Torch modules: the physical layer, digital glue layers and stacks mixing them."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from pnn_cluster.devices.base import Device
+from pnn_cluster.pat import pat_apply
+
+__all__ = ["PhysicalLayer", "Affine", "Rescale", "Stack", "MODES"]
+
+#: pat: physical forward, twin backward. in_silico: twin both ways.
+#: oracle: physical forward, exact autograd through the simulator (simulated devices only).
+MODES = ("pat", "in_silico", "oracle")
+
+
+class PhysicalLayer(nn.Module):
+    """A physical device as an ordinary ``torch.nn.Module``.
+
+    The device's trainable settings are ``nn.Parameter`` s in ``self.theta``
+    (one per :class:`~pnn_cluster.devices.spec.ParamSpec`). They are written
+    to the device only when they changed, so a training step writes each
+    device once, however many micro-batches it measures.
+
+    Parameters never leave the device limits: the device refuses them (a
+    ``LimitError``), :meth:`constrain_` projects them back after an optimizer
+    step and reports how many entries it moved, and :meth:`limit_penalty`
+    (added to the loss when ``penalty > 0``) keeps them away from the edges,
+    as the reference code's Lagrangian term does.
+    """
+
+    def __init__(self, device: Device, twin: nn.Module | None = None, mode: str = "pat",
+                 penalty: float = 0.0, margin: float = 0.02, name: str | None = None) -> None:
+        super().__init__()
+        self.device = device
+        self.spec = device.spec
+        self.name = name or device.spec.name
+        self.theta = nn.ParameterDict({
+            p.name: nn.Parameter(torch.as_tensor(p.initial(), dtype=torch.get_default_dtype()))
+            for p in self.spec.params
+        })
+        self.twin = twin
+        self.mode = mode
+        self.penalty = float(penalty)
+        self.margin = float(margin)
+        self._sent: dict[str, np.ndarray] | None = None
+        self.samples_measured = 0
+
+    # -- configuration ------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"{self.name}: mode must be one of {MODES}, got {value!r}")
+        self._mode = value
+
+    @property
+    def twin(self) -> nn.Module | None:
+        return self._modules.get("twin_")
+
+    @twin.setter
+    def twin(self, twin: nn.Module | None) -> None:
+        if twin is not None:
+            for p in twin.parameters():
+                p.requires_grad_(False)  # the twin supplies Jacobians; training never moves it
+        self._modules["twin_"] = twin
+
+    def params_numpy(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().double().numpy() for k, v in self.theta.items()}
+
+    # -- running -----------------------------------------------------------------------
+
+    def sync_params(self, force: bool = False) -> bool:
+        """Write the parameters to the device if they changed since the last write."""
+        values = self.params_numpy()
+        if (not force and self._sent is not None
+                and all(np.array_equal(values[k], self._sent[k]) for k in values)):
+            return False
+        self.device.set_params(values)
+        self._sent = {k: v.copy() for k, v in values.items()}
+        return True
+
+    def measure(self, x: torch.Tensor) -> torch.Tensor:
+        """Run ``x`` on the device with the current parameters; no autograd."""
+        self.sync_params()
+        y = self.device.forward(x.detach().cpu().double().numpy())
+        self.samples_measured += x.shape[0]
+        return torch.from_numpy(y).to(dtype=x.dtype, device=x.device)
+
+    def oracle_model(self) -> nn.Module:
+        true_model = getattr(self.device, "true_model", None)
+        if true_model is None:
+            raise TypeError(
+                f"{self.name}: mode 'oracle' needs a simulated device (one with true_model()); "
+                f"{type(self.device).__name__} is real hardware. Use 'pat' or 'in_silico'."
+            )
+        return true_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = dict(self.theta.items())
+        if self.mode == "in_silico":
+            if self.twin is None:
+                raise RuntimeError(f"{self.name}: mode 'in_silico' needs a twin; fit one first")
+            return self.twin(x, params)
+        y = self.measure(x)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values()))
+        if not needs_grad:
+            return y
+        if self.mode == "oracle":
+            twin = self.oracle_model()
+        else:
+            if self.twin is None:
+                raise RuntimeError(f"{self.name}: mode 'pat' needs a twin for the backward pass; fit one first")
+            twin = self.twin
+        return pat_apply(x, y, params, twin=twin)
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def limit_penalty(self) -> torch.Tensor:
+        total = torch.zeros(())
+        for p in self.spec.params:
+            t = self.theta[p.name]
+            m = self.margin * (p.high - p.low)
+            total = total + torch.relu(t - (p.high - m)).pow(2).sum() + torch.relu((p.low + m) - t).pow(2).sum()
+        return self.penalty * total
+
+    @torch.no_grad()
+    def constrain_(self) -> int:
+        """Project parameters back into the device limits; returns how many entries moved."""
+        moved = 0
+        for p in self.spec.params:
+            t = self.theta[p.name]
+            bad = (t < p.low) | (t > p.high)
+            n = int(bad.sum())
+            if n:
+                t.clamp_(p.low, p.high)
+                moved += n
+        return moved
+
+    def extra_repr(self) -> str:
+        return f"device={self.name!r}, mode={self.mode!r}, params={list(self.theta)}"
+
+
+class Affine(nn.Module):
+    """Element-wise ``y = w * x + b``: the digital rescaling between physical layers."""
+
+    def __init__(self, size: int, weight: float = 1.0, bias: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((size,), float(weight)))
+        self.bias = nn.Parameter(torch.full((size,), float(bias)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + self.bias
+
+
+class Rescale(nn.Module):
+    """Element-wise affine map squashed into ``[low, high]``, so a device input is never out of range.
+
+    ``y = low + (high - low) * sigmoid(w * x + b)``. The bound holds by
+    construction, without clipping, so gradients stay informative.
+    """
+
+    def __init__(self, size: int, low: float, high: float, weight: float = 1.0, bias: float = 0.0,
+                 margin: float = 0.0) -> None:
+        super().__init__()
+        if not np.isfinite(low) or not np.isfinite(high) or not low < high:
+            raise ValueError(f"Rescale needs finite low < high, got [{low}, {high}]")
+        span = high - low
+        self.low = float(low + margin * span)
+        self.high = float(high - margin * span)
+        self.weight = nn.Parameter(torch.full((size,), float(weight)))
+        self.bias = nn.Parameter(torch.full((size,), float(bias)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.low + (self.high - self.low) * torch.sigmoid(x * self.weight + self.bias)
+
+    @classmethod
+    def for_device(cls, device: Device, margin: float = 0.0, **kw) -> "Rescale":
+        port = device.spec.input
+        return cls(port.size, port.low, port.high, margin=margin, **kw)
+
+
+class Stack(nn.Sequential):
+    """Physical and digital layers in any order; helpers act on all physical layers at once."""
+
+    def physical_layers(self) -> list[PhysicalLayer]:
+        return [m for m in self.modules() if isinstance(m, PhysicalLayer)]
+
+    def set_mode(self, mode: str) -> "Stack":
+        for layer in self.physical_layers():
+            layer.mode = mode
+        return self
+
+    @contextlib.contextmanager
+    def mode_as(self, mode: str) -> Iterator["Stack"]:
+        old = [layer.mode for layer in self.physical_layers()]
+        self.set_mode(mode)
+        try:
+            yield self
+        finally:
+            for layer, m in zip(self.physical_layers(), old):
+                layer.mode = m
+
+    def limit_penalty(self) -> torch.Tensor:
+        return sum((layer.limit_penalty() for layer in self.physical_layers()), torch.zeros(()))
+
+    def constrain_(self) -> int:
+        return sum(layer.constrain_() for layer in self.physical_layers())
+
+    def samples_measured(self) -> int:
+        return sum(layer.samples_measured for layer in self.physical_layers())
+
+    def device_params(self) -> Mapping[str, dict[str, np.ndarray]]:
+        return {layer.name: layer.params_numpy() for layer in self.physical_layers()}
