@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pnn_cluster.devices.base import Device, DeviceError
 from pnn_cluster.devices.physics import PhysicsModel
@@ -21,9 +22,30 @@ def _shg(**kw: Any) -> SimulatedDevice:
     return SHGDevice(**kw)
 
 
+def _plate(**kw: Any) -> SimulatedDevice:
+    from pnn_cluster.devices.plate import PlateDevice
+
+    return PlateDevice(**kw)
+
+
+def _circuit(**kw: Any) -> SimulatedDevice:
+    from pnn_cluster.devices.circuit import CircuitDevice
+
+    return CircuitDevice(**kw)
+
+
+def _oscillators(**kw: Any) -> SimulatedDevice:
+    from pnn_cluster.devices.oscillators import OscillatorsDevice
+
+    return OscillatorsDevice(**kw)
+
+
 #: the simulated systems by name; each factory takes ``imperfections=`` and the system's size options
 SYSTEMS: dict[str, Callable[..., SimulatedDevice]] = {
     "shg": _shg,
+    "plate": _plate,
+    "circuit": _circuit,
+    "oscillators": _oscillators,
 }
 
 
