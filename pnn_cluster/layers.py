@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -63,16 +63,16 @@ class PhysicalLayer(nn.Module):
             raise ValueError(f"{self.name}: mode must be one of {MODES}, got {value!r}")
         self._mode = value
 
-    @property
-    def twin(self) -> nn.Module | None:
-        return self._modules.get("twin_")
-
-    @twin.setter
-    def twin(self, twin: nn.Module | None) -> None:
-        if twin is not None:
-            for p in twin.parameters():
-                p.requires_grad_(False)  # the twin supplies Jacobians; training never moves it
-        self._modules["twin_"] = twin
+    def __setattr__(self, name: str, value) -> None:
+        if name == "twin":
+            if value is not None:
+                if not callable(value):
+                    raise TypeError(f"{self.name}: twin must be a module mapping (x, params) -> y")
+                for p in value.parameters():
+                    p.requires_grad_(False)  # the twin supplies Jacobians; training never moves it
+            self._modules["twin"] = value
+            return
+        super().__setattr__(name, value)
 
     def params_numpy(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().double().numpy() for k, v in self.theta.items()}
@@ -184,7 +184,7 @@ class Rescale(nn.Module):
         return self.low + (self.high - self.low) * torch.sigmoid(x * self.weight + self.bias)
 
     @classmethod
-    def for_device(cls, device: Device, margin: float = 0.0, **kw) -> "Rescale":
+    def for_device(cls, device: Device, margin: float = 0.0, **kw) -> Rescale:
         port = device.spec.input
         return cls(port.size, port.low, port.high, margin=margin, **kw)
 
@@ -195,13 +195,13 @@ class Stack(nn.Sequential):
     def physical_layers(self) -> list[PhysicalLayer]:
         return [m for m in self.modules() if isinstance(m, PhysicalLayer)]
 
-    def set_mode(self, mode: str) -> "Stack":
+    def set_mode(self, mode: str) -> Stack:
         for layer in self.physical_layers():
             layer.mode = mode
         return self
 
     @contextlib.contextmanager
-    def mode_as(self, mode: str) -> Iterator["Stack"]:
+    def mode_as(self, mode: str) -> Iterator[Stack]:
         old = [layer.mode for layer in self.physical_layers()]
         self.set_mode(mode)
         try:

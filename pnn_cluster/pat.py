@@ -14,7 +14,7 @@ calling the device itself, so that a scheduler can run devices asynchronously
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 

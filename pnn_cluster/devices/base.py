@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class Device:
 
     # -- what the engine calls ------------------------------------------------------
 
-    def connect(self) -> "Device":
+    def connect(self) -> Device:
         if not self.connected:
             self.open()
             self.connected = True
@@ -91,7 +92,7 @@ class Device:
             self.shutdown()
             self.connected = False
 
-    def __enter__(self) -> "Device":
+    def __enter__(self) -> Device:
         return self.connect()
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,7 @@ fits them to measurements, which is how the sim-reality gap is closed.
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ class PhysicsModel(nn.Module):
     def cal(self, name: str) -> torch.Tensor:
         return self.calibration[name]
 
-    def learn_calibration(self, on: bool = True) -> "PhysicsModel":
+    def learn_calibration(self, on: bool = True) -> PhysicsModel:
         for p in self.calibration.values():
             p.requires_grad_(on)
         return self
@@ -51,7 +51,7 @@ class PhysicsModel(nn.Module):
             for k, v in values.items():
                 self.calibration[k].copy_(torch.as_tensor(v, dtype=self.calibration[k].dtype))
 
-    def clone(self) -> "PhysicsModel":
+    def clone(self) -> PhysicsModel:
         return copy.deepcopy(self)
 
     def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover

@@ -15,7 +15,8 @@ offset, the crystal's phase-matching length, and each spectrometer bin's gain.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -14,8 +14,9 @@ so a run is reproducible call for call.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,11 +64,11 @@ class Imperfections:
             raise ValueError(f"Imperfections.quant_bits must be in 2..24 or None, got {self.quant_bits!r}")
 
     @classmethod
-    def ideal(cls, seed: int = 0) -> "Imperfections":
+    def ideal(cls, seed: int = 0) -> Imperfections:
         """No noise, no gap, no drift: the device is exactly its ideal model."""
         return cls(noise=0.0, shot=0.0, gap=0.0, drift=0.0, quant_bits=None, seed=seed)
 
-    def with_(self, **kw: Any) -> "Imperfections":
+    def with_(self, **kw: Any) -> Imperfections:
         return replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:

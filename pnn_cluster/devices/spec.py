@@ -10,8 +10,9 @@ and what is allowed. Nothing is ever clipped silently.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -210,7 +211,7 @@ class DeviceSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DeviceSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> DeviceSpec:
         def port(p: Mapping[str, Any]) -> Port:
             return Port(size=int(p["size"]), low=_from_json_float(p["low"]), high=_from_json_float(p["high"]),
                         unit=p.get("unit", ""), doc=p.get("doc", ""))

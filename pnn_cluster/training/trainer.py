@@ -1,0 +1,275 @@
+"""The training loop: explicit states, an injected executor, callback hooks.
+
+The :class:`Trainer` owns the model, the optimizer and the loop. How a batch's
+forward and backward passes run is the executor's business: the default
+:class:`SequentialExecutor` runs micro-batches one after the other in this
+process; the distributed executor (``actors``) pipelines them over device
+actors. Either way the gradients of all micro-batches add up to one
+optimizer step, and the parameters reach each device once per step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pnn_cluster.data import Dataset
+from pnn_cluster.layers import Stack
+
+__all__ = ["TrainConfig", "Callback", "Executor", "SequentialExecutor", "Trainer", "TrainerState", "StepResult"]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    micro_batch: int | None = None
+    lr: float = 0.01
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    eval_batch: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "eval_batch": self.eval_batch >= 1, "weight_decay": self.weight_decay >= 0,
+            "micro_batch": self.micro_batch is None or self.micro_batch >= 1,
+            "optimizer": self.optimizer in ("adam", "sgd", "adamw"),
+            "lr_schedule": self.lr_schedule in ("cosine", "constant"),
+        }
+        for k, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{k}: invalid value {getattr(self, k)!r}")
+
+
+class TrainerState:
+    CREATED, RUNNING, FINISHED, FAILED, STOPPED = "created", "running", "finished", "failed", "stopped"
+
+
+@dataclass
+class StepResult:
+    loss: float
+    correct: int
+    n: int
+    device_samples: int = 0
+
+
+class Executor(Protocol):
+    def forward_backward(self, model: Stack, x: torch.Tensor, y: torch.Tensor, loss_fn, micro_batch: int | None
+                         ) -> StepResult: ...
+
+    def evaluate(self, model: Stack, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def split_micro(n: int, micro: int | None) -> list[slice]:
+    m = n if not micro else min(micro, n)
+    return [slice(i, min(i + m, n)) for i in range(0, n, m)]
+
+
+class SequentialExecutor:
+    """Micro-batches one after the other, in this process; the reference schedule."""
+
+    def forward_backward(self, model: Stack, x: torch.Tensor, y: torch.Tensor, loss_fn,
+                         micro_batch: int | None) -> StepResult:
+        n = x.shape[0]
+        total, correct = 0.0, 0
+        for sl in split_micro(n, micro_batch):
+            out = model(x[sl])
+            loss = loss_fn(out, y[sl]) * ((sl.stop - sl.start) / n)
+            loss.backward()
+            total += float(loss.detach())
+            correct += int((out.argmax(-1) == y[sl]).sum())
+        return StepResult(total, correct, n)
+
+    @torch.no_grad()
+    def evaluate(self, model: Stack, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+
+class Callback:
+    """Hooks the trainer calls; override what you need. MLflow tracking is one of these."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+
+class Trainer:
+    """Trains a :class:`Stack` on a :class:`Dataset`; test accuracy is measured on the physical devices."""
+
+    def __init__(self, model: Stack, data: Dataset, config: TrainConfig | None = None,
+                 callbacks: Sequence[Callback] = (), executor: Executor | None = None,
+                 progress: bool = True, loss_fn=None) -> None:
+        self.model = model
+        self.data = data
+        self.config = config or TrainConfig()
+        self.callbacks = list(callbacks)
+        self.executor = executor or SequentialExecutor()
+        self.progress = progress
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.state = TrainerState.CREATED
+        self.epoch = 0
+        self.global_step = 0
+        self.device_samples = 0
+        self.history: list[dict[str, float]] = []
+        self.params_projected = 0
+        self._stop = False
+        params = [p for p in model.parameters() if p.requires_grad]
+        cfg = self.config
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(len(data.y_train) / cfg.batch_size)
+        total = cfg.epochs * self.steps_per_epoch
+        if cfg.lr_schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on a batch: forward/backward of all micro-batches, then constrain."""
+        self.model.train()
+        before = self.model.samples_measured()
+        self.optimizer.zero_grad(set_to_none=True)
+        res = self.executor.forward_backward(self.model, x, y, self.loss_fn, self.config.micro_batch)
+        penalty = self.model.limit_penalty()
+        if penalty.requires_grad:
+            penalty.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        moved = self.model.constrain_()
+        self.params_projected += moved
+        self.global_step += 1
+        measured = (self.model.samples_measured() - before) or res.device_samples
+        self.device_samples += measured
+        metrics = {"train_loss": res.loss, "train_acc": res.correct / max(res.n, 1),
+                   "penalty": float(penalty.detach()), "params_projected": float(moved),
+                   "device_samples": float(self.device_samples), "lr": self.scheduler.get_last_lr()[0]}
+        for cb in self.callbacks:
+            cb.on_step_end(self, metrics)
+        return metrics
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def predict(self, x: np.ndarray, physical: bool = True) -> torch.Tensor:
+        """Logits for ``x``; ``physical`` runs every physical layer on its device (the honest test)."""
+        self.model.eval()
+        outs = []
+        xt = torch.as_tensor(x, dtype=torch.get_default_dtype())
+        mode = "pat" if physical else "in_silico"
+        with torch.no_grad(), self.model.mode_as(mode):
+            for sl in split_micro(len(xt), self.config.eval_batch):
+                outs.append(self.executor.evaluate(self.model, xt[sl]))
+        return torch.cat(outs)
+
+    def evaluate(self, split: str = "test", physical: bool = True) -> dict[str, Any]:
+        x = getattr(self.data, f"x_{split}")
+        y = torch.as_tensor(getattr(self.data, f"y_{split}"))
+        # test measurements are not a cost of the method; device_samples counts training only
+        logits = self.predict(x, physical=physical)
+        pred = logits.argmax(-1)
+        return {"acc": float((pred == y).float().mean()), "loss": float(self.loss_fn(logits, y)),
+                "pred": pred.numpy(), "target": y.numpy()}
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current step (from a callback or another thread)."""
+        self._stop = True
+
+    def fit(self) -> list[dict[str, float]]:
+        cfg = self.config
+        self.state = TrainerState.RUNNING
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        rng = np.random.default_rng(cfg.seed)
+        # replay the shuffles of epochs already done, so a resumed run sees the same batches
+        for _ in range(self.epoch):
+            rng.permutation(len(self.data.y_train))
+        xs = torch.as_tensor(self.data.x_train, dtype=torch.get_default_dtype())
+        ys = torch.as_tensor(self.data.y_train)
+        try:
+            while self.epoch < cfg.epochs and not self._stop:
+                t0 = time.perf_counter()
+                order = torch.as_tensor(rng.permutation(len(ys)))
+                bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                           unit="step", disable=not self.progress, leave=False)
+                losses, correct, seen = 0.0, 0.0, 0
+                for i in bar:
+                    idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                    m = self.step(xs[idx], ys[idx])
+                    losses += m["train_loss"] * len(idx)
+                    correct += m["train_acc"] * len(idx)
+                    seen += len(idx)
+                    bar.set_postfix(loss=f"{m['train_loss']:.3f}")
+                    if self._stop:
+                        break
+                self.epoch += 1
+                ev = self.evaluate("test")
+                metrics = {"epoch": float(self.epoch), "train_loss": losses / max(seen, 1),
+                           "train_acc": correct / max(seen, 1), "test_acc": ev["acc"], "test_loss": ev["loss"],
+                           "epoch_seconds": time.perf_counter() - t0, "device_samples": float(self.device_samples)}
+                self.last_eval = ev
+                self.history.append(metrics)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, metrics)
+        except BaseException:
+            self.state = TrainerState.FAILED
+            raise
+        self.state = TrainerState.STOPPED if self._stop and self.epoch < cfg.epochs else TrainerState.FINISHED
+        final = self.history[-1] if self.history else {}
+        for cb in self.callbacks:
+            cb.on_train_end(self, final)
+        return self.history
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
+                "device_samples": self.device_samples, "config": asdict(self.config),
+                "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.device_samples = int(state["device_samples"])
+        self.history = list(state.get("history", []))
+        for layer in self.model.physical_layers():
+            layer.sync_params(force=True)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write never corrupts the last checkpoint
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
