@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    # device simulations and twins are small tensors: a second intra-op thread only adds
+    # contention with device actors and servers on the same machine
+    torch.set_num_threads(1)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

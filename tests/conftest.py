@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+torch.set_num_threads(1)
+
 VOWELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vowels_hillenbrand_7class.csv"
 
 
