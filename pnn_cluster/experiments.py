@@ -62,6 +62,8 @@ class TaskSpec:
     train: TrainConfig
     quick_train: TrainConfig
     calib_groups: int = 40
+    #: spread of the data-dependent rescale initialisation (see init_rescales_)
+    spread: float = 0.3
     quick_subset: tuple[int, int] | None = None
     doc: str = ""
 
@@ -69,9 +71,10 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "hybrid_mnist": TaskSpec(
         name="hybrid_mnist", dataset="mnist5k",
-        doc="digital linear 784->24, SHG optics 24->24, digital rescale, analog circuit 24->10, digital affine",
+        doc="digital linear 784->24, SHG optics 24->24, digital rescale, analog circuit 24->24, digital linear "
+            "readout 24->10",
         layers=(LayerSpec("linear", size=24), LayerSpec("rescale"), physical("shg", n_in=24, n_out=24),
-                LayerSpec("rescale"), physical("circuit", n_in=24, n_out=10), LayerSpec("affine")),
+                LayerSpec("rescale"), physical("circuit", n_in=24, n_out=24), LayerSpec("linear", size=10)),
         train=TrainConfig(epochs=6, batch_size=64, lr=0.01),
         quick_train=TrainConfig(epochs=3, batch_size=64, lr=0.01),
         quick_subset=(2000, 500),
@@ -278,7 +281,7 @@ def run_method(task: str | TaskSpec, method: str, quick: bool = False, seed: int
     xs = torch.as_tensor(data.x_train[:512], dtype=torch.get_default_dtype())
     before = stack.samples_measured()
     with stack.mode_as("in_silico" if method == "in_silico" else "pat"):
-        init_rescales_(stack, xs)
+        init_rescales_(stack, xs, spread=spec.spread)
     init_samples = stack.samples_measured() - before
     cfg = train_config or (spec.quick_train if quick else spec.train)
     cfg = TrainConfig(**{**cfg.__dict__, "seed": seed})

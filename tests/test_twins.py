@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pnn_cluster.devices import Imperfections, make_device
+from pnn_cluster.twins import (
+    build_twin,
+    calibrate,
+    check_drift,
+    collect,
+    evaluate_twin,
+    load_twin,
+    read_twin_meta,
+    refine,
+    save_twin,
+)
+
+
+@pytest.fixture(scope="module")
+def shg_cal():
+    dev = make_device("shg", n_in=8, n_out=8)
+    return dev, calibrate(dev, kinds=("physics", "mlp"), groups=16, batch=64, progress=False,
+                          fit_overrides={"mlp": {"epochs": 10}})
+
+
+def test_collect_repeats_measure_the_noise_floor():
+    dev = make_device("shg", n_in=8, n_out=8, imperfections=Imperfections(noise=0.02, shot=0.0, gap=0.0))
+    s = collect(dev, groups=6, batch=64, repeats=3, progress=False)
+    assert len(s) == 6 and s.y[0].shape == (3, 64, 8) and s.device_samples == 6 * 3 * 64
+    # additive noise of 0.02 * output_scale: the floor is sigma^2 / var(y)
+    sigma2 = (0.02 * dev.output_scale) ** 2
+    var = np.concatenate([y.reshape(-1) for y in s.y]).var()
+    assert s.noise_floor() == pytest.approx(sigma2 / var, rel=0.15)
+
+
+def test_noise_free_device_has_zero_floor():
+    dev = make_device("shg", n_in=8, n_out=8, imperfections=Imperfections.ideal())
+    assert collect(dev, groups=3, batch=16, progress=False).noise_floor() == 0.0
+
+
+def test_physics_twin_reaches_the_noise_floor_and_beats_the_ideal_model(shg_cal):
+    _, cal = shg_cal
+    r = cal.results["physics"]
+    assert r.nmse_val <= 2.0 * cal.noise_floor
+    assert cal.ideal_nmse > 3 * r.nmse_val
+    assert cal.best_kind == "physics"
+
+
+def test_save_load_round_trip_without_pickle(shg_cal, tmp_path):
+    dev, cal = shg_cal
+    twin = cal.twins["physics"]
+    path = save_twin(twin, tmp_path / "twins" / "shg", system="shg", fit=cal.results["physics"].as_dict())
+    meta = read_twin_meta(path)
+    assert meta["kind"] == "physics" and meta["system"] == "shg"
+    json.dumps(meta)  # metadata is plain JSON
+    loaded = load_twin(path, model=dev.model(), spec=dev.spec)
+    assert evaluate_twin(loaded, cal.val) == pytest.approx(evaluate_twin(twin, cal.val), rel=1e-6)
+    mlp = load_twin(save_twin(cal.twins["mlp"], tmp_path / "mlp"), spec=dev.spec)
+    x = torch.rand(4, 8)
+    p = {"phase": torch.zeros(dev.spec.param("phase").shape)}
+    torch.testing.assert_close(mlp(x, p), cal.twins["mlp"](x, p))
+
+
+def test_loading_for_another_device_layout_is_refused(shg_cal, tmp_path):
+    dev, cal = shg_cal
+    path = save_twin(cal.twins["physics"], tmp_path / "shg")
+    other = make_device("shg", n_in=12, n_out=12)
+    with pytest.raises(ValueError, match="different layout"):
+        load_twin(path, model=other.model(), spec=other.spec)
+
+
+def test_physics_kinds_need_a_model():
+    dev = make_device("shg", n_in=8, n_out=8)
+    with pytest.raises(ValueError, match="needs a physics model"):
+        build_twin("physics", dev.spec, None)
+    with pytest.raises(ValueError, match="unknown twin kind"):
+        build_twin("gp", dev.spec, None)
+
+
+def test_drift_is_detected_and_refine_recovers():
+    imp = Imperfections(noise=0.01, shot=0.0, gap=1.0, drift=0.0, seed=3)
+    dev = make_device("shg", n_in=8, n_out=8, imperfections=imp)
+    cal = calibrate(dev, kinds=("physics",), groups=12, batch=64, progress=False)
+    twin, ref = cal.best, cal.results["physics"].nmse_val
+    assert not check_drift(dev, twin, ref).drifted
+    # the lab warms up: the device's constants wander far from where the twin was fitted
+    dev.imperfections = imp.with_(drift=2.5)
+    collect(dev, groups=1, batch=20_000, repeats=1, progress=False)
+    dev.imperfections = imp.with_(drift=0.0)
+    report = check_drift(dev, twin, ref)
+    assert report.drifted, report.as_dict()
+    refine(twin, dev, groups=12, epochs=30)
+    assert not check_drift(dev, twin, ref, seed=7).drifted
