@@ -61,7 +61,7 @@ class TaskSpec:
     layers: tuple[LayerSpec, ...]
     train: TrainConfig
     quick_train: TrainConfig
-    calib_groups: int = 40
+    calib_groups: int = 24
     #: spread of the data-dependent rescale initialisation (see init_rescales_)
     spread: float = 0.3
     quick_subset: tuple[int, int] | None = None
@@ -82,6 +82,7 @@ TASKS: dict[str, TaskSpec] = {
     "shg_vowels": TaskSpec(
         name="shg_vowels", dataset="vowels",
         doc="three SHG layers with digital element-wise rescaling between (the paper's optical PNN)",
+        spread=1.5,
         layers=(LayerSpec("rescale"), physical("shg", n_in=12, n_out=12), LayerSpec("rescale"),
                 physical("shg", n_in=12, n_out=12), LayerSpec("rescale"), physical("shg", n_in=12, n_out=7),
                 LayerSpec("affine")),

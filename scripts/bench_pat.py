@@ -26,7 +26,7 @@ import torch
 from pnn_cluster.experiments import METHODS, TASKS, default_vowels_path, run_method, task_dataset
 from pnn_cluster.training.trainer import TrainConfig
 
-FULL_GAPS = [0.6, 1.2, 2.0, 2.8, 3.6]
+FULL_GAPS = [0.6, 1.4, 2.2, 3.2, 4.2]
 
 
 def log(msg: str) -> None:

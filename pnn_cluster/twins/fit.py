@@ -20,7 +20,7 @@ __all__ = ["FitResult", "fit_twin", "evaluate_twin", "Calibration", "calibrate",
 
 #: epochs and learning rate per twin kind: physics fits a handful of constants, the MLP many weights
 DEFAULT_FIT: dict[str, dict[str, Any]] = {
-    "physics": {"epochs": 60, "lr": 2e-2},
+    "physics": {"epochs": 30, "lr": 2e-2},
     "residual": {"epochs": 80, "lr": 3e-3},
     "mlp": {"epochs": 150, "lr": 2e-3},
 }
