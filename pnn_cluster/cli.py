@@ -15,7 +15,7 @@ import sys
 from pnn_cluster.devices.spec import LimitError
 
 #: command modules, in the order ``--help`` lists them
-COMMANDS = ["demo", "calibrate"]
+COMMANDS = ["demo", "calibrate", "serve-device", "sim-instrument"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        importlib.import_module(f"pnn_cluster.commands.{name}").add_parser(sub)
+        importlib.import_module(f"pnn_cluster.commands.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 

@@ -1,0 +1,153 @@
+"""``pnn-cluster serve-device``: expose a device (simulated or VISA-backed) on a ZeroMQ ROUTER socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from pnn_cluster.devices import SYSTEMS, make_device
+from pnn_cluster.devices.base import Device, DeviceError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve-device", help="serve a device over ZeroMQ (wire protocol: docs/wire_protocol.md)",
+        description="Serves one device to remote device actors over ZeroMQ until SIGINT or SIGTERM. Every request "
+                    "is checked against the device's limits before it reaches the device; refused requests get "
+                    "an error reply naming the field, value and allowed range, and are counted in the health "
+                    "reply. Binds to loopback unless --allow-remote is given.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--system", choices=sorted(SYSTEMS), help="serve a simulated system")
+    src.add_argument("--visa-config", metavar="FILE", type=Path,
+                     help="serve a VISA device described by a YAML/JSON file {source: {driver, resource, "
+                          "timeout_s, settings}, sink: {...}, backend, spec}")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                   help="ZeroMQ endpoint to bind (default %(default)s; port 0 lets the OS choose)")
+    p.add_argument("--allow-remote", action="store_true", help="allow binding to a non-loopback address")
+    p.add_argument("--max-message-mb", type=float, default=256.0,
+                   help="largest request accepted, in MiB (default %(default)s); larger frames are dropped")
+    p.add_argument("--curve-secret", metavar="FILE", type=Path,
+                   help="enable CURVE: the server's <name>.key_secret file (zmq.auth.create_certificates)")
+    p.add_argument("--curve-allow", metavar="DIR", type=Path,
+                   help="with --curve-secret: directory of allowed client public keys (*.key)")
+    add_device_options(p)
+    p.set_defaults(func=run)
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="system size option, e.g. --option n_in=64 (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the simulated imperfections")
+    p.add_argument("--ideal", action="store_true", help="no noise, miscalibration, drift or latency")
+    p.add_argument("--no-latency", action="store_true", help="keep the imperfections, drop the simulated latency")
+
+
+def simulated_device(args: argparse.Namespace) -> Device:
+    """Build the simulated device the command line describes."""
+    from pnn_cluster.cli import UsageError
+
+    options: dict[str, Any] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE with KEY an identifier")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    try:
+        device = make_device(args.system, **options)
+        imp = device.imperfections
+        if args.ideal:
+            imp = imp.ideal(seed=imp.seed)
+        if args.no_latency:
+            imp = imp.with_(latency_call_s=0.0, latency_sample_s=0.0)
+        if args.seed is not None:
+            imp = imp.with_(seed=args.seed)
+        if imp != device.imperfections:
+            device = make_device(args.system, imperfections=imp, **options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--system {args.system} with options {options}: {exc}") from None
+    return device
+
+
+class StopSignals:
+    """Turn SIGINT and SIGTERM into an event while a server runs.
+
+    The handlers stay installed until the ``with`` block ends, so a second
+    signal during shutdown (``timeout`` and shells often deliver one to the
+    whole process group) cannot interrupt the clean stop.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.received: list[str] = []
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received.append(signal.Signals(signum).name)
+        self.event.set()
+
+    def __enter__(self) -> StopSignals:
+        self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def wait(self) -> str:
+        self.event.wait()
+        return self.received[0]
+
+
+def _load_mapping(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pnn_cluster.cli import UsageError
+    from pnn_cluster.servers import BindError
+    from pnn_cluster.servers.zmq_server import CurveServerConfig, DeviceServer
+
+    if (args.curve_secret is None) != (args.curve_allow is None):
+        raise UsageError("--curve-secret and --curve-allow go together")
+    if not 0.001 <= args.max_message_mb <= 1 << 20:
+        raise UsageError(f"--max-message-mb {args.max_message_mb}; allowed: 0.001 .. 1048576")
+    curve = CurveServerConfig(args.curve_secret, args.curve_allow) if args.curve_secret else None
+    if args.visa_config is not None:
+        from pnn_cluster.drivers.visa import VisaDevice
+
+        device: Device = VisaDevice.from_config(_load_mapping(args.visa_config))
+        what = f"VISA device from {args.visa_config}"
+    else:
+        device = simulated_device(args)
+        what = f"simulated {args.system}"
+    with StopSignals() as signals:
+        try:
+            server = DeviceServer(device, args.bind, max_message_bytes=int(args.max_message_mb * (1 << 20)),
+                                  curve=curve, allow_remote=args.allow_remote).start()
+        except BindError as exc:
+            raise UsageError(str(exc)) from None
+        except DeviceError as exc:  # the instruments behind a VISA device could not be opened
+            print(f"pnn-cluster serve-device: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"serving {what} ({server.device.spec.name}) on {server.endpoint} "
+              f"(CURVE {'on' if curve else 'off'}); SIGINT or SIGTERM to stop", flush=True)
+        sig = signals.wait()
+        print(f"{sig}: shutting down", file=sys.stderr, flush=True)
+        server.stop()
+    h = server.health()["server"]
+    print(f"stopped after {h['requests']} requests ({h['rejected']} rejected)", flush=True)
+    return 0

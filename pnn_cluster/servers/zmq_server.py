@@ -1,0 +1,450 @@
+"""ZeroMQ device server: any :class:`~pnn_cluster.devices.base.Device` on a ROUTER socket.
+
+The wire protocol is specified in ``docs/wire_protocol.md``; in short, every
+request and reply is a multipart message::
+
+    [routing id]  (added/removed by ROUTER; a DEALER or REQ client never sees it)
+    b""           empty delimiter frame (REQ-compatible envelope)
+    header        UTF-8 JSON object: {"v": 1, "op": ..., "id": ..., "arrays": [...]}
+    array 0..n-1  raw bytes of each array, described in header["arrays"] (dtype, shape)
+
+Arrays are never pickled: a frame is the array's bytes, decoded with
+``np.frombuffer`` on the received frame (no copy) and sent from the array's
+own memory (``copy=False``).
+
+Safety: every request is checked before the device sees it (envelope,
+header size and JSON, protocol version, op, array descriptors against frame
+sizes, dtype, then the device's own limits via ``Device.forward`` /
+``Device.set_params``). A refused request gets an error reply naming the
+field, the value and what is allowed; the server keeps serving and counts
+the refusal (``health``). Frames larger than ``max_message_bytes`` are
+dropped by libzmq (``ZMQ_MAXMSGSIZE``: the peer is disconnected and gets no
+reply); a message whose frames together exceed it gets an error reply.
+
+The server binds to loopback unless ``allow_remote`` is set, and can
+require CURVE encryption with an allow-list of client public keys read from
+a directory of key files (``zmq.auth.create_certificates`` writes them); a
+client whose key is not listed is refused during the handshake by the ZAP
+authenticator and never gets a reply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from pnn_cluster.devices.base import Device
+from pnn_cluster.devices.spec import LimitError
+from pnn_cluster.servers import BindError, is_loopback_host
+
+__all__ = [
+    "ALLOWED_DTYPES", "CurveServerConfig", "DEFAULT_MAX_MESSAGE_BYTES", "DeviceServer", "MAX_HEADER_BYTES",
+    "OPS", "PROTOCOL_VERSION", "ProtocolError", "check_bind", "decode_arrays", "encode_arrays",
+]
+
+PROTOCOL_VERSION = 1
+OPS = ("health", "spec", "set_params", "forward")
+MAX_HEADER_BYTES = 64 * 1024
+MAX_ARRAYS = 256
+MAX_NDIM = 8
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: dtypes accepted on the wire (numpy ``dtype.str``): little-endian IEEE 754 floats
+ALLOWED_DTYPES = {"<f8": np.dtype("<f8"), "<f4": np.dtype("<f4")}
+
+
+class ProtocolError(ValueError):
+    """A request that does not follow the wire protocol; becomes an error reply of kind ``protocol``."""
+
+    def __init__(self, field: str, problem: str, value: Any = None, allowed: str = "") -> None:
+        self.field, self.problem, self.value, self.allowed = field, problem, value, allowed
+        msg = f"{field}: {problem}"
+        if value is not None:
+            msg += f" (got {value})"
+        if allowed:
+            msg += f"; allowed: {allowed}"
+        super().__init__(msg)
+
+
+# -- arrays on the wire (shared with the client) ---------------------------------------------------
+
+
+def encode_arrays(arrays: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """``{field: array}`` -> (descriptors, frames). Frames are the arrays' own buffers where possible."""
+    descs, frames = [], []
+    for name, value in arrays.items():
+        arr = np.asarray(value)
+        if arr.dtype.str not in ALLOWED_DTYPES:
+            arr = arr.astype("<f8")
+        arr = np.ascontiguousarray(arr)
+        descs.append({"field": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
+        frames.append(memoryview(arr).cast("B") if arr.size else b"")
+    return descs, frames
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def decode_arrays(descs: Any, frames: list[Any]) -> dict[str, np.ndarray]:
+    """Check descriptors against the frames and view each frame as an array (no copy)."""
+    if not isinstance(descs, list):
+        raise ProtocolError("arrays", "must be a list", _short(descs), "a list of {field, dtype, shape}")
+    if len(descs) != len(frames):
+        raise ProtocolError("arrays", f"{len(descs)} descriptor(s) for {len(frames)} array frame(s)", None,
+                            "one descriptor per frame after the header")
+    out: dict[str, np.ndarray] = {}
+    for i, (d, frame) in enumerate(zip(descs, frames)):
+        where = f"arrays[{i}]"
+        if not isinstance(d, dict):
+            raise ProtocolError(where, "must be an object", _short(d), "{field, dtype, shape}")
+        extra = set(d) - {"field", "dtype", "shape"}
+        if extra:
+            raise ProtocolError(f"{where}.{sorted(extra)[0]}", "unknown key", None, "field, dtype, shape")
+        name = d.get("field")
+        if not isinstance(name, str) or not name or len(name) > 128:
+            raise ProtocolError(f"{where}.field", "must be a non-empty string", _short(name),
+                                "x or params.<name>")
+        if name in out:
+            raise ProtocolError(f"{where}.field", "duplicate field", _short(name), "each field once")
+        dtype = d.get("dtype")
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"{where}.dtype", "unsupported dtype", _short(dtype), f"one of {list(ALLOWED_DTYPES)}")
+        shape = d.get("shape")
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)):
+            raise ProtocolError(f"{where}.shape", "must be a list of non-negative integers", _short(shape),
+                                f"at most {MAX_NDIM} dimensions")
+        dt = ALLOWED_DTYPES[dtype]
+        nbytes = math.prod(shape) * dt.itemsize
+        have = len(frame)
+        if nbytes != have:
+            raise ProtocolError(f"{where}", f"shape {shape} of {dtype} needs {nbytes} bytes, frame has {have}",
+                                None, "frame length = product(shape) * itemsize")
+        buf = frame.buffer if isinstance(frame, zmq.Frame) else frame
+        arr = np.frombuffer(buf, dtype=dt).reshape(shape) if nbytes else np.empty(shape, dt)
+        # libzmq may hand small frames out of a shared receive buffer at any offset
+        out[name] = arr if arr.flags.aligned else arr.copy()
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def check_bind(endpoint: str, allow_remote: bool = False) -> str:
+    """Validate a bind endpoint; ``tcp://host:0`` becomes ``tcp://host:*`` (the OS picks the port)."""
+    if not isinstance(endpoint, str) or "://" not in endpoint:
+        raise BindError(f"bind: {endpoint!r} is not a ZeroMQ endpoint; allowed: tcp://127.0.0.1:PORT, ipc://PATH")
+    scheme, _, addr = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return endpoint
+    if scheme != "tcp":
+        raise BindError(f"bind: transport {scheme!r}; allowed: tcp, ipc, inproc")
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host:
+        raise BindError(f"bind: {endpoint!r} has no port; allowed: tcp://HOST:PORT (PORT 0 or * for any)")
+    if port == "0":
+        port = "*"
+    if port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+        raise BindError(f"bind: port {port!r}; allowed: 1..65535, 0 or *")
+    if not allow_remote and not is_loopback_host(host):
+        raise BindError(f"bind: {host!r} is not a loopback address; allowed: 127.0.0.1, [::1], localhost, "
+                        "ipc:// (pass allow_remote=True / --allow-remote to serve a network, ideally with CURVE)")
+    return f"tcp://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class CurveServerConfig:
+    """CURVE for a server: its key pair and a directory of allowed client public keys.
+
+    ``secret_key_file`` is the ``<name>.key_secret`` file written by
+    ``zmq.auth.create_certificates``; every ``*.key`` file in
+    ``allowed_clients_dir`` is a client allowed to connect (read at start).
+    """
+
+    secret_key_file: Path
+    allowed_clients_dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "secret_key_file", Path(self.secret_key_file))
+        object.__setattr__(self, "allowed_clients_dir", Path(self.allowed_clients_dir))
+        if not self.secret_key_file.is_file():
+            raise FileNotFoundError(f"curve: server secret key file {self.secret_key_file} does not exist "
+                                    "(create one with zmq.auth.create_certificates)")
+        if not self.allowed_clients_dir.is_dir():
+            raise FileNotFoundError(f"curve: allowed clients directory {self.allowed_clients_dir} does not exist")
+        if not any(self.allowed_clients_dir.glob("*.key")):
+            raise FileNotFoundError(f"curve: no client public keys (*.key) in {self.allowed_clients_dir}")
+
+
+class DeviceServer:
+    """Serve one device over ZeroMQ. Requests are handled one at a time, in arrival order.
+
+    Constructing does no I/O; :meth:`start` binds and serves in a background
+    thread (the device is connected in that thread: it owns the instrument),
+    :meth:`stop` shuts down cleanly.
+    """
+
+    def __init__(self, device: Device, bind: str = "tcp://127.0.0.1:5555", *,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveServerConfig | None = None,
+                 allow_remote: bool = False, name: str | None = None) -> None:
+        if not (isinstance(max_message_bytes, int) and 1024 <= max_message_bytes <= 2**40):
+            raise BindError(f"max_message_bytes: {max_message_bytes!r}; allowed: integers 1024..2**40")
+        self.device = device
+        self.bind = check_bind(bind, allow_remote)
+        self.max_message_bytes = max_message_bytes
+        self.curve = curve
+        self.name = name
+        self.instance = uuid.uuid4().hex[:12]
+        self.endpoint: str | None = None
+        self.stats: dict[str, Any] = {
+            "requests": 0, "ok": 0, "rejected": 0, "rejected_limit": 0, "rejected_protocol": 0,
+            "device_errors": 0,
+        }
+        self._started = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._ctx: zmq.Context | None = None
+        self._ctl = f"inproc://pnn-server-ctl-{self.instance}"
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 30.0) -> DeviceServer:
+        if self._thread is not None:
+            return self
+        self._ctx = zmq.Context()
+        self._ready.clear()
+        self._thread = threading.Thread(target=self._thread_main, name=f"zmq-device-server-{self.instance}",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError(f"device server did not start within {timeout_s} s")
+        if self._error is not None:
+            self._thread.join()
+            self._thread = None
+            self._ctx.term()
+            self._ctx = None
+            raise self._error
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._thread is None or self._ctx is None:
+            return
+        ctl = self._ctx.socket(zmq.PAIR)
+        ctl.linger = 0
+        ctl.connect(self._ctl)
+        ctl.send(b"stop")
+        self._thread.join(timeout_s)
+        ctl.close()
+        if self._thread.is_alive():
+            # the device is stuck inside a request; terminating the context would block on its socket
+            raise RuntimeError(f"device server {self.endpoint}: still busy after {timeout_s} s; "
+                               "its thread (a daemon) is left to finish")
+        self._thread = None
+        self._ctx.term()
+        self._ctx = None
+
+    def __enter__(self) -> DeviceServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _thread_main(self) -> None:
+        assert self._ctx is not None
+        ctx = self._ctx
+        auth = None
+        router = ctl = None
+        try:
+            router = ctx.socket(zmq.ROUTER)
+            ctl = ctx.socket(zmq.PAIR)
+            router.linger = 0
+            router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+            if self.curve is not None:
+                auth = ThreadAuthenticator(ctx)
+                auth.start()
+                auth.configure_curve(domain="*", location=str(self.curve.allowed_clients_dir))
+                public, secret = zmq.auth.load_certificate(str(self.curve.secret_key_file))
+                if secret is None:
+                    raise FileNotFoundError(f"curve: {self.curve.secret_key_file} holds no secret key")
+                router.curve_publickey = public
+                router.curve_secretkey = secret
+                router.curve_server = True
+            ctl.bind(self._ctl)
+            try:
+                router.bind(self.bind)
+            except zmq.ZMQError as exc:
+                raise BindError(f"bind: cannot bind {self.bind}: {exc}") from None
+            self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.device.connect()
+        except BaseException as exc:
+            self._error = exc
+            for sock in (router, ctl):
+                if sock is not None:
+                    sock.close(0)
+            if auth is not None:
+                auth.stop()
+            self._ready.set()
+            return
+        self._ready.set()
+        assert router is not None and ctl is not None
+        try:
+            self._loop(router, ctl)
+        finally:
+            router.close(0)
+            ctl.close(0)
+            if auth is not None:
+                auth.stop()
+            self.device.close()
+
+    def _loop(self, router: zmq.Socket, ctl: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(ctl, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if ctl in events:
+                return
+            while True:
+                try:
+                    frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                reply = self.handle(frames[1:])
+                router.send_multipart([frames[0], *reply], copy=False)
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def handle(self, frames: list[Any]) -> list[Any]:
+        """One request (without the routing id) -> the reply frames (delimiter, header, arrays)."""
+        self.stats["requests"] += 1
+        rid: Any = None
+        try:
+            if not frames or len(frames[0]) != 0:
+                raise ProtocolError("envelope", "first frame must be empty (the REQ delimiter)",
+                                    f"{len(frames[0])} bytes" if frames else "no frames", "b''")
+            if len(frames) < 2:
+                raise ProtocolError("header", "missing", None, "a JSON object frame after the delimiter")
+            total = sum(len(f) for f in frames)
+            if total > self.max_message_bytes:
+                raise ProtocolError("message", "too large", f"{total} bytes", f"at most {self.max_message_bytes}")
+            if len(frames) - 2 > MAX_ARRAYS:
+                raise ProtocolError("arrays", "too many frames", len(frames) - 2, f"at most {MAX_ARRAYS}")
+            header = self._load_header(frames[1])
+            rid = header.get("id")
+            if rid is not None and not (isinstance(rid, (int, str)) and not isinstance(rid, bool)
+                                        and len(str(rid)) <= 64):
+                rid = None
+                raise ProtocolError("id", "must be an integer or a short string", _short(header.get("id")),
+                                    "integer, string up to 64 characters, or absent")
+            self._check_header(header)
+            return self._dispatch(header, frames[2:], rid)
+        except ProtocolError as exc:
+            self.stats["rejected"] += 1
+            self.stats["rejected_protocol"] += 1
+            return self._error_reply(rid, "protocol", exc.field, exc.problem, exc.value, exc.allowed, str(exc))
+        except LimitError as exc:
+            self.stats["rejected"] += 1
+            self.stats["rejected_limit"] += 1
+            return self._error_reply(rid, "limit", exc.field, exc.problem, exc.value, exc.allowed, str(exc),
+                                     device=exc.device)
+        except Exception as exc:  # the device failed; the server must keep serving
+            self.stats["device_errors"] += 1
+            return self._error_reply(rid, "device", "device", type(exc).__name__, None, "", str(exc))
+
+    def _load_header(self, frame: Any) -> dict[str, Any]:
+        n = len(frame)
+        if n > MAX_HEADER_BYTES:
+            raise ProtocolError("header", "too large", f"{n} bytes", f"at most {MAX_HEADER_BYTES}")
+        raw = frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
+        try:
+            header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ProtocolError("header", "not a UTF-8 JSON object", _short(raw[:40]), f"JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("header", "must be a JSON object", type(header).__name__, "{\"v\": 1, \"op\": ...}")
+        return header
+
+    @staticmethod
+    def _check_header(header: dict[str, Any]) -> None:
+        v = header.get("v")
+        if v != PROTOCOL_VERSION or isinstance(v, bool):
+            raise ProtocolError("v", "unsupported protocol version", _short(v), str(PROTOCOL_VERSION))
+        unknown = set(header) - {"v", "op", "id", "arrays"}
+        if unknown:
+            raise ProtocolError(sorted(unknown)[0], "unknown header key", None, "v, op, id, arrays")
+        if header.get("op") not in OPS:
+            raise ProtocolError("op", "unknown operation", _short(header.get("op")), f"one of {list(OPS)}")
+
+    def _dispatch(self, header: dict[str, Any], frames: list[Any], rid: Any) -> list[Any]:
+        op = header["op"]
+        arrays = decode_arrays(header.get("arrays", []), frames)
+        spec = self.device.spec
+        allowed = {"x"} if op == "forward" else set()
+        if op in ("forward", "set_params"):
+            allowed |= {f"params.{n}" for n in spec.param_names}
+        for name in arrays:
+            if name not in allowed:
+                raise ProtocolError(f"arrays.{name}", f"not a field of {op}", None,
+                                    f"{sorted(allowed)}" if allowed else "no arrays")
+        params = {k[len("params."):]: v for k, v in arrays.items() if k.startswith("params.")}
+        if op == "health":
+            return self._reply(rid, {"health": self.health()})
+        if op == "spec":
+            out = encode_arrays({f"params.{k}": v for k, v in self.device.params.items()})
+            return self._reply(rid, {"spec": spec.to_dict(), "identity": self.device.identity()}, out)
+        if op == "set_params":
+            self.device.set_params(params)
+            return self._reply(rid, {})
+        if "x" not in arrays:
+            raise ProtocolError("arrays", "forward needs an array with field 'x'", None,
+                                f"x of shape (batch, {spec.input.size})")
+        y = self.device.forward(arrays["x"], params or None)
+        return self._reply(rid, {}, encode_arrays({"y": y}))
+
+    def health(self) -> dict[str, Any]:
+        return {
+            **self.device.health(),
+            "server": {**self.stats, "instance": self.instance, "endpoint": self.endpoint,
+                       "uptime_s": round(time.monotonic() - self._started, 3), "curve": self.curve is not None,
+                       "pid": os.getpid()},
+        }
+
+    def _reply(self, rid: Any, body: dict[str, Any], arrays: tuple[list[Any], list[Any]] | None = None) -> list[Any]:
+        self.stats["ok"] += 1
+        descs, frames = arrays if arrays is not None else ([], [])
+        header = {"v": PROTOCOL_VERSION, "id": rid, "ok": True, **body, "arrays": descs}
+        return [b"", json.dumps(header, default=_json_default, allow_nan=False).encode(), *frames]
+
+    def _error_reply(self, rid: Any, kind: str, field: str, problem: str, value: Any, allowed: str,
+                     message: str, device: str | None = None) -> list[Any]:
+        err = {"kind": kind, "field": field, "problem": problem,
+               "value": None if value is None else str(value), "allowed": allowed, "message": message,
+               "device": device or self.device.spec.name}
+        header = {"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": err, "arrays": []}
+        return [b"", json.dumps(header, default=_json_default).encode()]
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    return repr(v)
