@@ -86,8 +86,8 @@ TASKS: dict[str, TaskSpec] = {
         layers=(LayerSpec("rescale"), physical("shg", n_in=12, n_out=12), LayerSpec("rescale"),
                 physical("shg", n_in=12, n_out=12), LayerSpec("rescale"), physical("shg", n_in=12, n_out=7),
                 LayerSpec("affine")),
-        train=TrainConfig(epochs=80, batch_size=21, lr=0.02),
-        quick_train=TrainConfig(epochs=40, batch_size=21, lr=0.02),
+        train=TrainConfig(epochs=120, batch_size=10, lr=0.02),
+        quick_train=TrainConfig(epochs=50, batch_size=10, lr=0.02),
     ),
     "plate_mnist": TaskSpec(
         name="plate_mnist", dataset="mnist5k",
