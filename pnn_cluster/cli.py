@@ -15,7 +15,7 @@ import sys
 from pnn_cluster.devices.spec import LimitError
 
 #: command modules, in the order ``--help`` lists them
-COMMANDS = ["demo", "calibrate", "serve-device", "sim-instrument"]
+COMMANDS = ["demo", "train", "evaluate", "calibrate", "devices", "serve-device", "sim-instrument", "bench"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
+from pnn_cluster.commands._table import format_table
 from pnn_cluster.devices import SYSTEMS, make_device
+from pnn_cluster.tracking import add_tracking_args
 from pnn_cluster.twins import TWIN_KINDS, calibrate, save_twin
 
 
@@ -24,11 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, metavar="DIR", help="save the best twin under DIR")
     p.add_argument("--json", action="store_true", help="print the table as one JSON line as well")
+    add_tracking_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pnn_cluster.cli import UsageError
+    from pnn_cluster.tracking import log_calibration
 
     kinds = [k.strip() for k in args.twins.split(",") if k.strip()]
     bad = [k for k in kinds if k not in TWIN_KINDS]
@@ -37,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.groups < 3 or args.batch < 1:
         raise UsageError(f"--groups must be >= 3 and --batch >= 1, got {args.groups} and {args.batch}")
     device = make_device(args.system)
+    started = time.time()
     cal = calibrate(device, kinds=kinds, groups=args.groups, batch=args.batch, seed=args.seed, progress=True)
     print(f"{args.system}: noise floor NMSE {cal.noise_floor:.3e}; ideal model (uncalibrated) NMSE "
           f"{cal.ideal_nmse:.3e}; {cal.device_samples} device samples")
@@ -44,17 +50,15 @@ def run(args: argparse.Namespace) -> int:
     for r in cal.results.values():
         rows.append((r.kind, f"{r.nmse_val:.3e}", f"{r.noise_floor:.3e}", f"{r.ratio_to_floor:.2f}",
                      f"{r.seconds:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table(rows))
     print(f"best: {cal.best_kind} ({cal.results[cal.best_kind].ratio_to_floor:.2f} x the noise floor)")
     if args.save:
         path = save_twin(cal.best, Path(args.save) / f"{args.system}_{cal.best_kind}",
                          system=args.system, fit=cal.results[cal.best_kind].as_dict(),
                          device=device.identity())
         print(f"saved {path}")
+    params = {k: getattr(args, k) for k in ("system", "twins", "groups", "batch", "seed")}
+    log_calibration(args, args.system, device, cal, params, started=started)
     if args.json:
         print(json.dumps({"system": args.system, "noise_floor": cal.noise_floor, "ideal_nmse": cal.ideal_nmse,
                           "twins": cal.table(), "best": cal.best_kind}))

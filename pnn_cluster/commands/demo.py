@@ -6,7 +6,9 @@ import argparse
 import json
 import time
 
+from pnn_cluster.commands._table import format_table
 from pnn_cluster.experiments import METHODS, TASKS, run_method
+from pnn_cluster.tracking import add_tracking_args, demo_tracking
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of devices, data order and initialisation")
     p.add_argument("--data", default=None, help="dataset file, for tasks that read one (vowels CSV)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line as well")
+    add_tracking_args(p)
     p.set_defaults(func=run)
 
 
@@ -37,6 +40,12 @@ def parse_methods(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    params = {k: getattr(args, k) for k in ("task", "methods", "quick", "seed")}
+    with demo_tracking(args, params) as tracking:  # a run for the demo, a child run per method
+        return _run(args, tracking)
+
+
+def _run(args: argparse.Namespace, tracking) -> int:
     methods = parse_methods(args.methods)
     task = TASKS[args.task]
     print(f"pnn-cluster demo: task {task.name} ({task.doc}){' [quick]' if args.quick else ''}")
@@ -44,24 +53,23 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for m in methods:
         print(f"-- {m}: {'calibrating twins, ' if m != 'oracle' else ''}training ...", flush=True)
-        r = run_method(task, m, quick=args.quick, seed=args.seed, data_path=args.data, progress=True)
+        r = run_method(task, m, quick=args.quick, seed=args.seed, data_path=args.data, progress=True,
+                       callbacks=tracking.callbacks(m, task, task.quick_train if args.quick else task.train))
+        tracking.record(r)
         results.append(r)
         print(f"   {m}: test accuracy {r.test_acc:.3f} on the physical devices, {r.device_samples} device "
               f"samples, {r.seconds:.1f} s", flush=True)
     print()
-    print(format_table(results))
+    print(results_table(results))
     print(f"\ntotal wall time {time.perf_counter() - t0:.1f} s")
     if args.json:
         print(json.dumps({"task": task.name, "methods": {r.method: r.summary() for r in results}}))
     return 0
 
 
-def format_table(results) -> str:
+def results_table(results) -> str:
     rows = [("method", "test acc (physical)", "device samples", "twin NMSE", "wall time (s)")]
     for r in results:
         rows.append((r.method, f"{r.test_acc:.3f}", f"{r.device_samples:,}",
                      "-" if r.twin_nmse is None else f"{r.twin_nmse:.2e}", f"{r.seconds:.1f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows)

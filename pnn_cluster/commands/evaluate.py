@@ -1,0 +1,97 @@
+"""``pnn-cluster evaluate``: test accuracy of a trained stack, measured on the physical devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from pnn_cluster.tracking import add_tracking_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="measure a trained stack's test accuracy on the physical devices (run id or checkpoint)",
+        description="Rebuilds the devices and the stack of a training from its checkpoint (an MLflow run id, "
+                    "whose checkpoints/last.pt is used, or a checkpoint file written by `train --checkpoint`), "
+                    "loads the trained parameters and twins, and measures the test set on the physical devices. "
+                    "The twin-only (in silico) accuracy is shown next to it: a large gap means the twins no longer "
+                    "describe the devices. Exit codes: 0 done, 2 no such run or file.",
+    )
+    p.add_argument("source", metavar="RUN_ID|CHECKPOINT", help="MLflow run id, or a checkpoint file (.pt)")
+    add_tracking_args(p)
+    p.add_argument("--split", choices=("test", "train"), default="test", help="which split to measure")
+    p.add_argument("--log", action="store_true", help="record the result as metrics of the run (run ids only)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line as well")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from pnn_cluster.cli import UsageError
+    from pnn_cluster.config import ConfigError, attach_twin_shells, build_experiment, parse_config
+    from pnn_cluster.tracking import load_run_checkpoint, resolve_tracking_uri
+    from pnn_cluster.training.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="pnn-eval-") as tmp:
+        path = Path(args.source)
+        client = None
+        if path.is_file():
+            ckpt_path = path
+        else:
+            if args.no_track:
+                raise UsageError(f"{args.source}: no such checkpoint file (a run id needs tracking, not --no-track)")
+            from mlflow import MlflowClient
+            from mlflow.exceptions import MlflowException
+
+            uri = resolve_tracking_uri(args.tracking_uri)
+            client = MlflowClient(uri)
+            try:
+                client.get_run(args.source)
+            except MlflowException:
+                raise UsageError(f"{args.source}: neither a checkpoint file nor a run in tracking URI {uri}") from None
+            ckpt_path = load_run_checkpoint(client, args.source, tmp)
+            if ckpt_path is None:
+                raise UsageError(f"run {args.source} has no checkpoint yet (checkpoints/last.pt)")
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UsageError(f"{ckpt_path}: not a pnn-cluster checkpoint ({type(exc).__name__}: {exc})") from None
+        if not isinstance(state, dict) or not state.get("experiment"):
+            raise UsageError(f"{ckpt_path}: checkpoint carries no experiment configuration "
+                             "(write checkpoints with `pnn-cluster train`)")
+        try:
+            cfg = parse_config(state["experiment"], source=f"{args.source}[experiment]")
+            exp = build_experiment(cfg)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        attach_twin_shells(exp)
+        trainer = Trainer(exp.stack, exp.data, exp.train, progress=False)
+        trainer.load_state_dict(state)
+        exp.stack.set_mode(cfg.method)
+        physical = trainer.evaluate(args.split, physical=True)
+        twin_only = trainer.evaluate(args.split, physical=False) if cfg.method != "oracle" else None
+    n = len(physical["target"])
+    print(f"{cfg.name} ({cfg.method}), epoch {trainer.epoch}, step {trainer.global_step}: {args.split} accuracy "
+          f"{physical['acc']:.3f} measured on the physical devices ({n} samples), loss {physical['loss']:.3f}")
+    if twin_only is not None:
+        print(f"twins only (in silico): {twin_only['acc']:.3f}")
+    result = {"source": args.source, "split": args.split, "acc": physical["acc"], "loss": physical["loss"],
+              "twin_acc": twin_only["acc"] if twin_only else None, "n": n, "step": trainer.global_step}
+    if args.log:
+        if client is None:
+            raise UsageError("--log records on a run; give a run id, not a checkpoint file")
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(f"evaluate/{args.split}_acc", physical["acc"], now, trainer.global_step)]
+        if twin_only:
+            ms.append(Metric(f"evaluate/{args.split}_twin_acc", twin_only["acc"], now, trainer.global_step))
+        client.log_batch(args.source, metrics=ms)
+    if args.json:
+        print(json.dumps(result))
+    return 0

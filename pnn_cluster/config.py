@@ -1,0 +1,972 @@
+"""Typed experiment configurations: one YAML file describes a whole experiment.
+
+A configuration names the dataset, the devices (each with its driver, its
+placement on the cluster and how its twin is made), the stack of physical and
+digital layers, the optimizer, the schedule and the tracking. It is validated
+when it is loaded; every mistake is reported as::
+
+    FILE: KEY: message (allowed: ...)
+
+naming the file and the dotted key (``devices.optics.driver.system``,
+``stack.2.size``), the value that was refused and what would be accepted.
+
+A loaded :class:`ExperimentConfig` turns into the engine's objects with
+:func:`build_experiment` (dataset, devices, stack, :class:`TrainConfig`) or,
+for all-simulated stacks, into a :class:`~pnn_cluster.experiments.TaskSpec`
+with :meth:`ExperimentConfig.to_task_spec`. Building does no I/O on devices:
+drivers connect when they first measure.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from pnn_cluster.devices import SYSTEMS, make_device
+from pnn_cluster.devices.base import Device
+
+__all__ = [
+    "ConfigError", "Problem", "ExperimentConfig", "DeviceConfig", "LayerConfig", "SimulatedDriver", "VisaDriver",
+    "ZmqDriver", "TwinConfig", "load_config", "parse_config", "build_experiment", "Experiment", "example_configs",
+    "example_config_path", "flatten", "TwinFit", "make_twin", "prepare_twins", "attach_twin_shells",
+    "initialise_stack",
+]
+
+SYSTEM_NAMES = tuple(sorted(SYSTEMS))
+IMPERFECTION_KEYS = ("noise", "shot", "gap", "drift", "quant_bits", "latency_call_s", "latency_sample_s")
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+    allowed: str = ""
+
+    def format(self, source: str) -> str:
+        where = f"{source}: {self.key}" if self.key else source
+        return f"{where}: {self.message}" + (f" (allowed: {self.allowed})" if self.allowed else "")
+
+
+class ConfigError(ValueError):
+    """A configuration was refused; ``problems`` lists every mistake found, each with its key."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__("\n".join(p.format(source) for p in self.problems))
+
+    @property
+    def keys(self) -> list[str]:
+        return [p.key for p in self.problems]
+
+
+def _custom(message: str, allowed: str = "") -> PydanticCustomError:
+    # our own validators speak in the same terms as the built-in ones: a message and what is allowed
+    return PydanticCustomError("config", "{message}", {"message": message, "allowed": allowed})
+
+
+def _near(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# -- sections ----------------------------------------------------------------------------------------------
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Probability = Annotated[float, Field(ge=0.0)]
+
+
+class ImperfectionsConfig(Section):
+    """Overrides of a simulated system's imperfections (defaults are the system's own)."""
+
+    noise: Probability | None = None
+    shot: Probability | None = None
+    gap: Probability | None = None
+    drift: Probability | None = None
+    quant_bits: Annotated[int, Field(ge=2, le=24)] | None = None
+    latency_call_s: Annotated[float, Field(ge=0.0, le=60.0)] | None = None
+    latency_sample_s: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    ideal: bool = False
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in IMPERFECTION_KEYS if getattr(self, k) is not None}
+
+
+def _system_options(system: str) -> tuple[str, ...]:
+    """Size options a simulated system's ``build_spec`` takes (its signature is the source of truth)."""
+    dev_cls = type(make_device(system))
+    sig = inspect.signature(dev_cls.build_spec)
+    return tuple(n for n, p in sig.parameters.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+
+def _check_system(v: str) -> str:
+    if v not in SYSTEMS:
+        raise _custom(f"unknown system {v!r}{_near(v, SYSTEM_NAMES)}", ", ".join(SYSTEM_NAMES))
+    return v
+
+
+class SimulatedDriver(Section):
+    """A simulated physical system in this process (or in a device actor)."""
+
+    kind: Literal["simulated"]
+    system: str
+    options: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    imperfections: ImperfectionsConfig = Field(default_factory=ImperfectionsConfig)
+    seed: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("system")
+    @classmethod
+    def _system(cls, v: str) -> str:
+        return _check_system(v)
+
+
+class InstrumentConfig(Section):
+    """One SCPI instrument: driver name, VISA resource string, timeout and settings applied on open."""
+
+    driver: str
+    resource: Annotated[str, Field(min_length=1)]
+    timeout_s: Annotated[float, Field(gt=0.0, le=600.0)] = 5.0
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("driver")
+    @classmethod
+    def _known_driver(cls, v: str) -> str:
+        from pnn_cluster.drivers.visa import DRIVERS
+
+        if v not in DRIVERS:
+            raise _custom(f"unknown instrument driver {v!r}{_near(v, sorted(DRIVERS))}", ", ".join(sorted(DRIVERS)))
+        return v
+
+
+class ModelRef(Section):
+    """The simulated system whose ideal physics model a real device's twin starts from."""
+
+    system: str
+    options: dict[str, int | float | str | bool] = Field(default_factory=dict)
+
+    @field_validator("system")
+    @classmethod
+    def _system(cls, v: str) -> str:
+        return _check_system(v)
+
+
+class VisaDriver(Section):
+    """A device made of a source and a sink instrument reached through pyvisa."""
+
+    kind: Literal["visa"]
+    source: InstrumentConfig
+    sink: InstrumentConfig
+    backend: str = "@py"
+    spec: dict[str, Any] | None = None
+    model: ModelRef | None = None
+
+
+_ZMQ_ADDRESS = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
+
+
+class CurveConfig(Section):
+    secret_key_file: str
+    server_public_key_file: str
+
+    @field_validator("secret_key_file", "server_public_key_file")
+    @classmethod
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        return _existing_file(v, info)
+
+
+class ZmqDriver(Section):
+    """A device served by ``pnn-cluster serve-device`` on another machine."""
+
+    kind: Literal["zmq"]
+    address: str
+    timeout_s: Annotated[float, Field(gt=0.0, le=600.0)] = 5.0
+    retries: Annotated[int, Field(ge=0, le=100)] = 2
+    curve: CurveConfig | None = None
+    spec: dict[str, Any] | None = None
+    model: ModelRef | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not _ZMQ_ADDRESS.match(v):
+            raise _custom(f"not a ZeroMQ endpoint: {v!r}", "tcp://HOST:PORT, ipc://PATH")
+        return v
+
+
+Driver = Annotated[SimulatedDriver | VisaDriver | ZmqDriver, Field(discriminator="kind")]
+DRIVER_KINDS = ("simulated", "visa", "zmq")
+TWIN_CHOICES = ("physics", "residual", "mlp", "ideal")
+
+
+class TwinConfig(Section):
+    """How a device's digital twin is made: fitted to fresh measurements, the ideal model, or loaded."""
+
+    kind: Literal["physics", "residual", "mlp", "ideal"] = "physics"
+    groups: Annotated[int, Field(ge=3, le=100_000)] = 24
+    batch: Annotated[int, Field(ge=1, le=1_000_000)] = 128
+    repeats: Annotated[int, Field(ge=2, le=100)] = 2
+    holdout: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    epochs: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    hidden: list[PositiveInt] | None = None
+    load: str | None = None
+
+    @field_validator("load")
+    @classmethod
+    def _load_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        # a saved twin is NAME.pt (tensors) next to NAME.json (kind, config, spec)
+        stem = v.removesuffix(".pt").removesuffix(".json")
+        for suffix in (".pt", ".json"):
+            _existing_file(stem + suffix, info)
+        return str(_resolve(stem, info))
+
+
+class PlacementConfig(Section):
+    """Where the device actor runs: on the node whose labels or resources declare the instrument.
+
+    A lab PC joins with ``ray start --address HEAD:6379 --labels instrument=shg-bench`` (or
+    ``--resources '{"instrument:shg-bench": 1}'``); the device then asks for the same here.
+    """
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    resources: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+    twin_gpus: Annotated[float, Field(ge=0.0, le=64.0)] = 0.0
+
+
+class DeviceConfig(Section):
+    driver: Driver
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    twin: TwinConfig = Field(default_factory=TwinConfig)
+    replicas: Annotated[int, Field(ge=1, le=1024)] = 1
+
+
+LAYER_KINDS = ("linear", "rescale", "physical", "affine")
+
+
+class LayerConfig(Section):
+    """One layer: ``{kind: linear, size: 24}``, ``{kind: rescale}``, ``{kind: physical, device: NAME}``,
+    ``{kind: affine}``."""
+
+    kind: Literal["linear", "rescale", "physical", "affine"]
+    size: PositiveInt | None = None
+    device: str | None = None
+
+
+DATASET_NAMES = ("mnist5k", "digits", "vowels", "npz")
+
+
+class DatasetConfig(Section):
+    name: Literal["mnist5k", "digits", "vowels", "npz"]
+    path: str | None = None
+    train_subset: PositiveInt | None = None
+    test_subset: PositiveInt | None = None
+    split_seed: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else str(_existing_file(v, info))
+
+
+class OptimizerConfig(Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.01
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
+class InitConfig(Section):
+    """Data-dependent initialisation: each rescale sees standardised inputs (``init_rescales_``)."""
+
+    spread: Annotated[float, Field(gt=0.0, le=100.0)] = 0.3
+    logit_scale: Annotated[float, Field(gt=0.0, le=100.0)] = 3.0
+    samples: Annotated[int, Field(ge=2, le=1_000_000)] = 512
+
+
+class ScheduleConfig(Section):
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = 5
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+    micro_batch: PositiveInt | None = None
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    eval_batch: PositiveInt = 500
+
+
+class TrackingConfig(Section):
+    """MLflow: the command line's ``--tracking-uri``/``--no-track`` override ``uri``/``enabled``."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: Annotated[str, Field(min_length=1)] = "pnn-cluster"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    flush_every_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 10.0
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1
+    residual_batch: Annotated[int, Field(ge=0, le=100_000)] = 256
+    log_models: bool = True
+
+
+class ClusterConfig(Section):
+    """Ray: ``address`` None trains in this process; ``auto``/``ray://HOST:10001`` joins a cluster."""
+
+    address: str | None = None
+    namespace: str = "pnn-cluster"
+
+
+METHODS = ("pat", "in_silico", "oracle")
+
+
+class ExperimentConfig(Section):
+    name: Annotated[str, Field(min_length=1)]
+    description: str = ""
+    seed: Annotated[int, Field(ge=0)] = 0
+    method: Literal["pat", "in_silico", "oracle"] = "pat"
+    dataset: DatasetConfig
+    devices: dict[str, DeviceConfig] = Field(default_factory=dict)
+    stack: Annotated[list[LayerConfig], Field(min_length=1)]
+    init: InitConfig = Field(default_factory=InitConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    _source: str = PrivateAttr(default="<config>")
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    # -- cross-field checks (after the types are right) --------------------------------------------
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        names = list(self.devices)
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
+                out.append(Problem(f"devices.{name}", "device names are identifiers", "letters, digits, _ and -"))
+        used: dict[str, int] = {}
+        physical = 0
+        for i, layer in enumerate(self.stack):
+            key = f"stack.{i}"
+            if layer.kind == "physical":
+                physical += 1
+                if layer.device is None:
+                    out.append(Problem(f"{key}.device", "a physical layer names its device", ", ".join(names)))
+                elif layer.device not in self.devices:
+                    out.append(Problem(f"{key}.device", f"unknown device {layer.device!r}{_near(layer.device, names)}",
+                                       ", ".join(names) or "none: add it under devices"))
+                elif layer.device in used:
+                    out.append(Problem(f"{key}.device", f"device {layer.device!r} already serves "
+                                       f"stack.{used[layer.device]}; a device is one instrument, one layer",
+                                       ", ".join(n for n in names if n not in used)))
+                else:
+                    used[layer.device] = i
+            elif layer.device is not None:
+                out.append(Problem(f"{key}.device", f"a {layer.kind} layer has no device", "only kind: physical"))
+            if layer.kind == "linear" and layer.size is None:
+                out.append(Problem(f"{key}.size", "a linear layer needs its output size", "an integer >= 1"))
+            if layer.kind != "linear" and layer.size is not None:
+                out.append(Problem(f"{key}.size", f"a {layer.kind} layer takes its size from its neighbours",
+                                   "size only on kind: linear"))
+            if layer.kind == "rescale" and not any(l.kind == "physical" for l in self.stack[i + 1:]):
+                out.append(Problem(f"{key}.kind", "a rescale maps into the input range of a following physical layer; "
+                                   "none follows", "linear, affine"))
+        if physical == 0:
+            out.append(Problem("stack", "no physical layer: nothing would be trained on a device",
+                               "at least one {kind: physical, device: NAME}"))
+        unknown_refs = any(l.kind == "physical" and l.device not in self.devices for l in self.stack)
+        for name in names:
+            if name not in used and not unknown_refs:
+                out.append(Problem(f"devices.{name}", "device is not used by any layer of the stack",
+                                   "remove it, or add {kind: physical, device: " + name + "}"))
+        for name, dev in self.devices.items():
+            drv = dev.driver
+            if drv.kind == "simulated":
+                out += _option_problems(f"devices.{name}.driver", drv.system, drv.options)
+            elif drv.model is not None:
+                out += _option_problems(f"devices.{name}.driver.model", drv.model.system, drv.model.options)
+            if self.method == "oracle" and drv.kind != "simulated":
+                out.append(Problem("method", f"'oracle' differentiates through the simulator; device {name!r} is "
+                                   f"{drv.kind} hardware", "pat, in_silico"))
+            has_model = drv.kind == "simulated" or drv.model is not None
+            if dev.twin.kind in ("physics", "residual", "ideal") and dev.twin.load is None and not has_model:
+                out.append(Problem(f"devices.{name}.twin.kind", f"twin {dev.twin.kind!r} starts from a physics model; "
+                                   f"device {name!r} has none", "mlp, or set driver.model.system"))
+            if dev.twin.hidden is not None and dev.twin.kind not in ("mlp", "residual"):
+                out.append(Problem(f"devices.{name}.twin.hidden", f"twin {dev.twin.kind!r} has no hidden layers",
+                                   "hidden only with kind mlp or residual"))
+            if dev.replicas > 1 and drv.kind != "simulated":
+                out.append(Problem(f"devices.{name}.replicas", "replicas of hardware are separate devices, each with "
+                                   "its own driver", "1 for visa/zmq drivers"))
+        return out
+
+    # -- conversions -------------------------------------------------------------------------------------
+
+    def physical_devices(self) -> list[str]:
+        """Device names in stack order."""
+        return [l.device for l in self.stack if l.kind == "physical"]
+
+    def train_config(self):
+        from pnn_cluster.training.trainer import TrainConfig
+
+        s, o = self.schedule, self.optimizer
+        return TrainConfig(epochs=s.epochs, batch_size=s.batch_size, micro_batch=s.micro_batch, lr=o.lr,
+                           optimizer=o.name, weight_decay=o.weight_decay, lr_schedule=s.lr_schedule,
+                           eval_batch=s.eval_batch, seed=self.seed)
+
+    def to_task_spec(self):
+        """The equivalent :class:`~pnn_cluster.experiments.TaskSpec` (all-simulated stacks only)."""
+        from pnn_cluster.experiments import LayerSpec, physical
+
+        layers = []
+        for l in self.stack:
+            if l.kind == "physical":
+                drv = self.devices[l.device].driver
+                if drv.kind != "simulated":
+                    raise ConfigError(self.source, [Problem(f"devices.{l.device}.driver.kind", "a TaskSpec describes "
+                                                            "simulated systems only", "simulated")])
+                layers.append(physical(drv.system, **drv.options))
+            elif l.kind == "linear":
+                layers.append(LayerSpec("linear", size=int(l.size)))
+            else:
+                layers.append(LayerSpec(l.kind))
+        train = self.train_config()
+        twins = {self.devices[n].twin.groups for n in self.physical_devices()}
+        sub = None
+        if self.dataset.train_subset or self.dataset.test_subset:
+            sub = (self.dataset.train_subset, self.dataset.test_subset)
+        from pnn_cluster.experiments import TaskSpec
+
+        return TaskSpec(name=self.name, dataset=self.dataset.name, layers=tuple(layers), train=train, quick_train=train,
+                        calib_groups=max(twins) if twins else 24, spread=self.init.spread, quick_subset=sub,
+                        doc=self.description)
+
+    def resolved(self) -> dict[str, Any]:
+        """The full configuration with every default filled in (what a run logs as its parameters)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
+
+
+def _option_problems(key: str, system: str, options: Mapping[str, Any]) -> list[Problem]:
+    allowed = _system_options(system)
+    bad = [Problem(f"{key}.options.{k}", f"unknown option of system {system!r}{_near(k, allowed)}", ", ".join(allowed))
+           for k in options if k not in allowed]
+    if bad:
+        return bad
+    try:
+        make_device(system, **options)
+    except (TypeError, ValueError) as exc:
+        return [Problem(f"{key}.options", f"system {system!r} refuses {dict(options)}: {exc}")]
+    return []
+
+
+# -- paths relative to the file ------------------------------------------------------------------------------
+
+
+def _resolve(value: str, info: ValidationInfo) -> Path:
+    p = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    return p
+
+
+def _existing_file(value: str, info: ValidationInfo) -> Path:
+    p = _resolve(value, info)
+    if not p.is_file():
+        raise _custom(f"no such file {str(p)!r}", "a path to an existing file, absolute or relative to the config")
+    return p
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a config with one is a mistake we report."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read and validate a YAML experiment configuration; raises :class:`ConfigError`.
+
+    ``overrides`` are ``KEY=VALUE`` strings (``schedule.epochs=2``), values parsed as YAML.
+    """
+    p = Path(path)
+    source = str(path)
+    if not p.is_file():
+        examples = ", ".join(example_configs())
+        raise ConfigError(source, [Problem("", "no such configuration file",
+                                           f"a YAML file; shipped examples: {examples}")])
+    try:
+        data = yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [Problem(where, f"not valid YAML: {problem}")]) from None
+    return parse_config(data, source=source, base_dir=p.resolve().parent, overrides=overrides)
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: str | Path | None = None,
+                 overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Validate a configuration already read into Python objects."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, [Problem("", f"the top level must be a mapping, got {type(data).__name__}",
+                                           ", ".join(ExperimentConfig.model_fields))])
+    data = apply_overrides(dict(data), overrides, source)
+    try:
+        cfg = ExperimentConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(source, [_problem(e, data) for e in exc.errors()]) from None
+    cfg._source = source
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
+    """``schedule.epochs=2`` style overrides; the key path must exist in the file or the schema."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(source, [Problem(f"--set {item}", "expected KEY=VALUE", "e.g. schedule.epochs=2")])
+        value = yaml.safe_load(raw) if raw else None
+        node: Any = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+            else:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else None
+            if node is None:
+                raise ConfigError(source, [Problem(key, "no such key to override")])
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(source, [Problem(key, "no such key to override")])
+    return data
+
+
+# -- pydantic errors in the lab's words ------------------------------------------------------------------------
+
+_TYPE_WORDS = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "str": "a string",
+    "dict": "a mapping (key: value)", "list": "a list", "model": "a mapping (key: value)",
+}
+
+
+def _strip_tags(loc: Sequence[Any], data: Any) -> list[Any]:
+    """Drop the discriminated-union tags pydantic puts in ``loc`` (they are values, not keys of the file)."""
+    out: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, Mapping) and part not in node and node.get("kind") == part:
+            continue
+        out.append(part)
+        if isinstance(node, Mapping):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return out
+
+
+def _model_at(loc: Sequence[Any], data: Any) -> type[BaseModel] | None:
+    """The section class that holds the key at ``loc`` (for the list of allowed keys)."""
+    ann: Any = ExperimentConfig
+    node = data
+    for part in loc:
+        ann = _unwrap(ann, node)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            fld = ann.model_fields.get(part) if isinstance(part, str) else None
+            if fld is None:
+                return None
+            ann = fld.annotation
+        else:
+            origin = typing.get_origin(ann)
+            args = typing.get_args(ann)
+            if origin in (list, tuple) and args:
+                ann = args[0]
+            elif origin is dict and len(args) == 2:
+                ann = args[1]
+            else:
+                return None
+        node = node.get(part) if isinstance(node, Mapping) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+    ann = _unwrap(ann, node)
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _unwrap(ann: Any, node: Any) -> Any:
+    while True:
+        origin = typing.get_origin(ann)
+        if origin is Annotated:
+            ann = typing.get_args(ann)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(ann) if a is not type(None)]
+            tag = node.get("kind") if isinstance(node, Mapping) else None
+            pick = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)
+                    and tag in typing.get_args(m.model_fields.get("kind").annotation if "kind" in m.model_fields
+                                               else Any)]
+            ann = pick[0] if pick else members[0] if len(members) == 1 else None
+        else:
+            return ann
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _problem(err: Mapping[str, Any], data: Any) -> Problem:
+    loc = _strip_tags(err.get("loc", ()), data)
+    key = ".".join(str(p) for p in loc)
+    kind = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    if kind == "config":
+        return Problem(key, ctx.get("message", err.get("msg", "")), ctx.get("allowed", ""))
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1], data)
+        allowed = list(model.model_fields) if model else []
+        return Problem(key, f"unknown key{_near(str(loc[-1]), allowed)}", ", ".join(allowed))
+    if kind == "missing":
+        model = _model_at(loc[:-1], data)
+        fld = model.model_fields.get(str(loc[-1])) if model else None
+        return Problem(key, "missing required key", _describe(fld.annotation) if fld else "")
+    if kind == "literal_error":
+        expected = str(ctx.get("expected", "")).replace(" or ", ", ").replace("'", "")
+        return Problem(key, f"{_show(value)} is not one of the choices", expected)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        what = f"unknown kind {ctx.get('tag')!r}" if kind == "union_tag_invalid" else "missing key 'kind'"
+        return Problem(f"{key}.kind" if key else "kind", what, ", ".join(DRIVER_KINDS))
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()), "")
+        return Problem(key, f"out of range: {_show(value)}", f"{bounds[kind]} {limit}")
+    if kind in ("too_short", "too_long", "string_too_short"):
+        return Problem(key, err.get("msg", "wrong length"), "")
+    for suffix in ("_type", "_parsing", "_from_float"):
+        if kind.endswith(suffix):
+            word = kind[: -len(suffix)]
+            expected = _TYPE_WORDS.get(word, word)
+            return Problem(key, f"wrong type: {_show(value)} ({type(value).__name__})", expected)
+    return Problem(key, f"{err.get('msg', 'invalid')}: {_show(value)}")
+
+
+def _describe(ann: Any) -> str:
+    ann = _unwrap(ann, None) if typing.get_origin(ann) is Annotated else ann
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "a mapping with keys " + ", ".join(ann.model_fields)
+    origin = typing.get_origin(ann)
+    if origin is Literal:
+        return ", ".join(map(str, typing.get_args(ann)))
+    if origin in (Union, types.UnionType) or ann is Driver or typing.get_origin(ann) is Annotated:
+        return "a driver: kind simulated, visa or zmq"
+    return getattr(ann, "__name__", str(ann))
+
+
+# -- shipped examples ------------------------------------------------------------------------------------------
+
+
+def example_configs() -> list[str]:
+    """Names of the example configurations shipped in ``pnn_cluster/configs``."""
+    root = resources.files("pnn_cluster") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def example_config_path(name: str) -> Path:
+    return Path(str(resources.files("pnn_cluster") / "configs" / f"{name}.yaml"))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [x, y]}`` -> ``{"a.b": 1, "c.0": x, "c.1": y}``."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, Mapping):
+        if not tree and prefix:
+            out[prefix] = "{}"
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(tree, list | tuple):
+        if not tree and prefix:
+            out[prefix] = "[]"
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}.{i}" if prefix else str(i)))
+    else:
+        out[prefix] = tree
+    return out
+
+
+# -- from a configuration to the engine's objects -----------------------------------------------------------------
+
+
+@dataclass
+class Experiment:
+    """What a configuration builds: the data, the devices by name, the stack and the training settings."""
+
+    config: ExperimentConfig
+    data: Any
+    devices: dict[str, Device]
+    stack: Any
+    train: Any
+
+    def layer(self, device: str):
+        """The physical layer of device ``device`` (layers are named after their devices)."""
+        return next(l for l in self.stack.physical_layers() if l.name == device)
+
+
+def build_device(cfg: ExperimentConfig, name: str, index: int = 0, replica: int = 0) -> Device:
+    """The device ``name`` of ``cfg`` (no I/O: a driver connects when it first measures)."""
+    dev = cfg.devices[name]
+    drv = dev.driver
+    if drv.kind == "simulated":
+        from pnn_cluster.devices import Imperfections
+
+        base = make_device(drv.system, **drv.options).imperfections
+        imp = Imperfections.ideal() if drv.imperfections.ideal else base
+        imp = imp.with_(**drv.imperfections.overrides())
+        # the same default seeds as experiments.build_devices: each physical copy has its own imperfections
+        seed = drv.seed if drv.seed is not None else cfg.seed * 100 + index
+        imp = imp.with_(seed=seed + 1000 * replica)
+        return make_device(drv.system, imperfections=imp, **drv.options)
+    model = make_device(drv.model.system, **drv.model.options).model() if drv.model else None
+    from pnn_cluster.devices.spec import DeviceSpec
+
+    spec = DeviceSpec.from_dict(drv.spec) if drv.spec else None
+    if drv.kind == "zmq":
+        from pnn_cluster.drivers.zmq_client import ClientCurve, RemoteDevice
+
+        curve = ClientCurve(Path(drv.curve.secret_key_file), Path(drv.curve.server_public_key_file)) \
+            if drv.curve else None
+        return RemoteDevice(drv.address, spec, timeout_s=drv.timeout_s, retries=drv.retries, curve=curve, model=model)
+    from pnn_cluster.drivers.visa import VisaDevice
+
+    return VisaDevice.from_config({"source": drv.source.model_dump(), "sink": drv.sink.model_dump(),
+                                   "backend": drv.backend, "spec": drv.spec}, model=model)
+
+
+def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features: int, seed: int | None = None):
+    """The stack of ``cfg`` on ``devices``; widths are checked against each device's spec."""
+    import torch
+    from torch import nn
+
+    from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
+
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    layers: list[nn.Module] = []
+    width = n_features
+    for i, l in enumerate(cfg.stack):
+        if l.kind == "physical":
+            dev = devices[l.device]
+            n_in = dev.spec.input.size
+            if width != n_in:
+                raise ConfigError(cfg.source, [Problem(f"stack.{i}", f"device {l.device!r} takes {n_in} inputs but "
+                                                       f"the layers before it give {width}",
+                                                       f"a linear layer of size {n_in} before it, or n_in: {width}")])
+            layers.append(PhysicalLayer(dev, name=l.device))  # a layer is named after its device
+            width = dev.spec.output.size
+        elif l.kind == "linear":
+            layers.append(nn.Linear(width, int(l.size)))
+            width = int(l.size)
+        elif l.kind == "affine":
+            layers.append(Affine(width))
+        else:  # rescale into the input range of the next physical layer
+            port = devices[next(x for x in cfg.stack[i + 1:] if x.kind == "physical").device].spec.input
+            layers.append(Rescale(width, port.low, port.high, margin=0.02))
+    return Stack(*layers)
+
+
+def load_data(cfg: ExperimentConfig):
+    from pnn_cluster.data import load_dataset
+
+    ds = cfg.dataset
+    path = ds.path
+    if ds.name == "vowels" and path is None:
+        from pnn_cluster.experiments import default_vowels_path
+
+        found = default_vowels_path()
+        if found is None:
+            raise ConfigError(cfg.source, [Problem("dataset.path", "the vowel dataset needs its CSV file",
+                                                   "a path to vowels_hillenbrand_7class.csv")])
+        path = str(found)
+    if ds.name == "npz" and path is None:
+        raise ConfigError(cfg.source, [Problem("dataset.path", "dataset 'npz' reads a file", "a path to an .npz")])
+    data = load_dataset(ds.name, path, seed=ds.split_seed) if ds.name in ("vowels", "npz") else \
+        load_dataset(ds.name, seed=ds.split_seed)
+    if ds.train_subset or ds.test_subset:
+        data = data.subset(ds.train_subset, ds.test_subset, seed=ds.split_seed)
+    return data
+
+
+def build_experiment(cfg: ExperimentConfig, data=None) -> Experiment:
+    """Dataset, devices (in stack order), stack and :class:`TrainConfig` for ``cfg``; twins come later."""
+    data = data if data is not None else load_data(cfg)
+    devices = {name: build_device(cfg, name, index=i) for i, name in enumerate(cfg.physical_devices())}
+    stack = build_stack(cfg, devices, data.n_features)
+    return Experiment(cfg, data, devices, stack, cfg.train_config())
+
+
+# -- twins and initialisation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TwinFit:
+    """One device's twin as it was made: the twin, its figures, and the held-out samples behind them."""
+
+    device: str
+    twin: Any
+    kind: str
+    nmse_val: float
+    noise_floor: float
+    nmse_train: float | None = None
+    ideal_nmse: float | None = None
+    device_samples: int = 0
+    seconds: float = 0.0
+    history: list[float] = field(default_factory=list)
+    val: Any = None  # twins.Samples behind nmse_val (the parity plot's points)
+    source: str = "fit"  # fit | ideal | loaded
+
+    @property
+    def ratio_to_floor(self) -> float:
+        return self.nmse_val / self.noise_floor if self.noise_floor > 0 else math.inf
+
+    def metrics(self) -> dict[str, float]:
+        out = {"nmse_val": self.nmse_val, "noise_floor": self.noise_floor, "ratio_to_floor": self.ratio_to_floor,
+               "device_samples": float(self.device_samples), "fit_seconds": self.seconds,
+               "nmse_train": self.nmse_train, "ideal_nmse": self.ideal_nmse}
+        return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": self.source, **self.metrics()}
+
+
+def _twin_options(tc: TwinConfig) -> dict[str, Any]:
+    return {"hidden": tuple(tc.hidden)} if tc.hidden else {}
+
+
+def make_twin(exp: Experiment, name: str, index: int = 0, progress: bool = False) -> TwinFit:
+    """Make device ``name``'s twin as its ``twin`` section says: fit, ideal model, or load."""
+    import time
+
+    from pnn_cluster.twins import build_twin, collect, evaluate_twin, fit_twin, load_twin
+
+    tc = exp.config.devices[name].twin
+    device = exp.devices[name]
+    seed = exp.config.seed + index  # the same seeds as experiments.calibrate_stack
+    model = device.model()
+    t0 = time.perf_counter()
+    if tc.load is not None:
+        twin = load_twin(tc.load, model=model, spec=device.spec)
+        twin.requires_grad_(False)
+        groups = max(3, tc.groups // 4)  # a short check of the loaded twin against the device as it is today
+        val = collect(device, groups=groups, batch=tc.batch, repeats=tc.repeats, seed=seed, progress=progress)
+        return TwinFit(name, twin, twin.kind, evaluate_twin(twin, val), val.noise_floor(),
+                       device_samples=val.device_samples, seconds=time.perf_counter() - t0, val=val, source="loaded")
+    samples = collect(device, groups=tc.groups, batch=tc.batch, repeats=tc.repeats, seed=seed, progress=progress)
+    train, val = samples.split(tc.holdout, seed=seed)
+    ideal = None
+    if model is not None:
+        ideal = evaluate_twin(build_twin("physics", device.spec, model).requires_grad_(False), val)
+    if tc.kind == "ideal":
+        twin = build_twin("physics", device.spec, model).requires_grad_(False)
+        return TwinFit(name, twin, "ideal", ideal, val.noise_floor(), evaluate_twin(twin, train), ideal,
+                       samples.device_samples, time.perf_counter() - t0, val=val, source="ideal")
+    twin = build_twin(tc.kind, device.spec, model, **_twin_options(tc))
+    res = fit_twin(twin, train, val, epochs=tc.epochs, lr=tc.lr, seed=seed, progress=progress)
+    return TwinFit(name, twin, tc.kind, res.nmse_val, res.noise_floor, res.nmse_train, ideal, samples.device_samples,
+                   res.seconds, list(res.history), val, "fit")
+
+
+def prepare_twins(exp: Experiment, progress: bool = False, on_fit=None) -> dict[str, TwinFit]:
+    """Make and install every twin the method needs (``oracle`` needs none); ``on_fit(fit)`` sees each."""
+    fits: dict[str, TwinFit] = {}
+    if exp.config.method == "oracle":
+        return fits
+    for i, name in enumerate(exp.config.physical_devices()):
+        fit = make_twin(exp, name, index=i, progress=progress)
+        layer = exp.layer(name)
+        layer.twin = fit.twin
+        layer._sent = None  # calibration wrote other parameters; write ours again before measuring
+        fits[name] = fit
+        if on_fit is not None:
+            on_fit(fit)
+    return fits
+
+
+def attach_twin_shells(exp: Experiment) -> None:
+    """Unfitted twins of the configured kinds, so a checkpoint's state_dict (twins included) loads into the stack."""
+    from pnn_cluster.twins import build_twin, load_twin
+
+    if exp.config.method == "oracle":
+        return
+    for name in exp.config.physical_devices():
+        tc = exp.config.devices[name].twin
+        device = exp.devices[name]
+        if tc.load is not None:
+            twin = load_twin(tc.load, model=device.model(), spec=device.spec)
+        else:
+            kind = "physics" if tc.kind == "ideal" else tc.kind
+            twin = build_twin(kind, device.spec, device.model(), **_twin_options(tc))
+        exp.layer(name).twin = twin.requires_grad_(False)
+
+
+def initialise_stack(exp: Experiment) -> int:
+    """Set the method's mode and initialise the rescales on measured data; returns the device samples it took."""
+    import torch
+
+    from pnn_cluster.experiments import init_rescales_
+
+    cfg = exp.config
+    stack = exp.stack
+    stack.set_mode(cfg.method)
+    xs = torch.as_tensor(exp.data.x_train[: cfg.init.samples], dtype=torch.get_default_dtype())
+    before = stack.samples_measured()
+    with stack.mode_as("in_silico" if cfg.method == "in_silico" else "pat"):
+        init_rescales_(stack, xs, spread=cfg.init.spread, logit_scale=cfg.init.logit_scale)
+    return stack.samples_measured() - before

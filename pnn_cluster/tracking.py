@@ -1,0 +1,698 @@
+"""MLflow tracking as a trainer callback: one run per ``train``, ``calibrate`` or ``demo``.
+
+A run records what a lab needs to trust and reproduce a result:
+
+- the full resolved configuration, as parameters and as ``config/config.yaml``;
+- a snapshot of every device (spec and limits, driver, identity, calibration)
+  as ``devices.json`` and as ``device.*`` tags;
+- every twin fit as a nested run: NMSE against the noise floor, the fit's loss
+  curve and a parity plot of twin prediction against measurement;
+- per-step training metrics, buffered in memory and written with one
+  asynchronous ``log_batch`` every ``flush_every_s`` seconds, so a step pays
+  for a few list appends and nothing else;
+- per epoch: physical test accuracy and loss, and the twin-versus-device
+  residual of each physical layer (NMSE of the twin's prediction against the
+  device's measured output, on a test batch): the number that says when a
+  twin has drifted away from its device;
+- a checkpoint each epoch (``checkpoints/last.pt``), from which
+  ``pnn-cluster train --resume RUN_ID`` continues the same run at the same step;
+- at the end, a training curve and a confusion matrix (PNG), and the trained
+  parameters and twins as state_dict files in logged models.
+
+Everything goes through one :class:`mlflow.MlflowClient` bound to the tracking
+URI given to the constructor; no global active run is used, so several
+trackers (a demo's methods, a test's runs) never interfere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pnn_cluster.config import TwinFit
+from pnn_cluster.training.trainer import Callback, Trainer
+
+__all__ = ["MlflowCallback", "TwinFit", "resolve_tracking_uri", "twin_residuals", "device_snapshot",
+           "CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "load_run_checkpoint"]
+
+#: where a run keeps its latest checkpoint and its configuration
+CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
+CONFIG_ARTIFACT = "config/config.yaml"
+#: MLflow's limits: 100 params and 1000 metrics per batch, 6000 characters per param value
+_PARAMS_PER_BATCH, _METRICS_PER_BATCH, _PARAM_CHARS, _TAG_CHARS = 100, 1000, 6000, 5000
+
+
+def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None,
+                         env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None) -> str:
+    """``--tracking-uri``, else the configuration's ``tracking.uri``, else ``MLFLOW_TRACKING_URI``,
+    else ``sqlite:///mlflow.db`` in the working directory."""
+    env = os.environ if env is None else env
+    uri = cli_uri or config_uri or env.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
+
+
+# -- what a run records about devices and twins -------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray | torch.Tensor):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if x is None or isinstance(x, str | int | float | bool):
+        return x
+    return str(x)
+
+
+def twin_calibration(twin: Any) -> dict[str, Any]:
+    """The twin's fitted calibration constants (physics kinds), or its kind alone."""
+    if twin is None:
+        return {}
+    out: dict[str, Any] = {"kind": getattr(twin, "kind", type(twin).__name__)}
+    model = getattr(twin, "model", None)
+    if model is not None and hasattr(model, "calibration_values"):
+        out["constants"] = model.calibration_values()
+    return out
+
+
+def device_snapshot(device: Any, driver: Mapping[str, Any] | None = None, placement: Mapping[str, Any] | None = None,
+                    twin: Any = None, fit: TwinFit | None = None) -> dict[str, Any]:
+    """Spec and limits, driver, identity, current parameters and calibration of one device, JSON-safe."""
+    try:
+        snap = dict(device.snapshot())
+    except Exception as exc:  # a remote device not yet connected has no spec; record what we know
+        snap = {"identity": device.identity(), "error": f"no snapshot: {exc}"}
+    snap["driver"] = dict(driver) if driver else {"class": snap.get("identity", {}).get("driver", "?")}
+    if placement:
+        snap["placement"] = dict(placement)
+    cal = twin_calibration(twin)
+    if fit is not None:
+        cal["fit"] = fit.as_dict()
+    if cal:
+        snap["calibration"] = cal
+    return _jsonable(snap)
+
+
+def _device_tags(name: str, snap: Mapping[str, Any]) -> dict[str, str]:
+    ident = snap.get("identity", {})
+    drv = snap.get("driver", {})
+    spec = snap.get("spec", {})
+    tags = {f"device.{name}.driver": str(drv.get("kind") or drv.get("class") or ident.get("driver", "?"))}
+    for key in ("system", "address", "resource", "serial"):
+        if key in drv or key in ident:
+            tags[f"device.{name}.{key}"] = str(drv.get(key, ident.get(key)))
+    if "source" in drv:
+        tags[f"device.{name}.resource"] = f"{drv['source'].get('resource')} -> {drv['sink'].get('resource')}"
+    if spec:
+        tags[f"device.{name}.io"] = f"{spec['input']['size']} -> {spec['output']['size']}"
+        tags[f"device.{name}.params"] = ", ".join(f"{p['name']}{tuple(p['shape'])} in [{p['low']:.4g}, {p['high']:.4g}]"
+                                                  f"{' ' + p['unit'] if p.get('unit') else ''}"
+                                                  for p in spec.get("params", []))
+    if "imperfections" in ident:
+        tags[f"device.{name}.seed"] = str(ident["imperfections"].get("seed"))
+    cal = snap.get("calibration", {})
+    if cal.get("kind"):
+        tags[f"device.{name}.twin"] = str(cal["kind"])
+    return {k: v[:_TAG_CHARS] for k, v in tags.items()}
+
+
+@torch.no_grad()
+def twin_residuals(stack: Any, x: torch.Tensor) -> dict[str, float]:
+    """NMSE of each twin's prediction against its device's measured output, on the inputs the device sees.
+
+    Runs ``x`` through the stack with every physical layer measured (mode ``pat``);
+    at each physical layer with a twin, the twin is evaluated at the same input
+    and parameters. Layers without a twin (``oracle``) are skipped.
+    """
+    from pnn_cluster.layers import PhysicalLayer
+    from pnn_cluster.twins.collect import nmse
+
+    out: dict[str, float] = {}
+    h = x
+    with stack.mode_as("pat"):
+        for m in stack:
+            if isinstance(m, PhysicalLayer):
+                y = m(h)
+                if m.twin is not None:
+                    out[m.name] = nmse(m.twin(h, dict(m.theta.items())), y)
+                h = y
+            else:
+                h = m(h)
+    return out
+
+
+def parity_figure(twin: Any, samples: Any, title: str, max_points: int = 4000):
+    """Twin prediction against measurement for held-out samples (one repeat of each)."""
+    from matplotlib.figure import Figure
+
+    preds, meas = [], []
+    dtype = torch.get_default_dtype()
+    with torch.no_grad():
+        for x, p, y in zip(samples.x, samples.params, samples.y):
+            pr = twin(torch.as_tensor(x, dtype=dtype), {k: torch.as_tensor(v, dtype=dtype) for k, v in p.items()})
+            preds.append(pr.double().numpy().reshape(-1))
+            meas.append(np.asarray(y[0]).reshape(-1))
+    pred, target = np.concatenate(preds), np.concatenate(meas)
+    if len(pred) > max_points:
+        keep = np.random.default_rng(0).choice(len(pred), max_points, replace=False)
+        pred, target = pred[keep], target[keep]
+    fig = Figure(figsize=(4.2, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    ax.scatter(target, pred, s=3, alpha=0.35, linewidths=0)
+    lo, hi = float(min(target.min(), pred.min())), float(max(target.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+    ax.set_xlabel("measured on the device")
+    ax.set_ylabel("twin prediction")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def curve_figure(steps: Mapping[str, list[tuple[int, float]]], epochs: Mapping[str, list[tuple[int, float]]]):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.4), dpi=110)
+    ax1, ax2 = fig.subplots(1, 2)
+    for name, pts in steps.items():
+        if pts:
+            s, v = zip(*pts)
+            ax1.plot(s, v, lw=0.8, alpha=0.6, label=f"{name} (step)")
+    for name, pts in epochs.items():
+        if not pts:
+            continue
+        s, v = zip(*pts)
+        (ax2 if "acc" in name else ax1).plot(s, v, marker="o", label=name)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("accuracy")
+    ax2.set_ylim(0, 1)
+    ax2.legend(fontsize=7)
+    fig.suptitle("training curve (test accuracy measured on the physical devices)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(pred: np.ndarray, target: np.ndarray, title: str):
+    from matplotlib.figure import Figure
+
+    n = int(max(pred.max(initial=0), target.max(initial=0)) + 1)
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (target.astype(np.int64), pred.astype(np.int64)), 1)
+    fig = Figure(figsize=(4.6, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def flatten_params(tree: Any, prefix: str = "") -> dict[str, str]:
+    from pnn_cluster.config import flatten
+
+    return {k: ("" if v is None else str(v))[:_PARAM_CHARS] for k, v in flatten(tree, prefix).items()}
+
+
+def load_run_checkpoint(client: Any, run_id: str, dest: str | os.PathLike) -> Path | None:
+    """Download a run's latest checkpoint into ``dest``; None when the run has none yet."""
+    names = {f.path for f in client.list_artifacts(run_id, "checkpoints")}
+    if CHECKPOINT_ARTIFACT not in names:
+        return None
+    return Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(dest)))
+
+
+# -- the callback ---------------------------------------------------------------------------------------------
+
+
+class MlflowCallback(Callback):
+    """Tracks a run in MLflow; pass it to :class:`Trainer` (or ``run_method``) as a callback.
+
+    ``run_id`` resumes an existing run (metrics continue at the trainer's step);
+    ``parent_run_id`` makes this run a child (a demo's methods). Use it as a
+    context manager, or call :meth:`end`, so the run is closed with the right
+    status (FINISHED, FAILED, or KILLED on Ctrl-C).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str = "pnn-cluster", run_name: str | None = None,
+                 run_id: str | None = None, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+                 config: Mapping[str, Any] | None = None, flush_every_s: float = 10.0, checkpoint_every: int = 1,
+                 residual_batch: int = 256, log_models: bool = True, synchronous: bool = False,
+                 command: str = "train", start_time: float | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment = experiment
+        self.run_name = run_name
+        self._run_id = run_id
+        self.resuming = run_id is not None
+        self.parent_run_id = parent_run_id
+        self.tags = dict(tags or {})
+        self.config = dict(config) if config is not None else None
+        self.flush_every_s = float(flush_every_s)
+        self.checkpoint_every = int(checkpoint_every)
+        self.residual_batch = int(residual_batch)
+        self.log_models = log_models
+        self.synchronous = synchronous
+        self.command = command
+        self.start_time = start_time
+        self.experiment_id: str | None = None
+        self._buffer: list[tuple[str, float, int, int]] = []
+        self._last_flush = time.monotonic()
+        self._pending: list[Any] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="pnn-mlflow-")
+        self._devices_logged = False
+        self._ended = False
+        self.twin_fits: dict[str, TwinFit] = {}
+
+    # -- the run ------------------------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return self.start()
+
+    def start(self) -> str:
+        """Create the run (or reopen the one being resumed); idempotent."""
+        if self._run_id is not None and self.experiment_id is not None:
+            return self._run_id
+        if self._run_id is not None:
+            run = self.client.get_run(self._run_id)
+            self.experiment_id = run.info.experiment_id
+            self.client.update_run(self._run_id, status="RUNNING")
+            resumed = int(run.data.tags.get("pnn.resumed", "0")) + 1
+            self.client.set_tag(self._run_id, "pnn.resumed", str(resumed))
+            if "pnn.error" in run.data.tags:  # what stopped it last time stays on record, under another name
+                self.client.set_tag(self._run_id, f"pnn.interrupted.{resumed}", run.data.tags["pnn.error"])
+                self.client.delete_tag(self._run_id, "pnn.error")
+            return self._run_id
+        exp = self.client.get_experiment_by_name(self.experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        tags = {"pnn.command": self.command, **self.tags}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        start_ms = int(self.start_time * 1000) if self.start_time is not None else None
+        run = self.client.create_run(self.experiment_id, start_time=start_ms, run_name=self.run_name, tags=tags)
+        self._run_id = run.info.run_id
+        if self.config is not None:
+            self.log_config(self.config)
+        return self._run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._ended or self._run_id is None:
+            return
+        self._ended = True
+        try:
+            self.flush(wait=True)
+        finally:
+            self.client.set_terminated(self._run_id, status)
+            self._tmp.cleanup()
+
+    def __enter__(self) -> MlflowCallback:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        if exc_type is not None and self._run_id is not None:
+            self.client.set_tag(self._run_id, "pnn.error", f"{exc_type.__name__}: {exc}"[:_TAG_CHARS])
+        self.end(status)
+
+    # -- parameters, tags, artifacts ------------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        if self.resuming:
+            return  # parameters of a run are immutable; a resumed run already has them
+        flat = flatten_params(params)
+        items = [Param(k[:250], v) for k, v in flat.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:_TAG_CHARS]) for k, v in tags.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH])
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """The resolved configuration: every key as a parameter, the whole as ``config/config.yaml``."""
+        import yaml
+
+        self.config = dict(config)
+        self.log_params(config)
+        self.log_text(yaml.safe_dump(_jsonable(config), sort_keys=False), CONFIG_ARTIFACT)
+
+    def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
+        path = Path(self._tmp.name) / "text" / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        parent = str(Path(artifact_file).parent)
+        self.client.log_artifact(run_id or self.run_id, str(path), None if parent == "." else parent)
+
+    def log_figure(self, fig: Any, artifact_file: str, run_id: str | None = None) -> None:
+        path = Path(self._tmp.name) / "figures" / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+        parent = str(Path(artifact_file).parent)
+        self.client.log_artifact(run_id or self.run_id, str(path), None if parent == "." else parent)
+
+    def log_devices(self, devices: Mapping[str, Any], drivers: Mapping[str, Mapping[str, Any]] | None = None,
+                    placements: Mapping[str, Mapping[str, Any]] | None = None,
+                    twins: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A snapshot of every device as ``devices.json`` and ``device.<name>.*`` tags."""
+        twins = twins or {}
+        snaps = {name: device_snapshot(dev, (drivers or {}).get(name), (placements or {}).get(name),
+                                       twins.get(name), self.twin_fits.get(name))
+                 for name, dev in devices.items()}
+        self.log_text(json.dumps(snaps, indent=2), "devices.json")
+        tags: dict[str, str] = {"pnn.devices": ", ".join(devices)}
+        for name, snap in snaps.items():
+            tags.update(_device_tags(name, snap))
+        self.set_tags(tags)
+        self._devices_logged = True
+        return snaps
+
+    def log_twin_fit(self, fit: TwinFit, params: Mapping[str, Any] | None = None) -> str:
+        """A nested run for one twin fit: its figures, its loss curve and a parity plot."""
+        from mlflow.entities import Metric
+
+        self.twin_fits[fit.device] = fit
+        tags = {"mlflow.parentRunId": self.run_id, "pnn.command": "twin-fit", "pnn.device": fit.device,
+                "pnn.twin": fit.kind}
+        child = self.client.create_run(self.experiment_id, run_name=f"twin {fit.device} ({fit.kind})", tags=tags)
+        cid = child.info.run_id
+        try:
+            from mlflow.entities import Param
+
+            all_params = {"device": fit.device, "kind": fit.kind, "source": fit.source, **(params or {})}
+            self.client.log_batch(cid, params=[Param(k, str(v)[:_PARAM_CHARS]) for k, v in all_params.items()])
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, v, now, 0) for k, v in fit.metrics().items()]
+            metrics += [Metric("fit_loss", float(v), now, i) for i, v in enumerate(fit.history) if math.isfinite(v)]
+            for i in range(0, len(metrics), _METRICS_PER_BATCH):
+                self.client.log_batch(cid, metrics=metrics[i:i + _METRICS_PER_BATCH])
+            if fit.val is not None and len(fit.val):
+                title = (f"{fit.device}: {fit.kind} twin, NMSE {fit.nmse_val:.2e} "
+                         f"({fit.ratio_to_floor:.2f} x noise floor)")
+                self.log_figure(parity_figure(fit.twin, fit.val, title), "parity.png", run_id=cid)
+            self.client.set_terminated(cid, "FINISHED")
+        except BaseException:
+            self.client.set_terminated(cid, "FAILED")
+            raise
+        # the parent run carries the headline figures too, for comparing runs at a glance
+        suffix = "" if self.command == "train" else f"/{fit.kind}"  # calibrate fits several kinds per device
+        self.log_metrics({f"twin_nmse/{fit.device}{suffix}": fit.nmse_val,
+                          f"noise_floor/{fit.device}": fit.noise_floor}, step=0, now=True)
+        return cid
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int, now: bool = False) -> None:
+        """Buffer metrics for the next batched write (``now`` writes at once)."""
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            self._buffer.append((k, float(v), ts, int(step)))
+        if now:
+            self.flush(wait=True)
+
+    def flush(self, wait: bool = False) -> None:
+        """Write buffered metrics with ``log_batch`` (asynchronously unless ``wait`` or ``synchronous``)."""
+        from mlflow.entities import Metric
+
+        buf, self._buffer = self._buffer, []
+        self._last_flush = time.monotonic()
+        if buf and self._run_id is not None:
+            metrics = [Metric(k, v, ts, s) for k, v, ts, s in buf if math.isfinite(v)]
+            for i in range(0, len(metrics), _METRICS_PER_BATCH):
+                chunk = metrics[i:i + _METRICS_PER_BATCH]
+                if self.synchronous or wait:
+                    self.client.log_batch(self._run_id, metrics=chunk)
+                else:
+                    self._pending.append(self.client.log_batch(self._run_id, metrics=chunk, synchronous=False))
+        if wait:
+            pending, self._pending = self._pending, []
+            for op in pending:
+                op.wait()
+
+    # -- trainer hooks -------------------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.start()
+        self.set_tags({"pnn.start_step": trainer.global_step, "pnn.start_epoch": trainer.epoch,
+                       "pnn.steps_per_epoch": trainer.steps_per_epoch})
+        if not self._devices_logged and not self.resuming:
+            layers = trainer.model.physical_layers()
+            self.log_devices({l.name: l.device for l in layers}, twins={l.name: l.twin for l in layers})
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        # the hot path: a few appends; the write happens every flush_every_s seconds, off this thread
+        ts = int(time.time() * 1000)
+        step = trainer.global_step
+        append = self._buffer.append
+        for k, v in metrics.items():
+            append((k, v, ts, step))
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        step = trainer.global_step
+        epoch_metrics = {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"],
+                         "epoch": metrics["epoch"], "epoch_train_loss": metrics["train_loss"],
+                         "epoch_train_acc": metrics["train_acc"], "epoch_seconds": metrics["epoch_seconds"]}
+        if self.residual_batch > 0:
+            for name, r in self._residuals(trainer).items():
+                epoch_metrics[f"twin_residual/{name}"] = r
+        self.log_metrics(epoch_metrics, step)
+        self.flush()
+        last = trainer.epoch >= trainer.config.epochs
+        if trainer.epoch % self.checkpoint_every == 0 or last:
+            self.log_checkpoint(trainer)
+
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.flush(wait=True)
+        self.set_tags({"pnn.state": trainer.state, "pnn.end_step": trainer.global_step})
+        if trainer.history:
+            final = trainer.history[-1]
+            self.log_metrics({"final_test_acc": final["test_acc"], "device_samples_total": trainer.device_samples},
+                             trainer.global_step, now=True)
+        self.log_training_curve()
+        ev = getattr(trainer, "last_eval", None) or trainer.evaluate("test")
+        acc = float((ev["pred"] == ev["target"]).mean())
+        self.log_figure(confusion_figure(ev["pred"], ev["target"], f"test set on the physical devices: {acc:.3f}"),
+                        "plots/confusion_matrix.png")
+        if self.log_models:
+            self.log_trained_models(trainer)
+
+    def _residuals(self, trainer: Trainer) -> dict[str, float]:
+        x = torch.as_tensor(trainer.data.x_test[: self.residual_batch], dtype=torch.get_default_dtype())
+        try:
+            return twin_residuals(trainer.model, x)
+        except Exception as exc:  # a residual is a diagnostic; it never stops a training
+            self.set_tags({"pnn.residual_error": f"{type(exc).__name__}: {exc}"})
+            return {}
+
+    # -- checkpoints and models ------------------------------------------------------------------------------------
+
+    def log_checkpoint(self, trainer: Trainer) -> None:
+        """``checkpoints/last.pt``: the trainer's state plus the experiment configuration it came from."""
+        state = trainer.state_dict()
+        state["experiment"] = _jsonable(self.config) if self.config is not None else None
+        state["mlflow_run_id"] = self.run_id
+        path = Path(self._tmp.name) / "checkpoints" / "last.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        self.client.log_artifact(self.run_id, str(path), "checkpoints")
+        self.set_tags({"pnn.checkpoint_step": trainer.global_step, "pnn.checkpoint_epoch": trainer.epoch})
+
+    def log_training_curve(self) -> None:
+        def hist(key: str) -> list[tuple[int, float]]:
+            pts = {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}  # a resume may rewrite
+            return sorted(pts.items())
+
+        fig = curve_figure({"train_loss": hist("train_loss")},
+                           {"epoch_train_loss": hist("epoch_train_loss"), "test_loss": hist("test_loss"),
+                            "epoch_train_acc": hist("epoch_train_acc"), "test_acc": hist("test_acc")})
+        self.log_figure(fig, "plots/training_curve.png")
+
+    def log_trained_models(self, trainer: Trainer) -> list[str]:
+        """The trained stack (state_dict, device parameters, configuration) and each twin, as logged models."""
+        import yaml
+
+        from pnn_cluster.twins import save_twin
+
+        ids = []
+        root = Path(self._tmp.name) / "models"
+        stack_dir = root / "stack"
+        stack_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(trainer.model.state_dict(), stack_dir / "state_dict.pt")
+        (stack_dir / "device_params.json").write_text(json.dumps(_jsonable(trainer.model.device_params()), indent=2))
+        if self.config is not None:
+            (stack_dir / "config.yaml").write_text(yaml.safe_dump(_jsonable(self.config), sort_keys=False))
+        ids.append(self._logged_model("stack", stack_dir, {"pnn.kind": "stack"}))
+        for layer in trainer.model.physical_layers():
+            if layer.twin is None:
+                continue
+            d = root / f"twin-{layer.name}"
+            fit = self.twin_fits.get(layer.name)
+            save_twin(layer.twin, d / layer.name, device=_jsonable(layer.device.identity()),
+                      fit=fit.as_dict() if fit else None)
+            ids.append(self._logged_model(f"twin-{layer.name}", d, {"pnn.kind": "twin", "pnn.device": layer.name}))
+        return ids
+
+    def log_model_dir(self, name: str, local_dir: str | os.PathLike, tags: Mapping[str, str] | None = None) -> str:
+        return self._logged_model(name, Path(local_dir), dict(tags or {}))
+
+    def _logged_model(self, name: str, local_dir: Path, tags: dict[str, str]) -> str:
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id, tags=tags)
+        try:
+            self.client.log_model_artifacts(model.model_id, str(local_dir))
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+
+
+def tracker_from_args(args: Any, command: str, config_uri: str | None = None, **kw: Any) -> MlflowCallback | None:
+    """The tracker a command's ``--tracking-uri``/``--no-track`` ask for (None with ``--no-track``)."""
+    if getattr(args, "no_track", False):
+        return None
+    uri = resolve_tracking_uri(getattr(args, "tracking_uri", None), config_uri)
+    return MlflowCallback(uri, command=command, **kw)
+
+
+def add_tracking_args(p: Any) -> None:
+    """``--tracking-uri`` and ``--no-track``, the same on every command that tracks."""
+    p.add_argument("--tracking-uri", metavar="URI", default=None,
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--no-track", action="store_true", help="do not record an MLflow run")
+
+
+
+# -- the demo and calibrate commands ------------------------------------------------------------------------------
+
+
+class DemoTracking:
+    """A demo's parent run with one child run per method (a no-op tracker with ``--no-track``)."""
+
+    def __init__(self, parent: MlflowCallback | None, params: Mapping[str, Any]) -> None:
+        self.parent = parent
+        self.params = dict(params)
+        self.child: MlflowCallback | None = None
+
+    def __enter__(self) -> DemoTracking:
+        if self.parent is not None:
+            self.parent.__enter__()
+            self.parent.log_params(self.params)
+            print(f"MLflow run {self.parent.run_id} at {self.parent.tracking_uri}", flush=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.child is not None:
+            self.child.__exit__(exc_type, exc, tb)
+        if self.parent is not None:
+            self.parent.__exit__(exc_type, exc, tb)
+
+    def callbacks(self, method: str, task: Any = None, train_config: Any = None) -> list[Callback]:
+        """The callbacks for one method's training: a child run of the demo's run."""
+        if self.parent is None:
+            return []
+        from dataclasses import asdict, is_dataclass
+
+        config: dict[str, Any] = {"method": method, **self.params}
+        if task is not None and is_dataclass(task):
+            config["task"] = _jsonable(asdict(task))
+        if train_config is not None and is_dataclass(train_config):
+            config["train"] = asdict(train_config)
+        self.child = MlflowCallback(self.parent.tracking_uri, experiment=self.parent.experiment,
+                                    run_name=f"{self.params.get('task', 'demo')} {method}",
+                                    parent_run_id=self.parent.run_id, tags={"pnn.method": method}, config=config,
+                                    command="demo-method", log_models=False)
+        self.child.start()
+        return [self.child]
+
+    def record(self, result: Any) -> None:
+        """A method's result on its child run and on the demo's run; closes the child run."""
+        if self.parent is None:
+            return
+        summary = {k: float(v) for k, v in result.summary().items()}
+        if result.twin_nmse is not None:
+            summary["twin_nmse"] = float(result.twin_nmse)
+        if self.child is not None:
+            calib = {f"calibration/{layer}/{k}": float(v) for layer, figs in (result.calibration or {}).items()
+                     if isinstance(figs, Mapping) for k, v in figs.items() if isinstance(v, int | float)}
+            self.child.log_metrics({**summary, **calib}, step=0, now=True)
+            self.child.end("FINISHED")
+            self.child = None
+        self.parent.log_metrics({f"{k}/{result.method}": v for k, v in summary.items()}, step=0, now=True)
+
+
+def demo_tracking(args: Any, params: Mapping[str, Any]) -> DemoTracking:
+    return DemoTracking(tracker_from_args(args, "demo", run_name=f"demo {params.get('task', '')}".strip()), params)
+
+
+def log_calibration(args: Any, system: str, device: Any, cal: Any, params: Mapping[str, Any],
+                    started: float | None = None) -> str | None:
+    """One run for ``pnn-cluster calibrate``: the device, a nested run per twin kind, the best twin as a model."""
+    tracker = tracker_from_args(args, "calibrate", run_name=f"calibrate {system}", start_time=started)
+    if tracker is None:
+        return None
+    from pnn_cluster.twins import save_twin
+
+    with tracker:
+        tracker.log_params(params)
+        fits = {}
+        for kind, res in cal.results.items():
+            fits[kind] = TwinFit(system, cal.twins[kind], kind, res.nmse_val, res.noise_floor, res.nmse_train,
+                                 cal.ideal_nmse, cal.device_samples, res.seconds, list(res.history), cal.val)
+            tracker.log_twin_fit(fits[kind], params={"groups": params.get("groups"), "batch": params.get("batch")})
+        best = cal.best_kind
+        tracker.twin_fits[system] = fits[best]  # the device snapshot records the twin that was kept
+        tracker.log_devices({system: device}, twins={system: cal.best})
+        metrics = {"noise_floor": cal.noise_floor, "device_samples": cal.device_samples,
+                   **{f"nmse_val/{k}": r.nmse_val for k, r in cal.results.items()}}
+        if cal.ideal_nmse is not None:
+            metrics["ideal_nmse"] = cal.ideal_nmse
+        tracker.log_metrics(metrics, step=0, now=True)
+        tracker.set_tags({"pnn.best_twin": best})
+        d = Path(tracker._tmp.name) / "best_twin"
+        save_twin(cal.best, d / f"{system}_{best}", system=system, fit=cal.results[best].as_dict(),
+                  device=_jsonable(device.identity()))
+        tracker.log_model_dir(f"twin-{system}", d, {"pnn.kind": "twin", "pnn.device": system, "pnn.twin": best})
+        print(f"MLflow run {tracker.run_id} at {tracker.tracking_uri}", flush=True)
+        return tracker.run_id

@@ -1,0 +1,477 @@
+"""The micro-batch pipeline: every physical device busy, one optimizer step per batch.
+
+A batch is split into micro-batches. Each physical layer of the stack is a
+*stage* with a pool of one or more *replica* devices (physical copies, each
+with its own imperfections and its own twin). Micro-batch k+1 is measured on
+stage s while k is measured on stage s+1; digital layers, the loss and the
+backward pass run here, in the trainer, between measurements::
+
+    micro-batch: digital -> [stage 0: replica r0] -> digital -> [stage 1: replica r1] -> loss -> backward
+                                 ^ k+1 measured here while k is on stage 1
+
+- A micro-batch goes to whichever replica of its stage is free, and its
+  backward pass uses the twin of the replica that measured it: the PAT node is
+  attached (:func:`~pnn_cluster.pat.pat_apply`) when the measurement comes back.
+- The gradients of all micro-batches and replicas add up in ``.grad``; the
+  trainer makes one optimizer step from them.
+- Parameters travel with the first forward a replica gets in a step, so each
+  device is written once per step and no call is spent on the write alone.
+  Each call carries a content hash of the parameters it is meant for (see
+  :class:`~pnn_cluster.training.workers.DeviceWorker`); a device that does not
+  hold them answers ``None`` and gets them again.
+- Failed measurements are retried under a :class:`~pnn_cluster.training.faults.FaultPolicy`.
+
+The schedule is written against two small interfaces, so it runs the same
+in-process and on Ray: a :class:`DeviceHandle` submits a forward and returns
+a pending call; a :class:`Backend` waits for pending calls. The in-process
+implementation (:class:`ThreadBackend`, :class:`LocalDeviceHandle`) runs each
+device on its own thread, which is enough for devices that spend their time
+waiting on hardware; ``actors.RayExecutor`` uses device actors.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from pnn_cluster.devices.base import Device
+from pnn_cluster.layers import PhysicalLayer
+from pnn_cluster.pat import pat_apply
+from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, is_device_failure
+from pnn_cluster.training.trainer import StepResult, split_micro
+from pnn_cluster.training.workers import DeviceWorker, params_version
+
+__all__ = ["DeviceHandle", "Backend", "LocalDeviceHandle", "ThreadBackend", "Replica", "StagePool",
+           "PipelineConfig", "PipelineExecutor", "SCHEDULES"]
+
+SCHEDULES = ("pipelined", "sequential")
+
+
+class DeviceHandle(Protocol):
+    """One replica device as the schedule sees it."""
+
+    name: str
+
+    def submit(self, x: np.ndarray, params: Mapping[str, np.ndarray] | None, version: str) -> Any:
+        """Start a forward; returns a pending call for :meth:`Backend.wait` (never blocks on the device)."""
+
+    def true_model(self) -> nn.Module:
+        """The simulator's exact physics, for mode 'oracle'."""
+
+
+class Backend(Protocol):
+    def wait(self, calls: Sequence[Any]) -> list[Any]:
+        """Block until at least one call has finished; return every finished one."""
+
+    def result(self, call: Any) -> np.ndarray | None:
+        """The reply of a finished call (raises what the device raised)."""
+
+    def is_device_failure(self, exc: BaseException) -> bool:
+        """True when a retry (on a restarted or another device) may succeed."""
+
+    def handle_for(self, device: Any, name: str) -> DeviceHandle:
+        """The handle of a device given as a :class:`~pnn_cluster.devices.base.Device` (or proxy)."""
+
+    def default_handle(self, layer: PhysicalLayer) -> DeviceHandle:
+        """The handle of a layer's own device, when no pool was configured for it."""
+
+
+class LocalDeviceHandle:
+    """A device in this process, measured on its own thread (the device serialises its calls)."""
+
+    def __init__(self, device: Device | DeviceWorker, name: str | None = None) -> None:
+        self.worker = device if isinstance(device, DeviceWorker) else DeviceWorker(device)
+        self.name = name or self.worker.name
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{self.name}")
+
+    def submit(self, x: np.ndarray, params: Mapping[str, np.ndarray] | None, version: str) -> Any:
+        return self._thread.submit(self.worker.forward, x, params, version)
+
+    def true_model(self) -> nn.Module:
+        return self.worker.true_model()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+class ThreadBackend:
+    """Pending calls are ``concurrent.futures.Future`` s."""
+
+    def __init__(self) -> None:
+        self._handles: dict[int, tuple[Any, LocalDeviceHandle]] = {}
+
+    def wait(self, calls: Sequence[Any]) -> list[Any]:
+        done, _ = concurrent.futures.wait(calls, return_when=concurrent.futures.FIRST_COMPLETED)
+        return list(done)
+
+    def result(self, call: Any) -> np.ndarray | None:
+        return call.result()
+
+    def is_device_failure(self, exc: BaseException) -> bool:
+        return is_device_failure(exc)
+
+    def handle_for(self, device: Any, name: str) -> DeviceHandle:
+        # one thread per device, however many pools name it: the device serialises its calls anyway
+        known = self._handles.get(id(device))
+        if known is None or known[0] is not device:
+            known = self._handles[id(device)] = (device, LocalDeviceHandle(device, name=name))
+        return known[1]
+
+    def default_handle(self, layer: PhysicalLayer) -> DeviceHandle:
+        return self.handle_for(layer.device, layer.name)
+
+
+@dataclass(eq=False)
+class Replica:
+    """One device of a stage, with the twin that differentiates what it measures.
+
+    twin: this copy's twin; None uses the layer's own twin.
+    vjp: a twin elsewhere (``vjp(x, params, grad_y, need_x, need)``), e.g. on a twin actor.
+    """
+
+    handle: DeviceHandle
+    twin: Callable | None = None
+    vjp: Callable | None = None
+    name: str = ""
+    # scheduling state, owned by the pipeline
+    sent_version: str | None = field(default=None, init=False, repr=False)
+    in_flight: int = field(default=0, init=False, repr=False)
+    failures: int = field(default=0, init=False, repr=False)
+    measured: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not callable(getattr(self.handle, "submit", None)):
+            raise TypeError(f"Replica.handle: needs a submit(x, params, version) method, got "
+                            f"{type(self.handle).__name__}")
+        self.name = self.name or getattr(self.handle, "name", "") or "replica"
+
+
+class StagePool:
+    """The replicas of one physical layer; a replica that keeps failing leaves it."""
+
+    def __init__(self, layer: PhysicalLayer, replicas: Sequence[Replica]) -> None:
+        if not replicas:
+            raise ValueError(f"stage {layer.name}: a pool needs at least one replica")
+        self.layer = layer
+        self.name = layer.name
+        self.active: list[Replica] = list(replicas)
+        self.retired: dict[str, str] = {}
+        self._turn = itertools.count()
+
+    def pick(self, depth: int) -> Replica | None:
+        """The least busy replica with room for another call; ties go round the pool."""
+        n = len(self.active)
+        if n == 0:
+            return None
+        start = next(self._turn) % n
+        best = None
+        for i in range(n):
+            r = self.active[(start + i) % n]
+            if r.in_flight < depth and (best is None or r.in_flight < best.in_flight):
+                best = r
+        return best
+
+    def retire(self, replica: Replica, exc: BaseException) -> None:
+        if replica in self.active:
+            self.active.remove(replica)
+            self.retired[replica.name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+@dataclass
+class PipelineConfig:
+    """How batches are cut and scheduled.
+
+    schedule: ``pipelined`` keeps every stage busy; ``sequential`` runs one
+        micro-batch at a time through the whole stack (the reference order).
+    micro_batches: when neither the trainer nor ``micro_batch`` gives a size,
+        each batch is split into this many micro-batches.
+    micro_batch: micro-batch size when the trainer gives none.
+    depth: calls queued on one replica, so a device never idles for a round trip.
+    eval_micro_batch: micro-batch size for evaluation (default: as training).
+    """
+
+    schedule: str = "pipelined"
+    micro_batches: int = 8
+    micro_batch: int | None = None
+    depth: int = 2
+    eval_micro_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"PipelineConfig.schedule: {self.schedule!r} is not allowed; allowed: {SCHEDULES}")
+        for name in ("micro_batches", "depth"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"PipelineConfig.{name}: must be an integer >= 1, got {v!r}")
+        for name in ("micro_batch", "eval_micro_batch"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"PipelineConfig.{name}: must be None or an integer >= 1, got {v!r}")
+
+    def size(self, n: int, given: int | None, evaluating: bool = False) -> int:
+        size = given or (self.eval_micro_batch if evaluating else None) or self.micro_batch
+        return size or max(1, -(-n // self.micro_batches))
+
+
+@dataclass(eq=False)
+class _Micro:
+    index: int
+    rows: slice
+    h: torch.Tensor
+    pos: int = 0
+    x_sent: np.ndarray | None = None
+    attempts: collections.Counter = field(default_factory=collections.Counter)
+
+
+class _Stage:
+    """One physical layer during one call: its pool and the parameters of this step."""
+
+    def __init__(self, pool: StagePool, grad: bool) -> None:
+        layer = pool.layer
+        self.pool = pool
+        self.layer = layer
+        self.params_np = layer.params_numpy()
+        self.version = params_version(self.params_np)
+        self.params = dict(layer.theta.items())
+        self.grad = grad and any(p.requires_grad for p in self.params.values())
+        self._oracles: dict[int, nn.Module] = {}
+
+    def backward_of(self, rep: Replica) -> dict[str, Any]:
+        layer = self.layer
+        if layer.mode == "oracle":
+            if id(rep) not in self._oracles:
+                self._oracles[id(rep)] = rep.handle.true_model()
+            return {"twin": self._oracles[id(rep)]}
+        if rep.vjp is not None:
+            return {"vjp": rep.vjp}
+        twin = rep.twin if rep.twin is not None else layer.twin
+        if twin is None:
+            raise RuntimeError(f"{layer.name}: mode 'pat' needs a twin for the backward pass of replica "
+                               f"{rep.name}; fit one first")
+        return {"twin": twin}
+
+
+class PipelineExecutor:
+    """An :class:`~pnn_cluster.training.trainer.Executor` that pipelines micro-batches over device pools.
+
+    ``pools`` maps a physical layer's name to its replicas; a layer not named
+    there gets one replica, its own device (``backend.default_handle``).
+    """
+
+    def __init__(self, backend: Backend | None = None, pools: Mapping[str, Sequence[Replica]] | None = None,
+                 config: PipelineConfig | None = None, policy: FaultPolicy | None = None) -> None:
+        self.backend = backend or ThreadBackend()
+        self.config = config or PipelineConfig()
+        self.policy = policy or FaultPolicy()
+        self._configured = {name: list(reps) for name, reps in (pools or {}).items()}
+        self._pools: dict[int, StagePool] = {}
+        self.stats = collections.Counter()
+
+    # -- pools -----------------------------------------------------------------------------
+
+    def set_pool(self, layer_name: str, replicas: Sequence[Replica]) -> None:
+        """Give a physical layer these replicas (from its next step on)."""
+        if not replicas:
+            raise ValueError(f"PipelineExecutor.set_pool: layer {layer_name!r} needs at least one replica")
+        self._configured[layer_name] = list(replicas)
+        self._pools = {k: p for k, p in self._pools.items() if p.name != layer_name}
+
+    def pool(self, layer: PhysicalLayer) -> StagePool:
+        pool = self._pools.get(id(layer))
+        if pool is None or pool.layer is not layer:
+            reps = self._configured.get(layer.name)
+            if reps is None:
+                reps = [Replica(self.backend.default_handle(layer), name=layer.name)]
+            pool = self._pools[id(layer)] = StagePool(layer, reps)
+        return pool
+
+    def _plan(self, model: nn.Module) -> list[nn.Module]:
+        if not isinstance(model, nn.Sequential):
+            raise TypeError(f"PipelineExecutor: the model must be a Stack (nn.Sequential), got {type(model).__name__}")
+        plan = list(model)
+        names = set()
+        for i, m in enumerate(plan):
+            if isinstance(m, PhysicalLayer):
+                names.add(m.name)
+                continue
+            nested = [x for x in m.modules() if isinstance(x, PhysicalLayer)]
+            if nested:
+                raise ValueError(f"PipelineExecutor: physical layer {nested[0].name!r} is nested inside layer {i} "
+                                 f"({type(m).__name__}); put physical layers at the top level of the Stack")
+        unknown = sorted(set(self._configured) - names)
+        if unknown:
+            raise ValueError(f"PipelineExecutor.pools: no physical layer named {unknown[0]!r}; "
+                             f"layers are {sorted(names)}")
+        return plan
+
+    # -- the Executor protocol -------------------------------------------------------------
+
+    def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
+                         micro_batch: int | None) -> StepResult:
+        n = x.shape[0]
+        size = self.config.size(n, micro_batch)
+        run = _Run(self, model, x, split_micro(n, size), target=y, loss_fn=loss_fn)
+        run.go()
+        self.stats["steps"] += 1
+        return StepResult(run.loss, run.correct, n, run.device_samples)
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        size = self.config.size(x.shape[0], None, evaluating=True)
+        run = _Run(self, model, x, split_micro(x.shape[0], size))
+        run.go()
+        return torch.cat(run.outputs)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            for rep in pool.active:
+                close = getattr(rep.handle, "close", None)
+                if close is not None:
+                    close()
+
+
+class _Run:
+    """One batch through the pipeline: an event loop over pending device calls."""
+
+    def __init__(self, ex: PipelineExecutor, model: nn.Module, x: torch.Tensor, slices: list[slice],
+                 target: torch.Tensor | None = None, loss_fn=None) -> None:
+        self.ex = ex
+        self.plan = ex._plan(model)
+        self.grad = torch.is_grad_enabled()
+        self.target, self.loss_fn, self.n = target, loss_fn, x.shape[0]
+        self.stages: dict[int, _Stage] = {}
+        for pos, m in enumerate(self.plan):
+            if isinstance(m, PhysicalLayer) and m.mode != "in_silico":
+                self.stages[pos] = _Stage(ex.pool(m), self.grad)
+        for st in self.stages.values():
+            for rep in st.pool.active:
+                rep.in_flight = 0  # calls left over from a step that raised are no longer ours
+        self.queues = {pos: collections.deque() for pos in self.stages}
+        self.order = sorted(self.stages, reverse=True)  # later stages first: finished micro-batches free memory
+        self.sequential = ex.config.schedule == "sequential"
+        self.depth = 1 if self.sequential else ex.config.depth
+        self.micros = [_Micro(k, sl, x[sl]) for k, sl in enumerate(slices)]
+        self.outputs: list[torch.Tensor | None] = [None] * len(slices)
+        self.pending: dict[Any, tuple[_Micro, int, Replica]] = {}
+        self.loss, self.correct, self.device_samples = 0.0, 0, 0
+        self._waiting = collections.deque(self.micros)
+
+    def go(self) -> None:
+        self._release()
+        while self.pending or any(self.queues.values()) or self._waiting:
+            self._dispatch()
+            if not self.pending:
+                if self._waiting:
+                    self._release()
+                    continue
+                raise RuntimeError("pipeline: micro-batches are queued but no call is in flight")  # pragma: no cover
+            for call in self.ex.backend.wait(list(self.pending)):
+                self._complete(call)
+
+    def _release(self) -> None:
+        """Start micro-batches: all at once when pipelined, the next one when the last finished if not."""
+        while self._waiting and not (self.sequential and self._busy()):
+            self._advance(self._waiting.popleft())
+
+    def _busy(self) -> bool:
+        return bool(self.pending) or any(self.queues.values())
+
+    def _advance(self, mb: _Micro) -> None:
+        """Run digital layers until the next physical stage (queue it there) or the end (loss, backward)."""
+        while mb.pos < len(self.plan):
+            if mb.pos in self.stages:
+                mb.x_sent = mb.h.detach().numpy()
+                self.queues[mb.pos].append(mb)
+                return
+            mb.h = self.plan[mb.pos](mb.h)
+            mb.pos += 1
+        self._finish(mb)
+
+    def _finish(self, mb: _Micro) -> None:
+        out, mb.h = mb.h, None
+        if self.loss_fn is None:
+            self.outputs[mb.index] = out.detach() if self.grad else out
+        else:
+            y = self.target[mb.rows]
+            loss = self.loss_fn(out, y) * (y.shape[0] / self.n)
+            if loss.requires_grad:
+                loss.backward()
+            self.loss += float(loss.detach())
+            self.correct += int((out.argmax(-1) == y).sum())
+        if self.sequential:
+            self._release()
+
+    def _dispatch(self) -> None:
+        for pos in self.order:
+            queue, st = self.queues[pos], self.stages[pos]
+            while queue:
+                if self.sequential and self.pending:
+                    return
+                rep = st.pool.pick(self.depth)
+                if rep is None:
+                    break
+                mb = queue.popleft()
+                send = rep.sent_version != st.version
+                call = rep.handle.submit(mb.x_sent, st.params_np if send else None, st.version)
+                if send:
+                    # optimistic: the replica serves its calls in order, so later ones of this step find them
+                    rep.sent_version = st.version
+                    self.ex.stats["param_writes"] += 1
+                rep.in_flight += 1
+                self.ex.stats["calls"] += 1
+                self.pending[call] = (mb, pos, rep)
+
+    def _complete(self, call: Any) -> None:
+        mb, pos, rep = self.pending.pop(call)
+        rep.in_flight = max(0, rep.in_flight - 1)
+        st = self.stages[pos]
+        try:
+            y = self.ex.backend.result(call)
+        except Exception as exc:
+            if not self.ex.backend.is_device_failure(exc):
+                raise
+            self._failed(mb, pos, rep, exc)
+            return
+        if y is None:
+            # the device does not hold this step's parameters (restarted, or written by someone else)
+            rep.sent_version = None
+            self.ex.stats["params_resent"] += 1
+            self.queues[pos].appendleft(mb)
+            return
+        rep.failures = 0
+        rep.measured += 1
+        st.layer.samples_measured += mb.x_sent.shape[0]
+        self.device_samples += mb.x_sent.shape[0]
+        if not y.flags.writeable:  # zero-copy from a shared object store; torch wants to own writable memory
+            y = y.copy()
+        yt = torch.from_numpy(y).to(dtype=mb.h.dtype)
+        if self.grad and (st.grad or mb.h.requires_grad):
+            mb.h = pat_apply(mb.h, yt, st.params, **st.backward_of(rep))
+        else:
+            mb.h = yt
+        mb.x_sent = None
+        mb.pos = pos + 1
+        self._advance(mb)
+
+    def _failed(self, mb: _Micro, pos: int, rep: Replica, exc: BaseException) -> None:
+        st = self.stages[pos]
+        pool, policy = st.pool, self.ex.policy
+        self.ex.stats["retries"] += 1
+        rep.sent_version = None  # a restarted device holds no parameters
+        if rep in pool.active:
+            rep.failures += 1
+            if policy.should_retire(pool.name, rep.name, rep.failures, exc, len(pool.active)):
+                pool.retire(rep, exc)
+                self.ex.stats["replicas_retired"] += 1
+        if not pool.active:
+            raise NoReplicaLeft(pool.name, pool.retired) from exc
+        mb.attempts[pos] += 1
+        policy.check_attempts(pool.name, mb.index, mb.attempts[pos], exc)
+        self.queues[pos].appendleft(mb)

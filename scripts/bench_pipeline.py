@@ -1,0 +1,186 @@
+"""Benchmark of the micro-batch pipeline over device actors.
+
+A 3-stage stack of simulated SHG devices that take 20, 40 and 10 ms per call
+(``Imperfections.latency_call_s``; the device sleeps what its computation
+leaves of that), with digital rescaling between them, trained for a few
+steps with the RayExecutor. Prints, with ``--json``, one line::
+
+    {"stages_ms": [20, 40, 10], "efficiency": E, "speedup_vs_sequential": S,
+     "replica_scaling": {"1": 1.0, "2": R2, "4": R4}, "overhead_ratio_zero_latency": O}
+
+- efficiency: the bottleneck bound (micro-batches per batch x 40 ms) over the
+  measured time per batch (an optimizer step included). Filling and draining
+  the pipeline once per step costs (20 + 10) ms of it, inherently.
+- speedup_vs_sequential: the same stack, executor and devices run one
+  micro-batch at a time (``PipelineConfig(schedule="sequential")``).
+- replica_scaling: throughput with 1, 2 and 4 replicas of the 40 ms device,
+  relative to one. It is measured on that stage alone: in the 3-stage stack
+  four replicas would make the 20 ms stage the bottleneck, capping the gain at 2.
+- overhead_ratio_zero_latency: time per step of the distributed engine over
+  the in-process one (SequentialExecutor, devices in this process), both with
+  devices that take no time, batch 256 in micro-batches of 32.
+
+Run on an idle machine for stable figures; ``--address`` joins a running
+cluster instead of starting a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from actors.cluster import connect
+from actors.device import RemoteDevice, start_device
+from actors.executor import RayExecutor
+from pnn_cluster.data import Dataset
+from pnn_cluster.devices import Imperfections, make_device
+from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
+from pnn_cluster.training.pipeline import PipelineConfig, Replica
+from pnn_cluster.training.trainer import SequentialExecutor, TrainConfig, Trainer
+from pnn_cluster.training.workers import DeviceConfig
+from pnn_cluster.twins import build_twin
+
+STAGES_MS = (20, 40, 10)
+WIDTH = 16
+OPTIONS = {"n_in": WIDTH, "n_out": WIDTH}
+
+
+def imperfections(latency_s: float, seed: int) -> Imperfections:
+    # the device's latency is all per call, so a micro-batch costs the same whatever its size
+    return Imperfections(noise=0.01, shot=0.01, gap=0.0, latency_call_s=latency_s, latency_sample_s=0.0, seed=seed)
+
+
+def ideal_twin(device) -> nn.Module:
+    return build_twin("physics", device.spec, device.model()).requires_grad_(False)
+
+
+def stack_of(devices) -> Stack:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i, dev in enumerate(devices):
+        layers += [Rescale(WIDTH, 0.0, 1.0, margin=0.02), PhysicalLayer(dev, twin=ideal_twin(dev), name=f"shg{i}")]
+    layers.append(Affine(WIDTH))
+    return Stack(*layers)
+
+
+def trainer_for(model: Stack, executor, batch: int, micro: int) -> Trainer:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (batch, WIDTH))
+    y = rng.integers(0, WIDTH, batch)
+    data = Dataset("bench", x, y, x[:8], y[:8])
+    cfg = TrainConfig(epochs=1, batch_size=batch, micro_batch=micro, lr=1e-3, lr_schedule="constant")
+    return Trainer(model, data, cfg, executor=executor, progress=False)
+
+
+def seconds_per_step(trainer: Trainer, steps: int, warmup: int = 1) -> float:
+    x = torch.as_tensor(trainer.data.x_train, dtype=torch.get_default_dtype())
+    y = torch.as_tensor(trainer.data.y_train)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        trainer.step(x, y)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def start(latency_s: float, seed: int):
+    return start_device(DeviceConfig("shg", OPTIONS, imperfections(latency_s, seed), name=f"shg-{seed}"))
+
+
+def kill(actors) -> None:
+    for a in actors:
+        ray.kill(a, no_restart=True)
+
+
+def pipeline_figures(micro_batches: int, micro: int, steps: int) -> dict[str, float]:
+    actors = [start(ms / 1e3, seed=i) for i, ms in enumerate(STAGES_MS)]
+    try:
+        devices = [RemoteDevice(a) for a in actors]
+        batch = micro_batches * micro
+        out = {}
+        for schedule, n in (("pipelined", steps), ("sequential", max(2, steps // 2))):
+            ex = RayExecutor(config=PipelineConfig(schedule=schedule))
+            out[schedule] = seconds_per_step(trainer_for(stack_of(devices), ex, batch, micro), n)
+        bound = micro_batches * max(STAGES_MS) / 1e3
+        return {"efficiency": bound / out["pipelined"], "speedup_vs_sequential": out["sequential"] / out["pipelined"],
+                "pipelined_s": out["pipelined"], "sequential_s": out["sequential"], "bound_s": bound}
+    finally:
+        kill(actors)
+
+
+def replica_figures(micro_batches: int, micro: int, steps: int) -> dict[str, float]:
+    bottleneck = max(STAGES_MS) / 1e3
+    actors = [start(bottleneck, seed=10 + r) for r in range(4)]
+    try:
+        devices = [RemoteDevice(a) for a in actors]
+        batch = micro_batches * micro
+        per_batch = {}
+        for k in (1, 2, 4):
+            model = stack_of(devices[:1])
+            layer = model.physical_layers()[0]
+            pool = [Replica(d.handle(), twin=ideal_twin(d), name=f"shg0/{j}") for j, d in enumerate(devices[:k])]
+            ex = RayExecutor(pools={layer.name: pool})
+            per_batch[k] = seconds_per_step(trainer_for(model, ex, batch, micro), steps)
+        return {str(k): per_batch[1] / per_batch[k] for k in (1, 2, 4)}
+    finally:
+        kill(actors)
+
+
+def overhead_ratio(steps: int, batch: int = 256, micro: int = 32) -> dict[str, float]:
+    local = [make_device("shg", imperfections=imperfections(0.0, i), **OPTIONS) for i in range(len(STAGES_MS))]
+    t_local = seconds_per_step(trainer_for(stack_of(local), SequentialExecutor(), batch, micro), steps, warmup=2)
+    actors = [start(0.0, seed=i) for i in range(len(STAGES_MS))]
+    try:
+        remote = [RemoteDevice(a) for a in actors]
+        t_ray = seconds_per_step(trainer_for(stack_of(remote), RayExecutor(), batch, micro), steps, warmup=2)
+    finally:
+        kill(actors)
+    return {"ratio": t_ray / t_local, "in_process_s": t_local, "distributed_s": t_ray}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON line (and nothing else on stdout)")
+    p.add_argument("--micro-batches", type=int, default=32, help="micro-batches per batch (default 32)")
+    p.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch (default 8)")
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per figure (default 6)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
+    args = p.parse_args(argv)
+    for name in ("micro_batches", "micro_batch", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    torch.set_num_threads(1)
+    # actors' log lines are forwarded to the driver's stdout; with --json stdout is one line of JSON
+    connect(args.address, log_to_driver=not args.json)
+    pipe = pipeline_figures(args.micro_batches, args.micro_batch, args.steps)
+    reps = replica_figures(args.micro_batches, args.micro_batch, args.steps)
+    over = overhead_ratio(args.steps)
+    result = {"stages_ms": list(STAGES_MS), "efficiency": round(pipe["efficiency"], 3),
+              "speedup_vs_sequential": round(pipe["speedup_vs_sequential"], 3),
+              "replica_scaling": {k: round(v, 3) for k, v in reps.items()},
+              "overhead_ratio_zero_latency": round(over["ratio"], 3)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"stages {list(STAGES_MS)} ms, {args.micro_batches} micro-batches of {args.micro_batch} per batch")
+        print(f"  pipelined   {pipe['pipelined_s'] * 1e3:8.1f} ms/batch (bottleneck bound {pipe['bound_s'] * 1e3:.0f} ms)"
+              f" -> efficiency {pipe['efficiency']:.3f}")
+        print(f"  sequential  {pipe['sequential_s'] * 1e3:8.1f} ms/batch -> speedup {pipe['speedup_vs_sequential']:.2f}x")
+        print(f"  replicas of the 40 ms stage: throughput x {reps}")
+        print(f"  zero latency, batch 256: in-process {over['in_process_s'] * 1e3:.1f} ms, distributed "
+              f"{over['distributed_s'] * 1e3:.1f} ms per step -> ratio {over['ratio']:.2f}")
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
