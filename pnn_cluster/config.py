@@ -245,15 +245,24 @@ class TwinConfig(Section):
 
 
 class PlacementConfig(Section):
-    """Where the device actor runs: on the node whose labels or resources declare the instrument.
+    """Where the device's actor runs: on the lab PC that declared its instrument when it joined the cluster.
 
-    A lab PC joins with ``ray start --address HEAD:6379 --labels instrument=shg-bench`` (or
-    ``--resources '{"instrument:shg-bench": 1}'``); the device then asks for the same here.
+    ``instrument: shg-bench`` asks for the custom resource ``instrument:shg-bench`` (one unit: one
+    connection), which the PC declares with ``ray start --address HEAD:6379 --resources
+    '{"instrument:shg-bench": 1}'``. ``labels`` adds node-label constraints (``ray start --labels
+    key=value``); ``resources`` any further custom resources. All empty: anywhere (the local default).
     """
 
+    instrument: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     resources: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
     twin_gpus: Annotated[float, Field(ge=0.0, le=64.0)] = 0.0
+
+    def ray_resources(self) -> dict[str, float]:
+        out = dict(self.resources)
+        if self.instrument:
+            out[f"instrument:{self.instrument}"] = 1.0
+        return out
 
 
 class DeviceConfig(Section):
@@ -427,6 +436,20 @@ class ExperimentConfig(Section):
         """Device names in stack order."""
         return [l.device for l in self.stack if l.kind == "physical"]
 
+    def device_config(self, name: str, index: int = 0):
+        """Device ``name`` as a :class:`~pnn_cluster.training.workers.DeviceConfig` (simulated devices), the
+        recipe a device actor builds its device from, placed by ``placement.instrument``."""
+        from pnn_cluster.training.workers import DeviceConfig as WorkerDeviceConfig
+
+        drv = self.devices[name].driver
+        if drv.kind != "simulated":
+            raise ConfigError(self.source, [Problem(f"devices.{name}.driver.kind", "a device actor builds simulated "
+                                                    "systems from a recipe; hardware is reached by its driver",
+                                                    "simulated")])
+        dev = build_device(self, name, index=index)
+        return WorkerDeviceConfig(system=drv.system, options=dict(drv.options), imperfections=dev.imperfections,
+                                  instrument=self.devices[name].placement.instrument, name=name)
+
     def train_config(self):
         from pnn_cluster.training.trainer import TrainConfig
 
@@ -596,7 +619,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str)
 
 _TYPE_WORDS = {
     "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "str": "a string",
-    "dict": "a mapping (key: value)", "list": "a list", "model": "a mapping (key: value)",
+    "dict": "a mapping (key: value)", "list": "a list",
 }
 
 
@@ -690,12 +713,16 @@ def _problem(err: Mapping[str, Any], data: Any) -> Problem:
     if kind in bounds:
         limit = next(iter(ctx.values()), "")
         return Problem(key, f"out of range: {_show(value)}", f"{bounds[kind]} {limit}")
-    if kind in ("too_short", "too_long", "string_too_short"):
-        return Problem(key, err.get("msg", "wrong length"), "")
+    if kind in ("too_short", "string_too_short"):
+        return Problem(key, f"too short: {_show(value)}", f"at least {ctx.get('min_length', 1)} item(s)")
     for suffix in ("_type", "_parsing", "_from_float"):
         if kind.endswith(suffix):
             word = kind[: -len(suffix)]
-            expected = _TYPE_WORDS.get(word, word)
+            expected = _TYPE_WORDS.get(word, "")
+            if not expected:  # a section or a driver: say which keys it takes
+                model = _model_at(loc[:-1], data) if loc else None
+                fld = model.model_fields.get(str(loc[-1])) if model and loc else None
+                expected = _describe(fld.annotation) if fld else word
             return Problem(key, f"wrong type: {_show(value)} ({type(value).__name__})", expected)
     return Problem(key, f"{err.get('msg', 'invalid')}: {_show(value)}")
 
@@ -707,8 +734,10 @@ def _describe(ann: Any) -> str:
     origin = typing.get_origin(ann)
     if origin is Literal:
         return ", ".join(map(str, typing.get_args(ann)))
-    if origin in (Union, types.UnionType) or ann is Driver or typing.get_origin(ann) is Annotated:
-        return "a driver: kind simulated, visa or zmq"
+    if ann == Driver or ann == typing.get_args(Driver)[0]:  # pydantic keeps the union, not our Annotated alias
+        return "a mapping with kind: " + ", ".join(DRIVER_KINDS)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(ann) if a is not type(None))
     return getattr(ann, "__name__", str(ann))
 
 

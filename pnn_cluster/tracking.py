@@ -134,24 +134,31 @@ def _device_tags(name: str, snap: Mapping[str, Any]) -> dict[str, str]:
 
 
 @torch.no_grad()
-def twin_residuals(stack: Any, x: torch.Tensor) -> dict[str, float]:
-    """NMSE of each twin's prediction against its device's measured output, on the inputs the device sees.
+def twin_residuals(stack: Any, x: torch.Tensor) -> dict[str, dict[str, float]]:
+    """How far each twin is from its device, on the inputs the device sees in this stack.
 
-    Runs ``x`` through the stack with every physical layer measured (mode ``pat``);
-    at each physical layer with a twin, the twin is evaluated at the same input
-    and parameters. Layers without a twin (``oracle``) are skipped.
+    Runs ``x`` through the stack with every physical layer measured (mode
+    ``pat``). At each physical layer with a twin: ``nmse`` is the twin's
+    prediction at the same input and parameters against the measurement, and
+    ``noise_floor`` the device against itself (the same batch measured again),
+    in the same units: a twin cannot do better than the floor, and a ratio that
+    grows over a training says the device has drifted away from its twin.
+    Layers without a twin (``oracle``) are skipped.
     """
     from pnn_cluster.layers import PhysicalLayer
     from pnn_cluster.twins.collect import nmse
 
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     h = x
     with stack.mode_as("pat"):
         for m in stack:
             if isinstance(m, PhysicalLayer):
                 y = m(h)
                 if m.twin is not None:
-                    out[m.name] = nmse(m.twin(h, dict(m.theta.items())), y)
+                    again = m.measure(h)
+                    var = y.double().var().clamp_min(1e-30)
+                    out[m.name] = {"nmse": nmse(m.twin(h, dict(m.theta.items())), y),
+                                   "noise_floor": float(((again.double() - y.double()) ** 2).mean() / 2 / var)}
                 h = y
             else:
                 h = m(h)
@@ -494,7 +501,8 @@ class MlflowCallback(Callback):
                          "epoch_train_acc": metrics["train_acc"], "epoch_seconds": metrics["epoch_seconds"]}
         if self.residual_batch > 0:
             for name, r in self._residuals(trainer).items():
-                epoch_metrics[f"twin_residual/{name}"] = r
+                epoch_metrics[f"twin_residual/{name}"] = r["nmse"]
+                epoch_metrics[f"twin_residual_floor/{name}"] = r["noise_floor"]
         self.log_metrics(epoch_metrics, step)
         self.flush()
         last = trainer.epoch >= trainer.config.epochs
@@ -516,7 +524,7 @@ class MlflowCallback(Callback):
         if self.log_models:
             self.log_trained_models(trainer)
 
-    def _residuals(self, trainer: Trainer) -> dict[str, float]:
+    def _residuals(self, trainer: Trainer) -> dict[str, dict[str, float]]:
         x = torch.as_tensor(trainer.data.x_test[: self.residual_batch], dtype=torch.get_default_dtype())
         try:
             return twin_residuals(trainer.model, x)

@@ -1,0 +1,213 @@
+"""Experiment configurations: every kind of mistake names the file and the key; shipped examples load."""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pnn_cluster.cli import main
+from pnn_cluster.config import (
+    ConfigError,
+    build_experiment,
+    example_config_path,
+    example_configs,
+    load_config,
+    parse_config,
+)
+
+TINY = {
+    "name": "tiny",
+    "dataset": {"name": "digits", "train_subset": 60, "test_subset": 30},
+    "devices": {"circuit": {"driver": {"kind": "simulated", "system": "circuit", "options": {"n_in": 8, "n_out": 8}},
+                            "twin": {"kind": "physics", "groups": 4, "batch": 16, "epochs": 2}}},
+    "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "circuit"},
+              {"kind": "linear", "size": 10}],
+    "schedule": {"epochs": 1, "batch_size": 30},
+}
+
+
+def write(tmp_path: Path, data, name: str = "exp.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def mistake(tmp_path: Path, change) -> ConfigError:
+    data = copy.deepcopy(TINY)
+    change(data)
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message  # every line names the file first
+    return info.value
+
+
+@pytest.mark.parametrize("change, key, words", [
+    (lambda d: d["schedule"].update(epochz=3), "schedule.epochz", ["unknown key", "did you mean 'epochs'",
+                                                                   "allowed: epochs, batch_size"]),
+    (lambda d: d.update(optimiser={"lr": 1}), "optimiser", ["unknown key", "allowed:", "optimizer"]),
+    (lambda d: d["schedule"].update(epochs="three"), "schedule.epochs", ["wrong type", "'three'", "an integer"]),
+    (lambda d: d["devices"]["circuit"].update(driver=[1, 2]), "devices.circuit.driver", ["simulated, visa, zmq"]),
+    (lambda d: d["schedule"].update(batch_size=0), "schedule.batch_size", ["out of range: 0", "allowed: >= 1"]),
+    (lambda d: d.update(optimizer={"lr": -0.1}), "optimizer.lr", ["out of range: -0.1", "allowed: > 0"]),
+    (lambda d: d["devices"]["circuit"]["twin"].update(groups=2), "devices.circuit.twin.groups", [">= 3"]),
+    (lambda d: d["devices"]["circuit"]["driver"].update(system="circuitt"), "devices.circuit.driver.system",
+     ["unknown system 'circuitt'", "did you mean 'circuit'", "allowed: circuit, oscillators, plate, shg"]),
+    (lambda d: d["devices"]["circuit"]["driver"].update(kind="usb"), "devices.circuit.driver.kind",
+     ["unknown kind 'usb'", "allowed: simulated, visa, zmq"]),
+    (lambda d: d["devices"]["circuit"]["driver"]["options"].update(n_inputs=8),
+     "devices.circuit.driver.options.n_inputs", ["unknown option", "allowed: n_in, n_out, n_params"]),
+    (lambda d: d["dataset"].update(name="cifar10"), "dataset.name", ["'cifar10'", "mnist5k, digits, vowels, npz"]),
+    (lambda d: d["dataset"].update(name="npz", path="missing.npz"), "dataset.path", ["no such file", "missing.npz"]),
+    (lambda d: d["devices"]["circuit"]["twin"].update(load="twins/nothing"), "devices.circuit.twin.load",
+     ["no such file", "nothing.pt"]),
+    (lambda d: d.pop("dataset"), "dataset", ["missing required key"]),
+    (lambda d: d["stack"][2].update(device="circiut"), "stack.2.device", ["unknown device 'circiut'",
+                                                                          "allowed: circuit"]),
+    (lambda d: d["stack"][0].pop("size"), "stack.0.size", ["linear layer needs its output size"]),
+    (lambda d: d["stack"][1].update(kind="conv"), "stack.1.kind", ["'conv'", "linear, rescale, physical, affine"]),
+    (lambda d: d["devices"]["circuit"].update(driver={"kind": "zmq", "address": "labpc:5555"}),
+     "devices.circuit.driver.address", ["not a ZeroMQ endpoint", "tcp://HOST:PORT"]),
+    (lambda d: d["devices"]["circuit"].update(driver={"kind": "visa", "source": {"driver": "awg", "resource": "A"},
+                                                      "sink": {"driver": "oscilloscope", "resource": "B"}}),
+     "devices.circuit.driver.sink.driver", ["unknown instrument driver", "allowed: awg, pulse_shaper, scope"]),
+    (lambda d: d["devices"]["circuit"].update(placement={"instrument": "bad name!"}),
+     "devices.circuit.placement.instrument", ["'bad name!'"]),
+])
+def test_each_mistake_names_file_and_key(tmp_path, change, key, words):
+    err = mistake(tmp_path, change)
+    assert key in err.keys, (key, str(err))
+    line = next(line for line in str(err).splitlines() if f": {key}: " in line)
+    for w in words:
+        assert w in line, (w, line)
+
+
+def test_every_mistake_is_reported_at_once(tmp_path):
+    err = mistake(tmp_path, lambda d: (d["schedule"].update(epochs=0, batch_size="x"), d.update(seed=-1)))
+    assert {"schedule.epochs", "schedule.batch_size", "seed"} <= set(err.keys)
+    assert len(str(err).splitlines()) == len(err.problems)
+
+
+def test_missing_file_and_broken_yaml(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert str(info.value).startswith(f"{tmp_path / 'nope.yaml'}: no such configuration file")
+    assert "hybrid_mnist" in str(info.value)  # points at the shipped examples
+    bad = write(tmp_path, "name: x\nstack: [\n", "broken.yaml")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: line \d+, column \d+: not valid YAML"):
+        load_config(bad)
+    dup = write(tmp_path, "name: a\nname: b\n", "dup.yaml")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: .*duplicate key 'name'"):
+        load_config(dup)
+    top = write(tmp_path, "- just\n- a list\n", "list.yaml")
+    with pytest.raises(ConfigError, match=r"list\.yaml: the top level must be a mapping"):
+        load_config(top)
+
+
+def test_paths_are_relative_to_the_config_file(tmp_path):
+    import numpy as np
+
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "set.npz", x_train=np.zeros((4, 8)), y_train=np.arange(4) % 2,
+             x_test=np.zeros((2, 8)), y_test=np.arange(2) % 2)
+    data = copy.deepcopy(TINY)
+    data["dataset"] = {"name": "npz", "path": "data/set.npz"}
+    cfg = load_config(write(tmp_path, data))
+    assert cfg.dataset.path == str(tmp_path / "data" / "set.npz")
+    with pytest.raises(ConfigError, match=r"dataset\.path: no such file .*data/data/set\.npz"):
+        load_config(write(tmp_path / "data", data))  # from data/, the same relative path points elsewhere
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = write(tmp_path, TINY)
+    cfg = load_config(path, ["schedule.epochs=3", "devices.circuit.twin.kind=ideal", "stack.3.size=10"])
+    assert cfg.schedule.epochs == 3 and cfg.devices["circuit"].twin.kind == "ideal"
+    with pytest.raises(ConfigError, match=r"schedule\.epochs: out of range: 0"):
+        load_config(path, ["schedule.epochs=0"])
+    with pytest.raises(ConfigError, match=r"--set epochs: expected KEY=VALUE"):
+        load_config(path, ["epochs"])
+
+
+def test_cross_checks(tmp_path):
+    err = mistake(tmp_path, lambda d: d["devices"].update(spare={"driver": {"kind": "simulated", "system": "shg"}}))
+    assert err.keys == ["devices.spare"] and "not used by any layer" in str(err)
+    err = mistake(tmp_path, lambda d: d["stack"].insert(3, {"kind": "physical", "device": "circuit"}))
+    assert "stack.3.device" in err.keys and "already serves stack.2" in str(err)
+    err = mistake(tmp_path, lambda d: (d["devices"]["circuit"].update(
+        driver={"kind": "zmq", "address": "tcp://labpc:5555"}), d.update(method="oracle")))
+    assert "method" in err.keys and "allowed: pat, in_silico" in str(err)
+    assert "devices.circuit.twin.kind" in err.keys  # a zmq device has no physics model unless driver.model says so
+
+
+def test_stack_widths_are_checked_against_the_devices(tmp_path):
+    data = copy.deepcopy(TINY)
+    data["stack"][0]["size"] = 6
+    cfg = load_config(write(tmp_path, data))
+    with pytest.raises(ConfigError, match=r"stack\.2: device 'circuit' takes 8 inputs but the layers before it "
+                                          r"give 6"):
+        build_experiment(cfg)
+
+
+def test_build_experiment_matches_the_configuration(tmp_path):
+    exp = build_experiment(load_config(write(tmp_path, TINY)))
+    (layer,) = exp.stack.physical_layers()
+    assert layer.name == "circuit" and exp.layer("circuit") is layer
+    assert exp.devices["circuit"].spec.input.size == 8
+    assert exp.devices["circuit"].imperfections.seed == 0  # the same seeds as experiments.build_devices
+    assert exp.train.epochs == 1 and exp.train.batch_size == 30
+    assert len(exp.data.y_train) == 60
+
+
+def test_shipped_examples_load():
+    names = example_configs()
+    assert {"hybrid_mnist", "shg_vowels", "plate_mnist", "circuit_mnist", "lab_cluster"} <= set(names)
+    for name in names:
+        cfg = load_config(example_config_path(name))
+        assert cfg.name == name
+    lab = load_config(example_config_path("lab_cluster"))
+    assert {d.driver.kind for d in lab.devices.values()} == {"zmq", "visa"}
+    assert lab.devices["optics"].placement.ray_resources() == {"instrument:shg-bench": 1.0}
+
+
+def test_demo_config_is_the_demo_task():
+    from pnn_cluster.experiments import TASKS
+
+    spec = load_config(example_config_path("hybrid_mnist")).to_task_spec()
+    assert spec.layers == TASKS["hybrid_mnist"].layers
+
+
+def test_parse_config_without_a_file():
+    cfg = parse_config(copy.deepcopy(TINY))
+    assert cfg.source == "<config>" and cfg.resolved()["tracking"]["experiment"] == "pnn-cluster"
+
+
+def test_train_command_reports_config_errors_with_exit_code_2(tmp_path, capsys):
+    data = copy.deepcopy(TINY)
+    data["schedule"]["epochs"] = -1
+    path = write(tmp_path, data)
+    assert main(["train", str(path), "--no-track"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: schedule.epochs: out of range: -1 (allowed: >= 1)" in err
+    assert main(["train", str(tmp_path / "absent.yaml"), "--no-track"]) == 2
+    assert "absent.yaml: no such configuration file" in capsys.readouterr().err
+    assert main(["devices", str(path)]) == 2
+
+
+def test_comments_in_yaml_are_fine(tmp_path):
+    text = textwrap.dedent("""\
+        # a comment
+        name: tiny   # trailing
+        dataset: {name: digits}
+        devices:
+          c: {driver: {kind: simulated, system: circuit}}
+        stack:
+          - {kind: linear, size: 12}
+          - {kind: rescale}
+          - {kind: physical, device: c}
+        """)
+    assert load_config(write(tmp_path, text)).physical_devices() == ["c"]

@@ -1,0 +1,249 @@
+"""MLflow tracking: `pnn-cluster train` on a small configuration, read back through MlflowClient, resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pnn_cluster.cli import main
+
+pytest.importorskip("mlflow")
+from mlflow import MlflowClient  # noqa: E402
+
+STEPS_PER_EPOCH = 3  # 120 training digits in batches of 40
+
+TINY = {
+    "name": "tiny",
+    "dataset": {"name": "digits", "train_subset": 120, "test_subset": 60},
+    "devices": {"circuit": {
+        "driver": {"kind": "simulated", "system": "circuit", "options": {"n_in": 8, "n_out": 8},
+                   "imperfections": {"latency_call_s": 0, "latency_sample_s": 0}},
+        "twin": {"kind": "physics", "groups": 5, "batch": 24, "epochs": 4}}},
+    "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "circuit"},
+              {"kind": "linear", "size": 10}],
+    "optimizer": {"lr": 0.05},
+    "schedule": {"epochs": 2, "batch_size": 40, "eval_batch": 60},
+    "tracking": {"experiment": "tests", "residual_batch": 32},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store for the module (creating its tables costs seconds)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return root, f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def resumed_run(store):
+    """A training interrupted during its second epoch, then resumed: (uri, run id, resume start in ms)."""
+    import time
+
+    from pnn_cluster.training.trainer import Trainer
+
+    root, uri = store
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    evaluate = Trainer.evaluate
+    calls = []
+
+    def interrupt_second_epoch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the end of epoch 2: Ctrl-C, a preempted job, a crash
+            raise KeyboardInterrupt
+        return evaluate(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setattr(Trainer, "evaluate", interrupt_second_epoch)
+        assert main(["train", str(config), "--tracking-uri", uri, "--no-progress"]) == 130
+        mp.setattr(Trainer, "evaluate", evaluate)
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                    filter_string="tags.`pnn.command` = 'train'")
+        assert run.info.status == "KILLED"
+        assert run.data.tags["pnn.checkpoint_step"] == str(STEPS_PER_EPOCH)
+        resumed_at = int(time.time() * 1000)
+        assert main(["train", "--resume", run.info.run_id, "--tracking-uri", uri, "--no-progress"]) == 0
+    return uri, run.info.run_id, resumed_at
+
+
+def test_run_records_config_devices_twins_metrics_and_models(resumed_run):
+    uri, run_id, _ = resumed_run
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+
+    # the full resolved configuration, defaults included, as parameters
+    p = run.data.params
+    assert p["schedule.epochs"] == "2" and p["devices.circuit.driver.system"] == "circuit"
+    assert p["devices.circuit.twin.repeats"] == "2" and p["optimizer.name"] == "adam"  # defaults resolved
+    assert p["stack.2.device"] == "circuit"
+
+    # a snapshot of every device: artifact and tags
+    t = run.data.tags
+    assert t["device.circuit.driver"] == "simulated" and t["device.circuit.io"] == "8 -> 8"
+    assert "drive(8,) in [-1, 1] V" in t["device.circuit.params"]
+    snap = json.loads(Path(client.download_artifacts(run_id, "devices.json")).read_text())["circuit"]
+    assert snap["spec"]["params"][0]["low"] == -1.0 and snap["driver"]["system"] == "circuit"
+    assert snap["identity"]["simulated"] is True and "constants" in snap["calibration"]
+    assert snap["calibration"]["fit"]["nmse_val"] > 0
+
+    artifacts = {f.path for d in ("", "checkpoints", "config", "plots") for f in client.list_artifacts(run_id, d)}
+    assert {"devices.json", "checkpoints/last.pt", "config/config.yaml", "plots/training_curve.png",
+            "plots/confusion_matrix.png"} <= artifacts
+
+    # each twin fit is a nested run with its figures and a parity plot
+    (fit,) = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    assert fit.data.tags["pnn.device"] == "circuit" and fit.data.tags["pnn.twin"] == "physics"
+    assert 0 < fit.data.metrics["nmse_val"] < 0.05 and fit.data.metrics["noise_floor"] > 0
+    assert len(client.get_metric_history(fit.info.run_id, "fit_loss")) == 4
+    assert [f.path for f in client.list_artifacts(fit.info.run_id)] == ["parity.png"]
+
+    # per-epoch physical test accuracy and the twin-versus-device residual
+    acc = client.get_metric_history(run_id, "test_acc")
+    assert sorted({m.step for m in acc}) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert all(0 <= m.value <= 1 for m in acc)
+    residual = client.get_metric_history(run_id, "twin_residual/circuit")
+    floor = client.get_metric_history(run_id, "twin_residual_floor/circuit")
+    assert sorted({m.step for m in residual}) == sorted({m.step for m in floor}) == [3, 6]
+    assert all(m.value > 0 for m in residual + floor)
+
+    # trained parameters and twins as state_dict files in logged models
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    by_name = {m.name: m for m in models}
+    assert set(by_name) == {"stack", "twin-circuit"}
+    stack_files = {f.path for f in client.list_logged_model_artifacts(by_name["stack"].model_id)}
+    assert {"state_dict.pt", "device_params.json", "config.yaml"} <= stack_files
+    twin_files = {f.path for f in client.list_logged_model_artifacts(by_name["twin-circuit"].model_id)}
+    assert twin_files == {"circuit.pt", "circuit.json"}
+    state = torch.load(Path(by_name["stack"].artifact_location) / "state_dict.pt", weights_only=True)
+    assert "2.theta.drive" in state  # the device's trained setting, by layer index
+
+
+def test_resume_continues_the_same_run_at_the_same_step(resumed_run):
+    uri, run_id, resumed_at = resumed_run
+    client = MlflowClient(uri)
+    tags = client.get_run(run_id).data.tags
+    assert tags["pnn.resumed"] == "1" and tags["pnn.start_step"] == str(STEPS_PER_EPOCH)
+    assert tags["pnn.end_step"] == str(2 * STEPS_PER_EPOCH) and tags["pnn.state"] == "finished"
+    assert tags["pnn.interrupted.1"].startswith("KeyboardInterrupt")
+    loss = client.get_metric_history(run_id, "train_loss")
+    before = sorted(m.step for m in loss if m.timestamp < resumed_at)
+    after = sorted(m.step for m in loss if m.timestamp >= resumed_at)
+    assert before[:STEPS_PER_EPOCH] == [1, 2, 3]
+    assert after == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))  # the step count continues
+    # the run's parameters were not logged twice (they are immutable; a conflict would have failed the resume)
+    assert client.get_run(run_id).data.params["schedule.epochs"] == "2"
+
+
+def test_evaluate_measures_a_run_on_the_devices(resumed_run, capsys):
+    uri, run_id, _ = resumed_run
+    assert main(["evaluate", run_id, "--tracking-uri", uri, "--json", "--log"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 2 * STEPS_PER_EPOCH and 0 <= out["acc"] <= 1 and out["n"] == 60
+    assert MlflowClient(uri).get_run(run_id).data.metrics["evaluate/test_acc"] == pytest.approx(out["acc"])
+    assert main(["evaluate", "no-such-run", "--tracking-uri", uri]) == 2
+    assert "neither a checkpoint file nor a run" in capsys.readouterr().err
+
+
+def test_resume_refuses_what_it_cannot_continue(resumed_run, store, capsys):
+    uri, run_id, _ = resumed_run
+    root, _ = store
+    assert main(["train", "--resume", "0123456789abcdef", "--tracking-uri", uri]) == 2
+    assert "no such run" in capsys.readouterr().err
+    assert main(["train", "--resume", run_id, "--no-track"]) == 2
+    changed = dict(TINY, schedule={**TINY["schedule"], "epochs": 5})
+    other = root / "other.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    assert main(["train", str(other), "--resume", run_id, "--tracking-uri", uri]) == 2
+    assert "schedule.epochs: differs from the configuration of the run being resumed" in capsys.readouterr().err
+
+
+def test_no_track_writes_no_store_and_the_checkpoint_evaluates(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(dict(TINY, schedule={**TINY["schedule"], "epochs": 1})))
+    ckpt = tmp_path / "out" / "last.pt"
+    assert main(["train", str(config), "--no-track", "--no-progress", "--checkpoint", str(ckpt), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["run_id"] is None and result["steps"] == STEPS_PER_EPOCH
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert main(["evaluate", str(ckpt), "--no-track", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == STEPS_PER_EPOCH
+
+
+def test_calibrate_command_is_a_run_with_a_nested_run_per_twin(store, capsys):
+    _, uri = store
+    assert main(["calibrate", "--system", "circuit", "--twins", "physics,mlp", "--groups", "4", "--batch", "16",
+                 "--tracking-uri", uri]) == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("pnn-cluster")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`pnn.command` = 'calibrate'")
+    assert run.data.params["system"] == "circuit" and run.data.tags["pnn.best_twin"] in ("physics", "mlp")
+    kids = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert sorted(k.data.tags["pnn.twin"] for k in kids) == ["mlp", "physics"]
+    models = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.name for m in models] == ["twin-circuit"]
+
+
+def test_demo_tracking_gives_each_method_a_child_run(store):
+    import argparse
+
+    from pnn_cluster.experiments import LayerSpec, TaskSpec, physical, run_method
+    from pnn_cluster.tracking import demo_tracking
+    from pnn_cluster.training.trainer import TrainConfig
+
+    _, uri = store
+    train = TrainConfig(epochs=1, batch_size=40)
+    task = TaskSpec("tiny_digits", "digits", (LayerSpec("linear", size=8), LayerSpec("rescale"),
+                                               physical("circuit", n_in=8, n_out=8), LayerSpec("linear", size=10)),
+                    train=train, quick_train=train, calib_groups=4, quick_subset=(120, 60))
+    args = argparse.Namespace(tracking_uri=uri, no_track=False)
+    with demo_tracking(args, {"task": task.name, "methods": "pat", "quick": True, "seed": 0}) as tracking:
+        r = run_method(task, "pat", quick=True, callbacks=tracking.callbacks("pat", task, train))
+        tracking.record(r)
+        parent = tracking.parent.run_id
+    client = MlflowClient(uri)
+    assert client.get_run(parent).data.metrics["test_acc/pat"] == pytest.approx(r.test_acc)
+    (child,) = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.info.status == "FINISHED" and child.data.params["train.epochs"] == "1"
+    assert len(client.get_metric_history(child.info.run_id, "train_loss")) == STEPS_PER_EPOCH
+
+
+def test_a_training_step_never_touches_the_store():
+    from types import SimpleNamespace
+
+    from pnn_cluster.tracking import MlflowCallback
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+            self.calls.append((len(metrics), synchronous))
+            return SimpleNamespace(wait=lambda: None)
+
+    cb = MlflowCallback("sqlite:///unused.db", flush_every_s=3600)
+    cb.client, cb._run_id, cb.experiment_id = Recorder(), "run", "0"
+    trainer = SimpleNamespace(global_step=0)
+    for step in range(1, 201):
+        trainer.global_step = step
+        cb.on_step_end(trainer, {"train_loss": 1.0, "train_acc": 0.5, "lr": 0.01})
+    assert cb.client.calls == []  # 200 steps: list appends only
+    cb.flush()
+    assert cb.client.calls == [(600, False)]  # one asynchronous batch
+
+
+def test_tracking_uri_precedence(tmp_path):
+    from pnn_cluster.tracking import resolve_tracking_uri
+
+    env = {"MLFLOW_TRACKING_URI": "http://env:5000"}
+    assert resolve_tracking_uri("http://cli:5000", "http://cfg:5000", env) == "http://cli:5000"
+    assert resolve_tracking_uri(None, "http://cfg:5000", env) == "http://cfg:5000"
+    assert resolve_tracking_uri(None, None, env) == "http://env:5000"
+    assert resolve_tracking_uri(None, None, {}, cwd=tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
