@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -142,6 +143,10 @@ def train(cfg, args: argparse.Namespace, checkpoint: Path | None = None, trackin
             raise _usage(str(exc)) from None
         print(f"pnn-cluster train: {cfg.name} ({cfg.method}) on {exp.data.name}: {len(exp.data.y_train)} train, "
               f"{len(exp.data.y_test)} test; devices {', '.join(exp.devices)}", flush=True)
+        if cfg.cluster.address:
+            # device actors placed by `placement` belong to the distributed engine; this command trains here
+            print(f"note: cluster.address is {cfg.cluster.address!r}; the trainer runs in this process and reaches "
+                  "each device through its driver", flush=True)
         fits = {}
         if checkpoint is not None:
             attach_twin_shells(exp)
@@ -170,7 +175,13 @@ def train(cfg, args: argparse.Namespace, checkpoint: Path | None = None, trackin
                                 placements={n: dev[n].placement.model_dump(mode="json") for n in exp.devices},
                                 twins={n: exp.layer(n).twin for n in exp.devices})
         print(f"-- training {cfg.schedule.epochs} epochs of {trainer.steps_per_epoch} steps ...", flush=True)
-        history = trainer.fit()
+        try:
+            history = trainer.fit()
+        except KeyboardInterrupt:
+            if tracker is not None:
+                print(f"\ninterrupted at step {trainer.global_step}; `pnn-cluster train --resume {tracker.run_id}` "
+                      f"continues from the checkpoint of epoch {trainer.epoch}", file=sys.stderr, flush=True)
+            raise
         if args.checkpoint:
             state = trainer.state_dict()
             state["experiment"] = cfg.resolved()
