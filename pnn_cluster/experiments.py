@@ -62,6 +62,7 @@ class TaskSpec:
     train: TrainConfig
     quick_train: TrainConfig
     calib_groups: int = 24
+    quick_calib_groups: int = 12
     #: spread of the data-dependent rescale initialisation (see init_rescales_)
     spread: float = 0.3
     quick_subset: tuple[int, int] | None = None
@@ -275,7 +276,8 @@ def run_method(task: str | TaskSpec, method: str, quick: bool = False, seed: int
             calib = {"ideal_twin_nmse": per}
             twin_nmse = float(np.mean(list(per.values())))
         else:
-            calib = calibrate_stack(stack, kind=twin, groups=spec.calib_groups, seed=seed, progress=progress)
+            groups = spec.quick_calib_groups if quick else spec.calib_groups
+            calib = calibrate_stack(stack, kind=twin, groups=groups, seed=seed, progress=progress)
             twin_nmse = float(np.mean([c["nmse"] for c in calib.values()]))
             calib_samples = sum(c["device_samples"] for c in calib.values())
     stack.set_mode("pat" if method == "pat" else method)
