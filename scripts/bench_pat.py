@@ -9,7 +9,9 @@ Prints one JSON line::
 Accuracies are fractions measured on the (simulated) physical devices. The
 sweep runs ``hybrid_mnist`` with a twin that does not learn the gap (the
 uncalibrated ideal model), at several sizes of the device's miscalibration;
-``twin_nmse`` is measured on the devices, averaged over the stack's layers.
+``twin_nmse`` is measured on the devices, averaged over the stack's layers;
+each point averages several device seeds (each seed is a different physical
+copy with its own miscalibration pattern).
 Progress goes to stderr.
 """
 
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gaps", default=None, help="comma-separated gap sizes for the sweep")
     p.add_argument("--tasks", default="hybrid_mnist,shg_vowels")
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--sweep-seeds", type=int, default=None,
+                   help="device/initialisation seeds averaged per sweep point (default 3, 1 with --quick)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t_all = time.perf_counter()
@@ -67,15 +71,20 @@ def main(argv: list[str] | None = None) -> int:
             task = dataclasses.replace(task, quick_subset=(1000, 300),
                                        quick_train=TrainConfig(epochs=2, batch_size=64, lr=task.quick_train.lr))
         data = task_dataset(task, quick=args.quick)
+        seeds = args.sweep_seeds or (1 if args.quick else 3)
         for g in gaps:
-            row: dict = {"gap": g}
-            for m in METHODS:
-                r = run_method(task, m, quick=args.quick, seed=args.seed, gap=g, twin="ideal", data=data)
-                row[m] = r.test_acc
-                if r.twin_nmse is not None:
-                    row["twin_nmse"] = r.twin_nmse
+            acc: dict[str, list[float]] = {m: [] for m in METHODS}
+            nmses: list[float] = []
+            for k in range(seeds):
+                for m in METHODS:
+                    r = run_method(task, m, quick=args.quick, seed=args.seed + k, gap=g, twin="ideal", data=data)
+                    acc[m].append(r.test_acc)
+                    if r.twin_nmse is not None and m == "pat":
+                        nmses.append(r.twin_nmse)
+            row: dict = {"gap": g, "twin_nmse": sum(nmses) / len(nmses), "seeds": seeds}
+            row.update({m: sum(v) / len(v) for m, v in acc.items()})
             log(f"sweep gap {g:4.2f}  twin NMSE {row['twin_nmse']:.4f}  oracle {row['oracle']:.3f}  "
-                f"pat {row['pat']:.3f}  in_silico {row['in_silico']:.3f}")
+                f"pat {row['pat']:.3f}  in_silico {row['in_silico']:.3f}  ({seeds} seed(s))")
             out["sweep"].append(row)
     out["seconds"] = time.perf_counter() - t_all
     print(json.dumps(out))
