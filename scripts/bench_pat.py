@@ -28,7 +28,7 @@ import torch
 from pnn_cluster.experiments import METHODS, TASKS, default_vowels_path, run_method, task_dataset
 from pnn_cluster.training.trainer import TrainConfig
 
-FULL_GAPS = [0.6, 1.4, 2.2, 3.2, 4.2]
+FULL_GAPS = [0.5, 1.2, 2.0, 2.8, 3.6]
 
 
 def log(msg: str) -> None:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="hybrid_mnist,shg_vowels")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--sweep-seeds", type=int, default=None,
-                   help="device/initialisation seeds averaged per sweep point (default 3, 1 with --quick)")
+                   help="device/initialisation seeds averaged per sweep point (default 2, 1 with --quick)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t_all = time.perf_counter()
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             task = dataclasses.replace(task, quick_subset=(1000, 300),
                                        quick_train=TrainConfig(epochs=2, batch_size=64, lr=task.quick_train.lr))
         data = task_dataset(task, quick=args.quick)
-        seeds = args.sweep_seeds or (1 if args.quick else 3)
+        seeds = args.sweep_seeds or (1 if args.quick else 2)
         for g in gaps:
             acc: dict[str, list[float]] = {m: [] for m in METHODS}
             nmses: list[float] = []
