@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,14 +78,29 @@ def start_device(config: DeviceConfig, restart: RestartPolicy | None = None, nam
 
 
 class RayDeviceHandle:
-    """The pipeline's view of a device actor: a forward returns an ObjectRef."""
+    """The pipeline's view of a device actor: a forward returns an ObjectRef.
+
+    Each call carries a ticket (this handle's stream, a sequence number, and
+    the previous call if it is still on its way): the actor takes two calls at
+    a time, and the ticket makes it measure them in the order they were sent.
+    """
 
     def __init__(self, actor, name: str = "") -> None:
         self.actor = actor
         self.name = name or "device-actor"
+        self._stream = uuid.uuid4().hex[:12]
+        self._seq = itertools.count(1)
+        self._last: tuple[int, Any] | None = None
 
     def submit(self, x: np.ndarray, params: Mapping[str, np.ndarray] | None, version: str):
-        return self.actor.forward.remote(x, params, version)
+        after = 0
+        if self._last is not None:
+            done, _ = ray.wait([self._last[1]], timeout=0)  # a local lookup: this process owns the reply
+            after = 0 if done else self._last[0]
+        seq = next(self._seq)
+        ref = self.actor.forward.remote(x, params, version, (self._stream, seq, after))
+        self._last = (seq, ref)
+        return ref
 
     def true_model(self):
         return ray.get(self.actor.true_model.remote())
@@ -136,7 +153,8 @@ class RemoteDevice(Device):
             y = ray.get(self.actor.forward.remote(xa, self._params, None))
         self.stats["calls"] += 1
         self.stats["samples"] += xa.shape[0]
-        return y
+        # a reply read zero-copy is read-only; callers (torch.from_numpy) expect to own it, as from a local device
+        return y if y.flags.writeable else y.copy()
 
     def model(self):
         return ray.get(self.actor.model.remote())

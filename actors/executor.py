@@ -31,7 +31,13 @@ class RayBackend:
         return ready
 
     def result(self, call: Any) -> np.ndarray | None:
-        return ray.get(call)
+        try:
+            return ray.get(call)
+        except rex.RayTaskError as exc:
+            # the device's own error (DeviceError, LimitError...), with the remote traceback chained to it
+            if isinstance(exc.cause, Exception):
+                raise exc.cause from exc
+            raise
 
     def is_device_failure(self, exc: BaseException) -> bool:
         if isinstance(exc, LimitError):  # a RayTaskError raised by a refusal is a LimitError too

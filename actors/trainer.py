@@ -2,9 +2,9 @@
 
 :func:`run_method_distributed` is what ``pnn-cluster demo`` runs by default:
 it starts one device actor per physical layer of the task (the same
-simulated copies, seeds and imperfections as the in-process engine), a
-trainer actor that drives them through a :class:`~actors.executor.RayExecutor`,
-and tears them down afterwards.
+simulated copies, seeds and imperfections as the in-process engine), drives
+them through a :class:`~actors.executor.RayExecutor` (from this process, or
+from a trainer actor), and tears them down afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from actors.cluster import connect
 from actors.device import RemoteDevice, RestartPolicy, start_device
 from actors.executor import RayExecutor
+from pnn_cluster.data import Dataset
 from pnn_cluster.training.faults import FaultPolicy
 from pnn_cluster.training.pipeline import PipelineConfig
 from pnn_cluster.training.workers import DeviceConfig, TrainerWorker
@@ -37,6 +38,14 @@ class _TrainerActor(TrainerWorker):
         extra = {name: [RemoteDevice(a) for a in actors] for name, actors in (replicas or {}).items()}
         super().__init__(devices, RayExecutor(config=config, policy=policy), checkpoint=checkpoint, replicas=extra,
                          calib_groups=calib_groups)
+
+    def run_method(self, task, method: str, **kw: Any):
+        data = kw.get("data")
+        if data is not None:
+            # arrays that arrived zero-copy are read-only views; the trainer owns its data
+            kw["data"] = Dataset(data.name, data.x_train.copy(), data.y_train.copy(), data.x_test.copy(),
+                                 data.y_test.copy())
+        return super().run_method(task, method, **kw)
 
     def executor_stats(self) -> dict[str, int]:
         return dict(self.executor.stats)
@@ -73,17 +82,31 @@ def device_configs(task, gap: float | None = None, seed: int = 0) -> list[Device
 
 def run_method_distributed(task, method: str, address: str | None = None, gap: float | None = None,
                            seed: int = 0, restart: RestartPolicy | None = None,
-                           config: PipelineConfig | None = None, **kw: Any):
-    """:func:`~pnn_cluster.experiments.run_method` with every device in its own actor and the loop in a trainer actor.
+                           config: PipelineConfig | None = None, policy: FaultPolicy | None = None,
+                           in_actor: bool = False, **kw: Any):
+    """:func:`~pnn_cluster.experiments.run_method` with every device in its own actor.
 
-    Joins the cluster at ``address`` (or ``RAY_ADDRESS``), else starts a local Ray.
+    Joins the cluster at ``address`` (or ``RAY_ADDRESS``), else starts a local
+    Ray. The loop runs here, where ``callbacks`` and progress bars are, unless
+    ``in_actor``: then a trainer actor runs it next to the devices (callbacks
+    would have to run in that process, so none may be given).
     """
+    if in_actor and kw.get("callbacks"):
+        raise ValueError("run_method_distributed: callbacks run in the trainer's process; with in_actor=True "
+                         f"pass none (got {len(kw['callbacks'])})")
     connect(address)
-    kw.pop("progress", None)  # bars from another process only garble the driver's output
     actors = [start_device(c, restart) for c in device_configs(task, gap=gap, seed=seed)]
-    trainer = start_trainer(actors, config=config)
     try:
-        return ray.get(trainer.run_method.remote(task, method, gap=gap, seed=seed, **kw))
+        if not in_actor:
+            worker = TrainerWorker([RemoteDevice(a) for a in actors], RayExecutor(config=config, policy=policy))
+            return worker.run_method(task, method, gap=gap, seed=seed, **kw)
+        kw.pop("progress", None)  # bars from another process only garble the driver's output
+        kw.pop("callbacks", None)
+        trainer = start_trainer(actors, config=config, policy=policy)
+        try:
+            return ray.get(trainer.run_method.remote(task, method, gap=gap, seed=seed, **kw))
+        finally:
+            ray.kill(trainer, no_restart=True)
     finally:
-        for a in [trainer, *actors]:
+        for a in actors:
             ray.kill(a, no_restart=True)

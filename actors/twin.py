@@ -37,7 +37,8 @@ def remote_vjp(actor):
             need: Sequence[str] | None = None):
         gx, gp = ray.get(actor.vjp.remote(x.detach().numpy(), {k: v.detach().numpy() for k, v in params.items()},
                                           grad_y.detach().numpy(), need_x, None if need is None else list(need)))
-        out_x = None if gx is None else torch.from_numpy(gx).to(x.dtype)
-        return out_x, {k: torch.from_numpy(v).to(params[k].dtype) for k, v in gp.items()}
+        # replies read zero-copy are read-only: torch.tensor takes its own (small) copy
+        out_x = None if gx is None else torch.tensor(gx, dtype=x.dtype)
+        return out_x, {k: torch.tensor(v, dtype=params[k].dtype) for k, v in gp.items()}
 
     return vjp

@@ -135,16 +135,22 @@ def replica_figures(micro_batches: int, micro: int, steps: int) -> dict[str, flo
         kill(actors)
 
 
-def overhead_ratio(steps: int, batch: int = 256, micro: int = 32) -> dict[str, float]:
+def overhead_ratio(steps: int, batch: int = 256, micro: int = 32, rounds: int = 4) -> dict[str, float]:
     local = [make_device("shg", imperfections=imperfections(0.0, i), **OPTIONS) for i in range(len(STAGES_MS))]
-    t_local = seconds_per_step(trainer_for(stack_of(local), SequentialExecutor(), batch, micro), steps, warmup=2)
+    in_process = trainer_for(stack_of(local), SequentialExecutor(), batch, micro)
     actors = [start(0.0, seed=i) for i in range(len(STAGES_MS))]
     try:
         remote = [RemoteDevice(a) for a in actors]
-        t_ray = seconds_per_step(trainer_for(stack_of(remote), RayExecutor(), batch, micro), steps, warmup=2)
+        distributed = trainer_for(stack_of(remote), RayExecutor(), batch, micro)
+        # steps take tens of ms: alternate short blocks so both see the same load on a shared machine
+        t_local, t_ray = [], []
+        for _ in range(rounds):
+            t_local.append(seconds_per_step(in_process, steps, warmup=1))
+            t_ray.append(seconds_per_step(distributed, steps, warmup=1))
     finally:
         kill(actors)
-    return {"ratio": t_ray / t_local, "in_process_s": t_local, "distributed_s": t_ray}
+    t_local_s, t_ray_s = statistics.median(t_local), statistics.median(t_ray)
+    return {"ratio": t_ray_s / t_local_s, "in_process_s": t_local_s, "distributed_s": t_ray_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(f"stages {list(STAGES_MS)} ms, {args.micro_batches} micro-batches of {args.micro_batch} per batch")
-        print(f"  pipelined   {pipe['pipelined_s'] * 1e3:8.1f} ms/batch (bottleneck bound {pipe['bound_s'] * 1e3:.0f} ms)"
-              f" -> efficiency {pipe['efficiency']:.3f}")
-        print(f"  sequential  {pipe['sequential_s'] * 1e3:8.1f} ms/batch -> speedup {pipe['speedup_vs_sequential']:.2f}x")
+        print(f"  pipelined   {pipe['pipelined_s'] * 1e3:8.1f} ms/batch "
+              f"(bottleneck bound {pipe['bound_s'] * 1e3:.0f} ms) -> efficiency {pipe['efficiency']:.3f}")
+        print(f"  sequential  {pipe['sequential_s'] * 1e3:8.1f} ms/batch "
+              f"-> speedup {pipe['speedup_vs_sequential']:.2f}x")
         print(f"  replicas of the 40 ms stage: throughput x {reps}")
         print(f"  zero latency, batch 256: in-process {over['in_process_s'] * 1e3:.1f} ms, distributed "
               f"{over['distributed_s'] * 1e3:.1f} ms per step -> ratio {over['ratio']:.2f}")

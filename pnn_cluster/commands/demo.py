@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of devices, data order and initialisation")
     p.add_argument("--data", default=None, help="dataset file, for tasks that read one (vowels CSV)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line as well")
+    p.add_argument("--address", default=None,
+                   help="join the Ray cluster at this address (default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--in-process", action="store_true", help="run devices and training in this process, without Ray")
     add_tracking_args(p)
     p.set_defaults(func=run)
 
@@ -51,10 +54,11 @@ def _run(args: argparse.Namespace, tracking) -> int:
     print(f"pnn-cluster demo: task {task.name} ({task.doc}){' [quick]' if args.quick else ''}")
     t0 = time.perf_counter()
     results = []
+    runner = run_method if args.in_process else _distributed(args)
     for m in methods:
         print(f"-- {m}: {'calibrating twins, ' if m != 'oracle' else ''}training ...", flush=True)
-        r = run_method(task, m, quick=args.quick, seed=args.seed, data_path=args.data, progress=True,
-                       callbacks=tracking.callbacks(m, task, task.quick_train if args.quick else task.train))
+        r = runner(task, m, quick=args.quick, seed=args.seed, data_path=args.data, progress=True,
+                   callbacks=tracking.callbacks(m, task, task.quick_train if args.quick else task.train))
         tracking.record(r)
         results.append(r)
         print(f"   {m}: test accuracy {r.test_acc:.3f} on the physical devices, {r.device_samples} device "
@@ -73,3 +77,12 @@ def results_table(results) -> str:
         rows.append((r.method, f"{r.test_acc:.3f}", f"{r.device_samples:,}",
                      "-" if r.twin_nmse is None else f"{r.twin_nmse:.2e}", f"{r.seconds:.1f}"))
     return format_table(rows)
+
+
+def _distributed(args: argparse.Namespace):
+    """run_method with every device in its own Ray actor; Ray is imported only when used."""
+    from functools import partial
+
+    from actors.trainer import run_method_distributed
+
+    return partial(run_method_distributed, address=args.address)

@@ -33,7 +33,7 @@ from pnn_cluster.devices.base import DeviceError
 from pnn_cluster.devices.spec import LimitError
 
 __all__ = ["FaultPolicy", "ReplicaRetired", "NoReplicaLeft", "TrainingAborted", "is_device_failure",
-           "checkpoint_on_failure"]
+           "checkpoint_on_failure", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class NoReplicaLeft(RuntimeError):
         detail = "; ".join(f"{name}: {err}" for name, err in self.failures.items()) or "no replicas configured"
         super().__init__(f"stage {stage}: no replica left to measure on ({detail})")
 
+    def __reduce__(self):
+        # errors cross process boundaries (a trainer actor raises them to the driver)
+        return (type(self), (self.stage, self.failures))
+
 
 class TrainingAborted(RuntimeError):
     """The run stopped on a fault it cannot work around; a checkpoint was saved (``checkpoint``)."""
@@ -68,6 +72,9 @@ class TrainingAborted(RuntimeError):
     def __init__(self, message: str, checkpoint: Path | None):
         self.checkpoint = checkpoint
         super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.checkpoint))
 
 
 @dataclass
@@ -98,7 +105,7 @@ class FaultPolicy:
             return False
         warnings.warn(
             f"stage {stage}: replica {replica_name} failed {n} times in a row and leaves the pool "
-            f"({remaining - 1} replica(s) left); last error: {_short(exc)}",
+            f"({remaining - 1} replica(s) left); last error: {describe(exc)}",
             ReplicaRetired, stacklevel=3,
         )
         return True
@@ -107,13 +114,14 @@ class FaultPolicy:
         if attempts >= self.max_attempts:
             raise DeviceError(
                 f"stage {stage}: micro-batch {micro_batch} failed {attempts} times (FaultPolicy.max_attempts="
-                f"{self.max_attempts}); last error: {_short(exc)}"
+                f"{self.max_attempts}); last error: {describe(exc)}"
             ) from exc
 
 
-def _short(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """One line for logs and warnings: the error's type and the last line of its message."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+    return f"{type(exc).__name__}: {text[-1].strip() if text else ''}"[:300]
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ from torch import nn
 from pnn_cluster.devices.base import Device
 from pnn_cluster.layers import PhysicalLayer
 from pnn_cluster.pat import pat_apply
-from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, is_device_failure
+from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, describe, is_device_failure
 from pnn_cluster.training.trainer import StepResult, split_micro
 from pnn_cluster.training.workers import DeviceWorker, params_version
 
@@ -69,7 +69,7 @@ class DeviceHandle(Protocol):
 
 class Backend(Protocol):
     def wait(self, calls: Sequence[Any]) -> list[Any]:
-        """Block until at least one call has finished; return every finished one."""
+        """Block until at least one call has finished; return finished ones (at least one)."""
 
     def result(self, call: Any) -> np.ndarray | None:
         """The reply of a finished call (raises what the device raised)."""
@@ -110,7 +110,8 @@ class ThreadBackend:
 
     def wait(self, calls: Sequence[Any]) -> list[Any]:
         done, _ = concurrent.futures.wait(calls, return_when=concurrent.futures.FIRST_COMPLETED)
-        return list(done)
+        # in the order they were sent, not a set's: the next stage then sees micro-batches in a fixed order
+        return [c for c in calls if c in done]
 
     def result(self, call: Any) -> np.ndarray | None:
         return call.result()
@@ -162,6 +163,7 @@ class StagePool:
             raise ValueError(f"stage {layer.name}: a pool needs at least one replica")
         self.layer = layer
         self.name = layer.name
+        self.replicas: list[Replica] = list(replicas)
         self.active: list[Replica] = list(replicas)
         self.retired: dict[str, str] = {}
         self._turn = itertools.count()
@@ -182,7 +184,7 @@ class StagePool:
     def retire(self, replica: Replica, exc: BaseException) -> None:
         if replica in self.active:
             self.active.remove(replica)
-            self.retired[replica.name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            self.retired[replica.name] = describe(exc)
 
 
 @dataclass
@@ -330,8 +332,9 @@ class PipelineExecutor:
         return torch.cat(run.outputs)
 
     def close(self) -> None:
+        """Release what the handles hold in this process (threads of in-process devices)."""
         for pool in self._pools.values():
-            for rep in pool.active:
+            for rep in pool.replicas:
                 close = getattr(rep.handle, "close", None)
                 if close is not None:
                     close()
@@ -360,6 +363,9 @@ class _Run:
         self.micros = [_Micro(k, sl, x[sl]) for k, sl in enumerate(slices)]
         self.outputs: list[torch.Tensor | None] = [None] * len(slices)
         self.pending: dict[Any, tuple[_Micro, int, Replica]] = {}
+        # each replica's calls in the order sent, and replies that came in ahead of an earlier one
+        self.sent: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self.early: set[Any] = set()
         self.loss, self.correct, self.device_samples = 0.0, 0, 0
         self._waiting = collections.deque(self.micros)
 
@@ -372,8 +378,23 @@ class _Run:
                     self._release()
                     continue
                 raise RuntimeError("pipeline: micro-batches are queued but no call is in flight")  # pragma: no cover
-            for call in self.ex.backend.wait(list(self.pending)):
-                self._complete(call)
+            for call in self.ex.backend.wait([c for c in self.pending if c not in self.early]):
+                self._arrived(call)
+
+    def _arrived(self, call: Any) -> None:
+        """Take a replica's replies in the order its calls were sent.
+
+        The device measured them in that order, but replies may overtake each
+        other on the way back; taken as they come, the next stage would see
+        micro-batches in another order, and a rerun would not measure the same.
+        """
+        rep = self.pending[call][2]
+        sent = self.sent[id(rep)]
+        self.early.add(call)
+        while sent and sent[0] in self.early:
+            first = sent.popleft()
+            self.early.discard(first)
+            self._complete(first)
 
     def _release(self) -> None:
         """Start micro-batches: all at once when pipelined, the next one when the last finished if not."""
@@ -427,6 +448,7 @@ class _Run:
                 rep.in_flight += 1
                 self.ex.stats["calls"] += 1
                 self.pending[call] = (mb, pos, rep)
+                self.sent[id(rep)].append(call)
 
     def _complete(self, call: Any) -> None:
         mb, pos, rep = self.pending.pop(call)

@@ -17,14 +17,16 @@ constructor arguments:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import logging
 import os
 import re
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ from pnn_cluster.pat import twin_vjp
 from pnn_cluster.training.faults import checkpoint_on_failure
 
 __all__ = ["DeviceConfig", "DeviceWorker", "TwinWorker", "TrainerWorker", "params_version", "twin_payload"]
+
+log = logging.getLogger(__name__)
 
 _INSTRUMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -122,11 +126,12 @@ class DeviceWorker:
     it measures nothing and returns ``None``, and the caller sends them again.
     A measurement is therefore never taken with parameters nobody asked for.
 
-    Calls may arrive on several threads at once (an actor overlaps one call's
-    transfer with another's measurement); the device itself sees one at a
-    time. A call that finds another parameter set than it expects waits while
-    a write is on its way in, since threads may start out of order.
+    Calls may arrive on several threads at once; the device itself sees one
+    at a time, in the order each caller sent them (``ticket``).
     """
+
+    #: longest a call waits for an earlier call of its caller that has not arrived
+    ORDER_WAIT_S = 1.0
 
     def __init__(self, device: DeviceConfig | Device) -> None:
         if isinstance(device, DeviceConfig):
@@ -141,37 +146,55 @@ class DeviceWorker:
         self.incarnation = uuid.uuid4().hex[:12]
         self._hashed: tuple[int, str | None] = (0, None)
         self._lock = threading.RLock()
-        self._writes_due = 0
-        self._written = threading.Condition()
+        self._turn = threading.Condition()
+        self._served: dict[str, int] = {}
 
     # -- the measurement path -----------------------------------------------------
 
-    def forward(self, x: np.ndarray, params: Mapping[str, Any] | None = None,
-                version: str | None = None) -> np.ndarray | None:
+    def forward(self, x: np.ndarray, params: Mapping[str, Any] | None = None, version: str | None = None,
+                ticket: tuple[str, int, int] | None = None) -> np.ndarray | None:
         x = _writable(x)
-        if params is not None:
-            self.set_params(params)
-        elif version is not None:
-            with self._written:
-                # a write announced by a thread that started first is about to land: wait for it
-                self._written.wait_for(lambda: self._writes_due == 0 or self.version == version)
-        with self._lock:
-            if params is None and version is not None and version != self.version:
+        with self._in_turn(ticket), self._lock:
+            if params is not None:
+                self.device.set_params({k: _writable(v) for k, v in params.items()})
+            elif version is not None and version != self.version:
                 return None
             return self.device.forward(x)
 
     def set_params(self, params: Mapping[str, Any]) -> str:
-        params = {k: _writable(v) for k, v in params.items()}
-        with self._written:
-            self._writes_due += 1
+        with self._lock:
+            self.device.set_params({k: _writable(v) for k, v in params.items()})
+            return self.version
+
+    @contextlib.contextmanager
+    def _in_turn(self, ticket: tuple[str, int, int] | None) -> Iterator[None]:
+        """Serve a caller's calls in the order it sent them.
+
+        ``ticket`` is ``(caller stream, sequence number, after)``, ``after``
+        being the caller's previous call if it was still on its way when this
+        one was sent (0 if not). Calls may start on several threads at once (an
+        actor overlaps one call's transfer with another's measurement), and
+        threads start in any order; waiting for ``after`` keeps a write ahead
+        of the measurements meant for it, and each measurement's noise where a
+        one-at-a-time device would draw it. A restarted process never sees
+        the calls its predecessor served: it waits for them at most
+        ``ORDER_WAIT_S``.
+        """
+        if ticket is None:
+            yield
+            return
+        stream, seq, after = ticket
+        with self._turn:
+            in_turn = self._turn.wait_for(lambda: self._served.get(stream, 0) >= after, timeout=self.ORDER_WAIT_S)
+            if not in_turn:
+                log.info("%s: call %d of %s waited %.1f s for call %d, served before a restart; going on",
+                         self.name, seq, stream, self.ORDER_WAIT_S, after)
         try:
-            with self._lock:
-                self.device.set_params(params)
-                return self.version
+            yield
         finally:
-            with self._written:
-                self._writes_due -= 1
-                self._written.notify_all()
+            with self._turn:
+                self._served[stream] = max(self._served.get(stream, 0), seq)
+                self._turn.notify_all()
 
     @property
     def version(self) -> str | None:
@@ -276,8 +299,8 @@ class TwinWorker:
 
     def _tensors(self, x, params):
         dtype = self._dtype()
-        return (torch.as_tensor(np.asarray(x), dtype=dtype),
-                {k: torch.as_tensor(np.asarray(v), dtype=dtype) for k, v in params.items()})
+        return (torch.as_tensor(_writable(np.asarray(x)), dtype=dtype),
+                {k: torch.as_tensor(_writable(np.asarray(v)), dtype=dtype) for k, v in params.items()})
 
     @torch.no_grad()
     def forward(self, x: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -288,7 +311,7 @@ class TwinWorker:
             need: Sequence[str] | None = None) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
         """``(d twin / d x)^T g`` and ``(d twin / d params)^T g`` at the measured ``x``, as numpy."""
         xt, pt = self._tensors(x, params)
-        gy = torch.as_tensor(np.asarray(grad_y), dtype=xt.dtype)
+        gy = torch.as_tensor(_writable(np.asarray(grad_y)), dtype=xt.dtype)
         gx, gp = twin_vjp(self.twin, xt, pt, gy, need_x=need_x, need=need)
         return (None if gx is None else gx.numpy()), {k: v.numpy() for k, v in gp.items()}
 
