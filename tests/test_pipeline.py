@@ -123,6 +123,21 @@ def test_schedules_give_the_in_process_gradients(float64, schedule):
     assert ex.stats["calls"] == 2 * 4  # 4 micro-batches on each of 2 stages
 
 
+@pytest.mark.parametrize("backward_batch", [None, 6])
+def test_replicas_and_backward_chunks_give_the_in_process_gradients(float64, backward_batch):
+    x, y = batch(20)
+    ref_res, ref = grads_of(SequentialExecutor(), make_stack([GainDevice(1.0), GainDevice(0.8)]), x, y)
+    model = make_stack([GainDevice(1.0), GainDevice(0.8)])
+    copies = [GainDevice(0.8) for _ in range(2)]  # exact copies: which one measures must not matter
+    pool = [Replica(LocalDeviceHandle(model[3].device))] + [Replica(LocalDeviceHandle(d)) for d in copies]
+    ex = PipelineExecutor(pools={"gain1": pool}, config=PipelineConfig(depth=1, backward_batch=backward_batch))
+    res, got = grads_of(ex, model, x, y)
+    assert_same_grads(got, ref)
+    assert res.loss == pytest.approx(ref_res.loss, rel=1e-12) and res.correct == ref_res.correct
+    logs = [len(d.log) for d in [model[3].device, *copies]]
+    assert sum(logs) == 5 and all(logs)  # every replica measured some of the 5 micro-batches
+
+
 def test_evaluate_returns_the_measured_outputs_in_order(float64):
     model = make_stack([GainDevice(1.0), GainDevice(0.8)])
     x, _ = batch(13)

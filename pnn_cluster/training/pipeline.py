@@ -3,17 +3,23 @@
 A batch is split into micro-batches. Each physical layer of the stack is a
 *stage* with a pool of one or more *replica* devices (physical copies, each
 with its own imperfections and its own twin). Micro-batch k+1 is measured on
-stage s while k is measured on stage s+1; digital layers, the loss and the
-backward pass run here, in the trainer, between measurements::
+stage s while k is measured on stage s+1; digital layers run here, in the
+trainer, between measurements::
 
-    micro-batch: digital -> [stage 0: replica r0] -> digital -> [stage 1: replica r1] -> loss -> backward
+    micro-batch: digital -> [stage 0: replica r0] -> digital -> [stage 1: replica r1] -> output
                                  ^ k+1 measured here while k is on stage 1
+    then, for the batch: loss -> backward (twins at the measured inputs)
 
 - A micro-batch goes to whichever replica of its stage is free, and its
-  backward pass uses the twin of the replica that measured it: the PAT node is
-  attached (:func:`~pnn_cluster.pat.pat_apply`) when the measurement comes back.
-- The gradients of all micro-batches and replicas add up in ``.grad``; the
-  trainer makes one optimizer step from them.
+  backward pass uses the twin of the replica that measured it, evaluated at
+  the input that replica measured (:func:`~pnn_cluster.pat.pat_apply`).
+- The backward pass runs once all of a batch is measured, over the whole
+  batch (or ``backward_batch`` rows at a time): the digital layers are run
+  again with autograd on the measured values, and each stage's twins are
+  asked once per replica rather than once per micro-batch (a twin that
+  integrates an ODE costs the same for 8 rows as for 64). The gradients of
+  all micro-batches and replicas add up in ``.grad``; the trainer makes one
+  optimizer step from them.
 - Parameters travel with the first forward a replica gets in a step, so each
   device is written once per step and no call is spent on the write alone.
   Each call carries a content hash of the parameters it is meant for (see
@@ -44,7 +50,7 @@ from torch import nn
 
 from pnn_cluster.devices.base import Device
 from pnn_cluster.layers import PhysicalLayer
-from pnn_cluster.pat import pat_apply
+from pnn_cluster.pat import pat_apply, twin_vjp
 from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, describe, is_device_failure
 from pnn_cluster.training.trainer import StepResult, split_micro
 from pnn_cluster.training.workers import DeviceWorker, params_version
@@ -198,6 +204,8 @@ class PipelineConfig:
     micro_batch: micro-batch size when the trainer gives none.
     depth: calls queued on one replica, so a device never idles for a round trip.
     eval_micro_batch: micro-batch size for evaluation (default: as training).
+    backward_batch: rows per backward pass, in whole micro-batches (None: the
+        whole batch at once); bounds the memory of the autograd graph.
     """
 
     schedule: str = "pipelined"
@@ -205,6 +213,7 @@ class PipelineConfig:
     micro_batch: int | None = None
     depth: int = 2
     eval_micro_batch: int | None = None
+    backward_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -213,7 +222,7 @@ class PipelineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"PipelineConfig.{name}: must be an integer >= 1, got {v!r}")
-        for name in ("micro_batch", "eval_micro_batch"):
+        for name in ("micro_batch", "eval_micro_batch", "backward_batch"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"PipelineConfig.{name}: must be None or an integer >= 1, got {v!r}")
@@ -227,38 +236,51 @@ class PipelineConfig:
 class _Micro:
     index: int
     rows: slice
-    h: torch.Tensor
+    h: torch.Tensor | None
     pos: int = 0
     x_sent: np.ndarray | None = None
     attempts: collections.Counter = field(default_factory=collections.Counter)
+    #: stage position -> (input sent, measurement, replica that measured it)
+    measured: dict[int, tuple[np.ndarray, np.ndarray, Replica]] = field(default_factory=dict)
 
 
 class _Stage:
     """One physical layer during one call: its pool and the parameters of this step."""
 
-    def __init__(self, pool: StagePool, grad: bool) -> None:
+    def __init__(self, pool: StagePool) -> None:
         layer = pool.layer
         self.pool = pool
         self.layer = layer
         self.params_np = layer.params_numpy()
         self.version = params_version(self.params_np)
         self.params = dict(layer.theta.items())
-        self.grad = grad and any(p.requires_grad for p in self.params.values())
+        self.trainable = any(p.requires_grad for p in self.params.values())
         self._oracles: dict[int, nn.Module] = {}
 
-    def backward_of(self, rep: Replica) -> dict[str, Any]:
+    def vjp_at(self, rep: Replica, x_measured: torch.Tensor) -> Callable:
+        """``rep``'s vector-Jacobian product, evaluated at the input it measured."""
         layer = self.layer
+        if rep.vjp is not None and layer.mode == "pat":
+            remote = rep.vjp
+
+            def vjp(x, params, grad_y, need_x=True, need=None):
+                return remote(x_measured, params, grad_y, need_x, need)
+
+            return vjp
         if layer.mode == "oracle":
             if id(rep) not in self._oracles:
                 self._oracles[id(rep)] = rep.handle.true_model()
-            return {"twin": self._oracles[id(rep)]}
-        if rep.vjp is not None:
-            return {"vjp": rep.vjp}
-        twin = rep.twin if rep.twin is not None else layer.twin
-        if twin is None:
-            raise RuntimeError(f"{layer.name}: mode 'pat' needs a twin for the backward pass of replica "
-                               f"{rep.name}; fit one first")
-        return {"twin": twin}
+            twin = self._oracles[id(rep)]
+        else:
+            twin = rep.twin if rep.twin is not None else layer.twin
+            if twin is None:
+                raise RuntimeError(f"{layer.name}: mode 'pat' needs a twin for the backward pass of replica "
+                                   f"{rep.name}; fit one first")
+
+        def vjp(x, params, grad_y, need_x=True, need=None):
+            return twin_vjp(twin, x_measured, params, grad_y, need_x=need_x, need=need)
+
+        return vjp
 
 
 class PipelineExecutor:
@@ -341,23 +363,30 @@ class PipelineExecutor:
 
 
 class _Run:
-    """One batch through the pipeline: an event loop over pending device calls."""
+    """One batch through the pipeline.
+
+    First every micro-batch is measured, stage by stage, in an event loop over
+    pending device calls (no autograd: only values travel). Then, when
+    training, the batch is replayed through the stack with autograd, the
+    measured outputs standing in for the physical layers, and one backward
+    pass makes the gradients.
+    """
 
     def __init__(self, ex: PipelineExecutor, model: nn.Module, x: torch.Tensor, slices: list[slice],
                  target: torch.Tensor | None = None, loss_fn=None) -> None:
         self.ex = ex
         self.plan = ex._plan(model)
         self.grad = torch.is_grad_enabled()
-        self.target, self.loss_fn, self.n = target, loss_fn, x.shape[0]
+        self.x, self.target, self.loss_fn, self.n = x, target, loss_fn, x.shape[0]
         self.stages: dict[int, _Stage] = {}
         for pos, m in enumerate(self.plan):
             if isinstance(m, PhysicalLayer) and m.mode != "in_silico":
-                self.stages[pos] = _Stage(ex.pool(m), self.grad)
+                self.stages[pos] = _Stage(ex.pool(m))
         for st in self.stages.values():
             for rep in st.pool.active:
                 rep.in_flight = 0  # calls left over from a step that raised are no longer ours
         self.queues = {pos: collections.deque() for pos in self.stages}
-        self.order = sorted(self.stages, reverse=True)  # later stages first: finished micro-batches free memory
+        self.order = sorted(self.stages, reverse=True)  # later stages first: a batch finishes sooner
         self.sequential = ex.config.schedule == "sequential"
         self.depth = 1 if self.sequential else ex.config.depth
         self.micros = [_Micro(k, sl, x[sl]) for k, sl in enumerate(slices)]
@@ -370,6 +399,15 @@ class _Run:
         self._waiting = collections.deque(self.micros)
 
     def go(self) -> None:
+        with torch.no_grad():
+            self._measure()
+        if self.loss_fn is not None:
+            with torch.set_grad_enabled(self.grad):
+                self._backward()
+
+    # -- measuring ---------------------------------------------------------------------------
+
+    def _measure(self) -> None:
         self._release()
         while self.pending or any(self.queues.values()) or self._waiting:
             self._dispatch()
@@ -405,27 +443,15 @@ class _Run:
         return bool(self.pending) or any(self.queues.values())
 
     def _advance(self, mb: _Micro) -> None:
-        """Run digital layers until the next physical stage (queue it there) or the end (loss, backward)."""
+        """Run digital layers until the next physical stage (queue it there) or the end of the stack."""
         while mb.pos < len(self.plan):
             if mb.pos in self.stages:
-                mb.x_sent = mb.h.detach().numpy()
+                mb.x_sent = mb.h.numpy()
                 self.queues[mb.pos].append(mb)
                 return
             mb.h = self.plan[mb.pos](mb.h)
             mb.pos += 1
-        self._finish(mb)
-
-    def _finish(self, mb: _Micro) -> None:
-        out, mb.h = mb.h, None
-        if self.loss_fn is None:
-            self.outputs[mb.index] = out.detach() if self.grad else out
-        else:
-            y = self.target[mb.rows]
-            loss = self.loss_fn(out, y) * (y.shape[0] / self.n)
-            if loss.requires_grad:
-                loss.backward()
-            self.loss += float(loss.detach())
-            self.correct += int((out.argmax(-1) == y).sum())
+        self.outputs[mb.index], mb.h = mb.h, None
         if self.sequential:
             self._release()
 
@@ -469,15 +495,13 @@ class _Run:
             return
         rep.failures = 0
         rep.measured += 1
-        st.layer.samples_measured += mb.x_sent.shape[0]
-        self.device_samples += mb.x_sent.shape[0]
+        n = mb.x_sent.shape[0]
+        st.layer.samples_measured += n
+        self.device_samples += n
         if not y.flags.writeable:  # zero-copy from a shared object store; torch wants to own writable memory
             y = y.copy()
-        yt = torch.from_numpy(y).to(dtype=mb.h.dtype)
-        if self.grad and (st.grad or mb.h.requires_grad):
-            mb.h = pat_apply(mb.h, yt, st.params, **st.backward_of(rep))
-        else:
-            mb.h = yt
+        mb.measured[pos] = (mb.x_sent, y, rep)
+        mb.h = torch.from_numpy(y).to(dtype=mb.h.dtype)
         mb.x_sent = None
         mb.pos = pos + 1
         self._advance(mb)
@@ -497,3 +521,65 @@ class _Run:
         mb.attempts[pos] += 1
         policy.check_attempts(pool.name, mb.index, mb.attempts[pos], exc)
         self.queues[pos].appendleft(mb)
+
+    # -- the backward pass ----------------------------------------------------------------------
+
+    def _backward(self) -> None:
+        """Replay the batch with autograd on the measured values; one backward pass per chunk of rows."""
+        measured = {pos: (torch.cat([torch.from_numpy(mb.measured[pos][0]) for mb in self.micros]),
+                          torch.cat([torch.from_numpy(mb.measured[pos][1]) for mb in self.micros]))
+                    for pos in self.stages}
+        for chunk in self._chunks():
+            a, b = chunk[0].rows.start, chunk[-1].rows.stop
+            h = self.x[a:b]
+            for pos, m in enumerate(self.plan):
+                if pos in self.stages:
+                    xs, ys = measured[pos]
+                    h = self._attach(self.stages[pos], h, xs[a:b], ys[a:b].to(h.dtype), chunk, pos, a)
+                else:
+                    h = m(h)
+            # the same weighting as micro-batch by micro-batch: any loss reduction gives the same result
+            loss = sum(self.loss_fn(h[mb.rows.start - a:mb.rows.stop - a], self.target[mb.rows])
+                       * ((mb.rows.stop - mb.rows.start) / self.n) for mb in chunk)
+            if loss.requires_grad:
+                loss.backward()
+            self.loss += float(loss.detach())
+            self.correct += int((h.argmax(-1) == self.target[a:b]).sum())
+
+    def _chunks(self) -> list[list[_Micro]]:
+        limit = self.ex.config.backward_batch
+        if limit is None:
+            return [self.micros]
+        chunks: list[list[_Micro]] = [[]]
+        rows = 0
+        for mb in self.micros:
+            size = mb.rows.stop - mb.rows.start
+            if chunks[-1] and rows + size > limit:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(mb)
+            rows += size
+        return chunks
+
+    def _attach(self, st: _Stage, h: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, chunk: list[_Micro],
+                pos: int, a: int) -> torch.Tensor:
+        """The measured outputs, differentiable through each replica's twin at the inputs it measured."""
+        if not (st.trainable or h.requires_grad):
+            return ys
+        by_replica: dict[int, tuple[Replica, list[torch.Tensor]]] = {}
+        for mb in chunk:
+            rep = mb.measured[pos][2]
+            rows = torch.arange(mb.rows.start - a, mb.rows.stop - a)
+            by_replica.setdefault(id(rep), (rep, []))[1].append(rows)
+        if len(by_replica) == 1:
+            (rep, _), = by_replica.values()
+            return pat_apply(h, ys, st.params, vjp=st.vjp_at(rep, xs))
+        pieces, order = [], []
+        for rep, rows in by_replica.values():
+            idx = torch.cat(rows)
+            pieces.append(pat_apply(h.index_select(0, idx), ys[idx], st.params, vjp=st.vjp_at(rep, xs[idx])))
+            order.append(idx)
+        order_t = torch.cat(order)
+        back = torch.empty_like(order_t)
+        back[order_t] = torch.arange(len(order_t))
+        return torch.cat(pieces).index_select(0, back)
