@@ -60,7 +60,7 @@ def resumed_run(store):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setattr(Trainer, "evaluate", interrupt_second_epoch)
-        assert main(["train", str(config), "--tracking-uri", uri, "--no-progress"]) == 130
+        assert main(["train", str(config), "--tracking-uri", uri, "--no-progress", "--in-process"]) == 130
         mp.setattr(Trainer, "evaluate", evaluate)
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
@@ -68,7 +68,7 @@ def resumed_run(store):
         assert run.info.status == "KILLED"
         assert run.data.tags["pnn.checkpoint_step"] == str(STEPS_PER_EPOCH)
         resumed_at = int(time.time() * 1000)
-        assert main(["train", "--resume", run.info.run_id, "--tracking-uri", uri, "--no-progress"]) == 0
+        assert main(["train", "--resume", run.info.run_id, "--tracking-uri", uri, "--no-progress", "--in-process"]) == 0
     return uri, run.info.run_id, resumed_at
 
 
@@ -168,7 +168,8 @@ def test_no_track_writes_no_store_and_the_checkpoint_evaluates(tmp_path, capsys)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(dict(TINY, schedule={**TINY["schedule"], "epochs": 1})))
     ckpt = tmp_path / "out" / "last.pt"
-    assert main(["train", str(config), "--no-track", "--no-progress", "--checkpoint", str(ckpt), "--json"]) == 0
+    assert main(["train", str(config), "--no-track", "--no-progress", "--checkpoint", str(ckpt), "--json",
+                 "--in-process"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["run_id"] is None and result["steps"] == STEPS_PER_EPOCH
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

@@ -35,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="PATH", default=None,
                    help="also write the final checkpoint to PATH (evaluate it with `pnn-cluster evaluate PATH`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: cluster.address, then RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run devices and training in this process, without Ray")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line as well")
     p.set_defaults(func=run)
 
@@ -112,7 +116,47 @@ def run(args: argparse.Namespace) -> int:
         return train(cfg, args, checkpoint=ckpt, tracking_uri=uri)
 
 
+def _distribute(cfg, exp, address: str | None):
+    """Put every device in its own Ray actor (placed by its instrument) and pipeline training over them.
+
+    Devices reached through a VISA or ZeroMQ driver stay with their drivers in this process; then the
+    whole training runs here, as it would with ``--in-process``.
+    """
+    hardware = [n for n in exp.devices if cfg.devices[n].driver.kind != "simulated"]
+    if hardware:
+        print(f"note: {', '.join(hardware)} reached through their drivers from this process; training runs here",
+              flush=True)
+        return None, []
+    from actors.cluster import connect
+    from actors.device import RemoteDevice, start_device
+    from actors.executor import RayExecutor
+
+    where = connect(address or cfg.cluster.address)
+    started = []
+    for index, name in enumerate(exp.devices):
+        actor = start_device(cfg.device_config(name, index=index))
+        started.append(actor)
+        remote = RemoteDevice(actor, name=name)
+        exp.layer(name).device = remote
+        exp.devices[name] = remote
+    print(f"-- {len(started)} device actor(s) on Ray ({where})", flush=True)
+    return RayExecutor(), started
+
+
 def train(cfg, args: argparse.Namespace, checkpoint: Path | None = None, tracking_uri: str | None = None) -> int:
+    executor_actors: list = []
+    try:
+        return _train(cfg, args, executor_actors, checkpoint, tracking_uri)
+    finally:
+        if executor_actors:
+            import ray
+
+            for actor in executor_actors:
+                ray.kill(actor, no_restart=True)
+
+
+def _train(cfg, args: argparse.Namespace, started: list, checkpoint: Path | None = None,
+           tracking_uri: str | None = None) -> int:
     """Build, make twins (or restore them), train, report; tracked unless ``--no-track``."""
     import torch
 
@@ -143,10 +187,8 @@ def train(cfg, args: argparse.Namespace, checkpoint: Path | None = None, trackin
             raise _usage(str(exc)) from None
         print(f"pnn-cluster train: {cfg.name} ({cfg.method}) on {exp.data.name}: {len(exp.data.y_train)} train, "
               f"{len(exp.data.y_test)} test; devices {', '.join(exp.devices)}", flush=True)
-        if cfg.cluster.address:
-            # device actors placed by `placement` belong to the distributed engine; this command trains here
-            print(f"note: cluster.address is {cfg.cluster.address!r}; the trainer runs in this process and reaches "
-                  "each device through its driver", flush=True)
+        executor, device_actors = (None, []) if args.in_process else _distribute(cfg, exp, args.address)
+        started.extend(device_actors)
         fits = {}
         if checkpoint is not None:
             attach_twin_shells(exp)
@@ -165,7 +207,8 @@ def train(cfg, args: argparse.Namespace, checkpoint: Path | None = None, trackin
                 print("-- making twins ...", flush=True)
             fits = prepare_twins(exp, progress=progress, on_fit=report)
             initialise_stack(exp)
-        trainer = Trainer(exp.stack, exp.data, exp.train, callbacks=[tracker] if tracker else [], progress=progress)
+        trainer = Trainer(exp.stack, exp.data, exp.train, callbacks=[tracker] if tracker else [], progress=progress,
+                          executor=executor)
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
             print(f"-- resuming at epoch {trainer.epoch}, step {trainer.global_step}", flush=True)
@@ -201,5 +244,5 @@ def train(cfg, args: argparse.Namespace, checkpoint: Path | None = None, trackin
             print(json.dumps({"config": cfg.name, "method": cfg.method, "test_acc": acc, "steps": trainer.global_step,
                               "epochs": trainer.epoch, "device_samples": trainer.device_samples,
                               "twins": {k: f.as_dict() for k, f in fits.items()}, "seconds": seconds,
-                              "run_id": tracker.run_id if tracker else None}))
+                              "run_id": tracker.run_id if tracker else None, "device_actors": len(started)}))
     return 0
