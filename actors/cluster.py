@@ -59,8 +59,10 @@ def connect(address: str | None = None, **init_kw: Any) -> str:
     """
     if ray.is_initialized():
         return "connected"
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    # "local" starts a fresh instance: without it ray.init would join whatever Ray another process
+    # (a test session, a colleague's job) happens to run on this machine
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     init_kw.setdefault("include_dashboard", False)
     init_kw.setdefault("logging_level", "WARNING")
     ray.init(address=address, **init_kw)
-    return address or "local"
+    return address
