@@ -43,3 +43,33 @@ def test_train_runs_devices_in_actors_and_matches_in_process(ray_cluster, tmp_pa
     # the same devices (same seeds) measured through the pipeline: the same training within noise
     assert dist["device_samples"] == local["device_samples"]
     assert abs(dist["test_acc"] - local["test_acc"]) <= 0.1, (dist, local)
+
+
+def test_placement_labels_and_resources_reach_the_device_actor(monkeypatch, tmp_path):
+    """Without a cluster: what `train` asks Ray for, for a device placed by instrument, labels and resources."""
+    import actors.cluster
+    import actors.device
+    import actors.executor
+    from pnn_cluster.commands.train import _distribute
+    from pnn_cluster.config import build_experiment, parse_config
+
+    raw = {**CONFIG, "devices": {"circuit": {**CONFIG["devices"]["circuit"], "placement": {
+        "instrument": "circuit-bench-2", "labels": {"lab": "optics-room"}, "resources": {"scope": 1}}}}}
+    cfg = parse_config(raw, source=str(tmp_path / "inline.yaml"))
+    asked = []
+
+    class FakeRemote:
+        def __init__(self, actor, name=None):
+            self.actor, self.spec = actor, exp.devices["circuit"].spec
+
+    monkeypatch.setattr(actors.cluster, "connect", lambda address=None: "fake")
+    monkeypatch.setattr(actors.device, "start_device", lambda config, **kw: asked.append((config, kw)) or "actor")
+    monkeypatch.setattr(actors.device, "RemoteDevice", FakeRemote)
+    monkeypatch.setattr(actors.executor, "RayExecutor", lambda: "executor")
+    exp = build_experiment(cfg)
+    executor, started = _distribute(cfg, exp, None)
+    assert executor == "executor" and started == ["actor"]
+    (config, kw), = asked
+    assert config.instrument == "circuit-bench-2"
+    assert kw == {"resources": {"scope": 1.0}, "label_selector": {"lab": "optics-room"}}
+    assert isinstance(exp.layer("circuit").device, FakeRemote)

@@ -134,7 +134,13 @@ def _distribute(cfg, exp, address: str | None):
     where = connect(address or cfg.cluster.address)
     started = []
     for index, name in enumerate(exp.devices):
-        actor = start_device(cfg.device_config(name, index=index))
+        place = cfg.devices[name].placement
+        options = {}
+        if place.resources:
+            options["resources"] = dict(place.resources)
+        if place.labels:
+            options["label_selector"] = dict(place.labels)  # nodes that joined with `ray start --labels`
+        actor = start_device(cfg.device_config(name, index=index), **options)
         started.append(actor)
         remote = RemoteDevice(actor, name=name)
         exp.layer(name).device = remote
