@@ -14,7 +14,6 @@ import torch
 
 from actors.cluster import instrument_resource
 from pnn_cluster.devices.base import Device
-from pnn_cluster.devices.spec import LimitError
 from pnn_cluster.training.workers import DeviceConfig, DeviceWorker, params_version
 
 __all__ = ["RestartPolicy", "DeviceActor", "start_device", "RemoteDevice", "RayDeviceHandle"]
@@ -129,11 +128,7 @@ class RemoteDevice(Device):
         return RayDeviceHandle(self.actor, self.name)
 
     def set_params(self, params: Mapping[str, Any]) -> None:
-        try:
-            checked = self.spec.check_params(params, partial=True)
-        except LimitError:
-            self.stats["rejected"] += 1
-            raise
+        checked = self.checked_params(params)
         merged = {**self._params, **checked}
         ray.get(self.actor.set_params.remote(merged))
         self._params = merged
@@ -141,11 +136,7 @@ class RemoteDevice(Device):
         self.stats["param_writes"] += 1
 
     def forward(self, x: Any, params: Mapping[str, Any] | None = None) -> np.ndarray:
-        try:
-            xa = self.spec.check_input(x)
-        except LimitError:
-            self.stats["rejected"] += 1
-            raise
+        xa = self.checked_input(x)
         if params is not None:
             self.set_params(params)
         y = ray.get(self.actor.forward.remote(xa, None, self._written))

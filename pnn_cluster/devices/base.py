@@ -102,13 +102,25 @@ class Device:
     def params(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self._params.items()}
 
-    def set_params(self, params: Mapping[str, Any]) -> None:
-        """Validate and write parameters; a partial mapping updates only the named ones."""
+    def checked_input(self, x: Any) -> np.ndarray:
+        """``x`` validated against the spec; a refusal is counted (health reports it) and raised."""
         try:
-            checked = self.spec.check_params(params, partial=True)
+            return self.spec.check_input(x)
         except LimitError:
             self.stats["rejected"] += 1
             raise
+
+    def checked_params(self, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """A (partial) parameter mapping validated against the spec; a refusal is counted and raised."""
+        try:
+            return self.spec.check_params(params, partial=True)
+        except LimitError:
+            self.stats["rejected"] += 1
+            raise
+
+    def set_params(self, params: Mapping[str, Any]) -> None:
+        """Validate and write parameters; a partial mapping updates only the named ones."""
+        checked = self.checked_params(params)
         with self._lock:
             merged = {**self._params, **checked}
             self.write_params(merged)
@@ -117,11 +129,7 @@ class Device:
 
     def forward(self, x: Any, params: Mapping[str, Any] | None = None) -> np.ndarray:
         """Measure a batch. Parameters, when given, are validated and written first."""
-        try:
-            xa = self.spec.check_input(x)
-        except LimitError:
-            self.stats["rejected"] += 1
-            raise
+        xa = self.checked_input(x)
         if params is not None:
             self.set_params(params)
         if not self.connected:
