@@ -16,20 +16,28 @@ from pyvisa import constants, errors, util
 from pnn_cluster.devices.base import DeviceError
 from pnn_cluster.devices.spec import DeviceSpec, LimitError, ParamSpec, Port
 from pnn_cluster.drivers.visa import (
-    Bool,
-    Enum,
+    DRIVERS,
     InstrumentConfig,
     InstrumentError,
     InstrumentTimeout,
-    Ints,
     Oscilloscope,
     PulseShaper,
-    Range,
-    Refused,
     Spectrometer,
     VisaDevice,
     VisaDeviceConfig,
     WaveformGenerator,
+)
+from pnn_cluster.protocol.scpi import (
+    COMMAND_SETS,
+    Bool,
+    Enum,
+    Ints,
+    Range,
+    Refused,
+    block_header,
+    block_values,
+    format_error,
+    header_matches,
     header_nodes,
     parse_error,
     short_header,
@@ -116,11 +124,40 @@ def test_header_nodes_and_short_forms():
     assert short_header("[SENSe:]INTegration:TIME") == "INT:TIME"
 
 
+def test_header_matches_short_and_long_forms_with_optional_nodes():
+    nodes = header_nodes("SYSTem:ERRor[:NEXT]")
+    for text in ("SYST:ERR", "SYSTEM:ERROR", "SYST:ERR:NEXT", "SYSTEM:ERR:NEXT"):
+        assert header_matches(nodes, text.split(":")), text
+    for text in ("SYST", "SYST:ERRO", "SYST:ERR:NEXT:NEXT"):
+        assert not header_matches(nodes, text.split(":")), text
+
+
 def test_parse_error():
     assert parse_error('-222,"Data out of range;amplitude: 20"') == (-222, "Data out of range;amplitude: 20")
     assert parse_error('0,"No error"') == (0, "No error")
     with pytest.raises(DeviceError, match="malformed SYST:ERR"):
         parse_error("garbage")
+
+
+def test_error_entries_the_bench_formats_are_what_the_driver_parses():
+    entry = format_error(-222, 'gain: "9" out of range')
+    assert entry == "-222,\"Data out of range;gain: '9' out of range\""
+    assert parse_error(entry) == (-222, "Data out of range;gain: '9' out of range")
+
+
+def test_blocks():
+    values = np.array([1.0, -2.5, 3.0])
+    assert block_header(values.nbytes) == b"#224" and block(values)[:4] == b"#224"
+    np.testing.assert_array_equal(block_values(values.astype("<f8").tobytes()), values)
+    with pytest.raises(ValueError, match="whole number of 8-byte values"):
+        block_values(b"1234567")
+
+
+def test_every_instrument_kind_has_one_declaration_that_its_driver_is_built_from():
+    assert set(DRIVERS) == set(COMMAND_SETS)
+    for kind, driver in DRIVERS.items():
+        assert issubclass(driver, COMMAND_SETS[kind]) and driver.kind == kind
+        assert driver.settings() == COMMAND_SETS[kind].settings()
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -308,7 +345,7 @@ def test_visa_device_full_exchange_spec_from_instrument():
             (b"OUTP OFF\n", None), (b"SYST:ERR?\n", NO_ERROR)]
     snk += [(b"READ:WAV?\n", block(y) + b"\n")]
     dev, fsrc, fsnk = make_visa_device(src, snk)
-    with pytest.raises(AttributeError, match="SYST:SPEC"):
+    with pytest.raises(DeviceError, match=r"VisaDevice\(TCPIP::192.0.2.1::5025::SOCKET\): spec is learnt on connect"):
         dev.spec  # noqa: B018 - not known before connect
     dev.connect()
     assert dev.spec == SPEC

@@ -10,7 +10,7 @@ import torch
 from pnn_cluster.data import Dataset
 from pnn_cluster.devices import make_device
 from pnn_cluster.drivers.visa import VisaDevice
-from pnn_cluster.drivers.zmq_client import RemoteDevice
+from pnn_cluster.drivers.zmq_client import ZmqDevice
 from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
 from pnn_cluster.servers.scpi_bench import SimBench
 from pnn_cluster.servers.zmq_server import DeviceServer
@@ -56,7 +56,7 @@ def test_visa_and_zmq_stack_trains_like_the_inprocess_stack():
             DeviceServer(make_device("circuit", n_in=12, n_out=12, imperfections=circ_imp),
                          "tcp://127.0.0.1:0") as server:
         visa = VisaDevice.from_config(bench.visa_config(timeout_s=10)).connect()
-        remote = RemoteDevice(server.endpoint).connect()
+        remote = ZmqDevice(server.endpoint).connect()
         try:
             remote_acc = train(build(visa, remote), data)
         finally:

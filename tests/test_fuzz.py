@@ -19,8 +19,9 @@ import zmq
 from pnn_cluster.devices import Imperfections, make_device
 from pnn_cluster.drivers.visa import VisaDevice
 from pnn_cluster.drivers.zmq_client import DeviceClient
+from pnn_cluster.protocol.zmq import MAX_HEADER_BYTES
 from pnn_cluster.servers.scpi_bench import SimBench
-from pnn_cluster.servers.zmq_server import MAX_HEADER_BYTES, DeviceServer
+from pnn_cluster.servers.zmq_server import DeviceServer
 
 IDEAL = Imperfections.ideal(seed=11)
 MAX_MSG = 1 << 20

@@ -235,7 +235,7 @@ def test_e2e_hook_visa_and_zmq_stack_step_matches_inprocess(shg_bench):
     import torch
 
     from pnn_cluster.data import Dataset
-    from pnn_cluster.drivers.zmq_client import RemoteDevice
+    from pnn_cluster.drivers.zmq_client import ZmqDevice
     from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
     from pnn_cluster.servers.zmq_server import DeviceServer
 
@@ -266,7 +266,7 @@ def test_e2e_hook_visa_and_zmq_stack_step_matches_inprocess(shg_bench):
 
     with DeviceServer(make_device("circuit", imperfections=IDEAL), "tcp://127.0.0.1:0") as server:
         visa = VisaDevice.from_config(shg_bench.visa_config(), model=shg.model()).connect()
-        remote = RemoteDevice(server.endpoint, model=circ.model()).connect()
+        remote = ZmqDevice(server.endpoint, model=circ.model()).connect()
         try:
             loss_remote, params_remote = one_step(stack(visa, remote))
         finally:

@@ -17,7 +17,7 @@ import zmq.auth
 
 from pnn_cluster.devices import Device, DeviceError, DeviceSpec, Imperfections, ParamSpec, Port, make_device
 from pnn_cluster.devices.spec import LimitError
-from pnn_cluster.drivers.zmq_client import ClientCurve, DeviceClient, RemoteDevice, RemoteError
+from pnn_cluster.drivers.zmq_client import ClientCurve, DeviceClient, RemoteError, ZmqDevice
 from pnn_cluster.servers import BindError
 from pnn_cluster.servers.zmq_server import CurveServerConfig, DeviceServer, check_bind
 
@@ -40,11 +40,11 @@ class Broken(Gain):
         raise DeviceError("gain: instrument lost")
 
 
-def test_remote_shg_matches_inprocess_and_fetches_spec():
+def test_zmq_device_matches_inprocess_and_learns_its_spec_on_connect():
     ref = make_device("shg", imperfections=IDEAL)
     with DeviceServer(make_device("shg", imperfections=IDEAL), LOOPBACK_ANY) as server:
         assert server.endpoint.startswith("tcp://127.0.0.1:")
-        with RemoteDevice(server.endpoint) as dev:
+        with ZmqDevice(server.endpoint) as dev:
             assert dev.spec == ref.spec
             x = np.random.default_rng(0).uniform(0, 1, (64, ref.spec.input.size))
             np.testing.assert_allclose(dev.forward(x), ref.forward(x), rtol=0, atol=1e-12)
@@ -84,9 +84,9 @@ def test_limits_are_enforced_at_the_server_and_counted_in_health():
         assert h["calls"] == 1 and h["rejected"] == 6
 
 
-def test_remote_device_validates_locally_before_sending():
+def test_zmq_device_validates_locally_before_sending():
     with DeviceServer(Gain(), LOOPBACK_ANY) as server:
-        dev = RemoteDevice(server.endpoint, spec=Gain.spec).connect()
+        dev = ZmqDevice(server.endpoint, spec=Gain.spec).connect()
         with pytest.raises(LimitError, match="input"):
             dev.forward(np.full((1, 4), 3.0))
         assert dev.client.stats["requests"] == 1  # only the spec fetch of connect()
@@ -98,9 +98,23 @@ def test_given_spec_must_match_the_server():
     other = DeviceSpec("gain", Port(4, -2.0, 2.0, "V"), Port(4, unit="V"), Gain.spec.params)
     with DeviceServer(Gain(), LOOPBACK_ANY) as server:
         with pytest.raises(DeviceError, match="differs"):
-            RemoteDevice(server.endpoint, spec=other).connect()
-        with pytest.raises(AttributeError, match="fetched from the server on connect"):
-            RemoteDevice(server.endpoint).spec  # noqa: B018
+            ZmqDevice(server.endpoint, spec=other).connect()
+
+
+def test_zmq_device_without_spec_names_its_endpoint_until_connect_then_knows_the_servers_spec_and_params():
+    served = Gain()
+    served.set_params({"gain": [0.5, 1.0, 1.5, 2.0]})
+    with DeviceServer(served, LOOPBACK_ANY) as server:
+        dev = ZmqDevice(server.endpoint)  # no I/O: nothing sent yet
+        assert not dev.spec_known and dev.client.stats["requests"] == 0
+        for read in (lambda: dev.spec, lambda: dev.params):
+            with pytest.raises(DeviceError, match="learnt .*on connect\\(\\); call connect\\(\\) first") as ei:
+                read()
+            assert server.endpoint in str(ei.value)
+        with dev:
+            assert dev.spec == Gain.spec
+            np.testing.assert_array_equal(dev.params["gain"], [0.5, 1.0, 1.5, 2.0])
+            np.testing.assert_array_equal(dev.forward(np.full((1, 4), 0.5)), [[0.25, 0.5, 0.75, 1.0]])
 
 
 def test_device_failure_becomes_an_error_reply_and_the_server_keeps_serving():
@@ -213,7 +227,7 @@ def test_serves_a_visa_device_from_the_bench():
     ref = make_device("shg", imperfections=IDEAL)
     with SimBench("shg", port=0, imperfections=IDEAL) as bench:
         with DeviceServer(VisaDevice.from_config(bench.visa_config()), LOOPBACK_ANY) as server:
-            with RemoteDevice(server.endpoint) as dev:
+            with ZmqDevice(server.endpoint) as dev:
                 x = np.random.default_rng(2).uniform(0, 1, (8, ref.spec.input.size))
                 np.testing.assert_allclose(dev.forward(x), ref.forward(x), rtol=0, atol=1e-12)
                 assert dev.identity()["remote"]["source"]["driver"] == "pulse_shaper"

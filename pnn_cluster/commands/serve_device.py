@@ -1,16 +1,17 @@
-"""``pnn-cluster serve-device``: expose a device (simulated or VISA-backed) on a ZeroMQ ROUTER socket."""
+"""``pnn-cluster serve-device``: a device (simulated, VISA-backed or a user's class) on a ZeroMQ ROUTER socket."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from pnn_cluster.devices import SYSTEMS, make_device
+from pnn_cluster.devices import SYSTEMS, UserDeviceError, make_device, make_user_device
 from pnn_cluster.devices.base import Device, DeviceError
 
 
@@ -27,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--visa-config", metavar="FILE", type=Path,
                      help="serve a VISA device described by a YAML/JSON file {source: {driver, resource, "
                           "timeout_s, settings}, sink: {...}, backend, spec}")
+    src.add_argument("--device", metavar="MODULE:CLASS",
+                     help="serve your own Device class, e.g. --device mylab.amps:TanhAmp (importable here: "
+                          "installed or on PYTHONPATH), constructed with the --option values as keyword arguments")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="ZeroMQ endpoint to bind (default %(default)s; port 0 lets the OS choose)")
     p.add_argument("--allow-remote", action="store_true", help="allow binding to a non-loopback address")
@@ -42,25 +46,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="system size option, e.g. --option n_in=64 (repeatable)")
+                   help="a constructor option: a system size (--option n_in=64) or a keyword argument of your "
+                        "--device class; VALUE is a YAML scalar (42, 0.5, 1e-3, true, text) (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed of the simulated imperfections")
     p.add_argument("--ideal", action="store_true", help="no noise, miscalibration, drift or latency")
     p.add_argument("--no-latency", action="store_true", help="keep the imperfections, drop the simulated latency")
+
+
+# PyYAML reads YAML 1.1, where 1e-3 (no dot) is a string; a lab means a number
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["n_in=64", "gain=0.5", "label=amp A"]`` -> ``{"n_in": 64, "gain": 0.5, "label": "amp A"}``.
+
+    Each VALUE is read as a YAML scalar: an int, a float, a bool, null or a string.
+    """
+    import yaml
+
+    from pnn_cluster.cli import UsageError
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE with KEY an identifier")
+        if key in options:
+            raise UsageError(f"--option {item!r}: {key} given twice; allowed: each option once")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, str) and _FLOAT.fullmatch(text.strip()):
+            value = float(text)
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            raise UsageError(f"--option {item!r}: {type(value).__name__} value; allowed: a YAML scalar "
+                             "(integer, float, true/false, null or a string)")
+        options[key] = value
+    return options
 
 
 def simulated_device(args: argparse.Namespace) -> Device:
     """Build the simulated device the command line describes."""
     from pnn_cluster.cli import UsageError
 
-    options: dict[str, Any] = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise UsageError(f"--option {item!r}: expected KEY=VALUE with KEY an identifier")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
+    options = parse_options(args.option)
     try:
         device = make_device(args.system, **options)
         imp = device.imperfections
@@ -75,6 +105,30 @@ def simulated_device(args: argparse.Namespace) -> Device:
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--system {args.system} with options {options}: {exc}") from None
     return device
+
+
+def user_device(args: argparse.Namespace) -> Device:
+    """Construct the user's Device class named by ``--device`` with the ``--option`` values (no I/O)."""
+    from pnn_cluster.cli import UsageError
+
+    for flag, given in (("--seed", args.seed is not None), ("--ideal", args.ideal), ("--no-latency", args.no_latency)):
+        if given:
+            raise UsageError(f"{flag} applies to a simulated --system only; your --device class takes --option values")
+    try:
+        return make_user_device(args.device, parse_options(args.option))
+    except UserDeviceError as exc:
+        raise UsageError(f"--device: {exc}") from None
+
+
+def served_device(args: argparse.Namespace) -> tuple[Device, str]:
+    """The device the command line asks to serve, and how to name it in the banner. Constructing does no I/O."""
+    if args.visa_config is not None:
+        from pnn_cluster.drivers.visa import VisaDevice
+
+        return VisaDevice.from_config(_load_mapping(args.visa_config)), f"VISA device from {args.visa_config}"
+    if args.device is not None:
+        return user_device(args), f"{args.device}"
+    return simulated_device(args), f"simulated {args.system}"
 
 
 class StopSignals:
@@ -126,21 +180,14 @@ def run(args: argparse.Namespace) -> int:
     if not 0.001 <= args.max_message_mb <= 1 << 20:
         raise UsageError(f"--max-message-mb {args.max_message_mb}; allowed: 0.001 .. 1048576")
     curve = CurveServerConfig(args.curve_secret, args.curve_allow) if args.curve_secret else None
-    if args.visa_config is not None:
-        from pnn_cluster.drivers.visa import VisaDevice
-
-        device: Device = VisaDevice.from_config(_load_mapping(args.visa_config))
-        what = f"VISA device from {args.visa_config}"
-    else:
-        device = simulated_device(args)
-        what = f"simulated {args.system}"
+    device, what = served_device(args)
     with StopSignals() as signals:
         try:
             server = DeviceServer(device, args.bind, max_message_bytes=int(args.max_message_mb * (1 << 20)),
                                   curve=curve, allow_remote=args.allow_remote).start()
         except BindError as exc:
             raise UsageError(str(exc)) from None
-        except DeviceError as exc:  # the instruments behind a VISA device could not be opened
+        except DeviceError as exc:  # the instruments behind the device could not be opened
             print(f"pnn-cluster serve-device: error: {exc}", file=sys.stderr)
             return 1
         print(f"serving {what} ({server.device.spec.name}) on {server.endpoint} "

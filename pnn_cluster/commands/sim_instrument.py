@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         for role, resource in bench.resources.items():
             inst = bench.source if role == "source" else bench.sink
-            print(f"{role} ({inst.driver.kind}): {resource}", flush=True)
+            print(f"{role} ({inst.kind}): {resource}", flush=True)
         print(f"serving simulated {args.system}; SIGINT or SIGTERM to stop", flush=True)
         sig = signals.wait()
         print(f"{sig}: shutting down", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""Devices: specs and limits, the device protocol, physics models and the simulated systems."""
+"""Devices: specs and limits, the device protocol, physics models, the simulated systems and users' own classes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pnn_cluster.devices.base import Device, DeviceError
 from pnn_cluster.devices.physics import PhysicsModel
 from pnn_cluster.devices.simulated import Imperfections, SimulatedDevice
 from pnn_cluster.devices.spec import DeviceSpec, LimitError, ParamSpec, Port
+from pnn_cluster.devices.user import UserDeviceError, load_device_class, make_user_device
 
 __all__ = [
     "Device", "DeviceError", "DeviceSpec", "Imperfections", "LimitError", "ParamSpec", "PhysicsModel",
-    "Port", "SimulatedDevice", "SYSTEMS", "make_device",
+    "Port", "SimulatedDevice", "SYSTEMS", "UserDeviceError", "load_device_class", "make_device", "make_user_device",
 ]
 
 

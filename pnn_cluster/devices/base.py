@@ -21,6 +21,12 @@ both validate against ``spec`` before :meth:`measure` runs, so a user's
 ``measure`` never sees an out-of-range, non-finite or mis-shaped value.
 Constructors do no I/O; :meth:`connect` does (an actor calls it in its own
 process, on the node that has the instrument).
+
+A device whose spec lives at the other end of its connection (a device
+server, an instrument that publishes it) says so with ``spec_on_connect =
+True``: it may be constructed without a spec, its :meth:`open` calls
+:meth:`learn_spec`, and until then ``spec`` and ``params`` raise a
+:class:`DeviceError` saying to connect first.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -42,19 +48,75 @@ class DeviceError(RuntimeError):
 
 
 class Device:
-    """Base class of every physical device, simulated or real."""
+    """Base class of every physical device, simulated or real.
 
-    spec: DeviceSpec
+    ``spec`` is a class attribute of most devices, or given to the
+    constructor; a class with ``spec_on_connect = True`` may leave it to
+    :meth:`open`, which calls :meth:`learn_spec`.
+    """
+
+    #: True when the device may be constructed without a spec and learns it in open()
+    spec_on_connect: ClassVar[bool] = False
 
     def __init__(self, spec: DeviceSpec | None = None) -> None:
         if spec is not None:
+            if not isinstance(spec, DeviceSpec):
+                raise TypeError(f"{type(self).__name__}: spec must be a DeviceSpec, got {type(spec).__name__}")
             self.spec = spec
-        if not isinstance(getattr(self, "spec", None), DeviceSpec):
-            raise TypeError(f"{type(self).__name__} must define a DeviceSpec as `spec`")
-        self._params: dict[str, np.ndarray] = self.spec.initial_params()
         self._lock = threading.Lock()
         self.connected = False
         self.stats = {"calls": 0, "samples": 0, "param_writes": 0, "rejected": 0, "busy_s": 0.0}
+        self._params: dict[str, np.ndarray] | None = None
+        if self.spec_known:
+            self._params = self.spec.initial_params()
+        elif not self.spec_on_connect:
+            raise TypeError(f"{type(self).__name__} must define a DeviceSpec as `spec` (or pass spec=, or set "
+                            "spec_on_connect = True and call learn_spec() in open())")
+
+    # -- the spec ---------------------------------------------------------------------------------
+    # A class attribute ``spec`` of a subclass, or one set on the instance, takes the place of this
+    # property; only a device that has none yet reaches it.
+
+    @property
+    def spec(self) -> DeviceSpec:
+        spec = getattr(self, "_spec", None)
+        if spec is None:
+            raise DeviceError(f"{self!r}: spec is learnt on connect(); call connect() first or pass spec=")
+        return spec
+
+    @spec.setter
+    def spec(self, spec: DeviceSpec) -> None:
+        self._spec = spec
+
+    @property
+    def spec_known(self) -> bool:
+        """False only for a device that learns its spec on connect and has not connected yet."""
+        try:
+            return isinstance(self.spec, DeviceSpec)
+        except DeviceError:
+            return False
+
+    def learn_spec(self, spec: DeviceSpec, params: Mapping[str, Any] | None = None) -> None:
+        """Adopt the spec the other end reports, and its current ``params`` (else the spec's initial ones).
+
+        For :meth:`open` of a ``spec_on_connect`` device. A spec already known
+        must be the same one: a mis-wired endpoint fails at connect, not
+        mid-training.
+        """
+        if self.spec_known:
+            if spec.to_dict() != self.spec.to_dict():
+                raise DeviceError(f"{self!r}: the device reports a spec that differs from the one given: "
+                                  f"device has {spec.to_dict()}, given {self.spec.to_dict()}")
+            return
+        checked = spec.initial_params() if params is None else spec.check_params(params)
+        self.spec = spec
+        self._params = {k: np.array(v, dtype=np.float64) for k, v in checked.items()}
+
+    def __repr__(self) -> str:
+        # looked up without the ``spec`` property, whose error message is made of this repr
+        spec = getattr(self, "_spec", None) or vars(self).get("spec") or getattr(type(self), "spec", None)
+        name = spec.name if isinstance(spec, DeviceSpec) else "spec learnt on connect"
+        return f"{type(self).__name__}({name})"
 
     # -- what a user implements ---------------------------------------------------
 
@@ -84,6 +146,10 @@ class Device:
     def connect(self) -> Device:
         if not self.connected:
             self.open()
+            if not self.spec_known:
+                self.shutdown()
+                raise DeviceError(f"{self!r}: open() did not learn the spec; a spec_on_connect device calls "
+                                  "learn_spec() in open()")
             self.connected = True
         return self
 
@@ -100,7 +166,12 @@ class Device:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self._params.items()}
+        return {k: v.copy() for k, v in self._known_params().items()}
+
+    def _known_params(self) -> dict[str, np.ndarray]:
+        if self._params is None:
+            raise DeviceError(f"{self!r}: parameters are learnt with the spec on connect(); call connect() first")
+        return self._params
 
     def checked_input(self, x: Any) -> np.ndarray:
         """``x`` validated against the spec; a refusal is counted (health reports it) and raised."""
@@ -122,13 +193,15 @@ class Device:
         """Validate and write parameters; a partial mapping updates only the named ones."""
         checked = self.checked_params(params)
         with self._lock:
-            merged = {**self._params, **checked}
+            merged = {**self._known_params(), **checked}
             self.write_params(merged)
             self._params = merged
             self.stats["param_writes"] += 1
 
     def forward(self, x: Any, params: Mapping[str, Any] | None = None) -> np.ndarray:
         """Measure a batch. Parameters, when given, are validated and written first."""
+        if not self.connected and not self.spec_known:
+            self.connect()  # learns the spec that x is checked against
         xa = self.checked_input(x)
         if params is not None:
             self.set_params(params)
@@ -136,7 +209,7 @@ class Device:
             self.connect()
         with self._lock:
             t0 = time.perf_counter()
-            y = np.asarray(self.measure(xa, self._params), dtype=np.float64)
+            y = np.asarray(self.measure(xa, self._known_params()), dtype=np.float64)
             self.stats["busy_s"] += time.perf_counter() - t0
             self.stats["calls"] += 1
             self.stats["samples"] += xa.shape[0]
@@ -148,13 +221,14 @@ class Device:
         return y
 
     def health(self) -> dict[str, Any]:
-        return {"name": self.spec.name, "connected": self.connected, **self.stats}
+        name = self.spec.name if self.spec_known else repr(self)
+        return {"name": name, "connected": self.connected, **self.stats}
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-safe description of the device: spec, limits, identity and current parameters."""
         return {
             "spec": self.spec.to_dict(),
             "identity": self.identity(),
-            "params": {k: v.tolist() for k, v in self._params.items()},
+            "params": {k: v.tolist() for k, v in self._known_params().items()},
             "stats": dict(self.stats),
         }

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LimitError", "Port", "ParamSpec", "DeviceSpec"]
+__all__ = ["LimitError", "Port", "ParamSpec", "DeviceSpec", "UNIFORM"]
 
 
 class LimitError(ValueError):
@@ -87,12 +87,20 @@ class Port:
             raise ValueError(f"Port limits must satisfy low < high, got [{self.low}, {self.high}]")
 
 
+#: the ``init`` that draws each element uniformly within the limits
+UNIFORM = "uniform"
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """A named, trainable device setting with hard limits.
 
-    ``init`` is the value a freshly constructed layer starts from: a scalar
-    (broadcast) or ``None`` for the middle of the range.
+    ``init`` is where a freshly constructed layer starts: a number within the
+    limits (broadcast to every element), ``None`` for the middle of the range,
+    or ``"uniform"``: each element drawn uniformly within ``[low, high]``.
+    Devices with many identical elements (a ring bank, a mesh) need that
+    symmetry broken at the start, or every element gets the same gradient and
+    they stay identical; the draw is seeded (see :meth:`initial`).
     """
 
     name: str
@@ -100,7 +108,7 @@ class ParamSpec:
     low: float
     high: float
     unit: str = ""
-    init: float | None = None
+    init: float | str | None = None
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -113,16 +121,34 @@ class ParamSpec:
             raise ValueError(
                 f"ParamSpec {self.name}: limits must be finite with low < high, got [{self.low}, {self.high}]"
             )
-        if self.init is not None and not self.low <= self.init <= self.high:
-            raise ValueError(
-                f"ParamSpec {self.name}: init {self.init} outside [{self.low}, {self.high}]"
-            )
+        self._check_init()
+
+    def _check_init(self) -> None:
+        init = self.init
+        allowed = f"a number in [{self.low}, {self.high}], None (the middle of the range) or {UNIFORM!r}"
+        if init is None or (isinstance(init, str) and init == UNIFORM):
+            return
+        if isinstance(init, (bool, np.bool_)) or not isinstance(init, (int, float, np.integer, np.floating)):
+            raise ValueError(f"ParamSpec {self.name}: init {init!r} is not a number or {UNIFORM!r}; "
+                             f"allowed: {allowed}")
+        if not self.low <= init <= self.high:  # NaN fails this too
+            raise ValueError(f"ParamSpec {self.name}: init {init!r} outside [{self.low}, {self.high}]; "
+                             f"allowed: {allowed}")
+        object.__setattr__(self, "init", float(init))
 
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape))
 
-    def initial(self) -> np.ndarray:
+    def initial(self, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The starting value; ``"uniform"`` draws from ``rng``, by default ``np.random.default_rng(0)``.
+
+        The default seed makes a device's starting point reproducible (and the
+        same in every process that builds it); pass a generator to vary it.
+        """
+        if isinstance(self.init, str):  # UNIFORM, the one string __post_init__ lets through
+            rng = np.random.default_rng(0) if rng is None else rng
+            return rng.uniform(self.low, self.high, self.shape).astype(np.float64)
         v = (self.low + self.high) / 2 if self.init is None else self.init
         return np.full(self.shape, v, dtype=np.float64)
 
@@ -153,8 +179,15 @@ class DeviceSpec:
                 return p
         raise KeyError(f"{self.name}: no parameter {name!r}; parameters are {list(self.param_names)}")
 
-    def initial_params(self) -> dict[str, np.ndarray]:
-        return {p.name: p.initial() for p in self.params}
+    def initial_params(self, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        """Every parameter's starting value; the ``"uniform"`` ones draw in turn from one ``rng``.
+
+        One generator for all (by default ``np.random.default_rng(0)``), so two
+        uniform parameters of one device do not start equal.
+        """
+        if rng is None and any(p.init == UNIFORM for p in self.params):
+            rng = np.random.default_rng(0)
+        return {p.name: p.initial(rng) for p in self.params}
 
     # -- checks -----------------------------------------------------------------
 

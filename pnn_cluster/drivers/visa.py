@@ -1,56 +1,59 @@
 """SCPI instruments through pyvisa, and a device composed of them.
 
-Instruments are small and declarative, in the style of PyMeasure's
-``Instrument.control`` and QCoDeS' ``Parameter(vals=...)``: every setting is a
-:class:`Setting` with an SCPI header, a unit and a validator. A wrong value
-raises :class:`~pnn_cluster.devices.spec.LimitError` naming the instrument,
-the setting, the value and the allowed range *before* anything is written.
+The instruments are the declarative command sets of
+:mod:`pnn_cluster.protocol.scpi` (every setting a :class:`~pnn_cluster.protocol.scpi.Setting`
+with an SCPI header, a unit and a validator) plus a pyvisa transport. A wrong
+value raises :class:`~pnn_cluster.devices.spec.LimitError` naming the
+instrument, the setting, the value and the allowed range *before* anything
+is written. The simulated bench (:mod:`pnn_cluster.servers.scpi_bench`) is
+built from the same declarations, so driver and bench cannot disagree about
+a header.
 
 Constructors do no I/O. :meth:`Instrument.open` opens the resource through a
 pyvisa ``ResourceManager`` (backend string ``"@py"`` for pyvisa-py, ``""`` for
 the system VISA library); tests hand a fake resource to :meth:`Instrument.attach`.
 
-Arrays travel as IEEE 488.2 definite-length binary blocks (``#<n><len><bytes>``)
-of little-endian float64 (``FORM:BORD SWAP`` on most instruments), never ASCII.
-
-Header syntax (SCPI manuals' notation): upper case is the short form, the
-whole word the long form, ``[NODE]`` is optional. Drivers write the short
-form of the required nodes: ``"SOURce:VOLTage:OFFSet"`` is written
-``SOUR:VOLT:OFFS 0.1`` and read back with ``SOUR:VOLT:OFFS?``. The simulated
-bench (:mod:`pnn_cluster.servers.scpi_bench`) builds its command table from
-the same declarations, so driver and bench cannot disagree about a header.
-
 A :class:`VisaDevice` is a source instrument (waveform generator or pulse
 shaper: the batch goes out) plus a sink instrument (oscilloscope or
 spectrometer: the response comes back), and is a device like any other to
 the engine. Its spec comes from the configuration, or, when none is given,
-from the source instrument's ``SYST:SPEC?`` query (the simulated bench
-answers it with the spec as JSON in a binary block; real instruments do not,
-so a real bench's spec belongs in the configuration).
+from the source instrument's ``SYST:SPEC?`` query on connect (the simulated
+bench answers it with the spec as JSON in a binary block; real instruments
+do not, so a real bench's spec belongs in the configuration).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from pnn_cluster.devices.base import Device, DeviceError
-from pnn_cluster.devices.spec import DeviceSpec, LimitError, Port
+from pnn_cluster.devices.spec import DeviceSpec, LimitError
+from pnn_cluster.protocol.scpi import (
+    BLOCK_DTYPE,
+    InstrumentCommands,
+    OscilloscopeCommands,
+    PulseShaperCommands,
+    SinkCommands,
+    SourceCommands,
+    SpectrometerCommands,
+    WaveformGeneratorCommands,
+    block_values,
+    parse_error,
+    short_header,
+)
 
 __all__ = [
-    "Bool", "DRIVERS", "Enum", "InstrumentConfig", "InstrumentError", "InstrumentTimeout", "Instrument", "Ints",
-    "Oscilloscope", "PulseShaper", "Range", "Setting", "SinkInstrument", "SourceInstrument", "Spectrometer",
-    "VisaDevice", "VisaDeviceConfig", "WaveformGenerator", "header_nodes", "parse_error", "short_header",
+    "DRIVERS", "Instrument", "InstrumentConfig", "InstrumentError", "InstrumentTimeout", "Oscilloscope",
+    "PulseShaper", "SinkInstrument", "SourceInstrument", "Spectrometer", "VisaDevice", "VisaDeviceConfig",
+    "WaveformGenerator",
 ]
 
-#: IEEE 488.2 block element type of every array we move: little-endian float64
-BLOCK_DTYPE = np.dtype("<f8")
 #: most errors we drain from one queue before calling the instrument broken
 MAX_DRAIN = 64
 
@@ -71,243 +74,16 @@ class InstrumentTimeout(DeviceError):
     """No answer from the instrument within its timeout."""
 
 
-# -- validators -------------------------------------------------------------------------
-
-
-class Refused(ValueError):
-    """A validator refused a value; the caller turns it into a LimitError with names."""
-
-    def __init__(self, problem: str, allowed: str) -> None:
-        self.problem = problem
-        self.allowed = allowed
-        super().__init__(f"{problem}; allowed: {allowed}")
-
-
-class Validator:
-    """Checks a Python value and converts it to and from SCPI text."""
-
-    allowed: str = ""
-
-    def check(self, value: Any) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def to_scpi(self, value: Any) -> str:
-        return str(value)
-
-    def from_scpi(self, text: str) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-def _real(value: Any, allowed: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise Refused("not a real number", allowed)
-    return float(value)
-
-
-@dataclass(frozen=True)
-class Range(Validator):
-    """A finite real number in ``[low, high]``."""
-
-    low: float
-    high: float
-    unit: str = ""
-
-    @property
-    def allowed(self) -> str:  # type: ignore[override]
-        u = f" {self.unit}" if self.unit else ""
-        return f"[{self.low:.6g}, {self.high:.6g}]{u}"
-
-    def check(self, value: Any) -> float:
-        v = _real(value, self.allowed)
-        if not math.isfinite(v):
-            raise Refused("not finite", self.allowed)
-        if not self.low <= v <= self.high:
-            raise Refused("out of range", self.allowed)
-        return v
-
-    def to_scpi(self, value: float) -> str:
-        return repr(float(value))
-
-    def from_scpi(self, text: str) -> float:
-        return float(text.strip())
-
-
-@dataclass(frozen=True)
-class Ints(Validator):
-    """An integer in ``[low, high]``."""
-
-    low: int
-    high: int
-    unit: str = ""
-
-    @property
-    def allowed(self) -> str:  # type: ignore[override]
-        u = f" {self.unit}" if self.unit else ""
-        return f"integers {self.low}..{self.high}{u}"
-
-    def check(self, value: Any) -> int:
-        v = _real(value, self.allowed)
-        if not math.isfinite(v) or v != int(v):
-            raise Refused("not an integer", self.allowed)
-        if not self.low <= v <= self.high:
-            raise Refused("out of range", self.allowed)
-        return int(v)
-
-    def from_scpi(self, text: str) -> int:
-        v = float(text.strip())
-        if not math.isfinite(v) or v != int(v):
-            raise ValueError(f"not an integer: {text!r}")
-        return int(v)
-
-
-@dataclass(frozen=True)
-class Enum(Validator):
-    """One of a few SCPI mnemonics, compared case-insensitively."""
-
-    choices: tuple[str, ...]
-
-    @property
-    def allowed(self) -> str:  # type: ignore[override]
-        return "one of " + ", ".join(self.choices)
-
-    def check(self, value: Any) -> str:
-        if isinstance(value, str):
-            for c in self.choices:
-                if value.strip().upper() == c.upper():
-                    return c
-        raise Refused("not an allowed choice", self.allowed)
-
-    def from_scpi(self, text: str) -> str:
-        return self.check(text)
-
-
-@dataclass(frozen=True)
-class Bool(Validator):
-    """ON/OFF; written as ``ON``/``OFF``, read back as ``1``/``0`` as SCPI instruments answer."""
-
-    allowed: str = "True or False (ON/OFF)"
-
-    def check(self, value: Any) -> bool:
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        if isinstance(value, (int, np.integer)) and value in (0, 1):
-            return bool(value)
-        raise Refused("not a boolean", self.allowed)
-
-    def to_scpi(self, value: bool) -> str:
-        return "ON" if value else "OFF"
-
-    def from_scpi(self, text: str) -> bool:
-        t = text.strip().upper()
-        if t in ("1", "ON"):
-            return True
-        if t in ("0", "OFF"):
-            return False
-        raise ValueError(f"not a boolean: {text!r}")
-
-
-# -- SCPI headers -----------------------------------------------------------------------
-
-_NODE_RE = re.compile(r"\[|\]|[A-Za-z*]+\d*")
-
-
-def header_nodes(header: str) -> tuple[tuple[str, str, bool], ...]:
-    """``"OUTPut[:STATe]"`` -> ``(("OUTP", "OUTPUT", False), ("STAT", "STATE", True))``."""
-    nodes = []
-    depth = 0
-    for tok in _NODE_RE.findall(header):
-        if tok == "[":
-            depth += 1
-        elif tok == "]":
-            depth -= 1
-        else:
-            m = re.match(r"([A-Z*]*)([a-z]*)(\d*)$", tok)
-            if not m or not m.group(1):
-                raise ValueError(f"bad SCPI header node {tok!r} in {header!r}")
-            short = m.group(1) + m.group(3)
-            nodes.append((short, tok.upper(), depth > 0))
-    if depth != 0:
-        raise ValueError(f"unbalanced brackets in SCPI header {header!r}")
-    return tuple(nodes)
-
-
-def short_header(header: str) -> str:
-    """The short form of the required nodes: what a driver writes."""
-    return ":".join(short for short, _, optional in header_nodes(header) if not optional)
-
-
-def parse_error(text: str) -> tuple[int, str]:
-    """``'-222,"Data out of range"'`` -> ``(-222, "Data out of range")``."""
-    code, _, msg = text.strip().partition(",")
-    try:
-        n = int(code)
-    except ValueError:
-        raise DeviceError(f"malformed SYST:ERR? answer {text!r}; expected <code>,\"<message>\"") from None
-    msg = msg.strip()
-    if len(msg) >= 2 and msg[0] == msg[-1] == '"':
-        msg = msg[1:-1].replace('""', '"')
-    return n, msg
-
-
-class Setting:
-    """A declarative, range-checked instrument setting (PyMeasure's ``control``).
-
-    Reading the attribute queries ``<header>?``; assigning validates the value,
-    writes ``<header> <value>`` and, when the instrument checks errors, drains
-    ``SYST:ERR?`` so that a refusal by the instrument raises at once.
-    """
-
-    def __init__(self, header: str, validator: Validator, doc: str = "", *, readonly: bool = False,
-                 default: Any = None) -> None:
-        self.header = header
-        self.nodes = header_nodes(header)
-        self.command = short_header(header)
-        self.validator = validator
-        self.readonly = readonly
-        self.default = default
-        self.__doc__ = doc
-        self.name = "?"
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def validate(self, instrument: str, value: Any) -> Any:
-        try:
-            return self.validator.check(value)
-        except Refused as r:
-            raise LimitError(instrument, self.name, r.problem, repr(value), r.allowed) from None
-
-    def __get__(self, inst: Instrument | None, owner: type | None = None) -> Any:
-        if inst is None:
-            return self
-        text = inst.query(f"{self.command}?")
-        try:
-            return self.validator.from_scpi(text)
-        except ValueError:
-            raise DeviceError(f"{inst.name}: {self.name}: unreadable answer {text!r} to {self.command}?") from None
-
-    def __set__(self, inst: Instrument, value: Any) -> None:
-        if self.readonly:
-            raise LimitError(inst.name, self.name, "read-only setting", repr(value), "reading only")
-        v = self.validate(inst.name, value)
-        inst.write(f"{self.command} {self.validator.to_scpi(v)}")
-        if inst.check_errors_on_set:
-            inst.check_errors(f"setting {self.name}")
-
-
 # -- instruments --------------------------------------------------------------------------
 
 
-class Instrument:
-    """An SCPI instrument reached through a pyvisa resource.
+class Instrument(InstrumentCommands):
+    """An SCPI instrument reached through a pyvisa resource: the transport under a command set.
 
     ``resource`` is a VISA resource string (``TCPIP::10.0.0.7::5025::SOCKET``,
     ``TCPIP::10.0.0.7::INSTR``, ``GPIB0::12::INSTR`` ...). Raw SOCKET resources
     need the ``\\n`` terminations set here; INSTR resources ignore them.
     """
-
-    kind: ClassVar[str] = "instrument"
-    role: ClassVar[str] = ""
 
     def __init__(self, resource: str, *, name: str | None = None, timeout_s: float = 5.0, backend: str = "@py",
                  check_errors: bool = True, read_termination: str = "\n", write_termination: str = "\n") -> None:
@@ -429,10 +205,10 @@ class Instrument:
             payload = bytearray(res.read_bytes(length + (len(term) if term else 0)))
         finally:
             res.read_termination = term
-        if length % dtype.itemsize:
-            raise DeviceError(f"{self.name}: block of {length} bytes from {command!r} is not a whole number "
-                              f"of {dtype.itemsize}-byte values")
-        return np.frombuffer(payload, dtype=dtype, count=length // dtype.itemsize)
+        try:
+            return block_values(memoryview(payload)[:length], dtype)
+        except ValueError as exc:
+            raise DeviceError(f"{self.name}: block from {command!r}: {exc}") from None
 
     # -- IEEE 488.2 and SCPI common commands ---------------------------------------------------
 
@@ -455,7 +231,7 @@ class Instrument:
         """Drain the error queue (oldest first); empty when the instrument reports ``0,"No error"``."""
         found: list[tuple[int, str]] = []
         for _ in range(MAX_DRAIN):
-            code, msg = parse_error(self.query("SYST:ERR?"))
+            code, msg = parse_error(self.query(f"{short_header(self.ERROR)}?"))
             if code == 0:
                 return found
             found.append((code, msg))
@@ -468,22 +244,14 @@ class Instrument:
 
     def read_spec(self) -> DeviceSpec:
         """The device spec the instrument publishes (``SYST:SPEC?``, simulated benches only)."""
-        raw = self.query_block("SYST:SPEC?", dtype="B")
+        command = f"{short_header(self.SPEC)}?"
+        raw = self.query_block(command, dtype="B")
         try:
             return DeviceSpec.from_dict(json.loads(raw.tobytes().decode("utf-8")))
         except (ValueError, KeyError, TypeError) as exc:
-            raise DeviceError(f"{self.name}: SYST:SPEC? answered no valid spec: {exc}") from exc
+            raise DeviceError(f"{self.name}: {command} answered no valid spec: {exc}") from exc
 
-    # -- introspection --------------------------------------------------------------------------
-
-    @classmethod
-    def settings(cls) -> dict[str, Setting]:
-        out: dict[str, Setting] = {}
-        for klass in reversed(cls.__mro__):
-            for k, v in vars(klass).items():
-                if isinstance(v, Setting):
-                    out[k] = v
-        return out
+    # -- settings ---------------------------------------------------------------------------------
 
     def set(self, **values: Any) -> None:
         """Validate *all* values first, then write them: a bad one leaves the instrument untouched."""
@@ -535,20 +303,8 @@ def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError)
 
 
-class SourceInstrument(Instrument):
-    """Where a batch goes out: it holds the input waveforms and the device's parameter channels.
-
-    ``LOAD`` takes the whole batch as one block of ``batch * input_size``
-    values, sample after sample; ``PARAM`` holds one named parameter array.
-    """
-
-    role: ClassVar[str] = "source"
-    LOAD: ClassVar[str] = "SOURce:DATA:ARBitrary"
-    PARAM: ClassVar[str] = "SOURce:PARameter:DATA"
-    PARAM_CATALOG: ClassVar[str] = "SOURce:PARameter:CATalog"
-
-    input_size = Setting("SOURce:DATA:POINts", Ints(1, 1 << 20), "values per sample", readonly=True)
-    output = Setting("OUTPut[:STATe]", Bool(), "output on (or shutter open)", default=False)
+class SourceInstrument(Instrument, SourceCommands):
+    """A source instrument (:class:`~pnn_cluster.protocol.scpi.SourceCommands`) through pyvisa."""
 
     def load_batch(self, x: np.ndarray) -> None:
         self.write_block(f"{short_header(self.LOAD)} ", x)
@@ -566,15 +322,8 @@ class SourceInstrument(Instrument):
         return [t.strip().strip('"') for t in text.split(",") if t.strip()]
 
 
-class SinkInstrument(Instrument):
-    """Where the response comes back: ``READ`` acquires one batch and returns it as a block."""
-
-    role: ClassVar[str] = "sink"
-    INIT: ClassVar[str] = "INITiate"
-    FETCH: ClassVar[str] = "FETCh"
-    READ: ClassVar[str] = "READ"
-
-    output_size = Setting("SENSe:POINts", Ints(1, 1 << 20), "values per sample", readonly=True)
+class SinkInstrument(Instrument, SinkCommands):
+    """A sink instrument (:class:`~pnn_cluster.protocol.scpi.SinkCommands`) through pyvisa."""
 
     def read_batch(self) -> np.ndarray:
         """Acquire and return the flat response (``READ?`` = ``INIT`` + ``FETCh?`` in one round trip)."""
@@ -584,54 +333,25 @@ class SinkInstrument(Instrument):
         return self.query_block(f"{short_header(self.FETCH)}?")
 
 
-class WaveformGenerator(SourceInstrument):
+class WaveformGenerator(SourceInstrument, WaveformGeneratorCommands):
     """Arbitrary waveform generator driving an electronic or mechanical layer."""
 
-    kind = "awg"
-    amplitude = Setting("SOURce:VOLTage", Range(1e-3, 10.0, "Vpp"), "peak-to-peak amplitude", default=1.0)
-    offset = Setting("SOURce:VOLTage:OFFSet", Range(-5.0, 5.0, "V"), "DC offset", default=0.0)
-    sample_rate = Setting("SOURce:FUNCtion:ARBitrary:SRATe", Range(1e3, 1e9, "Sa/s"), "sample rate",
-                          default=1e6)
 
-
-class PulseShaper(SourceInstrument):
+class PulseShaper(SourceInstrument, PulseShaperCommands):
     """Spectral phase mask (a 4f pulse shaper with an SLM) for the optical layer."""
 
-    kind = "pulse_shaper"
-    LOAD = "SOURce:MASK:DATA"
-    center_wavelength = Setting("SOURce:WAVelength:CENTer", Range(700.0, 1700.0, "nm"), "centre wavelength",
-                                default=800.0)
-    span = Setting("SOURce:WAVelength:SPAN", Range(1.0, 200.0, "nm"), "spectral span of the mask",
-                   default=40.0)
 
-
-class Oscilloscope(SinkInstrument):
+class Oscilloscope(SinkInstrument, OscilloscopeCommands):
     """Digitising oscilloscope reading an electronic or mechanical layer's response."""
 
-    kind = "scope"
-    READ = "READ:WAVeform"
-    FETCH = "FETCh:WAVeform"
-    time_scale = Setting("TIMebase:SCALe", Range(1e-9, 10.0, "s/div"), "horizontal scale", default=1e-3)
-    volt_scale = Setting("CHANnel1:SCALe", Range(1e-3, 10.0, "V/div"), "vertical scale", default=0.1)
-    averages = Setting("ACQuire:AVERages", Ints(1, 1024), "acquisitions averaged", default=1)
 
-
-class Spectrometer(SinkInstrument):
+class Spectrometer(SinkInstrument, SpectrometerCommands):
     """Grating spectrometer reading the optical layer's output spectrum."""
 
-    kind = "spectrometer"
-    READ = "READ:SPECtrum"
-    FETCH = "FETCh:SPECtrum"
-    integration_time = Setting("SENSe:INTegration:TIME", Range(1e-5, 10.0, "s"), "exposure", default=1e-3)
-    averages = Setting("SENSe:AVERage:COUNt", Ints(1, 1000), "spectra averaged", default=1)
 
-
-#: driver names used in configurations
+#: the driver of each instrument kind of :data:`~pnn_cluster.protocol.scpi.COMMAND_SETS`, by the kind's name
 DRIVERS: dict[str, type[Instrument]] = {
-    "awg": WaveformGenerator,
-    "pulse_shaper": PulseShaper,
-    "scope": Oscilloscope,
-    "spectrometer": Spectrometer,
+    c.kind: c for c in (WaveformGenerator, PulseShaper, Oscilloscope, Spectrometer)
 }
 
 
@@ -709,10 +429,12 @@ class VisaDevice(Device):
     they change (:meth:`write_params`), and all of them on :meth:`open`, so
     the instrument always holds what the engine believes it holds.
 
-    With ``spec=None`` the spec is read from the source on :meth:`open`;
-    until then ``device.spec`` raises. Pass ``model`` to give the engine a
-    differentiable model of the physics (the twin's starting point).
+    With ``spec=None`` the spec is read from the source (``SYST:SPEC?``) on
+    :meth:`connect`; until then ``device.spec`` raises. Pass ``model`` to give
+    the engine a differentiable model of the physics (the twin's starting point).
     """
+
+    spec_on_connect = True
 
     def __init__(self, source: SourceInstrument, sink: SinkInstrument, spec: DeviceSpec | None = None, *,
                  backend: str = "@py", settings: Mapping[str, Mapping[str, Any]] | None = None,
@@ -728,19 +450,10 @@ class VisaDevice(Device):
         self._name = name
         self._idn: dict[str, Any] = {}
         self._rm: Any = None
-        self._spec_from_instrument = spec is None
-        # the base class needs a spec to set up its state; a lazily fetched one replaces this on open()
-        super().__init__(spec or _PENDING)
-        if spec is None:
-            del self.spec
+        super().__init__(spec)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "spec":
-            raise AttributeError(
-                f"{type(self).__name__}({self.source.resource_name}): spec is read from the instrument "
-                f"(SYST:SPEC?) on connect(); call connect() first or pass spec="
-            )
-        raise AttributeError(name)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source.resource_name})"
 
     @classmethod
     def from_config(cls, config: VisaDeviceConfig | Mapping[str, Any], model: Any = None) -> VisaDevice:
@@ -768,14 +481,12 @@ class VisaDevice(Device):
             self._idn = {"source": self.source.idn(), "sink": self.sink.idn()}
             self.source.clear()
             self.sink.clear()
-            if self._spec_from_instrument and "spec" not in self.__dict__:
-                spec = self.source.read_spec()
-                self.spec = spec
-                self._params = spec.initial_params()
+            if not self.spec_known:
+                self.learn_spec(self.source.read_spec())
             self._check_sizes()
             self.source.set(**self._settings.get("source", {}))
             self.sink.set(**self._settings.get("sink", {}))
-            self._push_params(self._params)
+            self._push_params(self._known_params())
             self.source.output = True
         except Exception:
             self.shutdown()
@@ -841,6 +552,3 @@ class VisaDevice(Device):
             "sink": {"driver": self.sink.kind, "resource": self.sink.resource_name, **self._idn.get("sink", {})},
         }
 
-
-# placeholder spec for a VisaDevice whose spec is read on open(); never used for a measurement
-_PENDING = DeviceSpec(name="pending", input=Port(1), output=Port(1))

@@ -1,6 +1,7 @@
-"""ZeroMQ client of a device server, and :class:`RemoteDevice`, a device like any other to the engine.
+"""ZeroMQ client of a device server, and :class:`ZmqDevice`, a device like any other to the engine.
 
-The client speaks the protocol of ``docs/wire_protocol.md`` over a DEALER
+The client speaks the protocol of ``docs/wire_protocol.md`` (message layout
+and arrays: :mod:`pnn_cluster.protocol.zmq`, shared with the server) over a DEALER
 socket with the Lazy Pirate pattern: each request carries an id; the client
 waits ``timeout_s`` for the reply with that id (late replies to earlier tries
 are dropped), and on timeout closes the socket, opens a fresh one (which
@@ -26,10 +27,10 @@ import zmq
 import zmq.auth
 
 from pnn_cluster.devices.base import Device, DeviceError
-from pnn_cluster.devices.spec import DeviceSpec, LimitError, Port
-from pnn_cluster.servers.zmq_server import PROTOCOL_VERSION, ProtocolError, decode_arrays, encode_arrays
+from pnn_cluster.devices.spec import DeviceSpec, LimitError
+from pnn_cluster.protocol.zmq import PROTOCOL_VERSION, ProtocolError, decode_arrays, encode_arrays, load_header
 
-__all__ = ["ClientCurve", "DeviceClient", "RemoteDevice", "RemoteError", "Reply"]
+__all__ = ["ClientCurve", "DeviceClient", "RemoteError", "Reply", "ZmqDevice"]
 
 
 class RemoteError(DeviceError):
@@ -177,11 +178,8 @@ class DeviceClient:
     def _parse(self, frames: list[Any]) -> Reply:
         if len(frames) < 2 or len(frames[0]) != 0:
             raise ProtocolError("envelope", "expected b'' then a header frame")
-        try:
-            header = json.loads(frames[1].bytes.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError("header", f"not JSON ({exc})") from None
-        if not isinstance(header, dict) or header.get("v") != PROTOCOL_VERSION:
+        header = load_header(frames[1], max_bytes=None)  # a reply may be as large as the server makes it
+        if header.get("v") != PROTOCOL_VERSION:
             raise ProtocolError("v", "unsupported reply", repr(header)[:80], str(PROTOCOL_VERSION))
         arrays = decode_arrays(header.get("arrays", []), frames[2:])
         return Reply(header, arrays)
@@ -225,48 +223,36 @@ class DeviceClient:
         return r.arrays["y"]
 
 
-class RemoteDevice(Device):
-    """A device served by :class:`~pnn_cluster.servers.zmq_server.DeviceServer`, as a local :class:`Device`.
+class ZmqDevice(Device):
+    """A device served by a ZeroMQ device server (``pnn-cluster serve-device``), as a local :class:`Device`.
 
-    With ``spec=None`` the spec (and the server's current parameters) are
-    fetched on :meth:`connect`; a given spec is checked against the
-    server's, so a mis-wired endpoint fails at connect, not mid-training.
-    Values are validated here first, then again by the server.
+    With ``spec=None`` the spec and the server's current parameters are
+    learnt on :meth:`connect`; a given spec is checked against the server's,
+    so a mis-wired endpoint fails at connect, not mid-training. Values are
+    validated here first, then again by the server.
     """
+
+    spec_on_connect = True
 
     def __init__(self, endpoint: str, spec: DeviceSpec | None = None, *, timeout_s: float = 5.0, retries: int = 2,
                  curve: ClientCurve | None = None, model: Any = None, context: zmq.Context | None = None) -> None:
         self.client = DeviceClient(endpoint, timeout_s=timeout_s, retries=retries, curve=curve, context=context)
         self._model = model
-        self._spec_from_server = spec is None
         self._remote_identity: dict[str, Any] = {}
-        super().__init__(spec or _PENDING)
-        if spec is None:
-            del self.spec
+        super().__init__(spec)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "spec":
-            raise AttributeError(
-                f"RemoteDevice({self.client.endpoint}): spec is fetched from the server on connect(); "
-                "call connect() first or pass spec="
-            )
-        raise AttributeError(name)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.client.endpoint})"
 
     def open(self) -> None:
         self.client.connect()
         try:
             spec, params, identity = self.client.spec()
+            self.learn_spec(spec, params)
         except Exception:
             self.client.close()
             raise
         self._remote_identity = identity
-        if "spec" not in self.__dict__:
-            self.spec = spec
-            self._params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
-        elif spec.to_dict() != self.spec.to_dict():
-            self.client.close()
-            raise DeviceError(f"RemoteDevice({self.client.endpoint}): the server's device spec differs from the "
-                              f"one given: server has {spec.to_dict()}, given {self.spec.to_dict()}")
 
     def shutdown(self) -> None:
         self.client.close()
@@ -285,7 +271,3 @@ class RemoteDevice(Device):
 
     def health(self) -> dict[str, Any]:
         return {**super().health(), "transport": dict(self.client.stats)}
-
-
-# placeholder spec for a RemoteDevice whose spec is fetched on connect(); never used for a measurement
-_PENDING = DeviceSpec(name="pending", input=Port(1), output=Port(1))

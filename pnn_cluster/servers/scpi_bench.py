@@ -10,11 +10,12 @@ instruments do (raw socket, ``\\n``-terminated, like port 5025 of a real one):
                         ``READ:WAV?`` / ``READ:SPEC?`` runs the device on the
                         loaded batch and answers with the response
 
-so that the drivers of :mod:`pnn_cluster.drivers.visa` run against it through
-pyvisa-py (``TCPIP::127.0.0.1::5025::SOCKET``) exactly as against hardware.
-The command table of each instrument is built from the driver's declared
-:class:`~pnn_cluster.drivers.visa.Setting` s, so driver and bench share one
-declaration of every header, range and default.
+so that the pyvisa drivers (:mod:`pnn_cluster.drivers.visa`) run against it
+through pyvisa-py (``TCPIP::127.0.0.1::5025::SOCKET``) exactly as against
+hardware. The command table of each instrument is built from the command set
+the drivers are built from too (:mod:`pnn_cluster.protocol.scpi`: every
+:class:`~pnn_cluster.protocol.scpi.Setting`, data header, range and default),
+so driver and bench share one declaration of each.
 
 Behaviour a driver can rely on:
 
@@ -61,44 +62,28 @@ import numpy as np
 from pnn_cluster.devices import make_device
 from pnn_cluster.devices.base import Device, DeviceError
 from pnn_cluster.devices.spec import LimitError
-from pnn_cluster.drivers.visa import (
-    DRIVERS,
-    Bool,
-    Instrument,
+from pnn_cluster.protocol.scpi import (
+    BLOCK_DTYPE,
+    COMMAND_SETS,
+    EMPTY_BLOCK,
+    InstrumentCommands,
     Ints,
+    Node,
     Range,
     Refused,
     Setting,
-    SinkInstrument,
-    SourceInstrument,
+    SinkCommands,
+    SourceCommands,
+    block_header,
+    block_values,
+    format_error,
+    header_matches,
     header_nodes,
+    is_decimal_number,
 )
 from pnn_cluster.servers import BindError, is_loopback_host
 
-__all__ = ["SCPI_ERRORS", "ScpiError", "SimBench", "instruments_for"]
-
-SCPI_ERRORS: dict[int, str] = {
-    0: "No error",
-    -100: "Command error",
-    -101: "Invalid character",
-    -102: "Syntax error",
-    -103: "Invalid separator",
-    -104: "Data type error",
-    -108: "Parameter not allowed",
-    -109: "Missing parameter",
-    -113: "Undefined header",
-    -120: "Numeric data error",
-    -151: "Invalid string data",
-    -161: "Invalid block data",
-    -200: "Execution error",
-    -221: "Settings conflict",
-    -222: "Data out of range",
-    -223: "Too much data",
-    -224: "Illegal parameter value",
-    -230: "Data corrupt or stale",
-    -240: "Hardware error",
-    -350: "Queue overflow",
-}
+__all__ = ["ScpiError", "SimBench", "instruments_for"]
 
 ERROR_QUEUE_LEN = 32
 MAX_MESSAGE_BYTES = 1 << 20
@@ -110,7 +95,6 @@ OPTICAL_SYSTEMS = {"shg"}
 _SPECIAL = re.compile(rb"[\n#\"']")
 _HEADER = re.compile(r"^:?(\*[A-Za-z]+|[A-Za-z][A-Za-z0-9]*(?::[A-Za-z][A-Za-z0-9]*)*)(\?)?$")
 _MARK = re.compile("\x00(\\d+)\x00$")
-_EMPTY_BLOCK = b"#10"
 
 
 def instruments_for(system: str) -> tuple[str, str]:
@@ -127,11 +111,7 @@ class ScpiError(Exception):
         super().__init__(self.text())
 
     def text(self) -> str:
-        msg = SCPI_ERRORS.get(self.code, "Error")
-        if self.detail:
-            msg += ";" + self.detail
-        msg = msg.replace("\n", " ").replace('"', "'")[:255]
-        return f'{self.code},"{msg}"'
+        return format_error(self.code, self.detail)
 
 
 class _Block:
@@ -143,13 +123,14 @@ class _Block:
         self.data = data
 
     def pieces(self) -> list[Any]:
-        n = memoryview(self.data).nbytes
-        digits = str(n)
-        return [f"#{len(digits)}{digits}".encode(), memoryview(self.data).cast("B")]
+        view = memoryview(self.data)
+        if not view.nbytes:
+            return [EMPTY_BLOCK]
+        return [block_header(view.nbytes), view.cast("B")]
 
 
 def _float_block(arr: np.ndarray) -> _Block:
-    return _Block(np.ascontiguousarray(arr, dtype="<f8"))
+    return _Block(np.ascontiguousarray(arr, dtype=BLOCK_DTYPE))
 
 
 # -- instruments ------------------------------------------------------------------------------
@@ -157,46 +138,39 @@ def _float_block(arr: np.ndarray) -> _Block:
 
 @dataclass
 class _Command:
-    nodes: tuple[tuple[str, str, bool], ...]
+    nodes: tuple[Node, ...]
     on_set: Callable[[Any, list[Any]], Any] | None = None
     on_query: Callable[[Any, list[Any]], Any] | None = None
     blocking: bool = False  # touches the device: runs in the bench's worker thread
 
 
-def _match(nodes: tuple[tuple[str, str, bool], ...], tokens: list[str]) -> bool:
-    if not nodes:
-        return not tokens
-    short, full, optional = nodes[0]
-    if tokens and tokens[0] in (short, full) and _match(nodes[1:], tokens[1:]):
-        return True
-    return optional and _match(nodes[1:], tokens)
-
-
 class _SimInstrument:
-    """One simulated instrument: its settings, its command table, and the shared bench behind it."""
+    """One simulated instrument: its command set's table of handlers, and the shared bench behind it."""
 
-    def __init__(self, bench: SimBench, driver: type[Instrument], role: str) -> None:
+    def __init__(self, bench: SimBench, commands: type[InstrumentCommands], role: str) -> None:
         self.bench = bench
-        self.driver = driver
+        self.commands = commands
+        self.kind = commands.kind
         self.role = role
         self.port = 0
-        self.settings = driver.settings()
+        self.settings = commands.settings()
         self.values: dict[str, Any] = {}
         self.table: list[_Command] = []
         self.reset_settings()
         for name, s in self.settings.items():
             self._add_setting(name, s)
-        self._add("SYSTem:ERRor[:NEXT]", on_query=lambda sess, a: self._no_args(a) or sess.pop_error())
-        self._add("SYSTem:ERRor:COUNt", on_query=lambda sess, a: self._no_args(a) or str(len(sess.errors)))
-        self._add("SYSTem:SPEC", on_query=self._q_spec)
-        if issubclass(driver, SourceInstrument):
-            self._add(driver.LOAD, on_set=self._load, blocking=True)
-            self._add(driver.PARAM, on_set=self._set_param, on_query=self._q_param, blocking=True)
-            self._add(driver.PARAM_CATALOG, on_query=self._q_catalog)
+        self._add(commands.ERROR, on_query=lambda sess, a: self._no_args(a) or sess.pop_error())
+        self._add(commands.ERROR_COUNT, on_query=lambda sess, a: self._no_args(a) or str(len(sess.errors)))
+        self._add(commands.SPEC, on_query=self._q_spec)
+        if issubclass(commands, SourceCommands):
+            self._add(commands.LOAD, on_set=self._load, blocking=True)
+            self._add(commands.PARAM, on_set=self._set_param, on_query=self._q_param, blocking=True)
+            self._add(commands.PARAM_CATALOG, on_query=self._q_catalog)
         else:
-            self._add(driver.INIT, on_set=self._init, blocking=True)
-            self._add(driver.FETCH, on_query=self._fetch, blocking=True)
-            self._add(driver.READ, on_query=self._read, blocking=True)
+            assert issubclass(commands, SinkCommands)
+            self._add(commands.INIT, on_set=self._init, blocking=True)
+            self._add(commands.FETCH, on_query=self._fetch, blocking=True)
+            self._add(commands.READ, on_query=self._read, blocking=True)
 
     # -- table --------------------------------------------------------------------------------
 
@@ -215,7 +189,7 @@ class _SimInstrument:
             except ValueError:
                 if isinstance(s.validator, (Range, Ints)):
                     # a number that is not acceptable (1.5 for an integer) vs. not a number at all
-                    code = -120 if _looks_numeric(arg) else -104
+                    code = -120 if is_decimal_number(arg) else -104
                 else:
                     code = -224  # a mnemonic the setting does not know
                 raise ScpiError(code, f"{name}: {arg!r}; allowed: {s.validator.allowed}") from None
@@ -227,17 +201,14 @@ class _SimInstrument:
 
         def on_query(sess: _Session, args: list[Any]) -> str:
             self._no_args(args)
-            v = self.values[name]
-            if isinstance(s.validator, Bool):
-                return "1" if v else "0"
-            return s.validator.to_scpi(v)
+            return s.validator.answer(self.values[name])
 
         self._add(s.header, on_set=on_set, on_query=on_query)
 
     def lookup(self, header: str, query: bool) -> _Command:
         tokens = header.lstrip(":").upper().split(":")
         for cmd in self.table:
-            if _match(cmd.nodes, tokens):
+            if header_matches(cmd.nodes, tokens):
                 if (cmd.on_query if query else cmd.on_set) is None:
                     kind = "a command, not a query" if cmd.on_set else "query only"
                     raise ScpiError(-113, f"{header}{'?' if query else ''}: {kind}")
@@ -265,11 +236,10 @@ class _SimInstrument:
     def _block_arg(args: list[Any], what: str) -> np.ndarray:
         if not args or not isinstance(args[-1], _Block):
             raise ScpiError(-109 if not args else -104, f"{what}: a definite-length block #<n><len><float64 data>")
-        data = args[-1].data
-        n = memoryview(data).nbytes
-        if n % 8:
-            raise ScpiError(-161, f"{what}: {n} bytes is not a whole number of float64 values")
-        return np.frombuffer(data, dtype="<f8")
+        try:
+            return block_values(args[-1].data)
+        except ValueError as exc:
+            raise ScpiError(-161, f"{what}: {exc}") from None
 
     def _readonly_value(self, name: str) -> Any:
         spec = self.bench.device.spec
@@ -283,7 +253,7 @@ class _SimInstrument:
         self.values = {n: s.default for n, s in self.settings.items() if not s.readonly}
 
     def idn(self) -> str:
-        return f"PNN-Cluster,SIM-{self.driver.kind.upper()},{self.bench.system}-{self.role}-{self.port},0.1.0"
+        return f"PNN-Cluster,SIM-{self.kind.upper()},{self.bench.system}-{self.role}-{self.port},0.1.0"
 
     def _q_spec(self, sess: _Session, args: list[Any]) -> _Block:
         self._no_args(args)
@@ -405,10 +375,6 @@ class _SimInstrument:
                     self.bench.result = None
             return None
         raise ScpiError(-113, header)
-
-
-def _looks_numeric(text: str) -> bool:
-    return bool(re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", text))
 
 
 # -- connections -------------------------------------------------------------------------------
@@ -721,7 +687,7 @@ class _Session(asyncio.BufferedProtocol):
             if k:
                 out.append(b";")
             if isinstance(r, _Block):
-                out.extend(r.pieces() if memoryview(r.data).nbytes else [_EMPTY_BLOCK])
+                out.extend(r.pieces())
             else:
                 out.append(str(r).encode("ascii", "replace"))
         out.append(b"\n")
@@ -791,15 +757,15 @@ class SimBench:
         self.system = system if device is None else device.spec.name
         self.device = device if device is not None else make_device(system, **device_options)
         src, snk = instruments or instruments_for(self.system)
-        if not issubclass(DRIVERS.get(src, object), SourceInstrument):
+        if not issubclass(COMMAND_SETS.get(src, object), SourceCommands):
             raise BindError(f"sim-instrument: source instrument {src!r}; allowed: awg, pulse_shaper")
-        if not issubclass(DRIVERS.get(snk, object), SinkInstrument):
+        if not issubclass(COMMAND_SETS.get(snk, object), SinkCommands):
             raise BindError(f"sim-instrument: sink instrument {snk!r}; allowed: scope, spectrometer")
         self.host = host
         self.port = port
         self.max_block_bytes = int(max_block_bytes)
-        self.source = _SimInstrument(self, DRIVERS[src], "source")
-        self.sink = _SimInstrument(self, DRIVERS[snk], "sink")
+        self.source = _SimInstrument(self, COMMAND_SETS[src], "source")
+        self.sink = _SimInstrument(self, COMMAND_SETS[snk], "sink")
         self.x: np.ndarray | None = None
         self.result: np.ndarray | None = None
         self.lock = threading.Lock()
@@ -824,8 +790,8 @@ class SimBench:
     def visa_config(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """A :class:`~pnn_cluster.drivers.visa.VisaDeviceConfig` mapping for this bench (spec via SYST:SPEC?)."""
         return {
-            "source": {"driver": self.source.driver.kind, "resource": self.resources["source"], "timeout_s": timeout_s},
-            "sink": {"driver": self.sink.driver.kind, "resource": self.resources["sink"], "timeout_s": timeout_s},
+            "source": {"driver": self.source.kind, "resource": self.resources["source"], "timeout_s": timeout_s},
+            "sink": {"driver": self.sink.kind, "resource": self.resources["sink"], "timeout_s": timeout_s},
             "backend": "@py",
         }
 

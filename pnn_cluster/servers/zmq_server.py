@@ -1,16 +1,8 @@
 """ZeroMQ device server: any :class:`~pnn_cluster.devices.base.Device` on a ROUTER socket.
 
-The wire protocol is specified in ``docs/wire_protocol.md``; in short, every
-request and reply is a multipart message::
-
-    [routing id]  (added/removed by ROUTER; a DEALER or REQ client never sees it)
-    b""           empty delimiter frame (REQ-compatible envelope)
-    header        UTF-8 JSON object: {"v": 1, "op": ..., "id": ..., "arrays": [...]}
-    array 0..n-1  raw bytes of each array, described in header["arrays"] (dtype, shape)
-
-Arrays are never pickled: a frame is the array's bytes, decoded with
-``np.frombuffer`` on the received frame (no copy) and sent from the array's
-own memory (``copy=False``).
+The wire protocol is specified in ``docs/wire_protocol.md``; its message
+layout and array frames are :mod:`pnn_cluster.protocol.zmq`, shared with the
+client (:mod:`pnn_cluster.drivers.zmq_client`).
 
 Safety: every request is checked before the device sees it (envelope,
 header size and JSON, protocol version, op, array descriptors against frame
@@ -31,12 +23,10 @@ authenticator and never gets a reply.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,101 +38,21 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from pnn_cluster.devices.base import Device
 from pnn_cluster.devices.spec import LimitError
+from pnn_cluster.protocol.zmq import (
+    MAX_ARRAYS,
+    OPS,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    decode_arrays,
+    encode_arrays,
+    load_header,
+    short_repr,
+)
 from pnn_cluster.servers import BindError, is_loopback_host
 
-__all__ = [
-    "ALLOWED_DTYPES", "CurveServerConfig", "DEFAULT_MAX_MESSAGE_BYTES", "DeviceServer", "MAX_HEADER_BYTES",
-    "OPS", "PROTOCOL_VERSION", "ProtocolError", "check_bind", "decode_arrays", "encode_arrays",
-]
+__all__ = ["CurveServerConfig", "DEFAULT_MAX_MESSAGE_BYTES", "DeviceServer", "check_bind"]
 
-PROTOCOL_VERSION = 1
-OPS = ("health", "spec", "set_params", "forward")
-MAX_HEADER_BYTES = 64 * 1024
-MAX_ARRAYS = 256
-MAX_NDIM = 8
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-#: dtypes accepted on the wire (numpy ``dtype.str``): little-endian IEEE 754 floats
-ALLOWED_DTYPES = {"<f8": np.dtype("<f8"), "<f4": np.dtype("<f4")}
-
-
-class ProtocolError(ValueError):
-    """A request that does not follow the wire protocol; becomes an error reply of kind ``protocol``."""
-
-    def __init__(self, field: str, problem: str, value: Any = None, allowed: str = "") -> None:
-        self.field, self.problem, self.value, self.allowed = field, problem, value, allowed
-        msg = f"{field}: {problem}"
-        if value is not None:
-            msg += f" (got {value})"
-        if allowed:
-            msg += f"; allowed: {allowed}"
-        super().__init__(msg)
-
-
-# -- arrays on the wire (shared with the client) ---------------------------------------------------
-
-
-def encode_arrays(arrays: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """``{field: array}`` -> (descriptors, frames). Frames are the arrays' own buffers where possible."""
-    descs, frames = [], []
-    for name, value in arrays.items():
-        arr = np.asarray(value)
-        if arr.dtype.str not in ALLOWED_DTYPES:
-            arr = arr.astype("<f8")
-        arr = np.ascontiguousarray(arr)
-        descs.append({"field": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
-        frames.append(memoryview(arr).cast("B") if arr.size else b"")
-    return descs, frames
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 80 else s[:77] + "..."
-
-
-def decode_arrays(descs: Any, frames: list[Any]) -> dict[str, np.ndarray]:
-    """Check descriptors against the frames and view each frame as an array (no copy)."""
-    if not isinstance(descs, list):
-        raise ProtocolError("arrays", "must be a list", _short(descs), "a list of {field, dtype, shape}")
-    if len(descs) != len(frames):
-        raise ProtocolError("arrays", f"{len(descs)} descriptor(s) for {len(frames)} array frame(s)", None,
-                            "one descriptor per frame after the header")
-    out: dict[str, np.ndarray] = {}
-    for i, (d, frame) in enumerate(zip(descs, frames)):
-        where = f"arrays[{i}]"
-        if not isinstance(d, dict):
-            raise ProtocolError(where, "must be an object", _short(d), "{field, dtype, shape}")
-        extra = set(d) - {"field", "dtype", "shape"}
-        if extra:
-            raise ProtocolError(f"{where}.{sorted(extra)[0]}", "unknown key", None, "field, dtype, shape")
-        name = d.get("field")
-        if not isinstance(name, str) or not name or len(name) > 128:
-            raise ProtocolError(f"{where}.field", "must be a non-empty string", _short(name),
-                                "x or params.<name>")
-        if name in out:
-            raise ProtocolError(f"{where}.field", "duplicate field", _short(name), "each field once")
-        dtype = d.get("dtype")
-        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-            raise ProtocolError(f"{where}.dtype", "unsupported dtype", _short(dtype), f"one of {list(ALLOWED_DTYPES)}")
-        shape = d.get("shape")
-        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)):
-            raise ProtocolError(f"{where}.shape", "must be a list of non-negative integers", _short(shape),
-                                f"at most {MAX_NDIM} dimensions")
-        dt = ALLOWED_DTYPES[dtype]
-        nbytes = math.prod(shape) * dt.itemsize
-        have = len(frame)
-        if nbytes != have:
-            raise ProtocolError(f"{where}", f"shape {shape} of {dtype} needs {nbytes} bytes, frame has {have}",
-                                None, "frame length = product(shape) * itemsize")
-        buf = frame.buffer if isinstance(frame, zmq.Frame) else frame
-        arr = np.frombuffer(buf, dtype=dt).reshape(shape) if nbytes else np.empty(shape, dt)
-        # libzmq may hand small frames out of a shared receive buffer at any offset
-        out[name] = arr if arr.flags.aligned else arr.copy()
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def check_bind(endpoint: str, allow_remote: bool = False) -> str:
@@ -345,12 +255,12 @@ class DeviceServer:
                 raise ProtocolError("message", "too large", f"{total} bytes", f"at most {self.max_message_bytes}")
             if len(frames) - 2 > MAX_ARRAYS:
                 raise ProtocolError("arrays", "too many frames", len(frames) - 2, f"at most {MAX_ARRAYS}")
-            header = self._load_header(frames[1])
+            header = load_header(frames[1])
             rid = header.get("id")
             if rid is not None and not (isinstance(rid, (int, str)) and not isinstance(rid, bool)
                                         and len(str(rid)) <= 64):
                 rid = None
-                raise ProtocolError("id", "must be an integer or a short string", _short(header.get("id")),
+                raise ProtocolError("id", "must be an integer or a short string", short_repr(header.get("id")),
                                     "integer, string up to 64 characters, or absent")
             self._check_header(header)
             return self._dispatch(header, frames[2:], rid)
@@ -367,29 +277,16 @@ class DeviceServer:
             self.stats["device_errors"] += 1
             return self._error_reply(rid, "device", "device", type(exc).__name__, None, "", str(exc))
 
-    def _load_header(self, frame: Any) -> dict[str, Any]:
-        n = len(frame)
-        if n > MAX_HEADER_BYTES:
-            raise ProtocolError("header", "too large", f"{n} bytes", f"at most {MAX_HEADER_BYTES}")
-        raw = frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
-        try:
-            header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ProtocolError("header", "not a UTF-8 JSON object", _short(raw[:40]), f"JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise ProtocolError("header", "must be a JSON object", type(header).__name__, "{\"v\": 1, \"op\": ...}")
-        return header
-
     @staticmethod
     def _check_header(header: dict[str, Any]) -> None:
         v = header.get("v")
         if v != PROTOCOL_VERSION or isinstance(v, bool):
-            raise ProtocolError("v", "unsupported protocol version", _short(v), str(PROTOCOL_VERSION))
+            raise ProtocolError("v", "unsupported protocol version", short_repr(v), str(PROTOCOL_VERSION))
         unknown = set(header) - {"v", "op", "id", "arrays"}
         if unknown:
             raise ProtocolError(sorted(unknown)[0], "unknown header key", None, "v, op, id, arrays")
         if header.get("op") not in OPS:
-            raise ProtocolError("op", "unknown operation", _short(header.get("op")), f"one of {list(OPS)}")
+            raise ProtocolError("op", "unknown operation", short_repr(header.get("op")), f"one of {list(OPS)}")
 
     def _dispatch(self, header: dict[str, Any], frames: list[Any], rid: Any) -> list[Any]:
         op = header["op"]
