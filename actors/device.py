@@ -1,4 +1,9 @@
-"""DeviceActor: a device in its own process, on the node that has its instrument."""
+"""DeviceActor: a device in its own process, on the node that has its instrument.
+
+:class:`ActorDevice` is its proxy with the ordinary Device interface (one
+round trip per call, each bounded by the device's ``timeout_s``);
+:class:`RayDeviceHandle` is the pipeline's view of it.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,13 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray import exceptions as rex
 
-from actors.cluster import instrument_resource
-from pnn_cluster.devices.base import Device
-from pnn_cluster.training.workers import DeviceConfig, DeviceWorker, params_version
+from pnn_cluster.devices.base import Device, DeviceError
+from pnn_cluster.runner.build import DeviceRecipe
+from pnn_cluster.training.workers import DeviceWorker, params_version
 
-__all__ = ["RestartPolicy", "DeviceActor", "start_device", "RemoteDevice", "RayDeviceHandle"]
+__all__ = ["RestartPolicy", "DeviceActor", "start_device", "ActorDevice", "RayDeviceHandle"]
 
 
 @dataclass(frozen=True)
@@ -42,38 +48,47 @@ class RestartPolicy:
 
 
 class _DeviceActor(DeviceWorker):
-    def __init__(self, config: DeviceConfig) -> None:
+    def __init__(self, recipe: DeviceRecipe) -> None:
         # device simulations are small tensors; more threads only contend with the other actors on the node
         torch.set_num_threads(1)
-        super().__init__(config)
+        super().__init__(recipe)  # builds and connects here, on the node that has the instrument
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def health(self) -> dict[str, Any]:
-        return {**super().health(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {**super().health(), "node_id": self.node_id()}
 
 
 DeviceActor = ray.remote(_DeviceActor)
 
 
-def start_device(config: DeviceConfig, restart: RestartPolicy | None = None, name: str | None = None,
+def start_device(recipe: DeviceRecipe, restart: RestartPolicy | None = None, name: str | None = None,
                  num_cpus: float = 0, **options: Any):
-    """Start the device actor for ``config``, on the node that declared its instrument (if any).
+    """Start the device actor for ``recipe``, on the node that declared its instrument (if any).
 
-    It asks for no CPU by default: it spends its time waiting on hardware, and
-    a CPU held per instrument would cap how many instruments a lab PC can serve.
+    The recipe's placement adds node labels (``label_selector``) and further
+    resources. It asks for no CPU by default: it spends its time waiting on
+    hardware, and a CPU held per instrument would cap how many instruments a
+    lab PC can serve.
     """
-    if not isinstance(config, DeviceConfig):
-        raise TypeError(f"start_device: config must be a DeviceConfig, got {type(config).__name__}")
+    if not isinstance(recipe, DeviceRecipe):
+        raise TypeError(f"start_device: recipe must be a DeviceRecipe, got {type(recipe).__name__}")
     restart = restart or RestartPolicy()
+    place = recipe.placement
     # two calls in the actor at once: one's arguments and reply travel while the other is measured
     # (the worker serialises access to the device itself)
     opts: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": restart.max_restarts,
                             "max_task_retries": restart.max_task_retries, "max_concurrency": 2}
-    if config.instrument is not None:
-        opts["resources"] = {**options.pop("resources", {}), **instrument_resource(config.instrument)}
+    resources = {**place.ray_resources(), **options.pop("resources", {})}
+    if resources:
+        opts["resources"] = resources
+    if place.labels:
+        opts["label_selector"] = dict(place.labels)  # nodes that joined with `ray start --labels`
     if name is not None:
         opts["name"] = name
     opts.update(options)
-    return DeviceActor.options(**opts).remote(config)
+    return DeviceActor.options(**opts).remote(recipe)
 
 
 class RayDeviceHandle:
@@ -105,24 +120,36 @@ class RayDeviceHandle:
         return ray.get(self.actor.true_model.remote())
 
 
-class RemoteDevice(Device):
+class ActorDevice(Device):
     """A device actor seen through the ordinary :class:`Device` interface, one round trip per call.
 
     Calibration, data-dependent initialisation and anything else written for
     in-process devices works through it unchanged; training goes through the
     pipeline (:class:`RayDeviceHandle`) instead, which does not wait per call.
+    Every call waits at most ``timeout_s``: a hung instrument ends in a
+    :class:`~pnn_cluster.devices.base.DeviceError` naming it, never a wait without end.
     """
 
-    def __init__(self, actor, spec=None, name: str | None = None) -> None:
+    def __init__(self, actor, spec=None, name: str | None = None, timeout_s: float | None = 60.0) -> None:
         self.actor = actor
-        super().__init__(spec if spec is not None else ray.get(actor.spec.remote()))
+        self.timeout_s = timeout_s
+        super().__init__(spec if spec is not None else ray.get(actor.spec.remote(), timeout=timeout_s))
         self.name = name or self.spec.name
         self.connected = True
         self._written: str | None = None
 
     def __reduce__(self):
         # the lock and counters are per process; the actor handle is what identifies the device
-        return (RemoteDevice, (self.actor, self.spec, self.name))
+        return (ActorDevice, (self.actor, self.spec, self.name, self.timeout_s))
+
+    def _get(self, ref, what: str, scale: float = 1.0):
+        timeout = None if self.timeout_s is None else self.timeout_s * scale
+        try:
+            return ray.get(ref, timeout=timeout)
+        except rex.GetTimeoutError:
+            ray.cancel(ref)
+            raise DeviceError(f"device {self.name}: {what} got no reply within {timeout:g} s "
+                              "(devices.NAME.timeout_s); is the instrument hung?") from None
 
     def handle(self) -> RayDeviceHandle:
         return RayDeviceHandle(self.actor, self.name)
@@ -130,7 +157,7 @@ class RemoteDevice(Device):
     def set_params(self, params: Mapping[str, Any]) -> None:
         checked = self.checked_params(params)
         merged = {**self._params, **checked}
-        ray.get(self.actor.set_params.remote(merged))
+        self._get(self.actor.set_params.remote(merged), "a parameter write")
         self._params = merged
         self._written = params_version(merged)
         self.stats["param_writes"] += 1
@@ -139,22 +166,30 @@ class RemoteDevice(Device):
         xa = self.checked_input(x)
         if params is not None:
             self.set_params(params)
-        y = ray.get(self.actor.forward.remote(xa, None, self._written))
+        y = self._get(self.actor.forward.remote(xa, None, self._written), "a measurement")
         if y is None:  # the actor restarted, or someone else wrote other parameters: ours go with the call
-            y = ray.get(self.actor.forward.remote(xa, self._params, None))
+            y = self._get(self.actor.forward.remote(xa, self._params, None), "a measurement")
         self.stats["calls"] += 1
         self.stats["samples"] += xa.shape[0]
         # a reply read zero-copy is read-only; callers (torch.from_numpy) expect to own it, as from a local device
         return y if y.flags.writeable else y.copy()
 
+    def collect(self, **kw: Any):
+        """Calibration samples measured in the actor (one round trip for all of them)."""
+        calls = kw.get("groups", 40) * kw.get("repeats", 2) + kw.get("groups", 40)
+        return self._get(self.actor.collect.remote(**kw), "calibration", scale=max(1, calls))
+
     def model(self):
-        return ray.get(self.actor.model.remote())
+        return self._get(self.actor.model.remote(), "model()")
 
     def true_model(self):
-        return ray.get(self.actor.true_model.remote())
+        return self._get(self.actor.true_model.remote(), "true_model()")
 
     def identity(self) -> dict[str, Any]:
-        return ray.get(self.actor.identity.remote())
+        return self._get(self.actor.identity.remote(), "identity()")
 
     def health(self) -> dict[str, Any]:
-        return ray.get(self.actor.health.remote())
+        return self._get(self.actor.health.remote(), "health()")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**super().snapshot(), "identity": self.identity()}

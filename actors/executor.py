@@ -9,7 +9,7 @@ import numpy as np
 import ray
 from ray import exceptions as rex
 
-from actors.device import RayDeviceHandle, RemoteDevice
+from actors.device import ActorDevice, RayDeviceHandle
 from pnn_cluster.devices.spec import LimitError
 from pnn_cluster.layers import PhysicalLayer
 from pnn_cluster.training.faults import FaultPolicy, is_device_failure
@@ -26,8 +26,8 @@ _LOST = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "Acto
 class RayBackend:
     """Pending calls are ObjectRefs; one ``ray.wait`` covers every stage's calls at once."""
 
-    def wait(self, calls: Sequence[Any]) -> list[Any]:
-        ready, _ = ray.wait(list(calls), num_returns=1)
+    def wait(self, calls: Sequence[Any], timeout: float | None = None) -> list[Any]:
+        ready, _ = ray.wait(list(calls), num_returns=1, timeout=timeout)
         return ready
 
     def result(self, call: Any) -> np.ndarray | None:
@@ -45,13 +45,13 @@ class RayBackend:
         return isinstance(exc, _LOST) or is_device_failure(exc)
 
     def handle_for(self, device: Any, name: str) -> RayDeviceHandle:
-        if isinstance(device, RemoteDevice):
+        if isinstance(device, ActorDevice):
             return RayDeviceHandle(device.actor, name)
         if isinstance(device, RayDeviceHandle):
             return device
         raise TypeError(
             f"RayExecutor: device {name!r} ({type(device).__name__}) lives in this process; start it as a "
-            "device actor (actors.start_device) and give its layer a RemoteDevice, or use the in-process executor"
+            "device actor (actors.start_device) and give its layer an ActorDevice, or use the in-process executor"
         )
 
     def default_handle(self, layer: PhysicalLayer) -> RayDeviceHandle:
@@ -61,7 +61,7 @@ class RayBackend:
 class RayExecutor(PipelineExecutor):
     """The Trainer's executor on a Ray cluster: micro-batches pipelined over device actors.
 
-    A physical layer's own device must be a :class:`RemoteDevice`; ``pools``
+    A physical layer's own device must be an :class:`ActorDevice`; ``pools``
     adds replicas (``{layer name: [Replica(RayDeviceHandle(actor), twin=...), ...]}``).
     """
 

@@ -1,4 +1,9 @@
-"""TwinActor: a digital twin replica in its own process (forward, vector-Jacobian product, fit)."""
+"""TwinActor: a copy of a twin in its own process (forward, vector-Jacobian product at measured inputs, fit).
+
+:class:`RayTwinHandle` is the pipeline's view of one: a VJP returns an
+ObjectRef the schedule waits on together with the device calls, so the
+backward pass of one micro-batch runs while the next is being measured.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch
 
 from pnn_cluster.training.workers import TwinWorker, twin_payload
 
-__all__ = ["TwinActor", "start_twin", "remote_vjp"]
+__all__ = ["TwinActor", "start_twin", "RayTwinHandle"]
 
 
 class _TwinActor(TwinWorker):
@@ -22,23 +27,35 @@ class _TwinActor(TwinWorker):
 TwinActor = ray.remote(_TwinActor)
 
 
-def start_twin(twin: torch.nn.Module, num_cpus: float = 0, max_restarts: int = 3, **options: Any):
-    """A twin actor rebuilt from ``twin``'s kind, config and tensors (the module itself is not shipped)."""
+def start_twin(twin: torch.nn.Module, num_cpus: float = 0, num_gpus: float = 0, max_restarts: int = 3,
+               **options: Any):
+    """A twin actor rebuilt from ``twin``'s kind, config and tensors (the module itself is not shipped).
+
+    A restart rebuilds it from these arguments, that is as it was first sent;
+    the :class:`~pnn_cluster.training.pipeline.TwinPool` that uses it tells by
+    the state's version and sends it the latest before asking again.
+    """
     p = twin_payload(twin)
     opts = {"num_cpus": num_cpus, "max_restarts": max_restarts, "max_task_retries": -1, **options}
-    # a restart rebuilds the twin from these arguments: it comes back as it was shipped, not as last fitted
+    if num_gpus:
+        opts["num_gpus"] = num_gpus
     return TwinActor.options(**opts).remote(p["kind"], p["spec"], p["model"], p["config"], p["state"], p["dtype"])
 
 
-def remote_vjp(actor):
-    """A ``vjp`` for :func:`~pnn_cluster.pat.pat_apply` that asks a twin actor (one round trip per backward)."""
+class RayTwinHandle:
+    """One twin actor as the schedule sees it."""
 
-    def vjp(x: torch.Tensor, params: Mapping[str, torch.Tensor], grad_y: torch.Tensor, need_x: bool = True,
-            need: Sequence[str] | None = None):
-        gx, gp = ray.get(actor.vjp.remote(x.detach().numpy(), {k: v.detach().numpy() for k, v in params.items()},
-                                          grad_y.detach().numpy(), need_x, None if need is None else list(need)))
-        # replies read zero-copy are read-only: torch.tensor takes its own (small) copy
-        out_x = None if gx is None else torch.tensor(gx, dtype=x.dtype)
-        return out_x, {k: torch.tensor(v, dtype=params[k].dtype) for k, v in gp.items()}
+    def __init__(self, actor, name: str = "twin") -> None:
+        self.actor = actor
+        self.name = name
 
-    return vjp
+    def submit_vjp(self, x, params: Mapping[str, Any], grad_y, need_x: bool, need: Sequence[str] | None,
+                   version: str):
+        return self.actor.vjp.remote(x, dict(params), grad_y, need_x, None if need is None else list(need), version)
+
+    def load(self, payload: Mapping[str, Any]) -> str:
+        return ray.get(self.actor.load.remote(dict(payload)))
+
+    def fit(self, train: Any, val: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        figures = ray.get(self.actor.fit.remote(train, val, **kw))
+        return figures, ray.get(self.actor.payload.remote())

@@ -10,23 +10,21 @@ when it is loaded; every mistake is reported as::
 naming the file and the dotted key (``devices.optics.driver.system``,
 ``stack.2.size``), the value that was refused and what would be accepted.
 
-A loaded :class:`ExperimentConfig` turns into the engine's objects with
-:func:`build_experiment` (dataset, devices, stack, :class:`TrainConfig`) or,
-for all-simulated stacks, into a :class:`~pnn_cluster.experiments.TaskSpec`
-with :meth:`ExperimentConfig.to_task_spec`. Building does no I/O on devices:
-drivers connect when they first measure.
+This module is the schema and its loader only: :mod:`pnn_cluster.runner`
+turns a loaded :class:`ExperimentConfig` into devices, twins and a stack and
+runs it, in this process or on Ray.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import math
+import json
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -36,13 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from pnn_cluster.devices import SYSTEMS, make_device
-from pnn_cluster.devices.base import Device
 
 __all__ = [
     "ConfigError", "Problem", "ExperimentConfig", "DeviceConfig", "LayerConfig", "SimulatedDriver", "VisaDriver",
-    "ZmqDriver", "TwinConfig", "load_config", "parse_config", "build_experiment", "Experiment", "example_configs",
-    "example_config_path", "flatten", "TwinFit", "make_twin", "prepare_twins", "attach_twin_shells",
-    "initialise_stack",
+    "ZmqDriver", "PythonDriver", "TwinConfig", "PlacementConfig", "TwinPlacement", "TrainerPlacement",
+    "load_config", "parse_config", "example_configs", "example_config_path", "flatten", "METHODS",
 ]
 
 SYSTEM_NAMES = tuple(sorted(SYSTEMS))
@@ -214,8 +210,35 @@ class ZmqDriver(Section):
         return v
 
 
-Driver = Annotated[SimulatedDriver | VisaDriver | ZmqDriver, Field(discriminator="kind")]
-DRIVER_KINDS = ("simulated", "visa", "zmq")
+_CLASS_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class PythonDriver(Section):
+    """A user's own :class:`~pnn_cluster.devices.Device` class, built in its device actor.
+
+    ``class: "package.module:ClassName"`` is imported where the device actor runs (the lab PC that
+    declared the instrument), so the module must be importable there: installed on that PC, or sent
+    with the job (``ray job submit --working-dir`` / ``runtime_env.py_modules``). ``options`` are
+    the constructor's keyword arguments.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+
+    kind: Literal["python"]
+    class_: str = Field(alias="class")
+    options: dict[str, Any] = Field(default_factory=dict)
+    model: ModelRef | None = None
+
+    @field_validator("class_")
+    @classmethod
+    def _class_path(cls, v: str) -> str:
+        if not _CLASS_PATH.match(v):
+            raise _custom(f"not a class path: {v!r}", "package.module:ClassName")
+        return v
+
+
+Driver = Annotated[SimulatedDriver | VisaDriver | ZmqDriver | PythonDriver, Field(discriminator="kind")]
+DRIVER_KINDS = ("simulated", "visa", "zmq", "python")
 TWIN_CHOICES = ("physics", "residual", "mlp", "ideal")
 
 
@@ -244,6 +267,18 @@ class TwinConfig(Section):
         return str(_resolve(stem, info))
 
 
+class TwinPlacement(Section):
+    """The twin actors of each replica of a device: how many copies share its backward passes, and on what.
+
+    ``actors: 2`` runs two copies of the twin, so two micro-batches' vector-Jacobian products run at
+    once; ``num_gpus: 0.25`` puts them on GPU workers (a fraction lets several twins share one GPU).
+    """
+
+    actors: Annotated[int, Field(ge=1, le=64)] = 1
+    num_cpus: Annotated[float, Field(ge=0.0, le=256.0)] = 0.0
+    num_gpus: Annotated[float, Field(ge=0.0, le=64.0)] = 0.0
+
+
 class PlacementConfig(Section):
     """Where the device's actor runs: on the lab PC that declared its instrument when it joined the cluster.
 
@@ -251,12 +286,13 @@ class PlacementConfig(Section):
     connection), which the PC declares with ``ray start --address HEAD:6379 --resources
     '{"instrument:shg-bench": 1}'``. ``labels`` adds node-label constraints (``ray start --labels
     key=value``); ``resources`` any further custom resources. All empty: anywhere (the local default).
+    ``twins`` places the device's twin actors.
     """
 
     instrument: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     resources: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
-    twin_gpus: Annotated[float, Field(ge=0.0, le=64.0)] = 0.0
+    twins: TwinPlacement = Field(default_factory=TwinPlacement)
 
     def ray_resources(self) -> dict[str, float]:
         out = dict(self.resources)
@@ -265,11 +301,34 @@ class PlacementConfig(Section):
         return out
 
 
+class PoolMember(Section):
+    """One more instrument of the same kind serving a device's layer (a replica of hardware)."""
+
+    driver: Driver
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+
+
 class DeviceConfig(Section):
+    """One physical device of the stack.
+
+    replicas: physical copies of a simulated or ``python`` device, each in its own device actor with its
+        own twin; micro-batches go to whichever copy is free.
+    pool: for hardware, the further instruments of one kind that serve this layer as replicas, each with
+        its own driver and placement (the device's own driver is the first replica).
+    timeout_s: the longest one call to the device (a measurement of one micro-batch, a parameter write)
+        may take; a call that takes longer counts as a device failure (retried, then a clear error).
+    """
+
     driver: Driver
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     twin: TwinConfig = Field(default_factory=TwinConfig)
     replicas: Annotated[int, Field(ge=1, le=1024)] = 1
+    pool: list[PoolMember] = Field(default_factory=list)
+    timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
+
+    @property
+    def n_replicas(self) -> int:
+        return self.replicas + len(self.pool)
 
 
 LAYER_KINDS = ("linear", "rescale", "physical", "affine")
@@ -336,11 +395,22 @@ class TrackingConfig(Section):
     log_models: bool = True
 
 
+class TrainerPlacement(Section):
+    """Where the trainer actor (the model, the optimizer and the loop) runs: next to the devices, on a GPU node..."""
+
+    num_cpus: Annotated[float, Field(ge=0.0, le=256.0)] = 1.0
+    num_gpus: Annotated[float, Field(ge=0.0, le=64.0)] = 0.0
+    labels: dict[str, str] = Field(default_factory=dict)
+    resources: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+
+
 class ClusterConfig(Section):
-    """Ray: ``address`` None trains in this process; ``auto``/``ray://HOST:10001`` joins a cluster."""
+    """Ray: ``address`` None starts a local Ray (or joins ``RAY_ADDRESS``); ``auto`` joins the cluster a job
+    was submitted to. ``trainer`` places the trainer actor."""
 
     address: str | None = None
     namespace: str = "pnn-cluster"
+    trainer: TrainerPlacement = Field(default_factory=TrainerPlacement)
 
 
 METHODS = ("pat", "in_silico", "oracle")
@@ -359,6 +429,8 @@ class ExperimentConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    #: ``KEY: VALUE`` overrides that ``--quick`` applies (a smaller run of the same experiment)
+    quick: dict[str, Any] = Field(default_factory=dict)
 
     _source: str = PrivateAttr(default="<config>")
 
@@ -413,21 +485,29 @@ class ExperimentConfig(Section):
             drv = dev.driver
             if drv.kind == "simulated":
                 out += _option_problems(f"devices.{name}.driver", drv.system, drv.options)
-            elif drv.model is not None:
+            elif getattr(drv, "model", None) is not None:
                 out += _option_problems(f"devices.{name}.driver.model", drv.model.system, drv.model.options)
             if self.method == "oracle" and drv.kind != "simulated":
                 out.append(Problem("method", f"'oracle' differentiates through the simulator; device {name!r} is "
                                    f"{drv.kind} hardware", "pat, in_silico"))
-            has_model = drv.kind == "simulated" or drv.model is not None
+            # a python device may bring its own model(); that is known only once it is built
+            has_model = drv.kind in ("simulated", "python") or drv.model is not None
             if dev.twin.kind in ("physics", "residual", "ideal") and dev.twin.load is None and not has_model:
                 out.append(Problem(f"devices.{name}.twin.kind", f"twin {dev.twin.kind!r} starts from a physics model; "
                                    f"device {name!r} has none", "mlp, or set driver.model.system"))
             if dev.twin.hidden is not None and dev.twin.kind not in ("mlp", "residual"):
                 out.append(Problem(f"devices.{name}.twin.hidden", f"twin {dev.twin.kind!r} has no hidden layers",
                                    "hidden only with kind mlp or residual"))
-            if dev.replicas > 1 and drv.kind != "simulated":
-                out.append(Problem(f"devices.{name}.replicas", "replicas of hardware are separate devices, each with "
-                                   "its own driver", "1 for visa/zmq drivers"))
+            if dev.replicas > 1 and drv.kind in ("visa", "zmq"):
+                out.append(Problem(f"devices.{name}.replicas", "replicas of hardware are separate instruments, each "
+                                   "with its own driver", "1 for visa/zmq drivers; list the others under pool"))
+            for j, member in enumerate(dev.pool):
+                if member.driver.kind != drv.kind:
+                    out.append(Problem(f"devices.{name}.pool.{j}.driver.kind", f"a pool holds devices of one kind; "
+                                       f"{name!r} is {drv.kind}", drv.kind))
+                elif member.driver.kind == "simulated":
+                    out += _option_problems(f"devices.{name}.pool.{j}.driver", member.driver.system,
+                                            member.driver.options)
         return out
 
     # -- conversions -------------------------------------------------------------------------------------
@@ -436,58 +516,23 @@ class ExperimentConfig(Section):
         """Device names in stack order."""
         return [l.device for l in self.stack if l.kind == "physical"]
 
-    def device_config(self, name: str, index: int = 0):
-        """Device ``name`` as a :class:`~pnn_cluster.training.workers.DeviceConfig` (simulated devices), the
-        recipe a device actor builds its device from, placed by ``placement.instrument``."""
-        from pnn_cluster.training.workers import DeviceConfig as WorkerDeviceConfig
-
-        drv = self.devices[name].driver
-        if drv.kind != "simulated":
-            raise ConfigError(self.source, [Problem(f"devices.{name}.driver.kind", "a device actor builds simulated "
-                                                    "systems from a recipe; hardware is reached by its driver",
-                                                    "simulated")])
-        dev = build_device(self, name, index=index)
-        return WorkerDeviceConfig(system=drv.system, options=dict(drv.options), imperfections=dev.imperfections,
-                                  instrument=self.devices[name].placement.instrument, name=name)
-
-    def train_config(self):
-        from pnn_cluster.training.trainer import TrainConfig
-
-        s, o = self.schedule, self.optimizer
-        return TrainConfig(epochs=s.epochs, batch_size=s.batch_size, micro_batch=s.micro_batch, lr=o.lr,
-                           optimizer=o.name, weight_decay=o.weight_decay, lr_schedule=s.lr_schedule,
-                           eval_batch=s.eval_batch, seed=self.seed)
-
-    def to_task_spec(self):
-        """The equivalent :class:`~pnn_cluster.experiments.TaskSpec` (all-simulated stacks only)."""
-        from pnn_cluster.experiments import LayerSpec, physical
-
-        layers = []
-        for l in self.stack:
-            if l.kind == "physical":
-                drv = self.devices[l.device].driver
-                if drv.kind != "simulated":
-                    raise ConfigError(self.source, [Problem(f"devices.{l.device}.driver.kind", "a TaskSpec describes "
-                                                            "simulated systems only", "simulated")])
-                layers.append(physical(drv.system, **drv.options))
-            elif l.kind == "linear":
-                layers.append(LayerSpec("linear", size=int(l.size)))
-            else:
-                layers.append(LayerSpec(l.kind))
-        train = self.train_config()
-        twins = {self.devices[n].twin.groups for n in self.physical_devices()}
-        sub = None
-        if self.dataset.train_subset or self.dataset.test_subset:
-            sub = (self.dataset.train_subset, self.dataset.test_subset)
-        from pnn_cluster.experiments import TaskSpec
-
-        return TaskSpec(name=self.name, dataset=self.dataset.name, layers=tuple(layers), train=train, quick_train=train,
-                        calib_groups=max(twins) if twins else 24, spread=self.init.spread, quick_subset=sub,
-                        doc=self.description)
-
     def resolved(self) -> dict[str, Any]:
         """The full configuration with every default filled in (what a run logs as its parameters)."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
+
+    def with_overrides(self, overrides: Sequence[str]) -> ExperimentConfig:
+        """This configuration with ``KEY=VALUE`` overrides, validated again."""
+        return parse_config(self.resolved(), source=self.source, overrides=overrides)
+
+    def quick_version(self) -> ExperimentConfig:
+        """The smaller run ``--quick`` asks for: this configuration with its ``quick`` overrides."""
+        if not self.quick:
+            return self
+        data = self.resolved()
+        data.pop("quick")
+        # JSON is YAML: each value is parsed back exactly as written in the file
+        return parse_config(data, source=f"{self.source} [quick]",
+                            overrides=[f"{k}={json.dumps(v)}" for k, v in self.quick.items()])
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.resolved(), sort_keys=False)
@@ -581,6 +626,11 @@ def parse_config(data: Any, source: str = "<config>", base_dir: str | Path | Non
         raise ConfigError(source, [_problem(e, data) for e in exc.errors()]) from None
     cfg._source = source
     problems = cfg.problems()
+    if not problems and cfg.quick:
+        try:
+            cfg.quick_version()
+        except ConfigError as exc:  # a quick override that does not fit is a mistake in this file
+            problems = [Problem(f"quick: {p.key}", p.message, p.allowed) for p in exc.problems]
     if problems:
         raise ConfigError(source, problems)
     return cfg
@@ -640,6 +690,11 @@ def _strip_tags(loc: Sequence[Any], data: Any) -> list[Any]:
     return out
 
 
+def _keys(model: type[BaseModel]) -> dict[str, Any]:
+    """A section's fields by the key a file writes (``class``, not the attribute ``class_``)."""
+    return {f.alias or name: f for name, f in model.model_fields.items()}
+
+
 def _model_at(loc: Sequence[Any], data: Any) -> type[BaseModel] | None:
     """The section class that holds the key at ``loc`` (for the list of allowed keys)."""
     ann: Any = ExperimentConfig
@@ -647,7 +702,7 @@ def _model_at(loc: Sequence[Any], data: Any) -> type[BaseModel] | None:
     for part in loc:
         ann = _unwrap(ann, node)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            fld = ann.model_fields.get(part) if isinstance(part, str) else None
+            fld = _keys(ann).get(part) if isinstance(part, str) else None
             if fld is None:
                 return None
             ann = fld.annotation
@@ -697,11 +752,11 @@ def _problem(err: Mapping[str, Any], data: Any) -> Problem:
         return Problem(key, ctx.get("message", err.get("msg", "")), ctx.get("allowed", ""))
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1], data)
-        allowed = list(model.model_fields) if model else []
+        allowed = list(_keys(model)) if model else []
         return Problem(key, f"unknown key{_near(str(loc[-1]), allowed)}", ", ".join(allowed))
     if kind == "missing":
         model = _model_at(loc[:-1], data)
-        fld = model.model_fields.get(str(loc[-1])) if model else None
+        fld = _keys(model).get(str(loc[-1])) if model else None
         return Problem(key, "missing required key", _describe(fld.annotation) if fld else "")
     if kind == "literal_error":
         expected = str(ctx.get("expected", "")).replace(" or ", ", ").replace("'", "")
@@ -721,7 +776,7 @@ def _problem(err: Mapping[str, Any], data: Any) -> Problem:
             expected = _TYPE_WORDS.get(word, "")
             if not expected:  # a section or a driver: say which keys it takes
                 model = _model_at(loc[:-1], data) if loc else None
-                fld = model.model_fields.get(str(loc[-1])) if model and loc else None
+                fld = _keys(model).get(str(loc[-1])) if model and loc else None
                 expected = _describe(fld.annotation) if fld else word
             return Problem(key, f"wrong type: {_show(value)} ({type(value).__name__})", expected)
     return Problem(key, f"{err.get('msg', 'invalid')}: {_show(value)}")
@@ -730,7 +785,7 @@ def _problem(err: Mapping[str, Any], data: Any) -> Problem:
 def _describe(ann: Any) -> str:
     ann = _unwrap(ann, None) if typing.get_origin(ann) is Annotated else ann
     if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return "a mapping with keys " + ", ".join(ann.model_fields)
+        return "a mapping with keys " + ", ".join(_keys(ann))
     origin = typing.get_origin(ann)
     if origin is Literal:
         return ", ".join(map(str, typing.get_args(ann)))
@@ -770,232 +825,3 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix] = tree
     return out
-
-
-# -- from a configuration to the engine's objects -----------------------------------------------------------------
-
-
-@dataclass
-class Experiment:
-    """What a configuration builds: the data, the devices by name, the stack and the training settings."""
-
-    config: ExperimentConfig
-    data: Any
-    devices: dict[str, Device]
-    stack: Any
-    train: Any
-
-    def layer(self, device: str):
-        """The physical layer of device ``device`` (layers are named after their devices)."""
-        return next(l for l in self.stack.physical_layers() if l.name == device)
-
-
-def build_device(cfg: ExperimentConfig, name: str, index: int = 0, replica: int = 0) -> Device:
-    """The device ``name`` of ``cfg`` (no I/O: a driver connects when it first measures)."""
-    dev = cfg.devices[name]
-    drv = dev.driver
-    if drv.kind == "simulated":
-        from pnn_cluster.devices import Imperfections
-
-        base = make_device(drv.system, **drv.options).imperfections
-        imp = Imperfections.ideal() if drv.imperfections.ideal else base
-        imp = imp.with_(**drv.imperfections.overrides())
-        # the same default seeds as experiments.build_devices: each physical copy has its own imperfections
-        seed = drv.seed if drv.seed is not None else cfg.seed * 100 + index
-        imp = imp.with_(seed=seed + 1000 * replica)
-        return make_device(drv.system, imperfections=imp, **drv.options)
-    model = make_device(drv.model.system, **drv.model.options).model() if drv.model else None
-    from pnn_cluster.devices.spec import DeviceSpec
-
-    spec = DeviceSpec.from_dict(drv.spec) if drv.spec else None
-    if drv.kind == "zmq":
-        from pnn_cluster.drivers.zmq_client import ClientCurve, RemoteDevice
-
-        curve = ClientCurve(Path(drv.curve.secret_key_file), Path(drv.curve.server_public_key_file)) \
-            if drv.curve else None
-        return RemoteDevice(drv.address, spec, timeout_s=drv.timeout_s, retries=drv.retries, curve=curve, model=model)
-    from pnn_cluster.drivers.visa import VisaDevice
-
-    return VisaDevice.from_config({"source": drv.source.model_dump(), "sink": drv.sink.model_dump(),
-                                   "backend": drv.backend, "spec": drv.spec}, model=model)
-
-
-def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features: int, seed: int | None = None):
-    """The stack of ``cfg`` on ``devices``; widths are checked against each device's spec."""
-    import torch
-    from torch import nn
-
-    from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
-
-    torch.manual_seed(cfg.seed if seed is None else seed)
-    layers: list[nn.Module] = []
-    width = n_features
-    for i, l in enumerate(cfg.stack):
-        if l.kind == "physical":
-            dev = devices[l.device]
-            n_in = dev.spec.input.size
-            if width != n_in:
-                raise ConfigError(cfg.source, [Problem(f"stack.{i}", f"device {l.device!r} takes {n_in} inputs but "
-                                                       f"the layers before it give {width}",
-                                                       f"a linear layer of size {n_in} before it, or n_in: {width}")])
-            layers.append(PhysicalLayer(dev, name=l.device))  # a layer is named after its device
-            width = dev.spec.output.size
-        elif l.kind == "linear":
-            layers.append(nn.Linear(width, int(l.size)))
-            width = int(l.size)
-        elif l.kind == "affine":
-            layers.append(Affine(width))
-        else:  # rescale into the input range of the next physical layer
-            port = devices[next(x for x in cfg.stack[i + 1:] if x.kind == "physical").device].spec.input
-            layers.append(Rescale(width, port.low, port.high, margin=0.02))
-    return Stack(*layers)
-
-
-def load_data(cfg: ExperimentConfig):
-    from pnn_cluster.data import load_dataset
-
-    ds = cfg.dataset
-    path = ds.path
-    if ds.name == "vowels" and path is None:
-        from pnn_cluster.experiments import default_vowels_path
-
-        found = default_vowels_path()
-        if found is None:
-            raise ConfigError(cfg.source, [Problem("dataset.path", "the vowel dataset needs its CSV file",
-                                                   "a path to vowels_hillenbrand_7class.csv")])
-        path = str(found)
-    if ds.name == "npz" and path is None:
-        raise ConfigError(cfg.source, [Problem("dataset.path", "dataset 'npz' reads a file", "a path to an .npz")])
-    data = load_dataset(ds.name, path, seed=ds.split_seed) if ds.name in ("vowels", "npz") else \
-        load_dataset(ds.name, seed=ds.split_seed)
-    if ds.train_subset or ds.test_subset:
-        data = data.subset(ds.train_subset, ds.test_subset, seed=ds.split_seed)
-    return data
-
-
-def build_experiment(cfg: ExperimentConfig, data=None) -> Experiment:
-    """Dataset, devices (in stack order), stack and :class:`TrainConfig` for ``cfg``; twins come later."""
-    data = data if data is not None else load_data(cfg)
-    devices = {name: build_device(cfg, name, index=i) for i, name in enumerate(cfg.physical_devices())}
-    stack = build_stack(cfg, devices, data.n_features)
-    return Experiment(cfg, data, devices, stack, cfg.train_config())
-
-
-# -- twins and initialisation -----------------------------------------------------------------------------------
-
-
-@dataclass
-class TwinFit:
-    """One device's twin as it was made: the twin, its figures, and the held-out samples behind them."""
-
-    device: str
-    twin: Any
-    kind: str
-    nmse_val: float
-    noise_floor: float
-    nmse_train: float | None = None
-    ideal_nmse: float | None = None
-    device_samples: int = 0
-    seconds: float = 0.0
-    history: list[float] = field(default_factory=list)
-    val: Any = None  # twins.Samples behind nmse_val (the parity plot's points)
-    source: str = "fit"  # fit | ideal | loaded
-
-    @property
-    def ratio_to_floor(self) -> float:
-        return self.nmse_val / self.noise_floor if self.noise_floor > 0 else math.inf
-
-    def metrics(self) -> dict[str, float]:
-        out = {"nmse_val": self.nmse_val, "noise_floor": self.noise_floor, "ratio_to_floor": self.ratio_to_floor,
-               "device_samples": float(self.device_samples), "fit_seconds": self.seconds,
-               "nmse_train": self.nmse_train, "ideal_nmse": self.ideal_nmse}
-        return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "source": self.source, **self.metrics()}
-
-
-def _twin_options(tc: TwinConfig) -> dict[str, Any]:
-    return {"hidden": tuple(tc.hidden)} if tc.hidden else {}
-
-
-def make_twin(exp: Experiment, name: str, index: int = 0, progress: bool = False) -> TwinFit:
-    """Make device ``name``'s twin as its ``twin`` section says: fit, ideal model, or load."""
-    import time
-
-    from pnn_cluster.twins import build_twin, collect, evaluate_twin, fit_twin, load_twin
-
-    tc = exp.config.devices[name].twin
-    device = exp.devices[name]
-    seed = exp.config.seed + index  # the same seeds as experiments.calibrate_stack
-    model = device.model()
-    t0 = time.perf_counter()
-    if tc.load is not None:
-        twin = load_twin(tc.load, model=model, spec=device.spec)
-        twin.requires_grad_(False)
-        groups = max(3, tc.groups // 4)  # a short check of the loaded twin against the device as it is today
-        val = collect(device, groups=groups, batch=tc.batch, repeats=tc.repeats, seed=seed, progress=progress)
-        return TwinFit(name, twin, twin.kind, evaluate_twin(twin, val), val.noise_floor(),
-                       device_samples=val.device_samples, seconds=time.perf_counter() - t0, val=val, source="loaded")
-    samples = collect(device, groups=tc.groups, batch=tc.batch, repeats=tc.repeats, seed=seed, progress=progress)
-    train, val = samples.split(tc.holdout, seed=seed)
-    ideal = None
-    if model is not None:
-        ideal = evaluate_twin(build_twin("physics", device.spec, model).requires_grad_(False), val)
-    if tc.kind == "ideal":
-        twin = build_twin("physics", device.spec, model).requires_grad_(False)
-        return TwinFit(name, twin, "ideal", ideal, val.noise_floor(), evaluate_twin(twin, train), ideal,
-                       samples.device_samples, time.perf_counter() - t0, val=val, source="ideal")
-    twin = build_twin(tc.kind, device.spec, model, **_twin_options(tc))
-    res = fit_twin(twin, train, val, epochs=tc.epochs, lr=tc.lr, seed=seed, progress=progress)
-    return TwinFit(name, twin, tc.kind, res.nmse_val, res.noise_floor, res.nmse_train, ideal, samples.device_samples,
-                   res.seconds, list(res.history), val, "fit")
-
-
-def prepare_twins(exp: Experiment, progress: bool = False, on_fit=None) -> dict[str, TwinFit]:
-    """Make and install every twin the method needs (``oracle`` needs none); ``on_fit(fit)`` sees each."""
-    fits: dict[str, TwinFit] = {}
-    if exp.config.method == "oracle":
-        return fits
-    for i, name in enumerate(exp.config.physical_devices()):
-        fit = make_twin(exp, name, index=i, progress=progress)
-        layer = exp.layer(name)
-        layer.twin = fit.twin
-        layer._sent = None  # calibration wrote other parameters; write ours again before measuring
-        fits[name] = fit
-        if on_fit is not None:
-            on_fit(fit)
-    return fits
-
-
-def attach_twin_shells(exp: Experiment) -> None:
-    """Unfitted twins of the configured kinds, so a checkpoint's state_dict (twins included) loads into the stack."""
-    from pnn_cluster.twins import build_twin, load_twin
-
-    if exp.config.method == "oracle":
-        return
-    for name in exp.config.physical_devices():
-        tc = exp.config.devices[name].twin
-        device = exp.devices[name]
-        if tc.load is not None:
-            twin = load_twin(tc.load, model=device.model(), spec=device.spec)
-        else:
-            kind = "physics" if tc.kind == "ideal" else tc.kind
-            twin = build_twin(kind, device.spec, device.model(), **_twin_options(tc))
-        exp.layer(name).twin = twin.requires_grad_(False)
-
-
-def initialise_stack(exp: Experiment) -> int:
-    """Set the method's mode and initialise the rescales on measured data; returns the device samples it took."""
-    import torch
-
-    from pnn_cluster.experiments import init_rescales_
-
-    cfg = exp.config
-    stack = exp.stack
-    stack.set_mode(cfg.method)
-    xs = torch.as_tensor(exp.data.x_train[: cfg.init.samples], dtype=torch.get_default_dtype())
-    before = stack.samples_measured()
-    with stack.mode_as("in_silico" if cfg.method == "in_silico" else "pat"):
-        init_rescales_(stack, xs, spread=cfg.init.spread, logit_scale=cfg.init.logit_scale)
-    return stack.samples_measured() - before

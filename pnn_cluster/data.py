@@ -117,7 +117,9 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
             raise ValueError(f"{path}: missing arrays {sorted(missing)}")
         x_tr = z["x_train"].reshape(len(z["x_train"]), -1)
         x_te = z["x_test"].reshape(len(z["x_test"]), -1)
-        scale = 255.0 if x_tr.max() > 1.5 else 1.0
+        # 8-bit images (MNIST/Fashion-MNIST IDX converted as they come) are scaled to [0, 1]; real-valued
+        # features are left as they are, whatever their range
+        scale = 255.0 if np.issubdtype(z["x_train"].dtype, np.integer) and x_tr.max() > 1 else 1.0
         return Dataset(name or path.stem, x_tr / scale, z["y_train"], x_te / scale, z["y_test"])
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from pnn_cluster.devices.base import Device
 from pnn_cluster.pat import pat_apply
 
-__all__ = ["PhysicalLayer", "Affine", "Rescale", "Stack", "MODES"]
+__all__ = ["PhysicalLayer", "Affine", "Rescale", "Stack", "MODES", "init_rescales_"]
 
 #: pat: physical forward, twin backward. in_silico: twin both ways.
 #: oracle: physical forward, exact autograd through the simulator (simulated devices only).
@@ -35,13 +35,16 @@ class PhysicalLayer(nn.Module):
     """
 
     def __init__(self, device: Device, twin: nn.Module | None = None, mode: str = "pat",
-                 penalty: float = 0.0, margin: float = 0.02, name: str | None = None) -> None:
+                 penalty: float = 0.0, margin: float = 0.02, name: str | None = None,
+                 rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.device = device
         self.spec = device.spec
         self.name = name or device.spec.name
+        # rng: where parameters initialised "uniform" draw from (seeded by whoever builds the stack)
         self.theta = nn.ParameterDict({
-            p.name: nn.Parameter(torch.as_tensor(p.initial(), dtype=torch.get_default_dtype()))
+            p.name: nn.Parameter(torch.as_tensor(p.initial(rng) if p.init == "uniform" else p.initial(),
+                                                 dtype=torch.get_default_dtype()))
             for p in self.spec.params
         })
         self.twin = twin
@@ -221,3 +224,23 @@ class Stack(nn.Sequential):
 
     def device_params(self) -> Mapping[str, dict[str, np.ndarray]]:
         return {layer.name: layer.params_numpy() for layer in self.physical_layers()}
+
+
+@torch.no_grad()
+def init_rescales_(stack: Stack, x: torch.Tensor, spread: float = 1.5, logit_scale: float = 3.0) -> None:
+    """Data-dependent initialisation: each rescale sees standardised inputs, the final affine sane logits.
+
+    Runs ``x`` through the stack once (physical layers measured on their devices).
+    """
+    h = x
+    mods = list(stack)
+    for i, m in enumerate(mods):
+        if isinstance(m, Rescale):
+            mu, sd = h.mean(0), h.std(0).clamp_min(1e-6)
+            m.weight.copy_(spread / sd)
+            m.bias.copy_(-mu * spread / sd)
+        elif isinstance(m, Affine) and i == len(mods) - 1:
+            mu, sd = h.mean(0), h.std(0).clamp_min(1e-6)
+            m.weight.copy_(logit_scale / sd)
+            m.bias.copy_(-mu * logit_scale / sd)
+        h = m(h)

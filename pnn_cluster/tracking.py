@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pnn_cluster.config import TwinFit
 from pnn_cluster.training.trainer import Callback, Trainer
+from pnn_cluster.twins.record import TwinFit
 
 __all__ = ["MlflowCallback", "TwinFit", "resolve_tracking_uri", "twin_residuals", "device_snapshot",
            "CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "load_run_checkpoint"]
@@ -512,6 +512,9 @@ class MlflowCallback(Callback):
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.flush(wait=True)
         self.set_tags({"pnn.state": trainer.state, "pnn.end_step": trainer.global_step})
+        if trainer.state == "stopped":  # asked to stop: keep the step reached, resume from it later
+            self.log_checkpoint(trainer)
+            return
         if trainer.history:
             final = trainer.history[-1]
             self.log_metrics({"final_test_acc": final["test_acc"], "device_samples_total": trainer.device_samples},
@@ -616,12 +619,11 @@ def add_tracking_args(p: Any) -> None:
 
 
 class DemoTracking:
-    """A demo's parent run with one child run per method (a no-op tracker with ``--no-track``)."""
+    """A demo's parent run; each method is a run of its own, a child of it (nothing with ``--no-track``)."""
 
     def __init__(self, parent: MlflowCallback | None, params: Mapping[str, Any]) -> None:
         self.parent = parent
         self.params = dict(params)
-        self.child: MlflowCallback | None = None
 
     def __enter__(self) -> DemoTracking:
         if self.parent is not None:
@@ -631,42 +633,25 @@ class DemoTracking:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.child is not None:
-            self.child.__exit__(exc_type, exc, tb)
         if self.parent is not None:
             self.parent.__exit__(exc_type, exc, tb)
 
-    def callbacks(self, method: str, task: Any = None, train_config: Any = None) -> list[Callback]:
-        """The callbacks for one method's training: a child run of the demo's run."""
+    def child(self, method: str) -> dict[str, Any] | None:
+        """Tracking settings of one method's run: a child of the demo's run, in the same store."""
         if self.parent is None:
-            return []
-        from dataclasses import asdict, is_dataclass
-
-        config: dict[str, Any] = {"method": method, **self.params}
-        if task is not None and is_dataclass(task):
-            config["task"] = _jsonable(asdict(task))
-        if train_config is not None and is_dataclass(train_config):
-            config["train"] = asdict(train_config)
-        self.child = MlflowCallback(self.parent.tracking_uri, experiment=self.parent.experiment,
-                                    run_name=f"{self.params.get('task', 'demo')} {method}",
-                                    parent_run_id=self.parent.run_id, tags={"pnn.method": method}, config=config,
-                                    command="demo-method", log_models=False)
-        self.child.start()
-        return [self.child]
+            return None
+        return {"tracking_uri": self.parent.tracking_uri, "experiment": self.parent.experiment,
+                "run_name": f"{self.params.get('task', 'demo')} {method}", "parent_run_id": self.parent.run_id,
+                "tags": {"pnn.demo": self.parent.run_id}}
 
     def record(self, result: Any) -> None:
-        """A method's result on its child run and on the demo's run; closes the child run."""
-        if self.parent is None:
+        """A method's headline figures on the demo's run."""
+        if self.parent is None or result.test_acc is None:
             return
-        summary = {k: float(v) for k, v in result.summary().items()}
+        summary = {"test_acc": float(result.test_acc), "device_samples": float(result.device_samples_total),
+                   "seconds": float(result.seconds)}
         if result.twin_nmse is not None:
             summary["twin_nmse"] = float(result.twin_nmse)
-        if self.child is not None:
-            calib = {f"calibration/{layer}/{k}": float(v) for layer, figs in (result.calibration or {}).items()
-                     if isinstance(figs, Mapping) for k, v in figs.items() if isinstance(v, int | float)}
-            self.child.log_metrics({**summary, **calib}, step=0, now=True)
-            self.child.end("FINISHED")
-            self.child = None
         self.parent.log_metrics({f"{k}/{result.method}": v for k, v in summary.items()}, step=0, now=True)
 
 

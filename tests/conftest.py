@@ -32,16 +32,18 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-#: instruments the two simulated lab PCs of the shared test cluster declare
-LAB_INSTRUMENTS = ("shg-bench-1", "circuit-bench-2")
+#: the two simulated lab PCs of the shared test cluster and the instruments each declares
+LAB_PCS = {"labpc-optics": ("shg-bench-1", "amp-bench-1"), "labpc-electronics": ("circuit-bench-2", "amp-bench-2")}
+LAB_INSTRUMENTS = tuple(i for instruments in LAB_PCS.values() for i in instruments)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """The one Ray instance of a test session: a head node and two lab PCs, each declaring one instrument.
+    """The one Ray instance of a test session: a head node and two lab PCs, each declaring its instruments.
 
     Started by the first system test that asks for it, shut down at the end of
     the session. Device actors without an instrument run on any node.
+    ``lab_nodes`` maps each instrument to the node id of the PC that declared it.
     """
     import types
 
@@ -53,8 +55,10 @@ def ray_cluster():
     if ray.is_initialized():
         pytest.fail("a test connected to Ray on its own; system tests share the ray_cluster fixture")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    labs = {name: cluster.add_node(num_cpus=1, resources={INSTRUMENT_PREFIX + name: 1}).node_id
-            for name in LAB_INSTRUMENTS}
+    labs = {}
+    for instruments in LAB_PCS.values():
+        node = cluster.add_node(num_cpus=1, resources={INSTRUMENT_PREFIX + i: 1 for i in instruments})
+        labs.update({i: node.node_id for i in instruments})
     tests_dir = str(Path(__file__).resolve().parent)
     # workers import device classes defined in test modules by name, as a lab's own driver module would be
     ray.init(address=cluster.address, logging_level="WARNING",

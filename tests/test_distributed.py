@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from pnn_cluster.config import ImperfectionsConfig, PlacementConfig, SimulatedDriver
 from pnn_cluster.data import Dataset
 from pnn_cluster.devices import DeviceError, Imperfections
 from pnn_cluster.devices.shg import SHGDevice
 from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
-from pnn_cluster.training.faults import FaultPolicy, ReplicaRetired, TrainingAborted
-from pnn_cluster.training.pipeline import PipelineConfig, Replica
+from pnn_cluster.runner import DeviceRecipe
+from pnn_cluster.training.faults import FaultPolicy, ReplicaRetired
+from pnn_cluster.training.pipeline import PipelineConfig, Replica, TwinPool
 from pnn_cluster.training.trainer import SequentialExecutor, TrainConfig, Trainer
-from pnn_cluster.training.workers import DeviceConfig
+from pnn_cluster.training.workers import twin_payload, twin_version
 from pnn_cluster.twins import build_twin
 
 ray = pytest.importorskip("ray")
@@ -31,8 +33,15 @@ def ideal(seed: int, latency_s: float = 0.0) -> Imperfections:
     return Imperfections.ideal(seed=seed).with_(latency_call_s=latency_s)
 
 
-def configs(n: int, latency_s: float = 0.0) -> list[DeviceConfig]:
-    return [DeviceConfig("shg", OPTS, ideal(i, latency_s), name=f"shg{i}") for i in range(n)]
+def recipe(name: str, system: str = "shg", seed: int = 0, latency_s: float = 0.0, instrument: str | None = None,
+           options=None, ideal_device: bool = True) -> DeviceRecipe:
+    imp = ImperfectionsConfig(ideal=ideal_device, latency_call_s=latency_s)
+    driver = SimulatedDriver(kind="simulated", system=system, options=dict(options or OPTS), imperfections=imp)
+    return DeviceRecipe(name, 0, driver, seed=seed, placement=PlacementConfig(instrument=instrument))
+
+
+def configs(n: int, latency_s: float = 0.0) -> list[DeviceRecipe]:
+    return [recipe(f"shg{i}", seed=i, latency_s=latency_s) for i in range(n)]
 
 
 def make_stack(devices) -> Stack:
@@ -66,9 +75,9 @@ def reference(actors, epochs: int = 2) -> Trainer:
     Measuring on the same actors keeps the devices' own arithmetic (their
     process's dtype) out of the comparison: only the schedule differs.
     """
-    from actors.device import RemoteDevice
+    from actors.device import ActorDevice
 
-    return train(make_stack([RemoteDevice(a) for a in actors]), SequentialExecutor(), epochs)
+    return train(make_stack([ActorDevice(a) for a in actors]), SequentialExecutor(), epochs)
 
 
 def assert_same_params(a: Stack, b: Stack) -> None:
@@ -105,7 +114,7 @@ class DyingSHG(SHGDevice):
     """An SHG bench whose instrument stops answering for good after ``calls`` measurements."""
 
     def __init__(self, calls: int, **kw):
-        super().__init__(**kw)
+        super().__init__(imperfections=Imperfections.ideal(seed=0), **kw)
         self.left = calls
 
     def measure(self, x, params):
@@ -123,17 +132,18 @@ def test_device_actors_run_on_the_node_that_declared_their_instrument(ray_cluste
     from actors.device import start_device
 
     assert {n: node_instruments()[node] for n, node in ray_cluster.lab_nodes.items()} == \
-        {"shg-bench-1": ["shg-bench-1"], "circuit-bench-2": ["circuit-bench-2"]}
-    optics = start_device(DeviceConfig("shg", OPTS, instrument="shg-bench-1"))
-    circuit = start_device(DeviceConfig("circuit", {"n_in": 4, "n_out": 4}, instrument="circuit-bench-2"))
-    anywhere = start_device(DeviceConfig("shg", OPTS))
+        {"shg-bench-1": ["amp-bench-1", "shg-bench-1"], "amp-bench-1": ["amp-bench-1", "shg-bench-1"],
+         "circuit-bench-2": ["amp-bench-2", "circuit-bench-2"], "amp-bench-2": ["amp-bench-2", "circuit-bench-2"]}
+    optics = start_device(recipe("optics", instrument="shg-bench-1"))
+    circuit = start_device(recipe("circuit", "circuit", instrument="circuit-bench-2"))
+    anywhere = start_device(recipe("anywhere"))
     try:
         where = [h["node_id"] for h in ray.get([a.health.remote() for a in (optics, circuit, anywhere)])]
         assert where[0] == ray_cluster.lab_nodes["shg-bench-1"]
         assert where[1] == ray_cluster.lab_nodes["circuit-bench-2"]
         assert where[2] in {ray_cluster.head_node, *ray_cluster.lab_nodes.values()}
         # one connection per instrument: a second owner waits until the first has gone
-        second = start_device(DeviceConfig("shg", OPTS, instrument="shg-bench-1"))
+        second = start_device(recipe("optics-again", instrument="shg-bench-1"))
         ready, _ = ray.wait([second.health.remote()], timeout=1.0)
         assert ready == []
         ray.kill(optics, no_restart=True)
@@ -147,9 +157,9 @@ def test_device_actors_run_on_the_node_that_declared_their_instrument(ray_cluste
 
 
 def test_pipelined_and_sequential_schedules_give_the_in_process_gradients(ray_cluster, float64):
-    from actors.device import RemoteDevice, start_device
+    from actors.device import ActorDevice, start_device
     from actors.executor import RayExecutor
-    from actors.twin import remote_vjp, start_twin
+    from actors.twin import RayTwinHandle, start_twin
 
     x = torch.as_tensor(toy_data().x_train[:16])
     y = torch.as_tensor(toy_data().y_train[:16])
@@ -162,20 +172,26 @@ def test_pipelined_and_sequential_schedules_give_the_in_process_gradients(ray_cl
     actors = [start_device(c) for c in configs(2)]
     twins = []
     try:
-        model = make_stack([RemoteDevice(a) for a in actors])
+        model = make_stack([ActorDevice(a) for a in actors])
         ref_res, ref = grads(model, SequentialExecutor())
         runs = {s: grads(model, RayExecutor(config=PipelineConfig(schedule=s))) for s in ("pipelined", "sequential")}
         assert all(g is not r for g, r in zip(runs["pipelined"][1], ref))
-        # the backward pass on twin actors instead of in the trainer
-        twins = [start_twin(layer.twin) for layer in model.physical_layers()]
-        pools = {layer.name: [Replica(RemoteDevice(a).handle(), vjp=remote_vjp(t))]
-                 for layer, a, t in zip(model.physical_layers(), actors, twins)}
-        runs["twin actors"] = grads(model, RayExecutor(pools=pools))
+        # the backward pass streamed to twin actors (two copies per layer) instead of run in the trainer
+        pools = {}
+        for layer, a in zip(model.physical_layers(), actors):
+            copies = [start_twin(layer.twin) for _ in range(2)]
+            twins += copies
+            payload = twin_payload(layer.twin)
+            pool = TwinPool([RayTwinHandle(t) for t in copies], payload, twin_version(payload["state"]))
+            pools[layer.name] = [Replica(ActorDevice(a).handle(), twins=pool)]
+        ex = RayExecutor(pools=pools)
+        runs["twin actors"] = grads(model, ex)
+        assert ex.stats["twin_calls"] == 2 * 8  # each micro-batch's VJP on each layer, on the twin actors
         for name, (res, got) in runs.items():
             assert res.loss == pytest.approx(ref_res.loss, rel=1e-12), name
             assert res.device_samples == 2 * len(x), name
             for g, r in zip(got, ref):
-                torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14, msg=name)
+                torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14, msg=lambda m: f"{name}: {m}")
     finally:
         kill_all(actors + twins)
 
@@ -184,13 +200,13 @@ def test_pipelined_and_sequential_schedules_give_the_in_process_gradients(ray_cl
 
 
 def test_device_actor_killed_mid_epoch_is_restarted_and_the_run_completes_exactly(ray_cluster, float64):
-    from actors.device import RemoteDevice, start_device
+    from actors.device import ActorDevice, start_device
     from actors.executor import RayExecutor
 
     actors = [start_device(c) for c in configs(2, latency_s=0.005)]
     try:
         ref = reference(actors)
-        model = make_stack([RemoteDevice(a) for a in actors])
+        model = make_stack([ActorDevice(a) for a in actors])
         before = ray.get(actors[1].health.remote())["incarnation"]
         # the 10th call to the second stage is in flight when its actor is killed (5 steps of 4 micro-batches)
         killer = KillingHandle(actors[1], "shg1", at=10, no_restart=False)
@@ -206,18 +222,18 @@ def test_device_actor_killed_mid_epoch_is_restarted_and_the_run_completes_exactl
 
 
 def test_replica_that_dies_for_good_leaves_its_pool_and_the_others_finish_the_run(ray_cluster, float64):
-    from actors.device import RemoteDevice, start_device
+    from actors.device import ActorDevice, start_device
     from actors.executor import RayExecutor
 
     # the second stage has three physical copies; copies of an ideal device measure alike
     actors = [start_device(c) for c in configs(2, latency_s=0.005)]
-    copies = [start_device(DeviceConfig("shg", OPTS, ideal(10 + j, 0.005))) for j in range(2)]
+    copies = [start_device(recipe(f"copy{j}", seed=10 + j, latency_s=0.005)) for j in range(2)]
     try:
         ref = reference(actors)
-        model = make_stack([RemoteDevice(a) for a in actors])
+        model = make_stack([ActorDevice(a) for a in actors])
         doomed = KillingHandle(copies[0], "shg1/doomed", at=3, no_restart=True)
-        pool = [Replica(RemoteDevice(actors[1]).handle(), name="shg1"), Replica(doomed, name="shg1/doomed"),
-                Replica(RemoteDevice(copies[1]).handle(), name="shg1/spare")]
+        pool = [Replica(ActorDevice(actors[1]).handle(), name="shg1"), Replica(doomed, name="shg1/doomed"),
+                Replica(ActorDevice(copies[1]).handle(), name="shg1/spare")]
         ex = RayExecutor(pools={"shg1": pool}, policy=FaultPolicy(max_consecutive_failures=2))
         with pytest.warns(ReplicaRetired, match=r"stage shg1: replica shg1/doomed failed 2 times in a row and "
                                                 r"leaves the pool \(2 replica\(s\) left\); last error: .*Actor"):
@@ -230,46 +246,69 @@ def test_replica_that_dies_for_good_leaves_its_pool_and_the_others_finish_the_ru
         kill_all(actors + copies)
 
 
-def test_trainer_actor_saves_a_checkpoint_and_stops_clearly_when_a_stage_has_no_device_left(ray_cluster, tmp_path):
-    from actors.device import start_device
+def toy_npz(tmp_path) -> str:
+    data = toy_data()
+    path = tmp_path / "toy.npz"
+    np.savez(path, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test)
+    return str(path)
+
+
+def toy_config(tmp_path, devices: dict, stack: list, **extra):
+    from pnn_cluster.config import parse_config
+
+    raw = {"name": "toy", "dataset": {"name": "npz", "path": toy_npz(tmp_path)}, "devices": devices,
+           "stack": stack, **extra}
+    return parse_config(raw, source="toy.yaml")
+
+
+def test_trainer_actor_keeps_a_checkpoint_and_stops_clearly_when_a_stage_has_no_device_left(ray_cluster, tmp_path):
+    import mlflow
+
     from actors.trainer import start_trainer
-    from pnn_cluster.experiments import LayerSpec, TaskSpec, physical
+    from pnn_cluster.training.faults import TrainingAborted
 
-    task = TaskSpec("toy", "toy", (LayerSpec("rescale"), physical("shg", **OPTS), LayerSpec("affine")),
-                    train=TrainConfig(epochs=2, batch_size=16, micro_batch=4, lr=0.05),
-                    quick_train=TrainConfig(epochs=2, batch_size=16, micro_batch=4, lr=0.05))
-    # calibration (8 groups) and initialisation (1 batch) take 9 calls, then 4 a step: it dies in step 3
-    dying = DeviceConfig(f"{__name__}:DyingSHG", {"calls": 9 + 4 * 2, "imperfections": ideal(0), **OPTS})
-    device = start_device(dying)
-    path = tmp_path / "stopped.pt"
-    trainer = start_trainer([device], checkpoint=path, policy=FaultPolicy(max_consecutive_failures=2))
+    # twin checks (3 groups x 2 repeats) and initialisation (1 batch) take 7 calls, then 4 a step: dies in step 3
+    cfg = toy_config(tmp_path, {"shg1": {
+        "driver": {"kind": "python", "class": f"{__name__}:DyingSHG", "options": {"calls": 7 + 4 * 2, **OPTS}},
+        "twin": {"kind": "ideal", "groups": 3, "batch": 8}}},
+        [{"kind": "rescale"}, {"kind": "physical", "device": "shg1"}, {"kind": "affine"}],
+        optimizer={"lr": 0.05}, schedule={"epochs": 2, "batch_size": 16, "micro_batch": 4})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trainer = start_trainer(cfg, tracking={"tracking_uri": uri})
     try:
-        with pytest.raises(Exception, match=r"training stopped: stage shg1: no replica left to measure on "
-                                            r"\(shg1: DeviceError: shg: spectrometer not responding\); "
-                                            r"checkpoint of step 2 saved to") as info:
-            ray.get(trainer.run_method.remote(task, "pat", data=toy_data(), twin="ideal"))
-        assert isinstance(info.value, TrainingAborted)
+        with pytest.raises(TrainingAborted, match=r"training stopped: stage shg1: no replica left to measure on "
+                                                  r"\(shg1: DeviceError: shg: spectrometer not responding\); "
+                                                  r"checkpoint of step 2 kept in run"):
+            ray.get(trainer.run.remote())
         assert ray.get(trainer.status.remote())["global_step"] == 2
-        assert torch.load(path, weights_only=True)["global_step"] == 2
     finally:
-        kill_all([trainer, device])
+        kill_all([trainer])
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("pnn-cluster").experiment_id])
+    run, = [r for r in runs if r.data.tags.get("pnn.command") == "train"]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["pnn.checkpoint_step"] == "2"
 
 
-def test_distributed_run_method_trains_exactly_like_the_in_process_pipeline(ray_cluster):
-    from actors.trainer import run_method_distributed
-    from pnn_cluster.experiments import LayerSpec, TaskSpec, physical, run_method
-    from pnn_cluster.training.pipeline import PipelineExecutor
+def test_the_runner_on_ray_trains_like_the_runner_in_process(ray_cluster, tmp_path):
+    from actors.launch import RayLauncher
+    from pnn_cluster.runner import run_experiment
 
     # noisy devices this time (the systems' own imperfections): each device sees the same calls in the
     # same order either way, so it draws the same noise, and the runs agree to rounding. (SGD: Adam's
-    # first steps turn any rounding difference in a near-zero gradient into a full step.)
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, optimizer="sgd")
-    task = TaskSpec("toy", "toy", (LayerSpec("rescale"), physical("shg", **OPTS), LayerSpec("rescale"),
-                                   physical("shg", **OPTS), LayerSpec("affine")),
-                    train=cfg, quick_train=cfg, calib_groups=6)
-    local = run_method(task, "pat", data=toy_data(), executor=PipelineExecutor())
-    remote = run_method_distributed(task, "pat", data=toy_data())
-    assert remote.device_samples == local.device_samples
+    # first steps turn any rounding difference in a near-zero gradient into a full step.) On Ray the twins
+    # are fitted in twin actors and the backward pass streams to them; in process both run here.
+    dev = {"driver": {"kind": "simulated", "system": "shg", "options": OPTS}, "twin": {"groups": 6, "batch": 16}}
+    cfg = toy_config(tmp_path, {"a": dev, "b": dev},
+                     [{"kind": "rescale"}, {"kind": "physical", "device": "a"}, {"kind": "rescale"},
+                      {"kind": "physical", "device": "b"}, {"kind": "affine"}],
+                     optimizer={"name": "sgd", "lr": 0.1}, schedule={"epochs": 1, "batch_size": 16})
+    local = run_experiment(cfg)
+    remote = RayLauncher().run(cfg)
+    assert (remote.device_actors, remote.twin_actors, remote.trainer_actor) == (2, 2, True)
+    assert (local.device_actors, local.twin_actors, local.trainer_actor) == (0, 0, False)
+    assert remote.executor["twin_calls"] > 0 and "twin_calls" not in local.executor
+    assert remote.device_samples_total == local.device_samples_total
     assert remote.twin_nmse == pytest.approx(local.twin_nmse, rel=1e-6)
     assert remote.history[-1]["train_loss"] == pytest.approx(local.history[-1]["train_loss"], rel=1e-6)
     assert remote.history[-1]["test_loss"] == pytest.approx(local.history[-1]["test_loss"], rel=1e-6)

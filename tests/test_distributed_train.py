@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import yaml
@@ -36,40 +37,38 @@ def _run(tmp_path, capsys, *extra):
 
 def test_train_runs_devices_in_actors_and_matches_in_process(ray_cluster, tmp_path, capsys):
     out, dist = _run(tmp_path, capsys)
-    assert "1 device actor(s) on Ray" in out
+    assert "1 device actor(s) on Ray" in out and "the loop runs in a trainer actor" in out
     assert dist["device_actors"] == 1 and dist["steps"] == 6
+    assert dist["twin_actors"] == 1 and dist["trainer_actor"] is True
+    assert dist["nodes"] == {"circuit": ray_cluster.lab_nodes["circuit-bench-2"]}
     _, local = _run(tmp_path, capsys, "--in-process")
     assert local["device_actors"] == 0 and local["steps"] == 6
+    assert local["twin_actors"] == 0 and local["trainer_actor"] is False
     # the same devices (same seeds) measured through the pipeline: the same training within noise
     assert dist["device_samples"] == local["device_samples"]
     assert abs(dist["test_acc"] - local["test_acc"]) <= 0.1, (dist, local)
 
 
 def test_placement_labels_and_resources_reach_the_device_actor(monkeypatch, tmp_path):
-    """Without a cluster: what `train` asks Ray for, for a device placed by instrument, labels and resources."""
-    import actors.cluster
+    """Without a cluster: what a device actor asks Ray for, for a device placed by instrument, labels, resources."""
     import actors.device
-    import actors.executor
-    from pnn_cluster.commands.train import _distribute
-    from pnn_cluster.config import build_experiment, parse_config
+    from pnn_cluster.config import parse_config
+    from pnn_cluster.runner import device_recipes
 
     raw = {**CONFIG, "devices": {"circuit": {**CONFIG["devices"]["circuit"], "placement": {
         "instrument": "circuit-bench-2", "labels": {"lab": "optics-room"}, "resources": {"scope": 1}}}}}
     cfg = parse_config(raw, source=str(tmp_path / "inline.yaml"))
     asked = []
 
-    class FakeRemote:
-        def __init__(self, actor, name=None):
-            self.actor, self.spec = actor, exp.devices["circuit"].spec
+    class FakeActorClass:
+        def options(self, **opts):
+            asked.append(opts)
+            return types.SimpleNamespace(remote=lambda recipe: ("actor", recipe))
 
-    monkeypatch.setattr(actors.cluster, "connect", lambda address=None: "fake")
-    monkeypatch.setattr(actors.device, "start_device", lambda config, **kw: asked.append((config, kw)) or "actor")
-    monkeypatch.setattr(actors.device, "RemoteDevice", FakeRemote)
-    monkeypatch.setattr(actors.executor, "RayExecutor", lambda: "executor")
-    exp = build_experiment(cfg)
-    executor, started = _distribute(cfg, exp, None)
-    assert executor == "executor" and started == ["actor"]
-    (config, kw), = asked
-    assert config.instrument == "circuit-bench-2"
-    assert kw == {"resources": {"scope": 1.0}, "label_selector": {"lab": "optics-room"}}
-    assert isinstance(exp.layer("circuit").device, FakeRemote)
+    monkeypatch.setattr(actors.device, "DeviceActor", FakeActorClass())
+    recipe, = device_recipes(cfg)["circuit"]
+    assert actors.device.start_device(recipe) == ("actor", recipe)
+    opts, = asked
+    assert opts["resources"] == {"scope": 1.0, "instrument:circuit-bench-2": 1.0}
+    assert opts["label_selector"] == {"lab": "optics-room"}
+    assert opts["num_cpus"] == 0 and opts["max_concurrency"] == 2

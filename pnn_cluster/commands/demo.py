@@ -1,4 +1,9 @@
-"""``pnn-cluster demo``: the hybrid optical-electronic stack on MNIST, PAT against in silico."""
+"""``pnn-cluster demo``: the hybrid optical-electronic stack on MNIST, PAT against in silico.
+
+The demo is the shipped ``hybrid_mnist.yaml`` (or another shipped configuration, ``--task``) run once per
+method through the same runner as ``pnn-cluster train``: each method is an MLflow run of its own, a child
+of the demo's run, that ``pnn-cluster evaluate RUN_ID`` can measure again.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ import json
 import time
 
 from pnn_cluster.commands._table import format_table
-from pnn_cluster.experiments import METHODS, TASKS, run_method
+from pnn_cluster.commands.train import add_placement_args, launcher_for, tracking_for
+from pnn_cluster.config import METHODS, example_config_path, example_configs
 from pnn_cluster.tracking import add_tracking_args, demo_tracking
 
 
@@ -16,20 +22,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo", help="train the hybrid SHG-optics + analog-circuit stack on MNIST (PAT vs in silico)",
         description="Calibrates digital twins of a simulated SHG optics device and an analog circuit, trains "
                     "the hybrid stack with physics-aware training and in silico, and prints the test accuracy "
-                    "measured on the physical devices, the device samples used and the wall time per method.",
+                    "measured on the physical devices, the device samples used and the wall time per method. "
+                    "The stack is pnn_cluster/configs/hybrid_mnist.yaml; every device runs in its own Ray actor "
+                    "and the loop in a trainer actor (a local Ray is started), unless --in-process.",
     )
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run (under 2 minutes)")
-    p.add_argument("--task", default="hybrid_mnist", choices=sorted(TASKS), help="task to run")
+    p.add_argument("--quick", action="store_true", help="the configuration's quick version (about 2 minutes)")
+    p.add_argument("--task", default="hybrid_mnist", choices=example_configs(),
+                   help="shipped configuration to run (pnn_cluster/configs/NAME.yaml)")
     p.add_argument("--methods", default="pat,in_silico",
                    help=f"comma-separated methods from {', '.join(METHODS)} (default: pat,in_silico)")
     p.add_argument("--seed", type=int, default=0, help="seed of devices, data order and initialisation")
-    p.add_argument("--data", default=None, help="dataset file, for tasks that read one (vowels CSV)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration key, e.g. --set dataset.path=vowels.csv (repeatable)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line as well")
-    p.add_argument("--address", default=None,
-                   help="join the Ray cluster at this address (default: RAY_ADDRESS, else start a local Ray)")
-    p.add_argument("--in-process", action="store_true", help="run devices and training in this process, without Ray")
+    add_placement_args(p)
     add_tracking_args(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, no_progress=True)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -43,46 +51,54 @@ def parse_methods(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = {k: getattr(args, k) for k in ("task", "methods", "quick", "seed")}
-    with demo_tracking(args, params) as tracking:  # a run for the demo, a child run per method
-        return _run(args, tracking)
+    from pnn_cluster.cli import UsageError
+    from pnn_cluster.config import ConfigError, load_config
 
-
-def _run(args: argparse.Namespace, tracking) -> int:
     methods = parse_methods(args.methods)
-    task = TASKS[args.task]
-    print(f"pnn-cluster demo: task {task.name} ({task.doc}){' [quick]' if args.quick else ''}")
+    try:
+        base = load_config(example_config_path(args.task))
+        if args.quick:  # what --set says wins over the quick section
+            base = base.quick_version()
+        base = base.with_overrides([*args.overrides, f"seed={args.seed}"])
+        configs = {m: base.with_overrides([f"method={m}"]) for m in methods}
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    params = {"task": args.task, "methods": ",".join(methods), "quick": args.quick, "seed": args.seed}
+    with demo_tracking(args, params) as tracking:  # a run for the demo, a child run per method
+        return _run(args, base, configs, tracking)
+
+
+def _run(args: argparse.Namespace, base, configs, tracking) -> int:
+    print(f"pnn-cluster demo: {base.name} ({base.description}){' [quick]' if args.quick else ''}", flush=True)
     t0 = time.perf_counter()
+    launcher = launcher_for(args)
     results = []
-    runner = run_method if args.in_process else _distributed(args)
-    for m in methods:
-        print(f"-- {m}: {'calibrating twins, ' if m != 'oracle' else ''}training ...", flush=True)
-        r = runner(task, m, quick=args.quick, seed=args.seed, data_path=args.data, progress=True,
-                   callbacks=tracking.callbacks(m, task, task.quick_train if args.quick else task.train))
+    for method, cfg in configs.items():
+        print(f"-- {method}: {'calibrating twins, ' if method != 'oracle' else ''}training ...", flush=True)
+        child = tracking.child(method)
+        track = tracking_for(cfg, args, **child) if child is not None else None
+        r = launcher.run(cfg, tracking=track)
         tracking.record(r)
         results.append(r)
-        print(f"   {m}: test accuracy {r.test_acc:.3f} on the physical devices, {r.device_samples} device "
+        if r.state == "stopped":
+            print("stopped", flush=True)
+            return 130
+        print(f"   {method}: test accuracy {r.test_acc:.3f} on the physical devices, {r.device_samples_total} device "
               f"samples, {r.seconds:.1f} s", flush=True)
     print()
     print(results_table(results))
     print(f"\ntotal wall time {time.perf_counter() - t0:.1f} s")
     if args.json:
-        print(json.dumps({"task": task.name, "methods": {r.method: r.summary() for r in results}}))
+        print(json.dumps({"task": base.name, "methods": {
+            r.method: {"test_acc": r.test_acc, "device_samples": r.device_samples_total, "seconds": r.seconds,
+                       "run_id": r.run_id, "device_actors": r.device_actors, "twin_actors": r.twin_actors,
+                       "trainer_actor": r.trainer_actor} for r in results}}))
     return 0
 
 
 def results_table(results) -> str:
     rows = [("method", "test acc (physical)", "device samples", "twin NMSE", "wall time (s)")]
     for r in results:
-        rows.append((r.method, f"{r.test_acc:.3f}", f"{r.device_samples:,}",
+        rows.append((r.method, f"{r.test_acc:.3f}", f"{r.device_samples_total:,}",
                      "-" if r.twin_nmse is None else f"{r.twin_nmse:.2e}", f"{r.seconds:.1f}"))
     return format_table(rows)
-
-
-def _distributed(args: argparse.Namespace):
-    """run_method with every device in its own Ray actor; Ray is imported only when used."""
-    from functools import partial
-
-    from actors.trainer import run_method_distributed
-
-    return partial(run_method_distributed, address=args.address)

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from pnn_cluster.devices.base import DeviceError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -83,28 +85,33 @@ def run(args: argparse.Namespace) -> int:
                 row["check"] = probe(dev, args.probe_batch)
             rows.append(row)
     else:
-        from pnn_cluster.config import ConfigError, build_device, load_config
+        from pnn_cluster.config import ConfigError, load_config
+        from pnn_cluster.runner import device_recipes
 
         try:
             cfg = load_config(args.config)
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
-        for i, name in enumerate(cfg.physical_devices()):
-            dc = cfg.devices[name]
-            drv = dc.driver
+        for recipe in (r for rs in device_recipes(cfg).values() for r in rs):
+            drv = recipe.driver
             if drv.kind == "zmq":
                 where, what = drv.address, "zmq"
             elif drv.kind == "visa":
                 where = f"{drv.source.resource} -> {drv.sink.resource}"
                 what = f"visa {drv.source.driver}/{drv.sink.driver}"
+            elif drv.kind == "python":
+                where, what = "in process", f"python {drv.class_}"
             else:
                 where, what = "in process", f"simulated {drv.system}"
-            row: dict[str, Any] = {"name": name, "driver": what, "where": where,
-                                   "placement": dc.placement.model_dump(exclude_defaults=True)}
-            dev = build_device(cfg, name, index=i)
+            row: dict[str, Any] = {"name": recipe.label, "driver": what, "where": where,
+                                   "placement": recipe.placement.model_dump(exclude_defaults=True)}
+            try:
+                dev = recipe.build()
+            except (ValueError, TypeError, ImportError) as exc:
+                raise UsageError(f"device {recipe.label}: {exc}") from None
             try:
                 row.update(_spec_row(dev.spec))
-            except AttributeError:
+            except DeviceError:
                 row["input"] = "(spec read from the device on connect)"
             if not args.no_check:
                 row["check"] = probe(dev, args.probe_batch)

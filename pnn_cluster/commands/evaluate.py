@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from pnn_cluster.commands.train import add_placement_args, launcher_for
 from pnn_cluster.tracking import add_tracking_args
 
 
@@ -24,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("test", "train"), default="test", help="which split to measure")
     p.add_argument("--log", action="store_true", help="record the result as metrics of the run (run ids only)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line as well")
+    add_placement_args(p)
     p.set_defaults(func=run)
 
 
@@ -31,9 +33,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pnn_cluster.cli import UsageError
-    from pnn_cluster.config import ConfigError, attach_twin_shells, build_experiment, parse_config
+    from pnn_cluster.config import ConfigError, parse_config
     from pnn_cluster.tracking import load_run_checkpoint, resolve_tracking_uri
-    from pnn_cluster.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="pnn-eval-") as tmp:
         path = Path(args.source)
@@ -64,22 +65,16 @@ def run(args: argparse.Namespace) -> int:
                              "(write checkpoints with `pnn-cluster train`)")
         try:
             cfg = parse_config(state["experiment"], source=f"{args.source}[experiment]")
-            exp = build_experiment(cfg)
+            res = launcher_for(args).evaluate(cfg, state, args.split)
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
-        attach_twin_shells(exp)
-        trainer = Trainer(exp.stack, exp.data, exp.train, progress=False)
-        trainer.load_state_dict(state)
-        exp.stack.set_mode(cfg.method)
-        physical = trainer.evaluate(args.split, physical=True)
-        twin_only = trainer.evaluate(args.split, physical=False) if cfg.method != "oracle" else None
-    n = len(physical["target"])
-    print(f"{cfg.name} ({cfg.method}), epoch {trainer.epoch}, step {trainer.global_step}: {args.split} accuracy "
-          f"{physical['acc']:.3f} measured on the physical devices ({n} samples), loss {physical['loss']:.3f}")
-    if twin_only is not None:
-        print(f"twins only (in silico): {twin_only['acc']:.3f}")
-    result = {"source": args.source, "split": args.split, "acc": physical["acc"], "loss": physical["loss"],
-              "twin_acc": twin_only["acc"] if twin_only else None, "n": n, "step": trainer.global_step}
+    n = res["n"]
+    print(f"{cfg.name} ({cfg.method}), epoch {res['epoch']}, step {res['step']}: {args.split} accuracy "
+          f"{res['acc']:.3f} measured on the physical devices ({n} samples), loss {res['loss']:.3f}")
+    if res["twin_acc"] is not None:
+        print(f"twins only (in silico): {res['twin_acc']:.3f}")
+    result = {"source": args.source, "split": args.split, "acc": res["acc"], "loss": res["loss"],
+              "twin_acc": res["twin_acc"], "n": n, "step": res["step"]}
     if args.log:
         if client is None:
             raise UsageError("--log records on a run; give a run id, not a checkpoint file")
@@ -88,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [Metric(f"evaluate/{args.split}_acc", physical["acc"], now, trainer.global_step)]
-        if twin_only:
-            ms.append(Metric(f"evaluate/{args.split}_twin_acc", twin_only["acc"], now, trainer.global_step))
+        ms = [Metric(f"evaluate/{args.split}_acc", res["acc"], now, res["step"])]
+        if res["twin_acc"] is not None:
+            ms.append(Metric(f"evaluate/{args.split}_twin_acc", res["twin_acc"], now, res["step"]))
         client.log_batch(args.source, metrics=ms)
     if args.json:
         print(json.dumps(result))

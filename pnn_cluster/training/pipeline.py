@@ -25,7 +25,16 @@ trainer, between measurements::
   Each call carries a content hash of the parameters it is meant for (see
   :class:`~pnn_cluster.training.workers.DeviceWorker`); a device that does not
   hold them answers ``None`` and gets them again.
-- Failed measurements are retried under a :class:`~pnn_cluster.training.faults.FaultPolicy`.
+- With twins elsewhere (a :class:`TwinPool` per replica: twin actors, or twin
+  workers on threads), the backward pass streams instead: as soon as a
+  micro-batch's measurement is done, its loss is taken and its vector-Jacobian
+  products are sent to the twins of the replicas that measured it, stage by
+  stage from the last, while the next micro-batches are still being measured.
+  The gradients are summed in micro-batch order, so a rerun gives the same
+  step whatever order the replies came in.
+- Failed measurements are retried under a :class:`~pnn_cluster.training.faults.FaultPolicy`;
+  a call that takes longer than its replica's ``timeout_s`` counts as a failure
+  (a hung instrument ends in a retry or a clear error, never a wait without end).
 
 The schedule is written against two small interfaces, so it runs the same
 in-process and on Ray: a :class:`DeviceHandle` submits a forward and returns
@@ -40,6 +49,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,12 +63,18 @@ from pnn_cluster.layers import PhysicalLayer
 from pnn_cluster.pat import pat_apply, twin_vjp
 from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, describe, is_device_failure
 from pnn_cluster.training.trainer import StepResult, split_micro
-from pnn_cluster.training.workers import DeviceWorker, params_version
+from pnn_cluster.training.workers import DeviceWorker, params_version, twin_version
 
 __all__ = ["DeviceHandle", "Backend", "LocalDeviceHandle", "ThreadBackend", "Replica", "StagePool",
-           "PipelineConfig", "PipelineExecutor", "SCHEDULES"]
+           "PipelineConfig", "PipelineExecutor", "SCHEDULES", "BACKWARDS", "TwinHandle", "LocalTwinHandle",
+           "TwinPool", "CallTimeout"]
 
 SCHEDULES = ("pipelined", "sequential")
+BACKWARDS = ("auto", "batch", "stream")
+
+
+class CallTimeout(TimeoutError):
+    """A device or twin call took longer than its ``timeout_s``; counted as a device failure."""
 
 
 class DeviceHandle(Protocol):
@@ -74,8 +90,8 @@ class DeviceHandle(Protocol):
 
 
 class Backend(Protocol):
-    def wait(self, calls: Sequence[Any]) -> list[Any]:
-        """Block until at least one call has finished; return finished ones (at least one)."""
+    def wait(self, calls: Sequence[Any], timeout: float | None = None) -> list[Any]:
+        """Block until at least one call has finished, or ``timeout`` seconds; return the finished ones."""
 
     def result(self, call: Any) -> np.ndarray | None:
         """The reply of a finished call (raises what the device raised)."""
@@ -114,8 +130,8 @@ class ThreadBackend:
     def __init__(self) -> None:
         self._handles: dict[int, tuple[Any, LocalDeviceHandle]] = {}
 
-    def wait(self, calls: Sequence[Any]) -> list[Any]:
-        done, _ = concurrent.futures.wait(calls, return_when=concurrent.futures.FIRST_COMPLETED)
+    def wait(self, calls: Sequence[Any], timeout: float | None = None) -> list[Any]:
+        done, _ = concurrent.futures.wait(calls, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
         # in the order they were sent, not a set's: the next stage then sees micro-batches in a fixed order
         return [c for c in calls if c in done]
 
@@ -136,18 +152,118 @@ class ThreadBackend:
         return self.handle_for(layer.device, layer.name)
 
 
+class TwinHandle(Protocol):
+    """One copy of a twin as the schedule sees it (a twin actor, or a twin worker on a thread)."""
+
+    name: str
+
+    def submit_vjp(self, x: np.ndarray, params: Mapping[str, np.ndarray], grad_y: np.ndarray, need_x: bool,
+                   need: Sequence[str] | None, version: str) -> Any:
+        """Start a vector-Jacobian product; a pending call whose result is ``(gx, gp)``, or None when this
+        copy does not hold twin state ``version`` (it was restarted)."""
+
+    def load(self, payload: Mapping[str, Any]) -> str:
+        """Replace this copy's twin state (blocking); returns its version."""
+
+    def fit(self, train: Any, val: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Fit this copy to samples (blocking); returns the fit's figures and the new state."""
+
+
+class LocalTwinHandle:
+    """A :class:`~pnn_cluster.training.workers.TwinWorker` in this process, on its own thread."""
+
+    def __init__(self, worker: Any, name: str = "twin") -> None:
+        self.worker = worker
+        self.name = name
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"twin-{name}")
+
+    def submit_vjp(self, x, params, grad_y, need_x, need, version):
+        return self._thread.submit(self.worker.vjp, x, params, grad_y, need_x, need, version)
+
+    def load(self, payload: Mapping[str, Any]) -> str:
+        return self._thread.submit(self.worker.load, payload).result()
+
+    def fit(self, train: Any, val: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        figures = self._thread.submit(self.worker.fit, train, val, **kw).result()
+        return figures, self.worker.payload()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+class TwinPool:
+    """The copies of one replica's twin: backward passes go to the least busy copy.
+
+    ``payload`` is the twin's latest state (kind, config, tensors) and
+    ``version`` its hash. Every call names the version it expects; a copy that
+    was restarted from older state answers None, gets the latest state and is
+    asked again, so a restarted twin never differentiates with a stale twin.
+    """
+
+    def __init__(self, handles: Sequence[TwinHandle], payload: Mapping[str, Any], version: str,
+                 timeout_s: float | None = None) -> None:
+        if not handles:
+            raise ValueError("TwinPool: needs at least one twin handle")
+        self.handles = list(handles)
+        self.payload = dict(payload)
+        self.version = version
+        self.timeout_s = timeout_s
+        self.busy = collections.Counter()
+        self.reloads = 0
+        #: how many times each copy was given the state since this pool started (see :meth:`restore`)
+        self.loads = collections.Counter()
+
+    def pick(self) -> TwinHandle:
+        return min(self.handles, key=lambda h: self.busy[id(h)])
+
+    def update(self, payload: Mapping[str, Any], version: str) -> None:
+        """A refit: every copy takes the new state (at a step boundary)."""
+        self.payload, self.version = dict(payload), version
+        for h in self.handles:
+            h.load(self.payload)
+            self.loads[id(h)] += 1
+
+    def restore(self, handle: TwinHandle, loads_when_sent: int | None = None) -> bool:
+        """Give a copy that answered None the latest state; returns whether it was sent.
+
+        Calls queued on a restarted copy all answer None; the first one's restore covers
+        the others (``loads_when_sent``: :attr:`loads` of the copy when the call was sent),
+        so the state travels once, not once per queued call.
+        """
+        if loads_when_sent is not None and self.loads[id(handle)] != loads_when_sent:
+            return False
+        self.reloads += 1
+        self.loads[id(handle)] += 1
+        handle.load(self.payload)
+        return True
+
+    def refit(self, train: Any, val: Any, **kw: Any) -> dict[str, Any]:
+        """Fit in the first copy (next to its data, off the trainer), then every other copy takes the result."""
+        figures, payload = self.handles[0].fit(train, val, **kw)
+        self.payload = dict(payload)
+        self.version = twin_version(payload["state"])
+        for h in self.handles[1:]:
+            h.load(self.payload)
+            self.loads[id(h)] += 1
+        return figures
+
+
 @dataclass(eq=False)
 class Replica:
     """One device of a stage, with the twin that differentiates what it measures.
 
     twin: this copy's twin; None uses the layer's own twin.
-    vjp: a twin elsewhere (``vjp(x, params, grad_y, need_x, need)``), e.g. on a twin actor.
+    vjp: a twin elsewhere (``vjp(x, params, grad_y, need_x, need)``), called synchronously.
+    twins: this copy's twin copies elsewhere (twin actors): backward passes stream to them.
+    timeout_s: the longest one call to this device may take (None: no limit).
     """
 
     handle: DeviceHandle
     twin: Callable | None = None
     vjp: Callable | None = None
     name: str = ""
+    twins: TwinPool | None = None
+    timeout_s: float | None = None
     # scheduling state, owned by the pipeline
     sent_version: str | None = field(default=None, init=False, repr=False)
     in_flight: int = field(default=0, init=False, repr=False)
@@ -206,6 +322,9 @@ class PipelineConfig:
     eval_micro_batch: micro-batch size for evaluation (default: as training).
     backward_batch: rows per backward pass, in whole micro-batches (None: the
         whole batch at once); bounds the memory of the autograd graph.
+    backward: ``batch`` (one backward pass once the batch is measured),
+        ``stream`` (each micro-batch's backward as soon as it is measured, its
+        VJPs sent to twin pools) or ``auto`` (stream when every replica has one).
     """
 
     schedule: str = "pipelined"
@@ -214,10 +333,13 @@ class PipelineConfig:
     depth: int = 2
     eval_micro_batch: int | None = None
     backward_batch: int | None = None
+    backward: str = "auto"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"PipelineConfig.schedule: {self.schedule!r} is not allowed; allowed: {SCHEDULES}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"PipelineConfig.backward: {self.backward!r} is not allowed; allowed: {BACKWARDS}")
         for name in ("micro_batches", "depth"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -242,6 +364,11 @@ class _Micro:
     attempts: collections.Counter = field(default_factory=collections.Counter)
     #: stage position -> (input sent, measurement, replica that measured it)
     measured: dict[int, tuple[np.ndarray, np.ndarray, Replica]] = field(default_factory=dict)
+    #: streamed backward: gradient of each parameter from this micro-batch
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: stage position -> the dtype its measurement took on in the stack (that of the values sent)
+    dtypes: dict[int, torch.dtype] = field(default_factory=dict)
+    backward_done: bool = False
 
 
 class _Stage:
@@ -397,27 +524,69 @@ class _Run:
         self.early: set[Any] = set()
         self.loss, self.correct, self.device_samples = 0.0, 0, 0
         self._waiting = collections.deque(self.micros)
+        #: when each device call is overdue (its replica's timeout_s, times the calls queued ahead of it)
+        self.deadline: dict[Any, float] = {}
+        #: streamed backward: pending VJP calls -> (micro-batch, stage index, replica, twin handle, grad_y,
+        #: the handle's TwinPool.loads when sent)
+        self.vjps: dict[Any, tuple[_Micro, int, Replica, Any, torch.Tensor, int]] = {}
+        self.stream = self.loss_fn is not None and self.grad and self._streams()
+        if self.stream:
+            self._plan_stream()
 
     def go(self) -> None:
         with torch.no_grad():
             self._measure()
         if self.loss_fn is not None:
-            with torch.set_grad_enabled(self.grad):
-                self._backward()
+            if self.stream:
+                self._apply_streamed_grads()
+            else:
+                with torch.set_grad_enabled(self.grad):
+                    self._backward()
 
     # -- measuring ---------------------------------------------------------------------------
 
     def _measure(self) -> None:
         self._release()
-        while self.pending or any(self.queues.values()) or self._waiting:
+        while self.pending or self.vjps or any(self.queues.values()) or self._waiting:
             self._dispatch()
-            if not self.pending:
+            if not self.pending and not self.vjps:
                 if self._waiting:
                     self._release()
                     continue
                 raise RuntimeError("pipeline: micro-batches are queued but no call is in flight")  # pragma: no cover
-            for call in self.ex.backend.wait([c for c in self.pending if c not in self.early]):
-                self._arrived(call)
+            calls = [c for c in self.pending if c not in self.early] + list(self.vjps)
+            done = self.ex.backend.wait(calls, timeout=self._next_deadline()) if calls else []
+            if not done:
+                self._expire()
+                continue
+            for call in done:
+                if call in self.vjps:
+                    self._vjp_done(call)
+                elif call in self.pending:
+                    self._arrived(call)
+
+    def _next_deadline(self) -> float | None:
+        if not self.deadline:
+            return None
+        return max(0.0, min(self.deadline.values()) - time.monotonic())
+
+    def _expire(self) -> None:
+        """Device calls past their deadline fail with :class:`CallTimeout` (and are retried by the policy)."""
+        now = time.monotonic()
+        for call, when in list(self.deadline.items()):
+            if when > now or call not in self.pending:
+                continue
+            mb, pos, rep = self.pending.pop(call)
+            del self.deadline[call]
+            self.early.discard(call)
+            rep.in_flight = max(0, rep.in_flight - 1)
+            sent = self.sent[id(rep)]
+            if call in sent:
+                sent.remove(call)
+            self.ex.stats["timeouts"] += 1
+            self._failed(mb, pos, rep, CallTimeout(f"device {rep.name}: no reply within its timeout_s of "
+                                                   f"{rep.timeout_s:g} s"))
+            self._drain(rep)
 
     def _arrived(self, call: Any) -> None:
         """Take a replica's replies in the order its calls were sent.
@@ -427,8 +596,11 @@ class _Run:
         micro-batches in another order, and a rerun would not measure the same.
         """
         rep = self.pending[call][2]
-        sent = self.sent[id(rep)]
         self.early.add(call)
+        self._drain(rep)
+
+    def _drain(self, rep: Replica) -> None:
+        sent = self.sent[id(rep)]
         while sent and sent[0] in self.early:
             first = sent.popleft()
             self.early.discard(first)
@@ -440,7 +612,7 @@ class _Run:
             self._advance(self._waiting.popleft())
 
     def _busy(self) -> bool:
-        return bool(self.pending) or any(self.queues.values())
+        return bool(self.pending) or any(self.queues.values()) or bool(self.vjps)
 
     def _advance(self, mb: _Micro) -> None:
         """Run digital layers until the next physical stage (queue it there) or the end of the stack."""
@@ -452,6 +624,8 @@ class _Run:
             mb.h = self.plan[mb.pos](mb.h)
             mb.pos += 1
         self.outputs[mb.index], mb.h = mb.h, None
+        if self.stream:
+            self._start_backward(mb)
         if self.sequential:
             self._release()
 
@@ -471,6 +645,8 @@ class _Run:
                     # optimistic: the replica serves its calls in order, so later ones of this step find them
                     rep.sent_version = st.version
                     self.ex.stats["param_writes"] += 1
+                if rep.timeout_s is not None:
+                    self.deadline[call] = time.monotonic() + rep.timeout_s * (rep.in_flight + 1)
                 rep.in_flight += 1
                 self.ex.stats["calls"] += 1
                 self.pending[call] = (mb, pos, rep)
@@ -478,6 +654,7 @@ class _Run:
 
     def _complete(self, call: Any) -> None:
         mb, pos, rep = self.pending.pop(call)
+        self.deadline.pop(call, None)
         rep.in_flight = max(0, rep.in_flight - 1)
         st = self.stages[pos]
         try:
@@ -501,6 +678,7 @@ class _Run:
         if not y.flags.writeable:  # zero-copy from a shared object store; torch wants to own writable memory
             y = y.copy()
         mb.measured[pos] = (mb.x_sent, y, rep)
+        mb.dtypes[pos] = mb.h.dtype
         mb.h = torch.from_numpy(y).to(dtype=mb.h.dtype)
         mb.x_sent = None
         mb.pos = pos + 1
@@ -521,6 +699,140 @@ class _Run:
         mb.attempts[pos] += 1
         policy.check_attempts(pool.name, mb.index, mb.attempts[pos], exc)
         self.queues[pos].appendleft(mb)
+
+    # -- the streamed backward pass ------------------------------------------------------------
+
+    def _streams(self) -> bool:
+        mode = self.ex.config.backward
+        if mode == "batch" or not self.stages:
+            return False
+        ready = all(st.layer.mode == "pat" and all(r.twins is not None for r in st.pool.active)
+                    for st in self.stages.values())
+        if mode == "stream" and not ready:
+            raise ValueError("PipelineConfig.backward='stream' needs a twin pool on every replica of every stage "
+                             "in mode 'pat'; use 'batch' or 'auto'")
+        return ready
+
+    def _plan_stream(self) -> None:
+        self.positions = sorted(self.stages)
+        self.params_at: dict[int, list[torch.Tensor]] = {}
+        self.need_x: dict[int, bool] = {}
+        self.by_id: dict[int, torch.Tensor] = {}
+        anything = False  # does anything before this position learn?
+        for pos, m in enumerate(self.plan):
+            if pos in self.stages:
+                self.need_x[pos] = anything
+                st = self.stages[pos]
+                for p in st.params.values():
+                    if p.requires_grad:
+                        self.by_id[id(p)] = p
+                anything = anything or st.trainable
+            else:
+                ps = [p for p in m.parameters() if p.requires_grad]
+                self.params_at[pos] = ps
+                for p in ps:
+                    self.by_id[id(p)] = p
+                anything = anything or bool(ps)
+
+    def _segment(self, leaf: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = leaf
+        params: list[torch.Tensor] = []
+        for pos in range(start, stop):
+            h = self.plan[pos](h)
+            params += self.params_at.get(pos, [])
+        return h, params
+
+    def _keep_grads(self, mb: _Micro, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        for p, g in zip(params, grads):
+            if g is not None:
+                prev = mb.grads.get(id(p))
+                mb.grads[id(p)] = g if prev is None else prev + g
+
+    def _start_backward(self, mb: _Micro) -> None:
+        """The loss of a measured micro-batch, and the VJP of its last stage, sent to that replica's twins."""
+        k = len(self.positions) - 1
+        last = self.positions[k]
+        st = self.stages[last]
+        with torch.enable_grad():
+            y = torch.from_numpy(mb.measured[last][1]).to(mb.dtypes[last])
+            y.requires_grad_(st.trainable or self.need_x[last])
+            h, params = self._segment(y, last + 1, len(self.plan))
+            weight = (mb.rows.stop - mb.rows.start) / self.n
+            loss = self.loss_fn(h, self.target[mb.rows]) * weight
+            self.loss += float(loss.detach())
+            self.correct += int((h.detach().argmax(-1) == self.target[mb.rows]).sum())
+            wrt = ([y] if y.requires_grad else []) + params
+            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True)) if wrt and loss.requires_grad else []
+        if y.requires_grad and grads:
+            gy = grads.pop(0)
+            self._keep_grads(mb, params, grads)
+            self._send_vjp(mb, k, torch.zeros_like(y) if gy is None else gy)
+        else:
+            self._keep_grads(mb, params, grads)
+            mb.backward_done = True
+
+    def _send_vjp(self, mb: _Micro, k: int, grad_y: torch.Tensor) -> None:
+        pos = self.positions[k]
+        st = self.stages[pos]
+        x_sent, _, rep = mb.measured[pos]
+        pool = rep.twins
+        handle = pool.pick()
+        need = [name for name, p in st.params.items() if p.requires_grad]
+        call = handle.submit_vjp(x_sent, st.params_np, grad_y.detach().numpy(), self.need_x[pos], need,
+                                 pool.version)
+        pool.busy[id(handle)] += 1
+        self.ex.stats["twin_calls"] += 1
+        self.vjps[call] = (mb, k, rep, handle, grad_y, pool.loads[id(handle)])
+
+    def _vjp_done(self, call: Any) -> None:
+        mb, k, rep, handle, grad_y, loads = self.vjps.pop(call)
+        rep.twins.busy[id(handle)] -= 1
+        reply = self.ex.backend.result(call)
+        if reply is None:
+            # a twin restarted from older state: it gets the latest, and the same VJP is asked again
+            if rep.twins.restore(handle, loads):
+                self.ex.stats["twin_restores"] += 1
+            self._send_vjp(mb, k, grad_y)
+            return
+        gx, gp = reply
+        pos = self.positions[k]
+        st = self.stages[pos]
+        theta = [st.params[name] for name in gp]
+        self._keep_grads(mb, theta, [torch.tensor(np.asarray(g), dtype=p.dtype) for p, g in zip(theta, gp.values())])
+        if gx is None:
+            mb.backward_done = True
+            return
+        start = self.positions[k - 1] + 1 if k > 0 else 0
+        with torch.enable_grad():
+            if k > 0:
+                prev = self.stages[self.positions[k - 1]]
+                leaf = torch.from_numpy(mb.measured[self.positions[k - 1]][1]).to(mb.dtypes[self.positions[k - 1]])
+                leaf.requires_grad_(prev.trainable or self.need_x[self.positions[k - 1]])
+            else:
+                leaf = self.x[mb.rows]
+            h, params = self._segment(leaf, start, pos)
+            wrt = ([leaf] if k > 0 and leaf.requires_grad else []) + params
+            grads = list(torch.autograd.grad(h, wrt, torch.tensor(np.asarray(gx), dtype=h.dtype),
+                                             allow_unused=True)) if wrt and h.requires_grad else []
+        if k > 0 and leaf.requires_grad and grads:
+            g_leaf = grads.pop(0)
+            self._keep_grads(mb, params, grads)
+            self._send_vjp(mb, k - 1, torch.zeros_like(leaf) if g_leaf is None else g_leaf)
+        else:
+            self._keep_grads(mb, params, grads)
+            mb.backward_done = True
+
+    def _apply_streamed_grads(self) -> None:
+        """Every micro-batch's gradients, summed in micro-batch order (the same step, whatever the reply order)."""
+        for pid, p in self.by_id.items():
+            total = None
+            for mb in self.micros:
+                g = mb.grads.get(pid)
+                if g is not None:
+                    total = g if total is None else total + g
+            if total is not None:
+                total = total.to(p.dtype).reshape(p.shape)
+                p.grad = total.clone() if p.grad is None else p.grad + total
 
     # -- the backward pass ----------------------------------------------------------------------
 

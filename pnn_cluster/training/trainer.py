@@ -129,6 +129,10 @@ class Trainer:
         self.device_samples = 0
         self.history: list[dict[str, float]] = []
         self.params_projected = 0
+        #: steps of the current epoch already done (a run stopped mid-epoch resumes at the next one)
+        self.step_in_epoch = 0
+        #: what else a checkpoint carries for whoever made this trainer (a runner's replica twins)
+        self.extra_state: dict[str, Any] = {}
         self._stop = False
         params = [p for p in model.parameters() if p.requires_grad]
         cfg = self.config
@@ -202,6 +206,7 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         cfg = self.config
         self.state = TrainerState.RUNNING
+        self._stop = False
         for cb in self.callbacks:
             cb.on_train_start(self)
         rng = np.random.default_rng(cfg.seed)
@@ -214,19 +219,24 @@ class Trainer:
             while self.epoch < cfg.epochs and not self._stop:
                 t0 = time.perf_counter()
                 order = torch.as_tensor(rng.permutation(len(ys)))
-                bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                first = self.step_in_epoch  # > 0 when resuming a run stopped mid-epoch
+                bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                            unit="step", disable=not self.progress, leave=False)
                 losses, correct, seen = 0.0, 0.0, 0
                 for i in bar:
+                    if self._stop:
+                        break
                     idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                     m = self.step(xs[idx], ys[idx])
+                    self.step_in_epoch = i + 1
                     losses += m["train_loss"] * len(idx)
                     correct += m["train_acc"] * len(idx)
                     seen += len(idx)
                     bar.set_postfix(loss=f"{m['train_loss']:.3f}")
-                    if self._stop:
-                        break
+                if self.step_in_epoch < self.steps_per_epoch:
+                    break  # stopped mid-epoch: the checkpoint records the step reached
                 self.epoch += 1
+                self.step_in_epoch = 0
                 ev = self.evaluate("test")
                 metrics = {"epoch": float(self.epoch), "train_loss": losses / max(seen, 1),
                            "train_acc": correct / max(seen, 1), "test_acc": ev["acc"], "test_loss": ev["loss"],
@@ -238,7 +248,7 @@ class Trainer:
         except BaseException:
             self.state = TrainerState.FAILED
             raise
-        self.state = TrainerState.STOPPED if self._stop and self.epoch < cfg.epochs else TrainerState.FINISHED
+        self.state = TrainerState.STOPPED if self.epoch < cfg.epochs else TrainerState.FINISHED
         final = self.history[-1] if self.history else {}
         for cb in self.callbacks:
             cb.on_train_end(self, final)
@@ -250,7 +260,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
                 "device_samples": self.device_samples, "config": asdict(self.config),
-                "history": self.history}
+                "history": self.history, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -260,6 +270,8 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.device_samples = int(state["device_samples"])
         self.history = list(state.get("history", []))
+        self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        self.extra_state = dict(state.get("extra") or {})
         for layer in self.model.physical_layers():
             layer.sync_params(force=True)
 

@@ -1,48 +1,44 @@
-"""The plain classes that Ray actors wrap: one owns a device, one a twin, one the training loop.
+"""The plain classes that Ray actors wrap: one owns a device, one a twin.
 
-Each works in-process as it is (the unit tests and the in-process pipeline
-use them directly); ``actors/`` only adds ``ray.remote`` with placement and
-restart options. None of them holds anything that cannot be rebuilt from a
+Each works in-process as it is (the unit tests and the in-process runner use
+them directly); ``actors/`` only adds ``ray.remote`` with placement and
+restart options. Neither holds anything that cannot be rebuilt from a
 picklable description, because a restarted actor rebuilds itself from its
 constructor arguments:
 
-- :class:`DeviceWorker` builds its device from a :class:`DeviceConfig` and
-  opens the connection itself, in its own process (an instrument connection
-  cannot be pickled or shared), then serialises every access to it.
-- :class:`TwinWorker` rebuilds a twin from its kind, config and state_dict.
-- :class:`TrainerWorker` owns the model and the optimizer and runs
-  :func:`~pnn_cluster.experiments.run_method` with the devices and executor it
-  is given, saving a checkpoint when a stage runs out of replicas.
+- :class:`DeviceWorker` builds its device from a recipe (anything with a
+  ``build()`` that returns a :class:`~pnn_cluster.devices.base.Device`, such
+  as :class:`~pnn_cluster.runner.build.DeviceRecipe`) and opens the connection
+  itself, in its own process (an instrument connection cannot be pickled or
+  shared), then serialises every access to it.
+- :class:`TwinWorker` rebuilds a twin from its kind, config and state_dict,
+  and tells by a version which state it holds.
+
+The trainer (the model, the optimizer and the loop) is the runner's
+:class:`~pnn_cluster.runner.ExperimentRun`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import logging
 import os
-import re
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from pnn_cluster.devices import SYSTEMS, Device, DeviceSpec, Imperfections, make_device
+from pnn_cluster.devices import Device, DeviceSpec
 from pnn_cluster.pat import twin_vjp
-from pnn_cluster.training.faults import checkpoint_on_failure
 
-__all__ = ["DeviceConfig", "DeviceWorker", "TwinWorker", "TrainerWorker", "params_version", "twin_payload"]
+__all__ = ["DeviceWorker", "TwinWorker", "params_version", "twin_payload", "twin_version"]
 
 log = logging.getLogger(__name__)
-
-_INSTRUMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def params_version(params: Mapping[str, Any]) -> str:
@@ -59,61 +55,6 @@ def params_version(params: Mapping[str, Any]) -> str:
         h.update(repr(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """How to build one device, in the process that will own it.
-
-    system: a simulated system (``"shg"``, ``"circuit"``, ...) or a device class as
-        ``"package.module:ClassName"``, constructed with ``options`` as keyword arguments.
-    imperfections: for simulated systems only.
-    instrument: the name a lab PC declared when it joined the cluster; the device
-        runs on that PC. None: anywhere (the local default).
-    name: how logs and warnings call this device (default: the system name).
-    """
-
-    system: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-    imperfections: Imperfections | None = None
-    instrument: str | None = None
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.system, str) or not self.system:
-            raise ValueError(f"DeviceConfig.system: must be a non-empty string, got {self.system!r}")
-        if ":" not in self.system and self.system not in SYSTEMS:
-            raise ValueError(f"DeviceConfig.system: unknown system {self.system!r}; allowed: one of "
-                             f"{sorted(SYSTEMS)} or a class as 'package.module:ClassName'")
-        if ":" in self.system and self.imperfections is not None:
-            raise ValueError(f"DeviceConfig.imperfections: only simulated systems take imperfections; "
-                             f"{self.system!r} is a device class")
-        if not isinstance(self.options, Mapping):
-            raise ValueError(f"DeviceConfig.options: must be a mapping of keyword arguments, "
-                             f"got {type(self.options).__name__}")
-        if self.instrument is not None and not (isinstance(self.instrument, str)
-                                                and _INSTRUMENT.match(self.instrument)):
-            raise ValueError(f"DeviceConfig.instrument: {self.instrument!r} is not a valid instrument name; "
-                             "allowed: letters, digits, '.', '_' and '-', starting with a letter or digit")
-
-    @property
-    def label(self) -> str:
-        return self.name or self.instrument or self.system
-
-    def build(self) -> Device:
-        """Construct the device (no I/O: constructors never open connections)."""
-        if ":" in self.system:
-            module, _, cls_name = self.system.partition(":")
-            try:
-                cls = getattr(importlib.import_module(module), cls_name)
-            except (ImportError, AttributeError) as exc:
-                raise ValueError(f"DeviceConfig.system: cannot load {self.system!r} ({exc})") from None
-            device = cls(**dict(self.options))
-            if not isinstance(device, Device):
-                raise TypeError(f"DeviceConfig.system: {self.system!r} built a {type(device).__name__}, "
-                                "not a pnn_cluster Device")
-            return device
-        return make_device(self.system, imperfections=self.imperfections, **dict(self.options))
 
 
 class DeviceWorker:
@@ -133,16 +74,20 @@ class DeviceWorker:
     #: longest a call waits for an earlier call of its caller that has not arrived
     ORDER_WAIT_S = 1.0
 
-    def __init__(self, device: DeviceConfig | Device) -> None:
-        if isinstance(device, DeviceConfig):
-            self.config: DeviceConfig | None = device
+    def __init__(self, device: Any, name: str | None = None) -> None:
+        if isinstance(device, Device):
+            self.recipe, self.device = None, device
+        elif callable(getattr(device, "build", None)):
+            self.recipe = device
             self.device = device.build()
-        elif isinstance(device, Device):
-            self.config, self.device = None, device
+            if not isinstance(self.device, Device):
+                raise TypeError(f"DeviceWorker: {device!r} built a {type(self.device).__name__}, not a Device")
         else:
-            raise TypeError(f"DeviceWorker: device must be a DeviceConfig or a Device, got {type(device).__name__}")
+            raise TypeError(f"DeviceWorker: device must be a Device or a recipe with build(), got "
+                            f"{type(device).__name__}")
+        # connect first: a device that learns its spec on connect knows it before anyone asks
         self.device.connect()
-        self.name = self.config.label if self.config else self.device.spec.name
+        self.name = name or getattr(self.recipe, "label", None) or self.device.spec.name
         self.incarnation = uuid.uuid4().hex[:12]
         self._hashed: tuple[int, str | None] = (0, None)
         self._lock = threading.RLock()
@@ -259,6 +204,26 @@ def _writable(a: Any) -> Any:
     return a
 
 
+def _own_samples(samples: Any) -> Any:
+    """Samples whose arrays this process owns (ones that arrived zero-copy are read-only views)."""
+    if samples is None or not hasattr(samples, "x"):
+        return samples
+    return type(samples)([_writable(x) for x in samples.x],
+                         [{k: _writable(v) for k, v in p.items()} for p in samples.params],
+                         [_writable(y) for y in samples.y])
+
+
+def twin_version(state: Mapping[str, torch.Tensor]) -> str:
+    """A content hash of a twin's state: which twin a copy holds, whoever loaded it."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def twin_payload(twin: torch.nn.Module) -> dict[str, Any]:
     """What rebuilds ``twin`` elsewhere: kind, config, spec, physics model and tensors (never the object)."""
     model = getattr(twin, "model", None)
@@ -287,6 +252,13 @@ class TwinWorker:
         # what fit() may move; between fits the twin only supplies Jacobians and stays frozen
         self._learnable = {n for n, p in self.twin.named_parameters() if p.requires_grad}
         self.twin.requires_grad_(False)
+        self.version = twin_version(self.twin.state_dict())
+
+    def load(self, payload: Mapping[str, Any]) -> str:
+        """Take another state of the same twin (a refit elsewhere, or the latest after a restart)."""
+        self.twin.load_state_dict(dict(payload["state"]))
+        self.version = twin_version(self.twin.state_dict())
+        return self.version
 
     @classmethod
     def from_twin(cls, twin: torch.nn.Module) -> TwinWorker:
@@ -308,8 +280,14 @@ class TwinWorker:
         return self.twin(xt, pt).numpy()
 
     def vjp(self, x: np.ndarray, params: Mapping[str, np.ndarray], grad_y: np.ndarray, need_x: bool = True,
-            need: Sequence[str] | None = None) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
-        """``(d twin / d x)^T g`` and ``(d twin / d params)^T g`` at the measured ``x``, as numpy."""
+            need: Sequence[str] | None = None, version: str | None = None
+            ) -> tuple[np.ndarray | None, dict[str, np.ndarray]] | None:
+        """``(d twin / d x)^T g`` and ``(d twin / d params)^T g`` at the measured ``x``, as numpy.
+
+        With ``version``, None when this copy holds another state (it was restarted from an older one).
+        """
+        if version is not None and version != self.version:
+            return None
         xt, pt = self._tensors(x, params)
         gy = torch.as_tensor(_writable(np.asarray(grad_y)), dtype=xt.dtype)
         gx, gp = twin_vjp(self.twin, xt, pt, gy, need_x=need_x, need=need)
@@ -320,94 +298,18 @@ class TwinWorker:
         from pnn_cluster.twins.fit import fit_twin
 
         kw.setdefault("progress", False)
+        train, val = _own_samples(train), _own_samples(val)
         for n, p in self.twin.named_parameters():
             p.requires_grad_(n in self._learnable)
         default = torch.get_default_dtype()
         torch.set_default_dtype(self._dtype())  # fit_twin builds its sample tensors in the default dtype
         try:
-            return fit_twin(self.twin, train, val, **kw).as_dict()
+            res = fit_twin(self.twin, train, val, **kw)
+            return {**res.as_dict(), "history": [float(v) for v in res.history]}
         finally:
             torch.set_default_dtype(default)
             self.twin.requires_grad_(False)
+            self.version = twin_version(self.twin.state_dict())
 
     def payload(self) -> dict[str, Any]:
         return twin_payload(self.twin)
-
-
-class TrainerWorker:
-    """Owns the model and the optimizer and runs the loop, on devices and an executor it is given.
-
-    ``devices`` are objects with the :class:`~pnn_cluster.devices.base.Device`
-    interface (in-process devices, or proxies of device actors), one per
-    physical layer of the task; the executor decides how micro-batches reach
-    them. When a stage runs out of replicas the checkpoint is saved to
-    ``checkpoint`` before the error propagates.
-    """
-
-    def __init__(self, devices: Sequence[Any], executor: Any = None, checkpoint: str | os.PathLike | None = None,
-                 replicas: Mapping[str, Sequence[Any]] | None = None, calib_groups: int = 40,
-                 on_trainer: Callable[[Any], None] | None = None) -> None:
-        self.devices = list(devices)
-        self.executor = executor
-        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self.replicas = {name: list(devs) for name, devs in (replicas or {}).items()}
-        if self.replicas and not callable(getattr(executor, "set_pool", None)):
-            raise ValueError("TrainerWorker.replicas: the executor has no replica pools (set_pool); "
-                             "use a PipelineExecutor or RayExecutor")
-        self.calib_groups = calib_groups
-        self.trainer = None
-        self._twin_kind = "physics"
-        self._on_trainer = on_trainer
-
-    def _keep(self, trainer) -> None:
-        # run_method hands the trainer over after calibration and before the first step
-        self.trainer = trainer
-        if self.replicas:
-            self._install_replicas(trainer.model)
-        if self._on_trainer is not None:
-            self._on_trainer(trainer)
-
-    def _install_replicas(self, model) -> None:
-        from pnn_cluster.training.pipeline import Replica
-
-        layers = {layer.name: layer for layer in model.physical_layers()}
-        unknown = sorted(set(self.replicas) - set(layers))
-        if unknown:
-            raise ValueError(f"TrainerWorker.replicas: no physical layer named {unknown[0]!r}; "
-                             f"layers are {sorted(layers)}")
-        backend = self.executor.backend
-        for name, extra in self.replicas.items():
-            layer = layers[name]
-            pool = [Replica(backend.handle_for(layer.device, name), name=name)]
-            for j, dev in enumerate(extra, start=1):
-                # every physical copy has its own imperfections, so its own twin, fitted on its own measurements
-                twin = self._replica_twin(layer, dev, seed=1000 * j)
-                pool.append(Replica(backend.handle_for(dev, f"{name}/{j}"), twin=twin, name=f"{name}/{j}"))
-            self.executor.set_pool(name, pool)
-
-    def _replica_twin(self, layer, device, seed: int):
-        from pnn_cluster.twins import build_twin, calibrate
-
-        if layer.mode != "pat":  # oracle differentiates the simulator itself; in silico measures only to test
-            return None
-        if self._twin_kind == "ideal":
-            twin = build_twin("physics", device.spec, device.model())
-            return twin.requires_grad_(False)
-        cal = calibrate(device, kinds=(self._twin_kind,), groups=self.calib_groups, seed=seed, progress=False)
-        return cal.twins[self._twin_kind].requires_grad_(False)
-
-    def run_method(self, task, method: str, **kw: Any):
-        """:func:`~pnn_cluster.experiments.run_method` on this worker's devices and executor."""
-        from pnn_cluster.experiments import run_method
-
-        self._twin_kind = kw.get("twin", "physics")
-        with checkpoint_on_failure(lambda: self.trainer, self.checkpoint):
-            return run_method(task, method, devices=self.devices, executor=self.executor, on_trainer=self._keep,
-                              **kw)
-
-    def status(self) -> dict[str, Any]:
-        t = self.trainer
-        if t is None:
-            return {"state": "created", "global_step": 0, "epoch": 0, "device_samples": 0}
-        return {"state": t.state, "global_step": t.global_step, "epoch": t.epoch,
-                "device_samples": t.device_samples, "steps_per_epoch": t.steps_per_epoch}

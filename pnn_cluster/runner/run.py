@@ -1,0 +1,402 @@
+"""One runner for every experiment: build, twins, initialisation, training, evaluation, tracking.
+
+:class:`ExperimentRun` takes a validated :class:`~pnn_cluster.config.ExperimentConfig`
+and an injected :class:`~pnn_cluster.runner.placement.Placement`. ``pnn-cluster
+demo``, ``train``, ``evaluate`` and the benchmarks all run through it; where
+it runs (this process, or a trainer actor on a Ray cluster with every device
+in its own device actor) is the placement's business and the command line's
+choice, never the runner's.
+
+A run reports progress as lines (``report``); in a trainer actor the lines
+are kept for the driver to stream (:meth:`ExperimentRun.events`). ``stop()``
+(Ctrl-C, ``ray job stop``) ends the run after the current step: the
+checkpoint of that step is kept and the MLflow run is marked KILLED, so
+``train --resume RUN_ID`` continues at the next step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pnn_cluster.config import ExperimentConfig
+from pnn_cluster.layers import Stack, init_rescales_
+from pnn_cluster.runner.build import build_stack, device_recipes, load_data, train_config
+from pnn_cluster.runner.placement import DeviceRef, InProcessPlacement, Placement
+from pnn_cluster.runner.twins import make_twin, twin_shell
+from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, TrainingAborted
+from pnn_cluster.training.pipeline import PipelineConfig, PipelineExecutor, Replica
+from pnn_cluster.training.trainer import Callback, Trainer, TrainerState
+from pnn_cluster.twins import TwinFit
+
+__all__ = ["ExperimentRun", "RunResult", "run_experiment", "ProgressReport"]
+
+
+@dataclass
+class RunResult:
+    """What a run reports: physical test accuracy, the device samples it spent, where things ran."""
+
+    config: str
+    method: str
+    state: str
+    test_acc: float | None
+    steps: int
+    epochs: int
+    device_samples: int
+    calibration_samples: int
+    init_samples: int
+    seconds: float
+    twins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_id: str | None = None
+    device_actors: int = 0
+    twin_actors: int = 0
+    trainer_actor: bool = False
+    nodes: dict[str, str] = field(default_factory=dict)
+    executor: dict[str, int] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+
+    @property
+    def device_samples_total(self) -> int:
+        """Every measurement the method cost: calibration, initialisation and training (not the test)."""
+        return self.device_samples + self.calibration_samples + self.init_samples
+
+    @property
+    def twin_nmse(self) -> float | None:
+        vals = [t["nmse_val"] for t in self.twins.values() if "nmse_val" in t]
+        return float(np.mean(vals)) if vals else None
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("checkpoint")
+        out["device_samples_total"] = self.device_samples_total
+        return out
+
+
+class ProgressReport(Callback):
+    """Lines a person reads while a long run goes on: every ``every_s`` seconds, and at each epoch's end."""
+
+    def __init__(self, report: Callable[[str], None], every_s: float = 15.0) -> None:
+        self.report = report
+        self.every_s = every_s
+        self._last = time.monotonic()
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            self.report(f"   epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}/{trainer.steps_per_epoch}: "
+                        f"loss {metrics['train_loss']:.3f}, {int(metrics['device_samples'])} device samples")
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._last = time.monotonic()
+        self.report(f"   epoch {int(metrics['epoch'])}: train loss {metrics['train_loss']:.3f}, test accuracy "
+                    f"{metrics['test_acc']:.3f} (physical), {metrics['epoch_seconds']:.1f} s")
+
+
+@dataclass
+class _Built:
+    data: Any
+    refs: dict[str, list[DeviceRef]]
+    stack: Stack
+    executor: PipelineExecutor
+
+
+class ExperimentRun:
+    """One experiment, end to end, on the devices a placement starts.
+
+    tracking: keyword arguments of :class:`~pnn_cluster.tracking.MlflowCallback`
+        (``tracking_uri``, ``experiment``, ``run_name``, ``run_id`` to resume, ``parent_run_id``, ``tags``,
+        ``command``), or None for no MLflow run.
+    resume: a checkpoint (``Trainer.state_dict()``) to continue from.
+    report: where progress lines go (default: kept for :meth:`events`, and printed when ``echo``).
+    """
+
+    def __init__(self, config: ExperimentConfig, placement: Placement | None = None,
+                 tracking: Mapping[str, Any] | None = None, resume: Mapping[str, Any] | None = None,
+                 progress: bool = False, echo: bool = True, keep_checkpoint: bool = False,
+                 pipeline: PipelineConfig | None = None, policy: FaultPolicy | None = None) -> None:
+        self.config = config
+        self.placement = placement or InProcessPlacement()
+        self.tracking = dict(tracking) if tracking else None
+        self.resume = resume
+        self.progress = progress
+        self.echo = echo
+        self.keep_checkpoint = keep_checkpoint
+        self.pipeline = pipeline or PipelineConfig()
+        self.policy = policy or FaultPolicy()
+        self.trainer: Trainer | None = None
+        self.tracker = None
+        self._events: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # -- progress and control (safe from other threads) ---------------------------------------------
+
+    def report(self, line: str) -> None:
+        with self._lock:
+            self._events.append(line)
+        if self.echo:
+            print(line, flush=True)
+
+    def events(self, since: int = 0) -> list[str]:
+        with self._lock:
+            return self._events[since:]
+
+    def stop(self) -> None:
+        """End the run after the current step; its checkpoint is kept (``--resume`` continues it)."""
+        self._stop.set()
+        if self.trainer is not None:
+            self.trainer.stop()
+
+    def status(self) -> dict[str, Any]:
+        t = self.trainer
+        if t is None:
+            return {"state": "preparing", "global_step": 0, "epoch": 0, "device_samples": 0}
+        return {"state": t.state, "global_step": t.global_step, "epoch": t.epoch, "device_samples": t.device_samples,
+                "steps_per_epoch": t.steps_per_epoch}
+
+    # -- building -----------------------------------------------------------------------------------------
+
+    def _build(self) -> _Built:
+        cfg = self.config
+        data = load_data(cfg)
+        recipes = device_recipes(cfg)
+        flat = [r for rs in recipes.values() for r in rs]
+        started = self.placement.start_devices(flat)  # all at once: connections open in parallel on a cluster
+        refs: dict[str, list[DeviceRef]] = {name: [] for name in recipes}
+        for ref in started:
+            refs[ref.recipe.name].append(ref)
+        stack = build_stack(cfg, {name: rs[0].device for name, rs in refs.items()}, data.n_features)
+        stack.set_mode(cfg.method)
+        executor = PipelineExecutor(self.placement.backend, config=self.pipeline, policy=self.policy)
+        return _Built(data, refs, stack, executor)
+
+    def _layer(self, stack: Stack, name: str):
+        return next(l for l in stack.physical_layers() if l.name == name)
+
+    def _twins(self, built: _Built, tracker) -> tuple[dict[str, TwinFit], int]:
+        """Every replica's twin, fitted next to its device; the pools of the stages. Returns fits, samples.
+
+        On a cluster the replicas' twins are made at once (their twin actors start, collect on their
+        devices and fit in parallel); in this process one after the other.
+        """
+        cfg = self.config
+        jobs = []  # (index, ref, shell twin or None, twin pool or None)
+        for index, (name, refs) in enumerate(built.refs.items()):
+            tc = cfg.devices[name].twin
+            for ref in refs:
+                # oracle differentiates the simulator; in silico trains on replica 0's twin alone
+                wanted = cfg.method == "pat" or (cfg.method == "in_silico" and ref.recipe.replica == 0)
+                twin = twin_shell(tc, ref) if wanted else None
+                pool = self.placement.start_twins(twin, ref.recipe) if twin is not None and cfg.method == "pat" \
+                    else None
+                jobs.append((index, ref, twin, pool))
+        names = ", ".join(ref.label for _, ref, twin, _ in jobs if twin is not None)
+        if names:
+            self.report(f"-- making twins of {names} ...")
+
+        def make(job):
+            index, ref, twin, pool = job
+            if twin is None:
+                return None
+            tc = cfg.devices[ref.recipe.name].twin
+            return make_twin(ref, tc, twin, pool, seed=cfg.seed + index + 1000 * ref.recipe.replica,
+                             progress=self.progress)
+
+        if self.placement.kind != "in-process" and len(jobs) > 1:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="twin") as ex:
+                made = list(ex.map(make, jobs))
+        else:
+            made = [make(job) for job in jobs]
+        fits: dict[str, TwinFit] = {}
+        samples = 0
+        replicas: dict[str, list[Replica]] = {name: [] for name in built.refs}
+        for (_, ref, _, pool), fit in zip(jobs, made):
+            name = ref.recipe.name
+            if fit is not None:
+                samples += fit.device_samples
+                self.report(f"   twin {fit.device} ({fit.kind}): NMSE {fit.nmse_val:.3e}, noise floor "
+                            f"{fit.noise_floor:.3e} ({fit.ratio_to_floor:.2f} x), {fit.device_samples} device samples")
+                if ref.recipe.replica == 0:
+                    fits[name] = fit
+                    self._layer(built.stack, name).twin = fit.twin
+                if tracker is not None:
+                    tracker.log_twin_fit(fit, params=cfg.devices[name].twin.model_dump(mode="json"))
+            replicas[name].append(Replica(ref.handle, twin=fit.twin if fit else None, twins=pool, name=ref.label,
+                                          timeout_s=cfg.devices[name].timeout_s))
+        for name, reps in replicas.items():
+            built.executor.set_pool(name, reps)
+        return fits, samples
+
+    def _restore_twins(self, built: _Built, state: Mapping[str, Any]) -> None:
+        """A resumed or evaluated run: twins come from the checkpoint, not from new measurements."""
+        cfg = self.config
+        replica_twins = (state.get("extra") or {}).get("replica_twins", {})
+        for name, refs in built.refs.items():
+            tc = cfg.devices[name].twin
+            replicas = []
+            for ref in refs:
+                twin, pool = None, None
+                if cfg.method != "oracle":
+                    twin = twin_shell(tc, ref)
+                    if ref.recipe.replica == 0:
+                        self._layer(built.stack, name).twin = twin
+                    elif ref.label in replica_twins:
+                        twin.load_state_dict(replica_twins[ref.label])
+                replicas.append(Replica(ref.handle, twin=twin, twins=pool, name=ref.label,
+                                        timeout_s=cfg.devices[name].timeout_s))
+            built.executor.set_pool(name, replicas)
+
+    def _start_twin_pools(self, built: _Built) -> None:
+        """After a restore: twin copies elsewhere start from the restored twins."""
+        if self.config.method != "pat":
+            return
+        for name in built.refs:
+            pool = built.executor.pool(self._layer(built.stack, name))
+            for rep, ref in zip(pool.replicas, built.refs[name]):
+                twin = rep.twin if ref.recipe.replica > 0 else self._layer(built.stack, name).twin
+                if twin is not None:
+                    rep.twin = twin
+                    rep.twins = self.placement.start_twins(twin, ref.recipe)
+
+    def _initialise(self, built: _Built) -> int:
+        cfg = self.config
+        xs = torch.as_tensor(built.data.x_train[: cfg.init.samples], dtype=torch.get_default_dtype())
+        before = built.stack.samples_measured()
+        with built.stack.mode_as("in_silico" if cfg.method == "in_silico" else "pat"):
+            init_rescales_(built.stack, xs, spread=cfg.init.spread, logit_scale=cfg.init.logit_scale)
+        return built.stack.samples_measured() - before
+
+    # -- the run ------------------------------------------------------------------------------------------
+
+    def _tracker(self):
+        if not self.tracking or not self.config.tracking.enabled:
+            return None
+        from pnn_cluster.tracking import MlflowCallback
+
+        t = self.config.tracking
+        kw = {"experiment": t.experiment, "run_name": t.run_name or self.config.name,
+              "tags": {"pnn.config": self.config.name, "pnn.method": self.config.method, **t.tags},
+              "flush_every_s": t.flush_every_s, "checkpoint_every": t.checkpoint_every,
+              "residual_batch": t.residual_batch, "log_models": t.log_models, "command": "train"}
+        given = dict(self.tracking)
+        kw["tags"] = {**kw["tags"], **given.pop("tags", {})}
+        kw.update({k: v for k, v in given.items() if v is not None})
+        return MlflowCallback(config=self.config.resolved(), **kw)
+
+    def run(self) -> RunResult:
+        """Build, make twins (or restore them from ``resume``), initialise, train, test on the devices."""
+        t0 = time.perf_counter()
+        tracker = self.tracker = self._tracker()
+        try:
+            with tracker if tracker is not None else contextlib.nullcontext():
+                return self._run(tracker, t0)
+        finally:
+            self.placement.close()
+
+    def _run(self, tracker, t0: float) -> RunResult:
+        cfg = self.config
+        if tracker is not None:
+            self.report(f"MLflow run {tracker.run_id} ({'resumed' if self.resume else 'new'}) at "
+                        f"{tracker.tracking_uri}")
+        built = self._build()
+        counts = self.placement.counts()
+        self.report(f"pnn-cluster: {cfg.name} ({cfg.method}) on {built.data.name}: {len(built.data.y_train)} train, "
+                    f"{len(built.data.y_test)} test; devices "
+                    + ", ".join(f"{n} (x{len(r)})" if len(r) > 1 else n for n, r in built.refs.items())
+                    + (f"; {counts['device_actors']} device actor(s) on Ray" if counts["device_actors"] else ""))
+        fits: dict[str, TwinFit] = {}
+        cal_samples = init_samples = 0
+        if self.resume is not None:
+            self._restore_twins(built, self.resume)
+        else:
+            fits, cal_samples = self._twins(built, tracker)
+            init_samples = self._initialise(built)
+        callbacks: list[Callback] = [ProgressReport(self.report)]
+        if tracker is not None:
+            callbacks.append(tracker)
+        trainer = Trainer(built.stack, built.data, train_config(cfg), callbacks=callbacks, executor=built.executor,
+                          progress=self.progress)
+        trainer.extra_state["replica_twins"] = {
+            rep.name: rep.twin.state_dict() for name in built.refs
+            for rep in built.executor.pool(self._layer(built.stack, name)).replicas[1:] if rep.twin is not None}
+        if self.resume is not None:
+            trainer.load_state_dict(self.resume)
+            self._start_twin_pools(built)
+            self.report(f"-- resuming at epoch {trainer.epoch}, step {trainer.global_step}")
+        elif tracker is not None:
+            dev = cfg.devices
+            names = list(built.refs)
+            tracker.log_devices({n: built.refs[n][0].device for n in names},
+                                drivers={n: built.refs[n][0].recipe.driver_summary() for n in names},
+                                placements={n: dev[n].placement.model_dump(mode="json") for n in names},
+                                twins={n: self._layer(built.stack, n).twin for n in names})
+        self.trainer = trainer
+        if self._stop.is_set():
+            trainer.stop()
+        counts = self.placement.counts()
+        self.report(f"-- training {cfg.schedule.epochs} epochs of {trainer.steps_per_epoch} steps"
+                    + (f" ({counts['twin_actors']} twin actor(s))" if counts["twin_actors"] else "") + " ...")
+        try:
+            history = trainer.fit()
+        except NoReplicaLeft as exc:
+            where = "no checkpoint kept (tracking is off)"
+            if tracker is not None:
+                tracker.log_checkpoint(trainer)
+                where = f"checkpoint of step {trainer.global_step} kept in run {tracker.run_id}"
+            raise TrainingAborted(f"training stopped: {exc}; {where}", None) from exc
+        stopped = trainer.state == TrainerState.STOPPED
+        if stopped:
+            acc = None
+            self.report(f"stopped at epoch {trainer.epoch}, step {trainer.global_step}"
+                        + (f"; `pnn-cluster train --resume {tracker.run_id}` continues it" if tracker else ""))
+            if tracker is not None:
+                tracker.end("KILLED")
+        else:
+            acc = history[-1]["test_acc"] if history else trainer.evaluate("test")["acc"]
+        seconds = time.perf_counter() - t0
+        if not stopped:
+            self.report(f"test accuracy {acc:.3f} on the physical devices after {trainer.global_step} steps; "
+                        f"{trainer.device_samples} training device samples; {seconds:.1f} s")
+        nodes = {ref.label: ref.node for refs in built.refs.values() for ref in refs if ref.node}
+        checkpoint = None
+        if self.keep_checkpoint:
+            checkpoint = trainer.state_dict()
+            checkpoint["experiment"] = cfg.resolved()
+        return RunResult(cfg.name, cfg.method, trainer.state, acc, trainer.global_step, trainer.epoch,
+                         trainer.device_samples, cal_samples, init_samples, seconds,
+                         {k: f.as_dict() for k, f in fits.items()}, list(trainer.history),
+                         tracker.run_id if tracker is not None else None, counts["device_actors"],
+                         counts["twin_actors"], counts["trainer_actor"], nodes, dict(built.executor.stats),
+                         checkpoint)
+
+    def evaluate(self, split: str = "test") -> dict[str, Any]:
+        """The checkpoint given as ``resume``, measured on the devices (and on the twins alone)."""
+        if self.resume is None:
+            raise ValueError("ExperimentRun.evaluate: give the checkpoint to evaluate as resume=")
+        try:
+            built = self._build()
+            self._restore_twins(built, self.resume)
+            trainer = Trainer(built.stack, built.data, train_config(self.config), executor=built.executor,
+                              progress=False)
+            trainer.load_state_dict(self.resume)
+            physical = trainer.evaluate(split, physical=True)
+            twin_only = trainer.evaluate(split, physical=False) if self.config.method != "oracle" else None
+        finally:
+            self.placement.close()
+        return {"acc": physical["acc"], "loss": physical["loss"], "n": len(physical["target"]),
+                "twin_acc": twin_only["acc"] if twin_only else None, "epoch": trainer.epoch,
+                "step": trainer.global_step}
+
+
+def run_experiment(config: ExperimentConfig, placement: Placement | None = None, **kw: Any) -> RunResult:
+    """:class:`ExperimentRun` in one call."""
+    return ExperimentRun(config, placement, **kw).run()
