@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from pnn_cluster.commands import UsageError
 from pnn_cluster.devices.spec import LimitError
 
 #: command modules, in the order ``--help`` lists them
@@ -20,8 +21,6 @@ COMMANDS = ["demo", "train", "evaluate", "calibrate", "devices", "serve-device",
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class UsageError(Exception):
-    """Bad arguments or configuration: exit code 2 with a clear message."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,10 +41,11 @@ class PhysicalLayer(nn.Module):
         self.device = device
         self.spec = device.spec
         self.name = name or device.spec.name
-        # rng: where parameters initialised "uniform" draw from (seeded by whoever builds the stack)
+        # rng: where parameters initialised "uniform" draw from (seeded by whoever builds the stack);
+        # one generator for all of them, so two such parameters never start equal
+        initial = self.spec.initial_params(rng if rng is not None else np.random.default_rng(0))
         self.theta = nn.ParameterDict({
-            p.name: nn.Parameter(torch.as_tensor(p.initial(rng) if p.init == "uniform" else p.initial(),
-                                                 dtype=torch.get_default_dtype()))
+            p.name: nn.Parameter(torch.as_tensor(initial[p.name], dtype=torch.get_default_dtype()))
             for p in self.spec.params
         })
         self.twin = twin

@@ -6,7 +6,8 @@ leaves of that), with digital rescaling between them, trained for a few
 steps with the RayExecutor. Prints, with ``--json``, one line::
 
     {"stages_ms": [20, 40, 10], "efficiency": E, "speedup_vs_sequential": S,
-     "replica_scaling": {"1": 1.0, "2": R2, "4": R4}, "overhead_ratio_zero_latency": O}
+     "replica_scaling": {"1": 1.0, "2": R2, "4": R4}, "overhead_ratio_zero_latency": O,
+     "twin_offload": {"in_trainer_s": A, "twin_actors_s": B, "speedup": A/B}}
 
 - efficiency: the bottleneck bound (micro-batches per batch x 40 ms) over the
   measured time per batch (an optimizer step included). Filling and draining
@@ -19,6 +20,12 @@ steps with the RayExecutor. Prints, with ``--json``, one line::
 - overhead_ratio_zero_latency: time per step of the distributed engine over
   the in-process one (SequentialExecutor, devices in this process), both with
   devices that take no time, batch 256 in micro-batches of 32.
+- twin_offload: one device (5 ms per call) whose twin's VJP takes 40 ms per
+  micro-batch of 8 (simulated: the twin sleeps 5 ms per row), batch 64. In the
+  trainer the batch's backward pass runs there after the measurements
+  (``in_trainer_s``); with 2 twin actors each micro-batch's VJP goes to a free
+  one as soon as it is measured, while the next is being measured
+  (``twin_actors_s``). ``speedup`` is their ratio.
 
 Run on an idle machine for stable figures; ``--address`` joins a running
 cluster instead of starting a local Ray.
@@ -27,6 +34,7 @@ cluster instead of starting a local Ray.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -38,14 +46,17 @@ import torch
 from torch import nn
 
 from actors.cluster import connect
-from actors.device import RemoteDevice, start_device
+from actors.device import ActorDevice, start_device
 from actors.executor import RayExecutor
+from actors.twin import RayTwinHandle, start_twin
+from pnn_cluster.config import ImperfectionsConfig, SimulatedDriver
 from pnn_cluster.data import Dataset
-from pnn_cluster.devices import Imperfections, make_device
+from pnn_cluster.devices.shg import SHGModel
 from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
-from pnn_cluster.training.pipeline import PipelineConfig, Replica
+from pnn_cluster.runner import DeviceRecipe
+from pnn_cluster.training.pipeline import PipelineConfig, Replica, TwinPool
 from pnn_cluster.training.trainer import SequentialExecutor, TrainConfig, Trainer
-from pnn_cluster.training.workers import DeviceConfig
+from pnn_cluster.training.workers import twin_payload, twin_version
 from pnn_cluster.twins import build_twin
 
 STAGES_MS = (20, 40, 10)
@@ -53,9 +64,11 @@ WIDTH = 16
 OPTIONS = {"n_in": WIDTH, "n_out": WIDTH}
 
 
-def imperfections(latency_s: float, seed: int) -> Imperfections:
+def recipe(latency_s: float, seed: int) -> DeviceRecipe:
     # the device's latency is all per call, so a micro-batch costs the same whatever its size
-    return Imperfections(noise=0.01, shot=0.01, gap=0.0, latency_call_s=latency_s, latency_sample_s=0.0, seed=seed)
+    imp = ImperfectionsConfig(noise=0.01, shot=0.01, gap=0.0, latency_call_s=latency_s, latency_sample_s=0.0)
+    return DeviceRecipe(f"shg-{seed}", 0, SimulatedDriver(kind="simulated", system="shg", options=OPTIONS,
+                                                          imperfections=imp), seed=seed)
 
 
 def ideal_twin(device) -> nn.Module:
@@ -93,7 +106,7 @@ def seconds_per_step(trainer: Trainer, steps: int, warmup: int = 1) -> float:
 
 
 def start(latency_s: float, seed: int):
-    return start_device(DeviceConfig("shg", OPTIONS, imperfections(latency_s, seed), name=f"shg-{seed}"))
+    return start_device(recipe(latency_s, seed))
 
 
 def kill(actors) -> None:
@@ -104,7 +117,7 @@ def kill(actors) -> None:
 def pipeline_figures(micro_batches: int, micro: int, steps: int) -> dict[str, float]:
     actors = [start(ms / 1e3, seed=i) for i, ms in enumerate(STAGES_MS)]
     try:
-        devices = [RemoteDevice(a) for a in actors]
+        devices = [ActorDevice(a) for a in actors]
         batch = micro_batches * micro
         out = {}
         for schedule, n in (("pipelined", steps), ("sequential", max(2, steps // 2))):
@@ -121,7 +134,7 @@ def replica_figures(micro_batches: int, micro: int, steps: int) -> dict[str, flo
     bottleneck = max(STAGES_MS) / 1e3
     actors = [start(bottleneck, seed=10 + r) for r in range(4)]
     try:
-        devices = [RemoteDevice(a) for a in actors]
+        devices = [ActorDevice(a) for a in actors]
         batch = micro_batches * micro
         per_batch = {}
         for k in (1, 2, 4):
@@ -136,11 +149,11 @@ def replica_figures(micro_batches: int, micro: int, steps: int) -> dict[str, flo
 
 
 def overhead_ratio(steps: int, batch: int = 256, micro: int = 32, rounds: int = 4) -> dict[str, float]:
-    local = [make_device("shg", imperfections=imperfections(0.0, i), **OPTIONS) for i in range(len(STAGES_MS))]
+    local = [recipe(0.0, i).build() for i in range(len(STAGES_MS))]
     in_process = trainer_for(stack_of(local), SequentialExecutor(), batch, micro)
     actors = [start(0.0, seed=i) for i in range(len(STAGES_MS))]
     try:
-        remote = [RemoteDevice(a) for a in actors]
+        remote = [ActorDevice(a) for a in actors]
         distributed = trainer_for(stack_of(remote), RayExecutor(), batch, micro)
         # steps take tens of ms: alternate short blocks so both see the same load on a shared machine
         t_local, t_ray = [], []
@@ -151,6 +164,41 @@ def overhead_ratio(steps: int, batch: int = 256, micro: int = 32, rounds: int = 
         kill(actors)
     t_local_s, t_ray_s = statistics.median(t_local), statistics.median(t_ray)
     return {"ratio": t_ray_s / t_local_s, "in_process_s": t_local_s, "distributed_s": t_ray_s}
+
+
+class SlowSHGModel(SHGModel):
+    """The SHG physics model, taking ``per_row_s`` per row it is asked about: a twin that integrates an ODE or
+    runs a large network costs time in proportion to its batch."""
+
+    per_row_s = 0.0
+
+    def forward(self, x, params):
+        time.sleep(self.per_row_s * x.shape[0])
+        return super().forward(x, params)
+
+
+def twin_offload_figures(steps: int, batch: int = 64, micro: int = 8, per_micro_s: float = 0.040,
+                         device_ms: float = 5, copies: int = 2) -> dict[str, float]:
+    actor = start(device_ms / 1e3, seed=20)
+    twins = []
+    try:
+        device = ActorDevice(actor)
+        model = stack_of([device])
+        layer = model.physical_layers()[0]
+        slow = SlowSHGModel.__new__(SlowSHGModel)
+        slow.__dict__.update(copy.deepcopy(device.model()).__dict__)  # the device's own model, made slow
+        slow.per_row_s = per_micro_s / micro
+        layer.twin = build_twin("physics", device.spec, slow)
+        in_trainer = seconds_per_step(trainer_for(model, RayExecutor(), batch, micro), steps)
+        twins = [start_twin(layer.twin) for _ in range(copies)]
+        payload = twin_payload(layer.twin)
+        pool = TwinPool([RayTwinHandle(t) for t in twins], payload, twin_version(payload["state"]))
+        ex = RayExecutor(pools={layer.name: [Replica(device.handle(), twins=pool, name=layer.name)]})
+        offloaded = seconds_per_step(trainer_for(model, ex, batch, micro), steps)
+        assert ex.stats["twin_calls"] > 0
+        return {"in_trainer_s": in_trainer, "twin_actors_s": offloaded, "speedup": in_trainer / offloaded}
+    finally:
+        kill([actor, *twins])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     pipe = pipeline_figures(args.micro_batches, args.micro_batch, args.steps)
     reps = replica_figures(args.micro_batches, args.micro_batch, args.steps)
     over = overhead_ratio(args.steps)
+    offload = twin_offload_figures(args.steps)
     result = {"stages_ms": list(STAGES_MS), "efficiency": round(pipe["efficiency"], 3),
               "speedup_vs_sequential": round(pipe["speedup_vs_sequential"], 3),
               "replica_scaling": {k: round(v, 3) for k, v in reps.items()},
-              "overhead_ratio_zero_latency": round(over["ratio"], 3)}
+              "overhead_ratio_zero_latency": round(over["ratio"], 3),
+              "twin_offload": {k: round(v, 4) for k, v in offload.items()}}
     if args.json:
         print(json.dumps(result))
     else:
@@ -185,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  replicas of the 40 ms stage: throughput x {reps}")
         print(f"  zero latency, batch 256: in-process {over['in_process_s'] * 1e3:.1f} ms, distributed "
               f"{over['distributed_s'] * 1e3:.1f} ms per step -> ratio {over['ratio']:.2f}")
+        print(f"  twin VJP 40 ms per micro-batch: in the trainer {offload['in_trainer_s'] * 1e3:.0f} ms, on 2 twin "
+              f"actors {offload['twin_actors_s'] * 1e3:.0f} ms per step -> speedup {offload['speedup']:.2f}x")
         print(json.dumps(result))
     return 0
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pnn_cluster.devices import Imperfections, make_device
     from pnn_cluster.drivers.visa import VisaDevice
-    from pnn_cluster.drivers.zmq_client import RemoteDevice
+    from pnn_cluster.drivers.zmq_client import ZmqDevice
     from pnn_cluster.servers.scpi_bench import SimBench
     from pnn_cluster.servers.zmq_server import DeviceServer
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = local.spec
     x = np.random.default_rng(0).uniform(spec.input.low, spec.input.high, (args.batch, spec.input.size))
     with DeviceServer(device(), "tcp://127.0.0.1:0") as server, SimBench(device=device(), port=0) as bench:
-        remote = RemoteDevice(server.endpoint, timeout_s=30).connect()
+        remote = ZmqDevice(server.endpoint, timeout_s=30).connect()
         visa = VisaDevice.from_config(bench.visa_config(timeout_s=30)).connect()
         paths = {"inprocess": local, "zmq": remote, "visa": visa}
         reference = local.forward(x)

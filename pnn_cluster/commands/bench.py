@@ -41,7 +41,7 @@ def _summary(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
 
     benches = available(args.scripts_dir)
     if args.list or not args.name:

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
     from pnn_cluster.tracking import log_calibration
 
     kinds = [k.strip() for k in args.twins.split(",") if k.strip()]

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_methods(text: str) -> list[str]:
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -51,7 +51,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
     from pnn_cluster.config import ConfigError, load_config
 
     methods = parse_methods(args.methods)

@@ -69,7 +69,7 @@ def _spec_row(spec) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
 
     if args.probe_batch < 1:
         raise UsageError(f"--probe-batch {args.probe_batch}; allowed: >= 1")

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
     from pnn_cluster.config import ConfigError, parse_config
     from pnn_cluster.tracking import load_run_checkpoint, resolve_tracking_uri
 

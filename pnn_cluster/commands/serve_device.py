@@ -64,7 +64,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     """
     import yaml
 
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
 
     options: dict[str, Any] = {}
     for item in items:
@@ -88,7 +88,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 
 def simulated_device(args: argparse.Namespace) -> Device:
     """Build the simulated device the command line describes."""
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
 
     options = parse_options(args.option)
     try:
@@ -109,7 +109,7 @@ def simulated_device(args: argparse.Namespace) -> Device:
 
 def user_device(args: argparse.Namespace) -> Device:
     """Construct the user's Device class named by ``--device`` with the ``--option`` values (no I/O)."""
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
 
     for flag, given in (("--seed", args.seed is not None), ("--ideal", args.ideal), ("--no-latency", args.no_latency)):
         if given:
@@ -171,7 +171,7 @@ def _load_mapping(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
     from pnn_cluster.servers import BindError
     from pnn_cluster.servers.zmq_server import CurveServerConfig, DeviceServer
 

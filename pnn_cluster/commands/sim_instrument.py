@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
     from pnn_cluster.servers import BindError
     from pnn_cluster.servers.scpi_bench import SimBench
 

@@ -48,7 +48,7 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
 
 
 def _usage(message: str) -> Exception:
-    from pnn_cluster.cli import UsageError
+    from pnn_cluster.commands import UsageError
 
     return UsageError(message)
 

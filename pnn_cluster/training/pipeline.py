@@ -316,7 +316,10 @@ class PipelineConfig:
     schedule: ``pipelined`` keeps every stage busy; ``sequential`` runs one
         micro-batch at a time through the whole stack (the reference order).
     micro_batches: when neither the trainer nor ``micro_batch`` gives a size,
-        each batch is split into this many micro-batches.
+        each batch is split into this many micro-batches; None: just enough
+        to keep every device busy, ``2 x (stages + replicas of the largest
+        pool - 1)`` (a single device gets 2: splitting further only adds
+        calls, and each call costs a round trip).
     micro_batch: micro-batch size when the trainer gives none.
     depth: calls queued on one replica, so a device never idles for a round trip.
     eval_micro_batch: micro-batch size for evaluation (default: as training).
@@ -328,7 +331,7 @@ class PipelineConfig:
     """
 
     schedule: str = "pipelined"
-    micro_batches: int = 8
+    micro_batches: int | None = None
     micro_batch: int | None = None
     depth: int = 2
     eval_micro_batch: int | None = None
@@ -340,18 +343,17 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.schedule: {self.schedule!r} is not allowed; allowed: {SCHEDULES}")
         if self.backward not in BACKWARDS:
             raise ValueError(f"PipelineConfig.backward: {self.backward!r} is not allowed; allowed: {BACKWARDS}")
-        for name in ("micro_batches", "depth"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"PipelineConfig.{name}: must be an integer >= 1, got {v!r}")
-        for name in ("micro_batch", "eval_micro_batch", "backward_batch"):
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"PipelineConfig.depth: must be an integer >= 1, got {self.depth!r}")
+        for name in ("micro_batches", "micro_batch", "eval_micro_batch", "backward_batch"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"PipelineConfig.{name}: must be None or an integer >= 1, got {v!r}")
 
-    def size(self, n: int, given: int | None, evaluating: bool = False) -> int:
+    def size(self, n: int, given: int | None, evaluating: bool = False, fill: int = 8) -> int:
+        """Rows per micro-batch; ``fill``: micro-batches that keep every device busy (for ``micro_batches=None``)."""
         size = given or (self.eval_micro_batch if evaluating else None) or self.micro_batch
-        return size or max(1, -(-n // self.micro_batches))
+        return size or max(1, -(-n // (self.micro_batches or fill)))
 
 
 @dataclass(eq=False)
@@ -465,17 +467,26 @@ class PipelineExecutor:
 
     # -- the Executor protocol -------------------------------------------------------------
 
+    def _fill(self, model: nn.Module) -> int:
+        """Micro-batches that keep every device of ``model`` busy: 2 x (stages + largest pool - 1)."""
+        layers = [m for m in model if isinstance(m, PhysicalLayer) and m.mode != "in_silico"] \
+            if isinstance(model, nn.Sequential) else []
+        if not layers:
+            return 1
+        widest = max(len(self.pool(m).active) for m in layers)
+        return 2 * (len(layers) + widest - 1)
+
     def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
                          micro_batch: int | None) -> StepResult:
         n = x.shape[0]
-        size = self.config.size(n, micro_batch)
+        size = self.config.size(n, micro_batch, fill=self._fill(model))
         run = _Run(self, model, x, split_micro(n, size), target=y, loss_fn=loss_fn)
         run.go()
         self.stats["steps"] += 1
         return StepResult(run.loss, run.correct, n, run.device_samples)
 
     def evaluate(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        size = self.config.size(x.shape[0], None, evaluating=True)
+        size = self.config.size(x.shape[0], None, evaluating=True, fill=self._fill(model))
         run = _Run(self, model, x, split_micro(x.shape[0], size))
         run.go()
         return torch.cat(run.outputs)
