@@ -1,0 +1,104 @@
+"""The runner, in this process: a stop keeps the step reached, and a resume continues exactly there."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from pnn_cluster.config import parse_config
+from pnn_cluster.runner import ExperimentRun
+from pnn_cluster.runner.launch import InProcessLauncher
+from pnn_cluster.training.trainer import Callback
+
+STEPS_PER_EPOCH = 3  # 120 training digits in batches of 40
+
+TINY = {
+    "name": "tiny",
+    "dataset": {"name": "digits", "train_subset": 120, "test_subset": 60},
+    # noise-free, so an interrupted and resumed run must end exactly where an uninterrupted one does
+    "devices": {"circuit": {
+        "driver": {"kind": "simulated", "system": "circuit", "options": {"n_in": 8, "n_out": 8},
+                   "imperfections": {"ideal": True}},
+        "twin": {"kind": "physics", "groups": 4, "batch": 24, "epochs": 3}}},
+    "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "circuit"},
+              {"kind": "linear", "size": 10}],
+    "optimizer": {"lr": 0.05},
+    "schedule": {"epochs": 3, "batch_size": 40, "eval_batch": 60},
+    "tracking": {"experiment": "tests", "residual_batch": 0, "log_models": False},
+}
+
+
+class At(Callback):
+    """Does ``action`` once, at the end of optimizer step ``step``."""
+
+    def __init__(self, step: int, action) -> None:
+        self.step, self.action = step, action
+
+    def on_step_end(self, trainer, metrics) -> None:
+        if trainer.global_step == self.step:
+            self.action()
+
+
+def _params(result) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in result.checkpoint["model"].items() if "twin" not in k}
+
+
+@pytest.mark.parametrize("how", ["stop()", "SIGINT"])
+def test_a_stopped_run_keeps_its_step_and_resumes_exactly_where_it_stopped(tmp_path, how, monkeypatch):
+    from mlflow import MlflowClient
+
+    import pnn_cluster.runner.run as run_module
+
+    cfg = parse_config(TINY, source="tiny.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    whole = ExperimentRun(cfg, keep_checkpoint=True, echo=False).run()
+
+    run = ExperimentRun(cfg, tracking={"tracking_uri": uri}, keep_checkpoint=True, echo=False)
+    stop = run.stop if how == "stop()" else (lambda: signal.raise_signal(signal.SIGINT))
+    made = run_module.ProgressReport
+    # mid-epoch 2: step 4 of 3 x 3
+    monkeypatch.setattr(run_module, "ProgressReport", lambda report: _Both(made(report), At(4, stop)))
+    if how == "SIGINT":  # the launcher turns the first Ctrl-C into a stop after the current step
+        stopped = InProcessLauncher().run(cfg, tracking={"tracking_uri": uri}, keep_checkpoint=True)
+    else:
+        stopped = run.run()
+    monkeypatch.undo()
+    assert stopped.state == "stopped" and stopped.steps == 4 and stopped.test_acc is None
+    client = MlflowClient(uri)
+    record = client.get_run(stopped.run_id)
+    assert record.info.status == "KILLED"
+    assert record.data.tags["pnn.checkpoint_step"] == "4"
+
+    resumed = ExperimentRun(cfg, tracking={"tracking_uri": uri, "run_id": stopped.run_id},
+                            resume=stopped.checkpoint, keep_checkpoint=True, echo=False).run()
+    assert resumed.state == "finished" and resumed.steps == whole.steps == 3 * STEPS_PER_EPOCH
+    assert resumed.device_samples == whole.device_samples
+    for name, value in _params(whole).items():
+        torch.testing.assert_close(_params(resumed)[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert client.get_run(stopped.run_id).info.status == "FINISHED"
+
+
+class _Both(Callback):
+    def __init__(self, *callbacks) -> None:
+        self.callbacks = callbacks
+
+    def on_step_end(self, trainer, metrics) -> None:
+        for cb in self.callbacks:
+            cb.on_step_end(trainer, metrics)
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        for cb in self.callbacks:
+            cb.on_epoch_end(trainer, metrics)
+
+
+def test_a_users_device_class_with_options_trains_through_a_configuration():
+    """``driver: {kind: python, class: ..., options: ...}``: the class is imported and built by its owner."""
+    raw = dict(TINY, devices={"amp": {"driver": {"kind": "python", "class": "lab_devices:SizedTanhAmp",
+                                                 "options": {"size": 8}},
+                                      "twin": {"kind": "physics", "groups": 4, "batch": 24, "epochs": 3}}},
+               stack=[{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "amp"},
+                      {"kind": "linear", "size": 10}], schedule={"epochs": 1, "batch_size": 40})
+    result = ExperimentRun(parse_config(raw, source="amp.yaml"), echo=False).run()
+    assert result.steps == STEPS_PER_EPOCH and result.twins["amp"]["nmse_val"] > 0
