@@ -130,10 +130,18 @@ class ActorDevice(Device):
     :class:`~pnn_cluster.devices.base.DeviceError` naming it, never a wait without end.
     """
 
-    def __init__(self, actor, spec=None, name: str | None = None, timeout_s: float | None = 60.0) -> None:
+    def __init__(self, actor, spec=None, name: str | None = None, timeout_s: float | None = 60.0,
+                 connect_timeout_s: float = 300.0) -> None:
         self.actor = actor
         self.timeout_s = timeout_s
-        super().__init__(spec if spec is not None else ray.get(actor.spec.remote(), timeout=timeout_s))
+        if spec is None:
+            # the spec is known once the actor has started and connected its instrument: that takes a
+            # process start, not one call
+            try:
+                spec = ray.get(actor.spec.remote(), timeout=connect_timeout_s)
+            except rex.GetTimeoutError:
+                raise DeviceError(f"device {name or 'actor'}: not connected after {connect_timeout_s:g} s") from None
+        super().__init__(spec)
         self.name = name or self.spec.name
         self.connected = True
         self._written: str | None = None

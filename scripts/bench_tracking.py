@@ -5,8 +5,9 @@ Prints one JSON line::
     {"step_time_ratio_on_off": R, "ratio_mean": M, "step_ms_on": A, "step_ms_off": B, "pairs": N,
      "flushes": F, "flush_every_s": S, "config": NAME, "latency": true}
 
-Two identical experiments are built from one configuration (same devices,
-same seeds, same data): one trainer carries an :class:`MlflowCallback`
+Two identical experiments are built from one configuration with the runner's
+parts (same devices, same seeds, same data, the runner's pipeline executor;
+every twin the uncalibrated ideal model): one trainer carries an :class:`MlflowCallback`
 writing to a temporary SQLite store, the other none. They take turns one
 step at a time on the same batch, in ABBA order, so load from other
 processes on the machine falls on both alike. R is the median over pairs of
@@ -34,13 +35,38 @@ def log(msg: str) -> None:
 
 
 def build(cfg, data):
-    from pnn_cluster.config import build_experiment, initialise_stack, prepare_twins
+    """The configuration's stack on devices of its own, ready to train, as the runner prepares it.
+
+    Every twin is ``kind: ideal`` here: the shell of the configured kind is the uncalibrated ideal
+    model already, so nothing is fitted (a twin's quality does not change a step's cost).
+    """
+    from pnn_cluster.layers import init_rescales_
+    from pnn_cluster.runner import InProcessPlacement, build_stack, device_recipes
+    from pnn_cluster.runner.build import train_config
+    from pnn_cluster.runner.twins import twin_shell
+    from pnn_cluster.training.pipeline import PipelineExecutor, Replica
     from pnn_cluster.training.trainer import Trainer
 
-    exp = build_experiment(cfg, data=data)
-    prepare_twins(exp)
-    initialise_stack(exp)
-    return exp, Trainer
+    placement = InProcessPlacement()
+    refs = placement.start_devices([r for rs in device_recipes(cfg).values() for r in rs])
+    stack = build_stack(cfg, {ref.recipe.name: ref.device for ref in refs if ref.recipe.replica == 0},
+                        data.n_features)
+    stack.set_mode(cfg.method)
+    layers = {layer.name: layer for layer in stack.physical_layers()}
+    executor = PipelineExecutor(placement.backend)
+    pools: dict[str, list[Replica]] = {name: [] for name in layers}
+    for ref in refs:
+        name = ref.recipe.name
+        twin = twin_shell(cfg.devices[name].twin, ref).requires_grad_(False)
+        if ref.recipe.replica == 0:
+            layers[name].twin = twin
+        pools[name].append(Replica(ref.handle, twin=twin, name=ref.label, timeout_s=cfg.devices[name].timeout_s))
+    for name, replicas in pools.items():
+        executor.set_pool(name, replicas)
+    xs = torch.as_tensor(data.x_train[: cfg.init.samples], dtype=torch.get_default_dtype())
+    with stack.mode_as("in_silico" if cfg.method == "in_silico" else "pat"):
+        init_rescales_(stack, xs, spread=cfg.init.spread, logit_scale=cfg.init.logit_scale)
+    return stack, executor, train_config(cfg), placement, Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
-    from pnn_cluster.config import example_config_path, load_config, load_data
+    from pnn_cluster.config import example_config_path, load_config
+    from pnn_cluster.runner import load_data
     from pnn_cluster.tracking import MlflowCallback
 
     overrides = ["dataset.train_subset=2000", "dataset.test_subset=200"]
@@ -64,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, dev in cfg.devices.items():
         # twin quality does not change a step's cost; the ideal model saves the fit
         overrides.append(f"devices.{name}.twin.kind=ideal")
-        overrides.append(f"devices.{name}.twin.groups=3")
         if args.no_latency and dev.driver.kind == "simulated":
             overrides += [f"devices.{name}.driver.imperfections.latency_call_s=0",
                           f"devices.{name}.driver.imperfections.latency_sample_s=0"]
@@ -77,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         flush = args.flush_every_s if args.flush_every_s is not None else cfg.tracking.flush_every_s
         tracker = MlflowCallback(uri, experiment="bench-tracking", run_name="tracking on", config=cfg.resolved(),
                                  flush_every_s=flush, command="bench")
-        exp_on, Trainer = build(cfg, data)
-        exp_off, _ = build(cfg, data)
-        on = Trainer(exp_on.stack, data, exp_on.train, callbacks=[tracker], progress=False)
-        off = Trainer(exp_off.stack, data, exp_off.train, progress=False)
+        stack_on, executor_on, train, placement_on, Trainer = build(cfg, data)
+        stack_off, executor_off, _, placement_off, _ = build(cfg, data)
+        on = Trainer(stack_on, data, train, callbacks=[tracker], executor=executor_on, progress=False)
+        off = Trainer(stack_off, data, train, executor=executor_off, progress=False)
         tracker.on_train_start(on)  # the run, its parameters and the device snapshot, as in a real training
 
         xs = torch.as_tensor(data.x_train, dtype=torch.get_default_dtype())
@@ -116,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             t_off.append(b)
             ratios.append(a / b)
         tracker.end()
+        placement_on.close()
+        placement_off.close()
     result = {
         "step_time_ratio_on_off": round(statistics.median(ratios), 4),
         "ratio_mean": round(sum(t_on) / sum(t_off), 4),

@@ -12,12 +12,13 @@ import yaml
 from pnn_cluster.cli import main
 from pnn_cluster.config import (
     ConfigError,
-    build_experiment,
     example_config_path,
     example_configs,
+    flatten,
     load_config,
     parse_config,
 )
+from pnn_cluster.runner.build import build_stack, device_recipes, load_data, train_config
 
 TINY = {
     "name": "tiny",
@@ -78,6 +79,17 @@ def mistake(tmp_path: Path, change) -> ConfigError:
      "devices.circuit.driver.sink.driver", ["unknown instrument driver", "allowed: awg, pulse_shaper, scope"]),
     (lambda d: d["devices"]["circuit"].update(placement={"instrument": "bad name!"}),
      "devices.circuit.placement.instrument", ["'bad name!'"]),
+    (lambda d: d["devices"]["circuit"].update(placement={"twin_gpus": 1}), "devices.circuit.placement.twin_gpus",
+     ["unknown key", "allowed: instrument, labels, resources, twins"]),
+    (lambda d: d["devices"]["circuit"].update(driver={"kind": "python", "class": "mylab.devices.Amp"}),
+     "devices.circuit.driver.class", ["not a class path: 'mylab.devices.Amp'", "allowed: package.module:ClassName"]),
+    (lambda d: d["devices"]["circuit"].update(driver={"kind": "python", "class": "mylab:Amp",
+                                                      "imperfections": {"noise": 0.1}}),
+     "devices.circuit.driver.imperfections", ["unknown key", "allowed: kind, class, options, model"]),
+    (lambda d: d["devices"]["circuit"].update(pool=[{"driver": {"kind": "zmq", "address": "tcp://labpc:5555"}}]),
+     "devices.circuit.pool.0.driver.kind", ["a pool holds devices of one kind", "'circuit' is simulated",
+                                            "allowed: simulated"]),
+    (lambda d: d["devices"]["circuit"].update(replicas=0), "devices.circuit.replicas", ["out of range: 0", ">= 1"]),
 ])
 def test_each_mistake_names_file_and_key(tmp_path, change, key, words):
     err = mistake(tmp_path, change)
@@ -148,19 +160,52 @@ def test_stack_widths_are_checked_against_the_devices(tmp_path):
     data = copy.deepcopy(TINY)
     data["stack"][0]["size"] = 6
     cfg = load_config(write(tmp_path, data))
+    devices = {name: recipe.build() for name, (recipe,) in device_recipes(cfg).items()}
     with pytest.raises(ConfigError, match=r"stack\.2: device 'circuit' takes 8 inputs but the layers before it "
                                           r"give 6"):
-        build_experiment(cfg)
+        build_stack(cfg, devices, 64)
 
 
-def test_build_experiment_matches_the_configuration(tmp_path):
-    exp = build_experiment(load_config(write(tmp_path, TINY)))
-    (layer,) = exp.stack.physical_layers()
-    assert layer.name == "circuit" and exp.layer("circuit") is layer
-    assert exp.devices["circuit"].spec.input.size == 8
-    assert exp.devices["circuit"].imperfections.seed == 0  # the same seeds as experiments.build_devices
-    assert exp.train.epochs == 1 and exp.train.batch_size == 30
-    assert len(exp.data.y_train) == 60
+def test_the_runner_builds_what_the_configuration_says(tmp_path):
+    cfg = load_config(write(tmp_path, TINY))
+    (recipe,) = device_recipes(cfg)["circuit"]
+    assert recipe.label == "circuit" and recipe.replica == 0 and recipe.kind == "simulated"
+    device = recipe.build()
+    assert device.spec.input.size == 8 and not device.connected  # constructors do no I/O
+    assert device.imperfections.seed == 0  # seed * 100 + the device's index in the stack
+    data = load_data(cfg)
+    assert len(data.y_train) == 60 and len(data.y_test) == 30
+    stack = build_stack(cfg, {"circuit": device}, data.n_features)
+    (layer,) = stack.physical_layers()
+    assert layer.name == "circuit" and layer.device is device
+    assert stack[0].in_features == data.n_features and stack[0].out_features == 8 and stack[3].out_features == 10
+    train = train_config(cfg)
+    assert train.epochs == 1 and train.batch_size == 30 and train.seed == cfg.seed
+
+
+def test_replicas_are_copies_with_their_own_imperfections(tmp_path):
+    data = copy.deepcopy(TINY)
+    data["devices"]["circuit"]["replicas"] = 2
+    cfg = load_config(write(tmp_path, data))
+    recipes = device_recipes(cfg)["circuit"]
+    assert [(r.replica, r.label) for r in recipes] == [(0, "circuit"), (1, "circuit/1")]
+    a, b = (r.build() for r in recipes)
+    assert a.imperfections.seed != b.imperfections.seed
+    assert a.identity()["true_calibration"] != b.identity()["true_calibration"]  # two physical copies
+    # and the same copies in every run
+    assert [r.build().identity()["true_calibration"] for r in device_recipes(cfg)["circuit"]] == \
+        [a.identity()["true_calibration"], b.identity()["true_calibration"]]
+
+
+def test_a_pool_adds_instruments_of_the_same_kind_as_replicas(tmp_path):
+    data = copy.deepcopy(TINY)
+    member = {"driver": {"kind": "simulated", "system": "circuit", "options": {"n_in": 8, "n_out": 8}, "seed": 7},
+              "placement": {"instrument": "bench-2"}}
+    data["devices"]["circuit"]["pool"] = [member]
+    cfg = load_config(write(tmp_path, data))
+    first, second = device_recipes(cfg)["circuit"]
+    assert second.label == "circuit/1" and second.placement.instrument == "bench-2"
+    assert second.seed == 7 + 1000 and first.seed == 0
 
 
 def test_shipped_examples_load():
@@ -174,11 +219,50 @@ def test_shipped_examples_load():
     assert lab.devices["optics"].placement.ray_resources() == {"instrument:shg-bench": 1.0}
 
 
-def test_demo_config_is_the_demo_task():
-    from pnn_cluster.experiments import TASKS
+def test_quick_changes_only_what_its_section_says():
+    for name in example_configs():
+        cfg = load_config(example_config_path(name))
+        quick = cfg.quick_version()
+        full, small = flatten(cfg.resolved()), flatten(quick.resolved())
+        changed = {k for k in set(full) | set(small) if full.get(k) != small.get(k) and not k.startswith("quick")}
+        assert changed == {k for k, v in cfg.quick.items() if full.get(k) != v}, name
+        assert all(small[k] == v for k, v in cfg.quick.items()), name
+        assert quick.quick == {} and quick.quick_version() is quick
 
-    spec = load_config(example_config_path("hybrid_mnist")).to_task_spec()
-    assert spec.layers == TASKS["hybrid_mnist"].layers
+
+def test_demo_runs_the_shipped_hybrid_configuration(monkeypatch, capsys):
+    from pnn_cluster.commands import demo
+    from pnn_cluster.runner import RunResult
+
+    ran = []
+
+    class Recorder:
+        def run(self, config, tracking=None, **kw):
+            ran.append(config)
+            return RunResult(config=config.name, method=config.method, state="finished", test_acc=0.5, steps=1,
+                             epochs=1, device_samples=10, calibration_samples=20, init_samples=30, seconds=0.1)
+
+    monkeypatch.setattr(demo, "launcher_for", lambda args: Recorder())
+    assert main(["demo", "--quick", "--methods", "pat,in_silico", "--no-track", "--set", "schedule.epochs=1"]) == 0
+    shipped = load_config(example_config_path("hybrid_mnist")).quick_version()
+    expected = {m: shipped.with_overrides(["schedule.epochs=1", "seed=0", f"method={m}"]).resolved()
+                for m in ("pat", "in_silico")}
+    assert {c.method: c.resolved() for c in ran} == expected
+    assert "hybrid_mnist" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quick, key, words", [
+    ({"schedule.epochz": 1}, "quick: schedule.epochz", ["unknown key", "did you mean 'epochs'"]),
+    ({"schedule.epochs": 0}, "quick: schedule.epochs", ["out of range: 0", ">= 1"]),
+    ({"stack.9.size": 4}, "quick: stack.9.size", ["no such key to override"]),
+    ({"devices.nothing.twin.groups": 4}, "quick: devices.nothing.driver", ["missing required key"]),
+])
+def test_quick_overrides_that_do_not_fit_are_config_errors(tmp_path, quick, key, words):
+    err = mistake(tmp_path, lambda d: d.update(quick=quick))
+    assert key in err.keys, (key, str(err))
+    line = next(line for line in str(err).splitlines() if f": {key}: " in line)
+    for w in words:
+        assert w in line, (w, line)
 
 
 def test_parse_config_without_a_file():

@@ -191,7 +191,7 @@ def test_pipelined_and_sequential_schedules_give_the_in_process_gradients(ray_cl
             assert res.loss == pytest.approx(ref_res.loss, rel=1e-12), name
             assert res.device_samples == 2 * len(x), name
             for g, r in zip(got, ref):
-                torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14, msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14, msg=name)
     finally:
         kill_all(actors + twins)
 
@@ -313,3 +313,85 @@ def test_the_runner_on_ray_trains_like_the_runner_in_process(ray_cluster, tmp_pa
     assert remote.history[-1]["train_loss"] == pytest.approx(local.history[-1]["train_loss"], rel=1e-6)
     assert remote.history[-1]["test_loss"] == pytest.approx(local.history[-1]["test_loss"], rel=1e-6)
     assert remote.test_acc == local.test_acc
+
+
+def test_a_restarted_twin_actor_gets_the_latest_twin_before_it_differentiates(ray_cluster, float64):
+    from actors.device import ActorDevice, start_device
+    from actors.executor import RayExecutor
+    from actors.twin import RayTwinHandle, start_twin
+
+    x = torch.as_tensor(toy_data().x_train[:16])
+    y = torch.as_tensor(toy_data().y_train[:16])
+    actor = start_device(recipe("shg0"))
+    twin_actor = None
+    try:
+        model = make_stack([ActorDevice(actor)])
+        layer = model.physical_layers()[0]
+        twin_actor = start_twin(layer.twin)  # started with the twin as it was first
+        payload = twin_payload(layer.twin)
+        pool = TwinPool([RayTwinHandle(twin_actor)], payload, twin_version(payload["state"]))
+        # a refit elsewhere: the pool and the trainer's copy take the new state
+        refit = {k: v + 0.05 if v.is_floating_point() else v for k, v in layer.twin.state_dict().items()}
+        layer.twin.load_state_dict(refit)
+        new = twin_payload(layer.twin)
+        pool.update(new, twin_version(new["state"]))
+        model.zero_grad(set_to_none=True)
+        SequentialExecutor().forward_backward(model, x, y, torch.nn.CrossEntropyLoss(), 4)
+        want = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        # the twin actor dies and Ray rebuilds it from its constructor: the first state, not the latest
+        ray.kill(twin_actor, no_restart=False)
+        ex = RayExecutor(pools={layer.name: [Replica(ActorDevice(actor).handle(), twins=pool)]})
+        model.zero_grad(set_to_none=True)
+        ex.forward_backward(model, x, y, torch.nn.CrossEntropyLoss(), 4)
+        got = [p.grad for p in model.parameters() if p.requires_grad]
+        assert pool.reloads >= 1 and ex.stats["twin_restores"] >= 1
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+    finally:
+        kill_all([actor] + ([twin_actor] if twin_actor is not None else []))
+
+
+class HangingSHG(SHGDevice):
+    """An SHG bench whose spectrometer hangs (never answers in time) from its ``after``-th measurement on."""
+
+    def __init__(self, after: int, hang_s: float = 20.0, **kw):
+        super().__init__(imperfections=Imperfections.ideal(seed=0), **kw)
+        self.after, self.hang_s, self.calls = after, hang_s, 0
+
+    def measure(self, x, params):
+        import time
+
+        self.calls += 1
+        if self.calls > self.after:
+            time.sleep(self.hang_s)  # the simulated hung instrument, not a test waiting
+        return super().measure(x, params)
+
+
+def test_a_hung_device_ends_in_a_clear_error_naming_it_never_a_wait_without_end(ray_cluster, float64):
+    from actors.device import ActorDevice, start_device
+    from actors.executor import RayExecutor
+    from pnn_cluster.config import PythonDriver
+    from pnn_cluster.training.faults import NoReplicaLeft
+
+    driver = PythonDriver.model_validate({"kind": "python", "class": f"{__name__}:HangingSHG",
+                                          "options": {"after": 2, **OPTS}})
+    actor = start_device(DeviceRecipe("shg0", 0, driver, timeout_s=0.5))
+    try:
+        device = ActorDevice(actor, name="shg0", timeout_s=0.5)
+        x = np.random.default_rng(0).uniform(0, 1, (4, WIDTH))
+        device.forward(x)
+        device.forward(x)
+        with pytest.raises(DeviceError, match=r"device shg0: a measurement got no reply within 0.5 s"):
+            device.forward(x)
+        model = make_stack([device])
+        layer = model.physical_layers()[0]
+        ex = RayExecutor(pools={layer.name: [Replica(device.handle(), name="shg0", timeout_s=0.5)]},
+                         policy=FaultPolicy(max_consecutive_failures=2))
+        with pytest.warns(ReplicaRetired), \
+                pytest.raises(NoReplicaLeft, match=r"stage shg0: no replica left .*shg0: CallTimeout: device shg0: "
+                                                   r"no reply within its timeout_s of 0.5 s"):
+            ex.forward_backward(model, torch.as_tensor(x), torch.zeros(4, dtype=torch.long),
+                                torch.nn.CrossEntropyLoss(), 2)
+        assert ex.stats["timeouts"] == 2
+    finally:
+        kill_all([actor])

@@ -21,9 +21,16 @@ from pnn_cluster.training.faults import (
     TrainingAborted,
     checkpoint_on_failure,
 )
-from pnn_cluster.training.pipeline import LocalDeviceHandle, PipelineConfig, PipelineExecutor, Replica
+from pnn_cluster.training.pipeline import (
+    LocalDeviceHandle,
+    LocalTwinHandle,
+    PipelineConfig,
+    PipelineExecutor,
+    Replica,
+    TwinPool,
+)
 from pnn_cluster.training.trainer import SequentialExecutor, TrainConfig, Trainer
-from pnn_cluster.training.workers import DeviceConfig, DeviceWorker, TrainerWorker, TwinWorker, params_version
+from pnn_cluster.training.workers import DeviceWorker, TwinWorker, params_version, twin_payload, twin_version
 
 WAIT = 10.0  # seconds an event may take before the test fails (it is never slept)
 
@@ -290,8 +297,15 @@ def test_no_replica_left_stops_with_a_clear_error_after_saving_a_checkpoint(floa
 # -- the device worker's parameter protocol ------------------------------------------------------
 
 
+def shg_recipe(**options):
+    from pnn_cluster.config import SimulatedDriver
+    from pnn_cluster.runner import DeviceRecipe
+
+    return DeviceRecipe("shg", 0, SimulatedDriver(kind="simulated", system="shg", options=options))
+
+
 def test_device_worker_never_measures_with_parameters_nobody_asked_for(float64):
-    cfg = DeviceConfig("shg", {"n_in": 4, "n_out": 4})
+    cfg = shg_recipe(n_in=4, n_out=4)
     worker = DeviceWorker(cfg)
     params = {"phase": np.full(16, 0.3)}
     v = params_version(params)
@@ -348,21 +362,15 @@ def test_restarted_device_gets_the_parameters_again_mid_step(float64):
     assert ex.stats["params_resent"] == 1
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"system": "laser"}, r"DeviceConfig.system: unknown system 'laser'; allowed: one of \['circuit'"),
-    ({"system": "shg", "instrument": "bench 1"},
-     r"DeviceConfig.instrument: 'bench 1' is not a valid instrument name; allowed: letters, digits"),
-    ({"system": "mylab.devices:Amp", "imperfections": object()},
-     r"DeviceConfig.imperfections: only simulated systems take imperfections"),
-])
-def test_device_config_errors_name_the_field_the_value_and_what_is_allowed(kw, match):
-    with pytest.raises(ValueError, match=match):
-        DeviceConfig(**kw)
+def test_a_recipe_builds_a_user_device_class_without_connecting_it():
+    from pnn_cluster.config import PythonDriver
+    from pnn_cluster.runner import DeviceRecipe
 
-
-def test_device_config_builds_a_user_device_class():
-    dev = DeviceConfig(f"{__name__}:GainDevice", {"a": 0.5}).build()
+    driver = PythonDriver.model_validate({"kind": "python", "class": f"{__name__}:GainDevice", "options": {"a": 0.5}})
+    dev = DeviceRecipe("gain", 0, driver).build()
     assert isinstance(dev, GainDevice) and dev.a == 0.5 and not dev.connected
+    worker = DeviceWorker(DeviceRecipe("gain", 2, driver))  # its owner connects it
+    assert worker.device.connected and worker.name == "gain/2"
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -405,24 +413,131 @@ def test_twin_worker_vjp_equals_the_twin_and_fit_closes_the_gap(float64):
     assert not any(q.requires_grad for q in worker.twin.parameters())
 
 
-def test_trainer_worker_gives_each_replica_its_own_twin_and_uses_them_all(float64):
-    from pnn_cluster.experiments import LayerSpec, TaskSpec, physical
+def test_replicas_of_a_device_each_measure_with_a_twin_of_their_own(tmp_path):
+    from pnn_cluster.config import parse_config
+    from pnn_cluster.runner import ExperimentRun, InProcessPlacement, device_recipes
+    from pnn_cluster.twins import collect, evaluate_twin
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 4))
-    y = (x[:, 0] > 0).astype(int)
-    data = Dataset("toy", x, y, x[:16], y[:16])
-    task = TaskSpec("toy", "toy", (LayerSpec("rescale"), physical("shg", n_in=4, n_out=4), LayerSpec("affine")),
-                    train=TrainConfig(epochs=1, batch_size=16, lr=0.01),
-                    quick_train=TrainConfig(epochs=1, batch_size=16, lr=0.01))
-    from pnn_cluster.devices import Imperfections, make_device
+    cfg = parse_config({
+        "name": "replicas", "dataset": {"name": "digits", "train_subset": 64, "test_subset": 16},
+        "devices": {"shg": {"driver": {"kind": "simulated", "system": "shg", "options": {"n_in": 4, "n_out": 4},
+                                       "imperfections": {"latency_call_s": 0, "latency_sample_s": 0}},
+                            "twin": {"kind": "physics", "groups": 6, "batch": 32, "epochs": 80}, "replicas": 2}},
+        "stack": [{"kind": "linear", "size": 4}, {"kind": "rescale"}, {"kind": "physical", "device": "shg"},
+                  {"kind": "linear", "size": 10}],
+        "schedule": {"epochs": 1, "batch_size": 16}, "tracking": {"enabled": False}})
+    run = ExperimentRun(cfg, InProcessPlacement(), echo=False)
+    result = run.run()
+    assert result.steps == 4 and result.device_samples == 64
+    pool = run.trainer.executor.pool(run.trainer.model[2])
+    assert [r.name for r in pool.replicas] == ["shg", "shg/1"] and pool.active == pool.replicas
+    assert all(r.measured > 0 for r in pool.replicas)  # micro-batches went to both copies
+    twins = [r.twin for r in pool.replicas]
+    assert twins[0] is run.trainer.model[2].twin and twins[1] is not twins[0]
+    # each twin was fitted to its own copy: it describes that copy better than the other copy's twin does
+    devices = [recipe.build() for recipe in device_recipes(cfg)["shg"]]  # the same copies again (same seeds)
+    for d in devices:
+        d.connect()
+    samples = [collect(d, groups=3, batch=32, repeats=1, seed=5, progress=False) for d in devices]
+    for own, other in ((0, 1), (1, 0)):
+        assert evaluate_twin(twins[own], samples[own]) < 0.25 * evaluate_twin(twins[other], samples[own])
 
-    devices = [make_device("shg", n_in=4, n_out=4, imperfections=Imperfections.ideal(seed=s)) for s in range(3)]
-    ex = PipelineExecutor(config=PipelineConfig(micro_batch=2))
-    worker = TrainerWorker(devices[:1], ex, replicas={"shg1": devices[1:]})
-    result = worker.run_method(task, "pat", data=data, twin="ideal")
-    pool = ex.pool(worker.trainer.model[1])
-    assert [r.name for r in pool.active] == ["shg1", "shg1/1", "shg1/2"]
-    assert pool.active[1].twin is not None and pool.active[1].twin is not pool.active[2].twin
-    assert all(r.measured > 0 for r in pool.active)
-    assert worker.status()["global_step"] == 4 and result.history
+
+# -- twins elsewhere: the streamed backward pass ------------------------------------------------
+
+
+def physics_twin(a):
+    from pnn_cluster.twins import build_twin
+
+    return build_twin("physics", GainDevice.spec, GainModel(a).double()).requires_grad_(False)
+
+
+def twin_pool(twin, copies=1, state_of=None):
+    """Twin copies on threads, as twin actors hold them; ``state_of`` starts them from another twin's state."""
+    start = state_of or twin
+    handles = [LocalTwinHandle(TwinWorker.from_twin(start), name=f"twin{i}") for i in range(copies)]
+    return TwinPool(handles, twin_payload(twin), twin_version(twin.state_dict()))
+
+
+def test_streamed_backward_gives_the_batch_gradients(float64):
+    x, y = batch(24)
+    grads = {}
+    for backward in ("batch", "stream"):
+        devs = [GainDevice(1.0), GainDevice(0.8)]
+        model = make_stack(devs)  # rescale, gain0, rescale, gain1, affine: digital layers between stages
+        pools = {}
+        for i, dev in enumerate(devs):
+            twin = physics_twin(dev.a)
+            pools[f"gain{i}"] = [Replica(LocalDeviceHandle(dev), twin=twin, twins=twin_pool(twin, copies=2))]
+        ex = PipelineExecutor(pools=pools, config=PipelineConfig(backward=backward))
+        res, grads[backward] = grads_of(ex, model, x, y, micro=4)
+        grads[backward + " loss"] = (res.loss, res.correct)
+        grads[backward + " twin calls"] = ex.stats["twin_calls"]
+    assert_same_grads(grads["stream"], grads["batch"], rtol=1e-10)
+    assert grads["stream loss"][0] == pytest.approx(grads["batch loss"][0], rel=1e-12)
+    assert grads["stream loss"][1] == grads["batch loss"][1]
+    # the streamed run asked the twin pools: one VJP per micro-batch and stage; the batch run never did
+    assert grads["stream twin calls"] == 6 * 2 and grads["batch twin calls"] == 0
+
+
+def test_a_twin_copy_restarted_from_older_state_is_restored_before_it_differentiates(float64):
+    x, y = batch(16)
+    old, new = physics_twin(0.5), physics_twin(1.0)
+    stale = TwinWorker.from_twin(old)
+    pool = TwinPool([LocalTwinHandle(stale)], twin_payload(new), twin_version(new.state_dict()))
+    # asked directly, the stale copy refuses rather than differentiate with the wrong twin
+    p = {"g": np.ones(3)}
+    assert stale.vjp(np.zeros((2, 3)), p, np.ones((2, 3)), version=pool.version) is None
+
+    dev = GainDevice(1.0)
+    ex = PipelineExecutor(pools={"gain0": [Replica(LocalDeviceHandle(dev), twin=new, twins=pool)]},
+                          config=PipelineConfig(backward="stream"))
+    _, got = grads_of(ex, make_stack([dev], twins=[new]), x, y)
+    ref_dev = GainDevice(1.0)
+    _, ref = grads_of(SequentialExecutor(), make_stack([ref_dev], twins=[physics_twin(1.0)]), x, y)
+    assert_same_grads(got, ref, rtol=1e-10)
+    assert ex.stats["twin_restores"] == 1 and pool.reloads == 1 and stale.version == pool.version
+
+
+# -- a device that stops answering ---------------------------------------------------------------
+
+
+def test_a_hung_device_times_out_leaves_its_pool_and_the_run_stops_naming_it(float64):
+    released = threading.Event()
+    hung = GainDevice(1.0, on_call=lambda dev, x: released.wait(WAIT))
+    handle = LocalDeviceHandle(hung)
+    model = make_stack([hung])
+    ex = PipelineExecutor(pools={"gain0": [Replica(handle, name="hung", timeout_s=0.2)]},
+                          config=PipelineConfig(depth=1), policy=FaultPolicy(max_consecutive_failures=2))
+    try:
+        with pytest.warns(ReplicaRetired, match=r"replica hung failed 2 times in a row"), \
+                pytest.raises(NoReplicaLeft) as info:
+            grads_of(ex, model, *batch(8), micro=4)
+    finally:
+        released.set()  # the device thread returns, and nothing is left waiting
+        handle.close()
+    assert "stage gain0: no replica left to measure on (hung: CallTimeout: device hung: no reply within its " \
+           "timeout_s of 0.2 s)" in str(info.value)
+    assert info.value.failures.keys() == {"hung"} and ex.stats["timeouts"] == 2
+
+
+def test_a_hung_replica_times_out_and_the_others_finish_the_step(float64):
+    released = threading.Event()
+    x, y = batch(16)
+    _, ref = grads_of(SequentialExecutor(), make_stack([GainDevice(1.0)]), x, y)
+    good, hung = GainDevice(1.0), GainDevice(1.0, on_call=lambda dev, x: released.wait(WAIT))
+    handles = [LocalDeviceHandle(good), LocalDeviceHandle(hung)]
+    ex = PipelineExecutor(pools={"gain0": [Replica(handles[0], name="good"),
+                                           Replica(handles[1], name="hung", timeout_s=0.2)]},
+                          config=PipelineConfig(depth=1), policy=FaultPolicy(max_consecutive_failures=1))
+    model = make_stack([good])
+    try:
+        with pytest.warns(ReplicaRetired, match=r"replica hung failed 1 times in a row .* CallTimeout"):
+            res, got = grads_of(ex, model, x, y)
+    finally:
+        released.set()
+        for h in handles:
+            h.close()
+    assert_same_grads(got, ref)
+    assert res.device_samples == len(x) and len(good.log) == 4  # every micro-batch measured once, on the good one
+    assert ex.stats["timeouts"] == 1 and [r.name for r in ex.pool(model[1]).active] == ["good"]

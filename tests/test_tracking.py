@@ -143,24 +143,24 @@ def test_resume_continues_the_same_run_at_the_same_step(resumed_run):
 
 def test_evaluate_measures_a_run_on_the_devices(resumed_run, capsys):
     uri, run_id, _ = resumed_run
-    assert main(["evaluate", run_id, "--tracking-uri", uri, "--json", "--log"]) == 0
+    assert main(["evaluate", run_id, "--tracking-uri", uri, "--json", "--log", "--in-process"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 2 * STEPS_PER_EPOCH and 0 <= out["acc"] <= 1 and out["n"] == 60
     assert MlflowClient(uri).get_run(run_id).data.metrics["evaluate/test_acc"] == pytest.approx(out["acc"])
-    assert main(["evaluate", "no-such-run", "--tracking-uri", uri]) == 2
+    assert main(["evaluate", "no-such-run", "--tracking-uri", uri, "--in-process"]) == 2
     assert "neither a checkpoint file nor a run" in capsys.readouterr().err
 
 
 def test_resume_refuses_what_it_cannot_continue(resumed_run, store, capsys):
     uri, run_id, _ = resumed_run
     root, _ = store
-    assert main(["train", "--resume", "0123456789abcdef", "--tracking-uri", uri]) == 2
+    assert main(["train", "--resume", "0123456789abcdef", "--tracking-uri", uri, "--in-process"]) == 2
     assert "no such run" in capsys.readouterr().err
-    assert main(["train", "--resume", run_id, "--no-track"]) == 2
+    assert main(["train", "--resume", run_id, "--no-track", "--in-process"]) == 2
     changed = dict(TINY, schedule={**TINY["schedule"], "epochs": 5})
     other = root / "other.yaml"
     other.write_text(yaml.safe_dump(changed))
-    assert main(["train", str(other), "--resume", run_id, "--tracking-uri", uri]) == 2
+    assert main(["train", str(other), "--resume", run_id, "--tracking-uri", uri, "--in-process"]) == 2
     assert "schedule.epochs: differs from the configuration of the run being resumed" in capsys.readouterr().err
 
 
@@ -173,7 +173,7 @@ def test_no_track_writes_no_store_and_the_checkpoint_evaluates(tmp_path, capsys)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["run_id"] is None and result["steps"] == STEPS_PER_EPOCH
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
-    assert main(["evaluate", str(ckpt), "--no-track", "--json"]) == 0
+    assert main(["evaluate", str(ckpt), "--no-track", "--json", "--in-process"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == STEPS_PER_EPOCH
 
 
@@ -194,26 +194,49 @@ def test_calibrate_command_is_a_run_with_a_nested_run_per_twin(store, capsys):
 def test_demo_tracking_gives_each_method_a_child_run(store):
     import argparse
 
-    from pnn_cluster.experiments import LayerSpec, TaskSpec, physical, run_method
+    from pnn_cluster.config import parse_config
+    from pnn_cluster.runner import ExperimentRun, InProcessPlacement
     from pnn_cluster.tracking import demo_tracking
-    from pnn_cluster.training.trainer import TrainConfig
 
     _, uri = store
-    train = TrainConfig(epochs=1, batch_size=40)
-    task = TaskSpec("tiny_digits", "digits", (LayerSpec("linear", size=8), LayerSpec("rescale"),
-                                               physical("circuit", n_in=8, n_out=8), LayerSpec("linear", size=10)),
-                    train=train, quick_train=train, calib_groups=4, quick_subset=(120, 60))
+    cfg = parse_config(dict(TINY, schedule={**TINY["schedule"], "epochs": 1}))
     args = argparse.Namespace(tracking_uri=uri, no_track=False)
-    with demo_tracking(args, {"task": task.name, "methods": "pat", "quick": True, "seed": 0}) as tracking:
-        r = run_method(task, "pat", quick=True, callbacks=tracking.callbacks("pat", task, train))
+    with demo_tracking(args, {"task": cfg.name, "methods": "pat", "quick": False, "seed": 0}) as tracking:
+        r = ExperimentRun(cfg, InProcessPlacement(), tracking=tracking.child("pat"), echo=False).run()
         tracking.record(r)
         parent = tracking.parent.run_id
     client = MlflowClient(uri)
-    assert client.get_run(parent).data.metrics["test_acc/pat"] == pytest.approx(r.test_acc)
+    assert r.run_id is not None and r.run_id != parent
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["test_acc/pat"] == pytest.approx(r.test_acc)
+    assert metrics["device_samples/pat"] == r.device_samples_total
     (child,) = client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    assert child.info.status == "FINISHED" and child.data.params["train.epochs"] == "1"
+    assert child.info.run_id == r.run_id and child.info.status == "FINISHED"
+    assert child.data.params["schedule.epochs"] == "1" and child.data.tags["pnn.method"] == "pat"
     assert len(client.get_metric_history(child.info.run_id, "train_loss")) == STEPS_PER_EPOCH
+    # a method's run is a training run like any other: it has a checkpoint that evaluate can measure
+    assert child.data.tags["pnn.checkpoint_step"] == str(STEPS_PER_EPOCH)
+
+
+def test_evaluate_measures_a_method_run_of_the_demo(store, capsys):
+    _, uri = store
+    small = ["dataset.name=digits", "dataset.train_subset=120", "dataset.test_subset=60", "schedule.epochs=1",
+             "schedule.batch_size=40", "schedule.eval_batch=60", "devices.circuit.twin.groups=4",
+             "devices.circuit.twin.batch=24", "devices.circuit.twin.epochs=4", "tracking.residual_batch=0",
+             "tracking.log_models=false", "devices.circuit.driver.imperfections.noise=0",
+             "devices.circuit.driver.imperfections.shot=0"]
+    argv = ["demo", "--in-process", "--task", "circuit_mnist", "--methods", "pat", "--tracking-uri", uri, "--json"]
+    assert main([*argv, *(a for kv in small for a in ("--set", kv))]) == 0
+    demo = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pat = demo["methods"]["pat"]
+    assert demo["task"] == "circuit_mnist" and pat["device_actors"] == 0 and not pat["trainer_actor"]
+    assert main(["evaluate", pat["run_id"], "--tracking-uri", uri, "--json", "--in-process"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 60 and out["step"] == STEPS_PER_EPOCH and out["twin_acc"] is not None
+    # the trained stack restored on the same (noise-free) devices: the demo's last test figures, measured again
+    (test_loss,) = MlflowClient(uri).get_metric_history(pat["run_id"], "test_loss")
+    assert out["loss"] == pytest.approx(test_loss.value, rel=1e-5) and out["acc"] == pytest.approx(pat["test_acc"])
 
 
 def test_a_training_step_never_touches_the_store():
