@@ -56,10 +56,10 @@ class RayLauncher:
 
     def run(self, config: ExperimentConfig, tracking: Mapping[str, Any] | None = None,
             resume: Mapping[str, Any] | None = None, keep_checkpoint: bool = False,
-            progress: bool = False) -> RunResult:
+            progress: bool = False, checkpoint_path: str | None = None) -> RunResult:
         where = self._connect(config)
         print(f"-- Ray ({where}): the loop runs in a trainer actor", flush=True)
-        actor = start_trainer(config, tracking, resume, keep_checkpoint)
+        actor = start_trainer(config, tracking, resume, keep_checkpoint, checkpoint_path=checkpoint_path)
         try:
             return self._stream(actor, actor.run.remote())
         finally:

@@ -37,10 +37,18 @@ class RayPlacement:
         self.connect_timeout_s = connect_timeout_s
         self._devices: list[Any] = []
         self._twins: list[Any] = []
+        self._blank: dict[str, list[Any]] = {}
 
-    def start_devices(self, recipes: Sequence[DeviceRecipe]) -> list[DeviceRef]:
+    def start_devices(self, recipes: Sequence[DeviceRecipe], twins: bool = False) -> list[DeviceRef]:
         actors = [start_device(r, self.restart) for r in recipes]
         self._devices += actors
+        if twins:
+            # the twin actors' processes start now, while the devices connect; each gets its twin later
+            for r in recipes:
+                tp = r.placement.twins
+                blank = [start_twin(None, num_cpus=tp.num_cpus, num_gpus=tp.num_gpus) for _ in range(tp.actors)]
+                self._blank[r.label] = blank
+                self._twins += blank
         # the constructor connects; asking for the spec waits for that, on every device at once
         specs = [a.spec.remote() for a in actors]
         nodes = [a.node_id.remote() for a in actors]
@@ -58,9 +66,13 @@ class RayPlacement:
 
     def start_twins(self, twin: nn.Module, recipe: DeviceRecipe) -> TwinPool | None:
         tp = recipe.placement.twins
-        actors = [start_twin(twin, num_cpus=tp.num_cpus, num_gpus=tp.num_gpus) for _ in range(tp.actors)]
-        self._twins += actors
         payload = twin_payload(twin)
+        actors = self._blank.pop(recipe.label, None)
+        if actors:
+            ray.get([a.load.remote(payload) for a in actors])
+        else:
+            actors = [start_twin(twin, num_cpus=tp.num_cpus, num_gpus=tp.num_gpus) for _ in range(tp.actors)]
+            self._twins += actors
         handles = [RayTwinHandle(a, f"{recipe.label}/twin{j}") for j, a in enumerate(actors)]
         return TwinPool(handles, payload, twin_version(payload["state"]))
 

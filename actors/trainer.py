@@ -24,11 +24,11 @@ __all__ = ["TrainerActor", "start_trainer"]
 class _TrainerActor:
     def __init__(self, config: ExperimentConfig, tracking: Mapping[str, Any] | None = None,
                  resume: Mapping[str, Any] | None = None, keep_checkpoint: bool = False,
-                 default_dtype: str = "float32") -> None:
+                 default_dtype: str = "float32", checkpoint_path: str | None = None) -> None:
         torch.set_num_threads(1)
         torch.set_default_dtype(getattr(torch, default_dtype))
         self.experiment = ExperimentRun(config, RayPlacement(), tracking=tracking, resume=resume, echo=False,
-                                        keep_checkpoint=keep_checkpoint)
+                                        keep_checkpoint=keep_checkpoint, checkpoint_path=checkpoint_path)
 
     def run(self) -> RunResult:
         return self.experiment.run()
@@ -53,7 +53,8 @@ TrainerActor = ray.remote(_TrainerActor)
 
 
 def start_trainer(config: ExperimentConfig, tracking: Mapping[str, Any] | None = None,
-                  resume: Mapping[str, Any] | None = None, keep_checkpoint: bool = False, **options: Any):
+                  resume: Mapping[str, Any] | None = None, keep_checkpoint: bool = False,
+                  checkpoint_path: str | None = None, **options: Any):
     """A trainer actor for ``config``, placed as ``cluster.trainer`` says.
 
     It is not restarted: a trainer rebuilt from its constructor would start the
@@ -69,4 +70,4 @@ def start_trainer(config: ExperimentConfig, tracking: Mapping[str, Any] | None =
         opts["label_selector"] = dict(place.labels)
     opts.update(options)
     dtype = str(torch.get_default_dtype()).removeprefix("torch.")
-    return TrainerActor.options(**opts).remote(config, tracking, resume, keep_checkpoint, dtype)
+    return TrainerActor.options(**opts).remote(config, tracking, resume, keep_checkpoint, dtype, checkpoint_path)

@@ -27,18 +27,21 @@ class _TwinActor(TwinWorker):
 TwinActor = ray.remote(_TwinActor)
 
 
-def start_twin(twin: torch.nn.Module, num_cpus: float = 0, num_gpus: float = 0, max_restarts: int = 3,
+def start_twin(twin: torch.nn.Module | None, num_cpus: float = 0, num_gpus: float = 0, max_restarts: int = 3,
                **options: Any):
-    """A twin actor rebuilt from ``twin``'s kind, config and tensors (the module itself is not shipped).
+    """A twin actor rebuilt from ``twin``'s kind, config and tensors (the module itself is not shipped);
+    with ``twin=None`` a blank one, whose process starts now and which gets its twin by ``load``.
 
     A restart rebuilds it from these arguments, that is as it was first sent;
     the :class:`~pnn_cluster.training.pipeline.TwinPool` that uses it tells by
     the state's version and sends it the latest before asking again.
     """
-    p = twin_payload(twin)
     opts = {"num_cpus": num_cpus, "max_restarts": max_restarts, "max_task_retries": -1, **options}
     if num_gpus:
         opts["num_gpus"] = num_gpus
+    if twin is None:
+        return TwinActor.options(**opts).remote()
+    p = twin_payload(twin)
     return TwinActor.options(**opts).remote(p["kind"], p["spec"], p["model"], p["config"], p["state"], p["dtype"])
 
 

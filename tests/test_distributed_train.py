@@ -72,3 +72,41 @@ def test_placement_labels_and_resources_reach_the_device_actor(monkeypatch, tmp_
     assert opts["resources"] == {"scope": 1.0, "instrument:circuit-bench-2": 1.0}
     assert opts["label_selector"] == {"lab": "optics-room"}
     assert opts["num_cpus"] == 0 and opts["max_concurrency"] == 2
+
+
+def test_ctrl_c_stops_the_trainer_actor_after_its_step_keeps_the_checkpoint_and_marks_the_run(ray_cluster, tmp_path):
+    """`pnn-cluster train` as a person runs it, joined to the cluster; Ctrl-C once the first epoch is reported."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "schedule": {**CONFIG["schedule"], "epochs": 50}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pnn_cluster.cli", "train", str(path), "--tracking-uri", uri,
+                             "--no-progress", "--address", ray_cluster.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines = []
+    try:
+        for line in proc.stdout:  # the trainer's own report says when the first epoch is done
+            lines.append(line)
+            if line.strip().startswith("epoch 1:"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert "stopping after the current step" in out and "--resume" in out
+    client = MlflowClient(uri)
+    run, = [r for r in client.search_runs([client.get_experiment_by_name("pnn-cluster").experiment_id])
+            if r.data.tags.get("pnn.command") == "train"]
+    assert run.info.status == "KILLED"
+    step = int(run.data.tags["pnn.checkpoint_step"])
+    assert 3 <= step < 150 and run.data.tags["pnn.end_step"] == str(step)

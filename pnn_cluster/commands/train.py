@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: tracking.experiment)")
     p.add_argument("--run-name", default=None, help="MLflow run name (default: tracking.run_name or the config name)")
     p.add_argument("--checkpoint", metavar="PATH", default=None,
-                   help="also write the final checkpoint to PATH (evaluate it with `pnn-cluster evaluate PATH`)")
+                   help="also write the final checkpoint to PATH (evaluate it with `pnn-cluster evaluate PATH`), "
+                        "and the last complete step's there if a fault stops the run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_placement_args(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line as well")
@@ -166,7 +167,8 @@ def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, trackin
         print("the run has no checkpoint yet: starting its training from the beginning", flush=True)
     try:
         result = launcher.run(cfg, tracking=tracking, resume=checkpoint, keep_checkpoint=bool(args.checkpoint),
-                              progress=not args.no_progress)
+                              progress=not args.no_progress,
+                              checkpoint_path=str(Path(args.checkpoint).resolve()) if args.checkpoint else None)
     except ConfigError as exc:
         raise _usage(str(exc)) from None
     except TrainingAborted as exc:

@@ -44,7 +44,7 @@ class Launcher(Protocol):
 
     def run(self, config: ExperimentConfig, tracking: Mapping[str, Any] | None = None,
             resume: Mapping[str, Any] | None = None, keep_checkpoint: bool = False,
-            progress: bool = False) -> RunResult: ...
+            progress: bool = False, checkpoint_path: str | None = None) -> RunResult: ...
 
     def evaluate(self, config: ExperimentConfig, checkpoint: Mapping[str, Any], split: str = "test"
                  ) -> dict[str, Any]: ...
@@ -80,9 +80,9 @@ class InProcessLauncher:
 
     def run(self, config: ExperimentConfig, tracking: Mapping[str, Any] | None = None,
             resume: Mapping[str, Any] | None = None, keep_checkpoint: bool = False,
-            progress: bool = False) -> RunResult:
+            progress: bool = False, checkpoint_path: str | None = None) -> RunResult:
         run = ExperimentRun(config, InProcessPlacement(), tracking=tracking, resume=resume, progress=progress,
-                            keep_checkpoint=keep_checkpoint)
+                            keep_checkpoint=keep_checkpoint, checkpoint_path=checkpoint_path)
         with stop_on_signals(run.stop):
             return run.run()
 

@@ -54,8 +54,9 @@ class Placement(Protocol):
     kind: str
     backend: Backend
 
-    def start_devices(self, recipes: Sequence[DeviceRecipe]) -> list[DeviceRef]:
-        """Start (build and connect) every replica; the spec of each is known when this returns."""
+    def start_devices(self, recipes: Sequence[DeviceRecipe], twins: bool = False) -> list[DeviceRef]:
+        """Start (build and connect) every replica; the spec of each is known when this returns.
+        ``twins``: the replicas will need twins elsewhere (start what they need meanwhile)."""
 
     def start_twins(self, twin: nn.Module, recipe: DeviceRecipe) -> TwinPool | None:
         """Twin copies for one replica (``recipe.placement.twins``), or None to use ``twin`` here."""
@@ -77,7 +78,7 @@ class InProcessPlacement:
         self._workers: list[DeviceWorker] = []
         self._handles: list[LocalDeviceHandle] = []
 
-    def start_devices(self, recipes: Sequence[DeviceRecipe]) -> list[DeviceRef]:
+    def start_devices(self, recipes: Sequence[DeviceRecipe], twins: bool = False) -> list[DeviceRef]:
         refs = []
         for recipe in recipes:
             worker = DeviceWorker(recipe)

@@ -32,7 +32,7 @@ from pnn_cluster.layers import Stack, init_rescales_
 from pnn_cluster.runner.build import build_stack, device_recipes, load_data, train_config
 from pnn_cluster.runner.placement import DeviceRef, InProcessPlacement, Placement
 from pnn_cluster.runner.twins import make_twin, twin_shell
-from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, TrainingAborted
+from pnn_cluster.training.faults import FaultPolicy, TrainingAborted, checkpoint_on_failure
 from pnn_cluster.training.pipeline import PipelineConfig, PipelineExecutor, Replica
 from pnn_cluster.training.trainer import Callback, Trainer, TrainerState
 from pnn_cluster.twins import TwinFit
@@ -117,13 +117,17 @@ class ExperimentRun:
         ``command``), or None for no MLflow run.
     resume: a checkpoint (``Trainer.state_dict()``) to continue from.
     report: where progress lines go (default: kept for :meth:`events`, and printed when ``echo``).
+    checkpoint_path: where the checkpoint is saved if the run stops on a fault it cannot work around
+        (besides the MLflow run's), on the machine the run executes on.
     """
 
     def __init__(self, config: ExperimentConfig, placement: Placement | None = None,
                  tracking: Mapping[str, Any] | None = None, resume: Mapping[str, Any] | None = None,
                  progress: bool = False, echo: bool = True, keep_checkpoint: bool = False,
-                 pipeline: PipelineConfig | None = None, policy: FaultPolicy | None = None) -> None:
+                 pipeline: PipelineConfig | None = None, policy: FaultPolicy | None = None,
+                 checkpoint_path: str | None = None) -> None:
         self.config = config
+        self.checkpoint_path = checkpoint_path
         self.placement = placement or InProcessPlacement()
         self.tracking = dict(tracking) if tracking else None
         self.resume = resume
@@ -170,7 +174,8 @@ class ExperimentRun:
         data = load_data(cfg)
         recipes = device_recipes(cfg)
         flat = [r for rs in recipes.values() for r in rs]
-        started = self.placement.start_devices(flat)  # all at once: connections open in parallel on a cluster
+        # all at once: connections open in parallel on a cluster (and twin actors boot meanwhile, for PAT)
+        started = self.placement.start_devices(flat, twins=cfg.method == "pat" and self.resume is None)
         refs: dict[str, list[DeviceRef]] = {name: [] for name in recipes}
         for ref in started:
             refs[ref.recipe.name].append(ref)
@@ -325,6 +330,7 @@ class ExperimentRun:
             callbacks.append(tracker)
         trainer = Trainer(built.stack, built.data, train_config(cfg), callbacks=callbacks, executor=built.executor,
                           progress=self.progress)
+        trainer.checkpoint_meta["experiment"] = cfg.resolved()
         trainer.extra_state["replica_twins"] = {
             rep.name: rep.twin.state_dict() for name in built.refs
             for rep in built.executor.pool(self._layer(built.stack, name)).replicas[1:] if rep.twin is not None}
@@ -346,13 +352,14 @@ class ExperimentRun:
         self.report(f"-- training {cfg.schedule.epochs} epochs of {trainer.steps_per_epoch} steps"
                     + (f" ({counts['twin_actors']} twin actor(s))" if counts["twin_actors"] else "") + " ...")
         try:
-            history = trainer.fit()
-        except NoReplicaLeft as exc:
-            where = "no checkpoint kept (tracking is off)"
-            if tracker is not None:
-                tracker.log_checkpoint(trainer)
-                where = f"checkpoint of step {trainer.global_step} kept in run {tracker.run_id}"
-            raise TrainingAborted(f"training stopped: {exc}; {where}", None) from exc
+            with checkpoint_on_failure(trainer, self.checkpoint_path):
+                history = trainer.fit()
+        except TrainingAborted as exc:
+            if tracker is None:
+                raise
+            tracker.log_checkpoint(trainer)
+            raise TrainingAborted(f"{exc}; checkpoint of step {trainer.global_step} kept in run {tracker.run_id}",
+                                  exc.checkpoint) from exc.__cause__
         stopped = trainer.state == TrainerState.STOPPED
         if stopped:
             acc = None
@@ -370,7 +377,6 @@ class ExperimentRun:
         checkpoint = None
         if self.keep_checkpoint:
             checkpoint = trainer.state_dict()
-            checkpoint["experiment"] = cfg.resolved()
         return RunResult(cfg.name, cfg.method, trainer.state, acc, trainer.global_step, trainer.epoch,
                          trainer.device_samples, cal_samples, init_samples, seconds,
                          {k: f.as_dict() for k, f in fits.items()}, list(trainer.history),

@@ -12,8 +12,9 @@ policy here is deliberately plain:
   pool with a warning naming it and the last error; the run goes on with the
   others.
 - With no replica left in a stage the run cannot go on: :class:`NoReplicaLeft`
-  is raised, and :func:`checkpoint_on_failure` saves a checkpoint first, so a
-  repaired lab can resume from the last complete step.
+  is raised, and :func:`checkpoint_on_failure` saves a checkpoint first (the
+  runner also keeps it in the MLflow run), so a repaired lab can resume from
+  the last complete step.
 - A value the device refused (:class:`~pnn_cluster.devices.spec.LimitError`)
   is not a device failure: repeating it would be refused again, so it
   propagates at once. So does any other error: that is a bug, not a fault.

@@ -253,14 +253,12 @@ class Replica:
     """One device of a stage, with the twin that differentiates what it measures.
 
     twin: this copy's twin; None uses the layer's own twin.
-    vjp: a twin elsewhere (``vjp(x, params, grad_y, need_x, need)``), called synchronously.
     twins: this copy's twin copies elsewhere (twin actors): backward passes stream to them.
     timeout_s: the longest one call to this device may take (None: no limit).
     """
 
     handle: DeviceHandle
     twin: Callable | None = None
-    vjp: Callable | None = None
     name: str = ""
     twins: TwinPool | None = None
     timeout_s: float | None = None
@@ -389,13 +387,6 @@ class _Stage:
     def vjp_at(self, rep: Replica, x_measured: torch.Tensor) -> Callable:
         """``rep``'s vector-Jacobian product, evaluated at the input it measured."""
         layer = self.layer
-        if rep.vjp is not None and layer.mode == "pat":
-            remote = rep.vjp
-
-            def vjp(x, params, grad_y, need_x=True, need=None):
-                return remote(x_measured, params, grad_y, need_x, need)
-
-            return vjp
         if layer.mode == "oracle":
             if id(rep) not in self._oracles:
                 self._oracles[id(rep)] = rep.handle.true_model()

@@ -133,6 +133,8 @@ class Trainer:
         self.step_in_epoch = 0
         #: what else a checkpoint carries for whoever made this trainer (a runner's replica twins)
         self.extra_state: dict[str, Any] = {}
+        #: top-level keys every checkpoint carries as they are (the experiment configuration it came from)
+        self.checkpoint_meta: dict[str, Any] = {}
         self._stop = False
         params = [p for p in model.parameters() if p.requires_grad]
         cfg = self.config
@@ -257,7 +259,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {**self.checkpoint_meta, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
                 "device_samples": self.device_samples, "config": asdict(self.config),
                 "history": self.history, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state}

@@ -234,10 +234,26 @@ def twin_payload(twin: torch.nn.Module) -> dict[str, Any]:
 
 
 class TwinWorker:
-    """A digital twin on its own: forward, vector-Jacobian product at measured inputs, and fit."""
+    """A digital twin on its own: forward, vector-Jacobian product at measured inputs, and fit.
 
-    def __init__(self, kind: str, spec: DeviceSpec, model=None, config: Mapping[str, Any] | None = None,
-                 state: Mapping[str, torch.Tensor] | None = None, dtype: str | None = None) -> None:
+    Built from a twin's description (kind, spec, model, config, state, dtype), or blank (``kind=None``):
+    a blank worker answers every VJP with None until :meth:`load` gives it a whole twin, so its process
+    can start while the device it will serve is still connecting.
+    """
+
+    def __init__(self, kind: str | None = None, spec: DeviceSpec | None = None, model=None,
+                 config: Mapping[str, Any] | None = None, state: Mapping[str, torch.Tensor] | None = None,
+                 dtype: str | None = None) -> None:
+        self.twin = None
+        self.version: str | None = None
+        self._built: tuple | None = None
+        if kind is not None:
+            self._build(kind, spec, model, config, dtype)
+            if state is not None:
+                self.twin.load_state_dict(dict(state))
+            self.version = twin_version(self.twin.state_dict())
+
+    def _build(self, kind: str, spec: DeviceSpec, model, config: Mapping[str, Any] | None, dtype: str | None):
         from pnn_cluster.twins.models import build_twin
 
         cfg = dict(config or {})
@@ -247,23 +263,19 @@ class TwinWorker:
         if dtype is not None:
             # this process's default dtype may differ from the trainer's; the twin keeps the trainer's
             self.twin.to(getattr(torch, dtype))
-        if state is not None:
-            self.twin.load_state_dict(dict(state))
         # what fit() may move; between fits the twin only supplies Jacobians and stays frozen
         self._learnable = {n for n, p in self.twin.named_parameters() if p.requires_grad}
         self.twin.requires_grad_(False)
-        self.version = twin_version(self.twin.state_dict())
+        self._built = (kind, repr(dict(config or {})), dtype)
 
     def load(self, payload: Mapping[str, Any]) -> str:
-        """Take another state of the same twin (a refit elsewhere, or the latest after a restart)."""
+        """Take another state of the twin (a refit elsewhere, the latest after a restart), or a whole twin."""
+        if self._built != (payload["kind"], repr(dict(payload.get("config") or {})), payload.get("dtype")):
+            self._build(payload["kind"], payload["spec"], payload.get("model"), payload.get("config"),
+                        payload.get("dtype"))
         self.twin.load_state_dict(dict(payload["state"]))
         self.version = twin_version(self.twin.state_dict())
         return self.version
-
-    @classmethod
-    def from_twin(cls, twin: torch.nn.Module) -> TwinWorker:
-        p = twin_payload(twin)
-        return cls(p["kind"], p["spec"], p["model"], p["config"], p["state"], p["dtype"])
 
     def _dtype(self) -> torch.dtype:
         floats = [t for t in self.twin.state_dict().values() if t.is_floating_point()]
@@ -286,7 +298,7 @@ class TwinWorker:
 
         With ``version``, None when this copy holds another state (it was restarted from an older one).
         """
-        if version is not None and version != self.version:
+        if self.twin is None or (version is not None and version != self.version):
             return None
         xt, pt = self._tensors(x, params)
         gy = torch.as_tensor(_writable(np.asarray(grad_y)), dtype=xt.dtype)

@@ -1,0 +1,91 @@
+"""`ray job submit -- pnn-cluster train lab_cluster.yaml --json`, as deploy/README.md documents it.
+
+A Ray head of its own (not the session's test cluster) declares the two lab instruments of the shipped
+`lab_cluster.yaml`; the optics device server (ZeroMQ) and the electronics bench (SCPI over TCP) listen on
+loopback; the job points the configuration at them with `--set` and runs on the cluster it was submitted to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pnn_cluster.devices import make_device
+from pnn_cluster.servers.scpi_bench import SimBench
+from pnn_cluster.servers.zmq_server import DeviceServer
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTS = {"n_in": 24, "n_out": 24}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab_head():
+    """`ray start --head --block` declaring the instruments; yields the dashboard address, stops it after."""
+    ray_exe = Path(sys.executable).parent / "ray"
+    if not ray_exe.exists():
+        pytest.skip("the ray command line is not installed")
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
+    dash = _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_ADDRESS": "", "PYTHONPATH": str(ROOT / "tests")}
+    env.pop("RAY_ADDRESS")
+    resources = json.dumps({"instrument:shg-bench": 1, "instrument:circuit-bench": 1})
+    head = subprocess.Popen(
+        [str(ray_exe), "start", "--head", "--block", f"--port={_free_port()}", "--include-dashboard=true",
+         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--resources={resources}",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in head.stdout:  # the head says when it is up; no polling
+            if "Ray runtime started" in line:
+                break
+        else:
+            pytest.fail(f"ray start --head ended with {head.wait()}")
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_the_lab_configuration_on_the_cluster(lab_head, tmp_path):
+    address, env = lab_head
+    shg = make_device("shg", **OPTS).imperfections.with_(seed=31, latency_call_s=0, latency_sample_s=0)
+    circ = make_device("circuit", **OPTS).imperfections.with_(seed=32, latency_call_s=0, latency_sample_s=0)
+    with DeviceServer(make_device("shg", imperfections=shg, **OPTS), "tcp://127.0.0.1:0") as server, \
+            SimBench("circuit", port=0, imperfections=circ, **OPTS) as bench:
+        visa = bench.visa_config()
+        entry = ["pnn-cluster", "train", "pnn_cluster/configs/lab_cluster.yaml", "--quick", "--json",
+                 "--no-progress", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "--set", f"devices.optics.driver.address={server.endpoint}",
+                 "--set", f"devices.circuit.driver.source.resource={visa['source']['resource']}",
+                 "--set", f"devices.circuit.driver.sink.resource={visa['sink']['resource']}"]
+        job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+                              "--", *entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = job.stdout + job.stderr
+    assert job.returncode == 0, out[-5000:]
+    result = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{\"config\"")))
+    assert result["config"] == "lab_cluster" and result["state"] == "finished"
+    assert result["device_actors"] == 2 and result["trainer_actor"] is True
+    assert result["twin_actors"] == 3  # the optics twin, and two copies of the circuit's (placement.twins)
+    assert result["run_id"] and 0 <= result["test_acc"] <= 1
