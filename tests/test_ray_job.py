@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -43,9 +44,10 @@ def lab_head():
         pytest.skip("the ray command line is not installed")
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
     dash = _free_port()
+    # token authentication, as deploy/ documents it: the head, the job's driver and `ray job submit` share it
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_ADDRESS": "", "PYTHONPATH": str(ROOT / "tests")}
-    env.pop("RAY_ADDRESS")
+           "PYTHONPATH": str(ROOT / "tests"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
     resources = json.dumps({"instrument:shg-bench": 1, "instrument:circuit-bench": 1})
     head = subprocess.Popen(
         [str(ray_exe), "start", "--head", "--block", f"--port={_free_port()}", "--include-dashboard=true",
@@ -85,6 +87,7 @@ def test_ray_job_submit_trains_the_lab_configuration_on_the_cluster(lab_head, tm
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-5000:]
     result = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{\"config\"")))
+    print(json.dumps(result))
     assert result["config"] == "lab_cluster" and result["state"] == "finished"
     assert result["device_actors"] == 2 and result["trainer_actor"] is True
     assert result["twin_actors"] == 3  # the optics twin, and two copies of the circuit's (placement.twins)
