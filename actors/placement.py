@@ -30,6 +30,7 @@ class RayPlacement:
     """
 
     kind = "ray"
+    micro_batches = None  # just enough micro-batches to keep every device actor busy
 
     def __init__(self, restart: RestartPolicy | None = None, connect_timeout_s: float = 300.0) -> None:
         self.backend = RayBackend()

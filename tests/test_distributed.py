@@ -302,7 +302,7 @@ def test_the_runner_on_ray_trains_like_the_runner_in_process(ray_cluster, tmp_pa
     cfg = toy_config(tmp_path, {"a": dev, "b": dev},
                      [{"kind": "rescale"}, {"kind": "physical", "device": "a"}, {"kind": "rescale"},
                       {"kind": "physical", "device": "b"}, {"kind": "affine"}],
-                     optimizer={"name": "sgd", "lr": 0.1}, schedule={"epochs": 1, "batch_size": 16})
+                     optimizer={"name": "sgd", "lr": 0.1}, schedule={"epochs": 1, "batch_size": 16, "micro_batch": 4})
     local = run_experiment(cfg)
     remote = RayLauncher().run(cfg)
     assert (remote.device_actors, remote.twin_actors, remote.trainer_actor) == (2, 2, True)

@@ -53,6 +53,8 @@ class Placement(Protocol):
     #: "in-process" or "ray"
     kind: str
     backend: Backend
+    #: micro-batches per batch when the configuration gives no size (None: enough to fill the pipeline)
+    micro_batches: int | None
 
     def start_devices(self, recipes: Sequence[DeviceRecipe], twins: bool = False) -> list[DeviceRef]:
         """Start (build and connect) every replica; the spec of each is known when this returns.
@@ -72,6 +74,9 @@ class InProcessPlacement:
     """Everything in this process: one thread per device replica, twins next to the trainer."""
 
     kind = "in-process"
+    #: devices in one interpreter measure one at a time: splitting a batch only adds calls (a batch
+    #: trained twice as fast whole, on the hybrid stack), unless ``schedule.micro_batch`` asks for it
+    micro_batches = 1
 
     def __init__(self) -> None:
         self.backend = ThreadBackend()

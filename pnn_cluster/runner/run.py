@@ -134,7 +134,7 @@ class ExperimentRun:
         self.progress = progress
         self.echo = echo
         self.keep_checkpoint = keep_checkpoint
-        self.pipeline = pipeline or PipelineConfig()
+        self.pipeline = pipeline or PipelineConfig(micro_batches=getattr(self.placement, "micro_batches", None))
         self.policy = policy or FaultPolicy()
         self.trainer: Trainer | None = None
         self.tracker = None

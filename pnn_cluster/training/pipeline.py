@@ -476,8 +476,9 @@ class PipelineExecutor:
         self.stats["steps"] += 1
         return StepResult(run.loss, run.correct, n, run.device_samples)
 
-    def evaluate(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        size = self.config.size(x.shape[0], None, evaluating=True, fill=self._fill(model))
+    def evaluate(self, model: nn.Module, x: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
+        size = self.config.size(x.shape[0], self.config.eval_micro_batch or micro_batch, evaluating=True,
+                                fill=self._fill(model))
         run = _Run(self, model, x, split_micro(x.shape[0], size))
         run.go()
         return torch.cat(run.outputs)

@@ -70,7 +70,7 @@ class Executor(Protocol):
     def forward_backward(self, model: Stack, x: torch.Tensor, y: torch.Tensor, loss_fn, micro_batch: int | None
                          ) -> StepResult: ...
 
-    def evaluate(self, model: Stack, x: torch.Tensor) -> torch.Tensor: ...
+    def evaluate(self, model: Stack, x: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor: ...
 
 
 def split_micro(n: int, micro: int | None) -> list[slice]:
@@ -94,7 +94,7 @@ class SequentialExecutor:
         return StepResult(total, correct, n)
 
     @torch.no_grad()
-    def evaluate(self, model: Stack, x: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, model: Stack, x: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
         return model(x)
 
 
@@ -187,7 +187,8 @@ class Trainer:
         mode = "pat" if physical else "in_silico"
         with torch.no_grad(), self.model.mode_as(mode):
             for sl in split_micro(len(xt), self.config.eval_batch):
-                outs.append(self.executor.evaluate(self.model, xt[sl]))
+                # measured in the micro-batches training uses: the same calls, however it is scheduled
+                outs.append(self.executor.evaluate(self.model, xt[sl], micro_batch=self.config.micro_batch))
         return torch.cat(outs)
 
     def evaluate(self, split: str = "test", physical: bool = True) -> dict[str, Any]:
