@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,14 @@ class RayPlacement:
         self._blank: dict[str, list[Any]] = {}
 
     def start_devices(self, recipes: Sequence[DeviceRecipe], twins: bool = False) -> list[DeviceRef]:
+        declared = ray.cluster_resources()
+        for r in recipes:
+            missing = [k for k in r.placement.ray_resources() if k not in declared]
+            if missing:  # a lab's instruments do not come and go: say so now rather than wait for a node
+                wanted = json.dumps({k: 1 for k in missing})
+                raise DeviceError(f"device {r.label}: no node of the cluster declared {', '.join(missing)}; the PC "
+                                  f"that has it joins with `ray start --address HEAD:6379 --resources '{wanted}'` "
+                                  f"(or drop devices.{r.name}.placement to run it anywhere)")
         actors = [start_device(r, self.restart) for r in recipes]
         self._devices += actors
         if twins:

@@ -110,3 +110,15 @@ def test_ctrl_c_stops_the_trainer_actor_after_its_step_keeps_the_checkpoint_and_
     assert run.info.status == "KILLED"
     step = int(run.data.tags["pnn.checkpoint_step"])
     assert 3 <= step < 150 and run.data.tags["pnn.end_step"] == str(step)
+
+
+def test_a_device_placed_on_an_instrument_no_node_declared_fails_at_once_naming_it(ray_cluster, tmp_path, capsys):
+    raw = {**CONFIG, "devices": {"circuit": {**CONFIG["devices"]["circuit"],
+                                             "placement": {"instrument": "no-such-bench"}}}}
+    path = tmp_path / "nowhere.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path), "--no-track", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "device circuit: no node of the cluster declared instrument:no-such-bench" in err
+    assert "ray start --address HEAD:6379 --resources '{\"instrument:no-such-bench\": 1}'" in err
+    assert "Traceback" not in err

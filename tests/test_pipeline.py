@@ -11,15 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pnn_cluster.data import Dataset
 from pnn_cluster.devices import Device, DeviceError, DeviceSpec, LimitError, ParamSpec, PhysicsModel, Port
 from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
 from pnn_cluster.training.faults import (
     FaultPolicy,
     NoReplicaLeft,
     ReplicaRetired,
-    TrainingAborted,
-    checkpoint_on_failure,
 )
 from pnn_cluster.training.pipeline import (
     LocalDeviceHandle,
@@ -29,7 +26,7 @@ from pnn_cluster.training.pipeline import (
     Replica,
     TwinPool,
 )
-from pnn_cluster.training.trainer import SequentialExecutor, TrainConfig, Trainer
+from pnn_cluster.training.trainer import SequentialExecutor
 from pnn_cluster.training.workers import DeviceWorker, TwinWorker, params_version, twin_payload, twin_version
 
 WAIT = 10.0  # seconds an event may take before the test fails (it is never slept)
@@ -271,27 +268,6 @@ def test_micro_batch_that_fails_everywhere_stops_the_run(float64):
                           policy=FaultPolicy(max_consecutive_failures=5, max_attempts=3))
     with pytest.raises(DeviceError, match=r"stage gain0: micro-batch \d+ failed 3 times \(FaultPolicy.max_attempts"):
         grads_of(ex, model, *batch(4), micro=4)
-
-
-def test_no_replica_left_stops_with_a_clear_error_after_saving_a_checkpoint(float64, tmp_path):
-    x, y = batch(24)
-    data = Dataset("toy", x.numpy(), y.numpy(), x.numpy(), y.numpy())
-    dying = GainDevice(1.0, on_call=fail_on({-17}))  # 8 calls a step: two steps, then the instrument is gone
-    model = make_stack([dying])
-    ex = PipelineExecutor(policy=FaultPolicy(max_consecutive_failures=2))
-    trainer = Trainer(model, data, TrainConfig(epochs=1, batch_size=8, micro_batch=1, lr=0.01), executor=ex,
-                      progress=False)
-    path = tmp_path / "ckpt.pt"
-    with pytest.warns(ReplicaRetired), pytest.raises(TrainingAborted) as info:
-        with checkpoint_on_failure(trainer, path):
-            trainer.fit()
-    msg = str(info.value)
-    assert "stage gain0: no replica left to measure on (gain0: DeviceError: gain: simulated fault" in msg
-    assert f"checkpoint of step 2 saved to {path}" in msg
-    assert isinstance(info.value.__cause__, NoReplicaLeft) and info.value.checkpoint == path
-    state = torch.load(path, weights_only=True)
-    assert state["global_step"] == 2
-    torch.testing.assert_close(state["model"]["1.theta.g"], model[1].theta["g"].detach())
 
 
 # -- the device worker's parameter protocol ------------------------------------------------------

@@ -82,8 +82,11 @@ def test_ray_job_submit_trains_the_lab_configuration_on_the_cluster(lab_head, tm
                  "--set", f"devices.optics.driver.address={server.endpoint}",
                  "--set", f"devices.circuit.driver.source.resource={visa['source']['resource']}",
                  "--set", f"devices.circuit.driver.sink.resource={visa['sink']['resource']}"]
-        job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
-                              "--", *entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--", *entry]
+        for _ in range(30):  # the head's job agent registers a little after "Ray runtime started"
+            job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent to submit job" not in job.stdout + job.stderr:
+                break
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-5000:]
     result = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{\"config\"")))

@@ -6,8 +6,10 @@ import signal
 
 import pytest
 import torch
+from lab_devices import SizedTanhAmp
 
 from pnn_cluster.config import parse_config
+from pnn_cluster.devices import DeviceError
 from pnn_cluster.runner import ExperimentRun
 from pnn_cluster.runner.launch import InProcessLauncher
 from pnn_cluster.training.trainer import Callback
@@ -102,3 +104,39 @@ def test_a_users_device_class_with_options_trains_through_a_configuration():
                       {"kind": "linear", "size": 10}], schedule={"epochs": 1, "batch_size": 40})
     result = ExperimentRun(parse_config(raw, source="amp.yaml"), echo=False).run()
     assert result.steps == STEPS_PER_EPOCH and result.twins["amp"]["nmse_val"] > 0
+
+
+class DyingAmp(SizedTanhAmp):
+    """Built by name from a configuration: an amplifier that stops answering after ``calls`` measurements."""
+
+    def __init__(self, calls: int):
+        super().__init__(size=8)
+        self.left = calls
+
+    def measure(self, x, params):
+        self.left -= 1
+        if self.left < 0:
+            raise DeviceError("amp: output stage not responding")
+        return super().measure(x, params)
+
+
+def test_no_device_left_stops_with_one_clear_error_and_the_last_complete_step_saved(tmp_path):
+    from pnn_cluster.training.faults import TrainingAborted
+
+    # the twin's check (3 groups x 2 repeats) and initialisation take 7 calls, a step 1: it dies in step 3
+    raw = dict(TINY, devices={"amp": {"driver": {"kind": "python", "class": "test_runner:DyingAmp",
+                                                 "options": {"calls": 7 + 2}},
+                                      "twin": {"kind": "ideal", "groups": 3, "batch": 24}}},
+               stack=[{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "amp"},
+                      {"kind": "linear", "size": 10}])
+    path = tmp_path / "stopped.pt"
+    run = ExperimentRun(parse_config(raw, source="dying.yaml"), echo=False, checkpoint_path=str(path))
+    with pytest.warns(Warning, match="amp failed 3 times in a row and leaves the pool"), \
+            pytest.raises(TrainingAborted) as info:
+        run.run()
+    assert str(info.value) == ("training stopped: stage amp: no replica left to measure on (amp: DeviceError: amp: "
+                               f"output stage not responding); checkpoint of step 2 saved to {path}")
+    assert info.value.checkpoint == path
+    state = torch.load(path, weights_only=True)
+    assert state["global_step"] == 2 and state["experiment"]["name"] == "tiny"  # `evaluate PATH` can rebuild it
+    torch.testing.assert_close(state["model"]["2.theta.gain"], run.trainer.model[2].theta["gain"].detach())

@@ -159,6 +159,7 @@ def tracking_for(cfg, args: argparse.Namespace, tracking_uri: str | None = None,
 def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, tracking_uri: str | None = None) -> int:
     """Run the experiment through the runner; report; exit 130 when it was stopped (it can be resumed)."""
     from pnn_cluster.config import ConfigError
+    from pnn_cluster.devices.base import DeviceError
     from pnn_cluster.training.faults import TrainingAborted
 
     launcher = launcher_for(args)
@@ -171,8 +172,9 @@ def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, trackin
                               checkpoint_path=str(Path(args.checkpoint).resolve()) if args.checkpoint else None)
     except ConfigError as exc:
         raise _usage(str(exc)) from None
-    except TrainingAborted as exc:
-        print(f"pnn-cluster train: {exc}", file=sys.stderr, flush=True)
+    except (TrainingAborted, DeviceError) as exc:
+        # raised in a trainer actor, it arrives wrapped with the remote traceback; the cause is the message
+        print(f"pnn-cluster train: {getattr(exc, 'cause', None) or exc}", file=sys.stderr, flush=True)
         return 1
     if result.state == "stopped":
         if result.run_id:

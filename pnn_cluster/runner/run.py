@@ -32,7 +32,7 @@ from pnn_cluster.layers import Stack, init_rescales_
 from pnn_cluster.runner.build import build_stack, device_recipes, load_data, train_config
 from pnn_cluster.runner.placement import DeviceRef, InProcessPlacement, Placement
 from pnn_cluster.runner.twins import make_twin, twin_shell
-from pnn_cluster.training.faults import FaultPolicy, TrainingAborted, checkpoint_on_failure
+from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, TrainingAborted
 from pnn_cluster.training.pipeline import PipelineConfig, PipelineExecutor, Replica
 from pnn_cluster.training.trainer import Callback, Trainer, TrainerState
 from pnn_cluster.twins import TwinFit
@@ -352,14 +352,20 @@ class ExperimentRun:
         self.report(f"-- training {cfg.schedule.epochs} epochs of {trainer.steps_per_epoch} steps"
                     + (f" ({counts['twin_actors']} twin actor(s))" if counts["twin_actors"] else "") + " ...")
         try:
-            with checkpoint_on_failure(trainer, self.checkpoint_path):
-                history = trainer.fit()
-        except TrainingAborted as exc:
-            if tracker is None:
-                raise
-            tracker.log_checkpoint(trainer)
-            raise TrainingAborted(f"{exc}; checkpoint of step {trainer.global_step} kept in run {tracker.run_id}",
-                                  exc.checkpoint) from exc.__cause__
+            history = trainer.fit()
+        except NoReplicaLeft as exc:
+            # the state is that of the last complete step (a failed step never reaches optimizer.step):
+            # a repaired lab resumes from it and repeats nothing
+            kept, saved = [], None
+            if self.checkpoint_path is not None:
+                saved = trainer.save_checkpoint(self.checkpoint_path)
+                kept.append(f"saved to {saved}")
+            if tracker is not None:
+                tracker.log_checkpoint(trainer)
+                kept.append(f"kept in run {tracker.run_id}")
+            where = f"checkpoint of step {trainer.global_step} {' and '.join(kept)}" if kept else \
+                "no checkpoint kept (tracking is off and no --checkpoint PATH was given)"
+            raise TrainingAborted(f"training stopped: {exc}; {where}", saved) from exc
         stopped = trainer.state == TrainerState.STOPPED
         if stopped:
             acc = None

@@ -12,9 +12,9 @@ policy here is deliberately plain:
   pool with a warning naming it and the last error; the run goes on with the
   others.
 - With no replica left in a stage the run cannot go on: :class:`NoReplicaLeft`
-  is raised, and :func:`checkpoint_on_failure` saves a checkpoint first (the
-  runner also keeps it in the MLflow run), so a repaired lab can resume from
-  the last complete step.
+  is raised; the runner keeps the checkpoint of the last complete step (in the
+  MLflow run, and at ``train --checkpoint PATH``) and stops with
+  :class:`TrainingAborted`, so a repaired lab resumes from there.
 - A value the device refused (:class:`~pnn_cluster.devices.spec.LimitError`)
   is not a device failure: repeating it would be refused again, so it
   propagates at once. So does any other error: that is a bug, not a fault.
@@ -22,19 +22,15 @@ policy here is deliberately plain:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pnn_cluster.devices.base import DeviceError
 from pnn_cluster.devices.spec import LimitError
 
-__all__ = ["FaultPolicy", "ReplicaRetired", "NoReplicaLeft", "TrainingAborted", "is_device_failure",
-           "checkpoint_on_failure", "describe"]
+__all__ = ["FaultPolicy", "ReplicaRetired", "NoReplicaLeft", "TrainingAborted", "is_device_failure", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +119,3 @@ def describe(exc: BaseException) -> str:
     """One line for logs and warnings: the error's type and the last line of its message."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1].strip() if text else ''}"[:300]
-
-
-@contextlib.contextmanager
-def checkpoint_on_failure(trainer: Any, path: str | Path | None) -> Iterator[None]:
-    """Save the trainer's checkpoint to ``path`` if the body stops with :class:`NoReplicaLeft`.
-
-    ``trainer`` is a :class:`~pnn_cluster.training.trainer.Trainer` or a
-    callable returning one (or None), for a trainer created inside the body.
-    Its state is that of the last complete optimizer step (a failed step never
-    reaches ``optimizer.step``), so resuming repeats nothing.
-    """
-    try:
-        yield
-    except NoReplicaLeft as exc:
-        if callable(trainer) and not hasattr(trainer, "save_checkpoint"):
-            trainer = trainer()
-        saved = None
-        if path is not None and trainer is not None:
-            saved = trainer.save_checkpoint(path)
-        where = f"checkpoint of step {getattr(trainer, 'global_step', '?')} saved to {saved}" if saved else \
-            "no checkpoint saved (no checkpoint path configured)"
-        raise TrainingAborted(f"training stopped: {exc}; {where}", saved) from exc

@@ -268,6 +268,11 @@ class TwinWorker:
         self.twin.requires_grad_(False)
         self._built = (kind, repr(dict(config or {})), dtype)
 
+    @classmethod
+    def from_twin(cls, twin: torch.nn.Module) -> TwinWorker:
+        p = twin_payload(twin)
+        return cls(p["kind"], p["spec"], p["model"], p["config"], p["state"], p["dtype"])
+
     def load(self, payload: Mapping[str, Any]) -> str:
         """Take another state of the twin (a refit elsewhere, the latest after a restart), or a whole twin."""
         if self._built != (payload["kind"], repr(dict(payload.get("config") or {})), payload.get("dtype")):
