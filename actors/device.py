@@ -105,15 +105,22 @@ class RayDeviceHandle:
         self._stream = uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)
         self._last: tuple[int, Any] | None = None
+        self._replied: set[Any] = set()
+
+    def completed(self, ref) -> None:
+        """The schedule took this call's reply (so a later call need not wait for it in the actor)."""
+        if self._last is not None and ref is self._last[1]:
+            self._replied.add(ref)
 
     def submit(self, x: np.ndarray, params: Mapping[str, np.ndarray] | None, version: str):
         after = 0
-        if self._last is not None:
-            done, _ = ray.wait([self._last[1]], timeout=0)  # a local lookup: this process owns the reply
-            after = 0 if done else self._last[0]
+        if self._last is not None and self._last[1] not in self._replied:
+            # asked here, not with ray.wait: a lookup per call costs as much as the call's own bookkeeping
+            after = self._last[0]
         seq = next(self._seq)
         ref = self.actor.forward.remote(x, params, version, (self._stream, seq, after))
         self._last = (seq, ref)
+        self._replied.clear()
         return ref
 
     def true_model(self):

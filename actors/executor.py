@@ -27,7 +27,11 @@ class RayBackend:
     """Pending calls are ObjectRefs; one ``ray.wait`` covers every stage's calls at once."""
 
     def wait(self, calls: Sequence[Any], timeout: float | None = None) -> list[Any]:
-        ready, _ = ray.wait(list(calls), num_returns=1, timeout=timeout)
+        calls = list(calls)
+        # every reply already here, in one look; only when there is none, block for the first
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
+        if not ready:
+            ready, _ = ray.wait(calls, num_returns=1, timeout=timeout)
         return ready
 
     def result(self, call: Any) -> np.ndarray | None:

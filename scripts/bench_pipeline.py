@@ -148,7 +148,7 @@ def replica_figures(micro_batches: int, micro: int, steps: int) -> dict[str, flo
         kill(actors)
 
 
-def overhead_ratio(steps: int, batch: int = 256, micro: int = 32, rounds: int = 4) -> dict[str, float]:
+def overhead_ratio(steps: int, batch: int = 256, micro: int = 32, rounds: int = 8) -> dict[str, float]:
     local = [recipe(0.0, i).build() for i in range(len(STAGES_MS))]
     in_process = trainer_for(stack_of(local), SequentialExecutor(), batch, micro)
     actors = [start(0.0, seed=i) for i in range(len(STAGES_MS))]

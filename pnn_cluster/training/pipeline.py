@@ -659,6 +659,9 @@ class _Run:
         mb, pos, rep = self.pending.pop(call)
         self.deadline.pop(call, None)
         rep.in_flight = max(0, rep.in_flight - 1)
+        completed = getattr(rep.handle, "completed", None)
+        if completed is not None:  # optional: a handle that orders its calls learns which replies arrived
+            completed(call)
         st = self.stages[pos]
         try:
             y = self.ex.backend.result(call)
