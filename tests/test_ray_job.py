@@ -52,7 +52,11 @@ def lab_head():
     head = subprocess.Popen(
         [str(ray_exe), "start", "--head", "--block", f"--port={_free_port()}", "--include-dashboard=true",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--resources={resources}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--disable-usage-stats",
+         # a second Ray on this machine (the session's test cluster): none of its fixed ports may be shared
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         for line in head.stdout:  # the head says when it is up; no polling
@@ -83,7 +87,7 @@ def test_ray_job_submit_trains_the_lab_configuration_on_the_cluster(lab_head, tm
                  "--set", f"devices.circuit.driver.source.resource={visa['source']['resource']}",
                  "--set", f"devices.circuit.driver.sink.resource={visa['sink']['resource']}"]
         submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--", *entry]
-        for _ in range(30):  # the head's job agent registers a little after "Ray runtime started"
+        for _ in range(15):  # the head's job agent registers a little after "Ray runtime started"
             job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
             if "No available agent to submit job" not in job.stdout + job.stderr:
                 break
