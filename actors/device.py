@@ -118,7 +118,7 @@ class RayDeviceHandle:
             # asked here, not with ray.wait: a lookup per call costs as much as the call's own bookkeeping
             after = self._last[0]
         seq = next(self._seq)
-        ref = self.actor.forward.remote(x, params, version, (self._stream, seq, after))
+        ref = self.actor.forward_packed.remote((x, params, version, (self._stream, seq, after)))
         self._last = (seq, ref)
         self._replied.clear()
         return ref

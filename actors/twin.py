@@ -54,7 +54,8 @@ class RayTwinHandle:
 
     def submit_vjp(self, x, params: Mapping[str, Any], grad_y, need_x: bool, need: Sequence[str] | None,
                    version: str):
-        return self.actor.vjp.remote(x, dict(params), grad_y, need_x, None if need is None else list(need), version)
+        return self.actor.vjp_packed.remote((x, dict(params), grad_y, need_x, None if need is None else list(need),
+                                             version))
 
     def load(self, payload: Mapping[str, Any]) -> str:
         return ray.get(self.actor.load.remote(dict(payload)))

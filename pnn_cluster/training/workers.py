@@ -106,6 +106,11 @@ class DeviceWorker:
                 return None
             return self.device.forward(x)
 
+    def forward_packed(self, call: tuple) -> np.ndarray | None:
+        """:meth:`forward` with its arguments in one tuple: one object to serialise per call instead of four,
+        a quarter less per-call overhead through an actor."""
+        return self.forward(*call)
+
     def set_params(self, params: Mapping[str, Any]) -> str:
         with self._lock:
             self.device.set_params({k: _writable(v) for k, v in params.items()})
@@ -309,6 +314,10 @@ class TwinWorker:
         gy = torch.as_tensor(_writable(np.asarray(grad_y)), dtype=xt.dtype)
         gx, gp = twin_vjp(self.twin, xt, pt, gy, need_x=need_x, need=need)
         return (None if gx is None else gx.numpy()), {k: v.numpy() for k, v in gp.items()}
+
+    def vjp_packed(self, call: tuple):
+        """:meth:`vjp` with its arguments in one tuple (one object to serialise per call)."""
+        return self.vjp(*call)
 
     def fit(self, train, val=None, **kw: Any) -> dict[str, Any]:
         """Fit this twin (a fresh copy of its calibration) to ``train`` samples; returns the fit figures."""
