@@ -41,8 +41,10 @@ class TanhAmp(Device):
 class SizedTanhAmp(TanhAmp):
     """The same amplifier with constructor options (what ``--option`` and a config's ``options`` set)."""
 
-    def __init__(self, size: int = 4, noise: float = 0.01, gain_max: float = 3.0):
+    def __init__(self, size: int = 4, noise: float = 0.01, gain_max: float = 3.0, seed: int | None = None):
         self.noise = noise
+        # seeded: a copy draws the same noise in every run (the README class draws from numpy's global stream)
+        self.rng = np.random.default_rng(seed) if seed is not None else np.random
         super().__init__(DeviceSpec(
             name="tanh_amp",
             input=Port(size=size, low=0.0, high=1.0, unit="V"),
@@ -51,4 +53,4 @@ class SizedTanhAmp(TanhAmp):
         ))
 
     def measure(self, x, params):
-        return np.tanh(1.05 * params["gain"] * x) + self.noise * np.random.randn(*x.shape)
+        return np.tanh(1.05 * params["gain"] * x) + self.noise * self.rng.standard_normal(x.shape)
