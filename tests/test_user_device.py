@@ -91,7 +91,7 @@ def test_options_the_constructor_does_not_take_are_refused_with_its_signature():
         make_user_device("lab_devices:SizedTanhAmp", {"sise": 3})
     msg = str(ei.value)
     assert "the constructor refuses the options {'sise': 3}: got an unexpected keyword argument 'sise'" in msg
-    signature = "SizedTanhAmp(size: int = 4, noise: float = 0.01, gain_max: float = 3.0)"
+    signature = "SizedTanhAmp(size: int = 4, noise: float = 0.01, gain_max: float = 3.0, seed: int | None = None)"
     assert f"allowed: keyword arguments of {signature}" in msg
 
 
@@ -100,7 +100,8 @@ def test_options_the_constructor_raises_on_are_reported_with_its_signature():
         make_user_device("lab_devices:SizedTanhAmp", {"size": 0})
     msg = str(ei.value)
     assert "constructing with options {'size': 0} failed: ValueError: Port.size must be a positive integer" in msg
-    assert "allowed: values SizedTanhAmp(size: int = 4, noise: float = 0.01, gain_max: float = 3.0) accepts" in msg
+    signature = "SizedTanhAmp(size: int = 4, noise: float = 0.01, gain_max: float = 3.0, seed: int | None = None)"
+    assert f"allowed: values {signature} accepts" in msg
 
 
 def test_options_must_be_a_mapping_of_names():
