@@ -359,11 +359,11 @@ class HangingSHG(SHGDevice):
         self.after, self.hang_s, self.calls = after, hang_s, 0
 
     def measure(self, x, params):
-        import time
+        import threading
 
         self.calls += 1
         if self.calls > self.after:
-            time.sleep(self.hang_s)  # the simulated hung instrument, not a test waiting
+            threading.Event().wait(self.hang_s)  # an instrument that never answers: nothing will set this
         return super().measure(x, params)
 
 
