@@ -344,20 +344,30 @@ class LayerConfig(Section):
     device: str | None = None
 
 
-DATASET_NAMES = ("mnist5k", "digits", "vowels", "npz")
+DATASET_NAMES = ("mnist5k", "digits", "vowels", "npz", "idx")
 
 
 class DatasetConfig(Section):
-    name: Literal["mnist5k", "digits", "vowels", "npz"]
+    """The data: ``path`` is the vowels CSV, the ``.npz`` file, or the directory of MNIST/Fashion-MNIST IDX
+    files (``idx``). ``train_subset``/``test_subset`` make a smaller run; then ``val_fraction`` of the
+    (subset's) train split becomes the validation split that per-epoch accuracy is measured on (0: none).
+    The test split is measured once, after training."""
+
+    name: Literal["mnist5k", "digits", "vowels", "npz", "idx"]
     path: str | None = None
     train_subset: PositiveInt | None = None
     test_subset: PositiveInt | None = None
+    val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
     split_seed: Annotated[int, Field(ge=0)] = 0
 
     @field_validator("path")
     @classmethod
     def _path_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return None if v is None else str(_existing_file(v, info))
+        if v is None:
+            return None
+        if info.data.get("name") == "idx":
+            return str(_existing_dir(v, info, "the directory holding the IDX files (train-images-idx3-ubyte, ...)"))
+        return str(_existing_file(v, info))
 
 
 class OptimizerConfig(Section):
@@ -567,6 +577,14 @@ def _existing_file(value: str, info: ValidationInfo) -> Path:
     p = _resolve(value, info)
     if not p.is_file():
         raise _custom(f"no such file {str(p)!r}", "a path to an existing file, absolute or relative to the config")
+    return p
+
+
+def _existing_dir(value: str, info: ValidationInfo, what: str) -> Path:
+    p = _resolve(value, info)
+    if not p.is_dir():
+        found = "a file, not a directory" if p.exists() else "no such directory"
+        raise _custom(f"{found}: {str(p)!r}", f"{what}, absolute or relative to the config")
     return p
 
 

@@ -10,14 +10,16 @@ A run records what a lab needs to trust and reproduce a result:
 - per-step training metrics, buffered in memory and written with one
   asynchronous ``log_batch`` every ``flush_every_s`` seconds, so a step pays
   for a few list appends and nothing else;
-- per epoch: physical test accuracy and loss, and the twin-versus-device
-  residual of each physical layer (NMSE of the twin's prediction against the
-  device's measured output, on a test batch): the number that says when a
-  twin has drifted away from its device;
+- per epoch: physical validation accuracy and loss (``val_acc``, ``val_loss``),
+  and the twin-versus-device residual of each physical layer (NMSE of the
+  twin's prediction against the device's measured output, on a validation
+  batch): the number that says when a twin has drifted away from its device;
 - a checkpoint each epoch (``checkpoints/last.pt``), from which
   ``pnn-cluster train --resume RUN_ID`` continues the same run at the same step;
-- at the end, a training curve and a confusion matrix (PNG), and the trained
-  parameters and twins as state_dict files in logged models.
+- at the end of training, a training curve (PNG) and the trained parameters
+  and twins as state_dict files in logged models;
+- once, after training, the test split measured on the devices (``test_acc``,
+  ``test_loss`` at the last step) and its confusion matrix (PNG).
 
 Everything goes through one :class:`mlflow.MlflowClient` bound to the tracking
 URI given to the constructor; no global active run is used, so several
@@ -213,7 +215,7 @@ def curve_figure(steps: Mapping[str, list[tuple[int, float]]], epochs: Mapping[s
     ax2.set_ylabel("accuracy")
     ax2.set_ylim(0, 1)
     ax2.legend(fontsize=7)
-    fig.suptitle("training curve (test accuracy measured on the physical devices)", fontsize=9)
+    fig.suptitle("training curve (validation accuracy measured on the physical devices)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -496,9 +498,10 @@ class MlflowCallback(Callback):
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         step = trainer.global_step
-        epoch_metrics = {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"],
-                         "epoch": metrics["epoch"], "epoch_train_loss": metrics["train_loss"],
+        epoch_metrics = {"epoch": metrics["epoch"], "epoch_train_loss": metrics["train_loss"],
                          "epoch_train_acc": metrics["train_acc"], "epoch_seconds": metrics["epoch_seconds"]}
+        if "val_acc" in metrics:  # none without a validation split
+            epoch_metrics.update(val_acc=metrics["val_acc"], val_loss=metrics["val_loss"])
         if self.residual_batch > 0:
             for name, r in self._residuals(trainer).items():
                 epoch_metrics[f"twin_residual/{name}"] = r["nmse"]
@@ -515,20 +518,23 @@ class MlflowCallback(Callback):
         if trainer.state == "stopped":  # asked to stop: keep the step reached, resume from it later
             self.log_checkpoint(trainer)
             return
-        if trainer.history:
-            final = trainer.history[-1]
-            self.log_metrics({"final_test_acc": final["test_acc"], "device_samples_total": trainer.device_samples},
-                             trainer.global_step, now=True)
+        self.log_metrics({"device_samples_total": trainer.device_samples}, trainer.global_step, now=True)
         self.log_training_curve()
-        ev = getattr(trainer, "last_eval", None) or trainer.evaluate("test")
-        acc = float((ev["pred"] == ev["target"]).mean())
-        self.log_figure(confusion_figure(ev["pred"], ev["target"], f"test set on the physical devices: {acc:.3f}"),
-                        "plots/confusion_matrix.png")
         if self.log_models:
             self.log_trained_models(trainer)
 
+    def on_test_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        """The run's one test measurement: ``test_acc``, ``test_loss`` at the last step, and a confusion matrix."""
+        self.log_metrics({"test_acc": result["acc"], "test_loss": result["loss"]}, trainer.global_step, now=True)
+        self.log_figure(confusion_figure(result["pred"], result["target"],
+                                         f"test set on the physical devices: {result['acc']:.3f}"),
+                        "plots/confusion_matrix.png")
+
     def _residuals(self, trainer: Trainer) -> dict[str, dict[str, float]]:
-        x = torch.as_tensor(trainer.data.x_test[: self.residual_batch], dtype=torch.get_default_dtype())
+        # inputs only, but still never the test split's: validation, or train when there is none
+        data = trainer.data
+        pool = data.x_val if len(data.x_val) else data.x_train
+        x = torch.as_tensor(pool[: self.residual_batch], dtype=torch.get_default_dtype())
         try:
             return twin_residuals(trainer.model, x)
         except Exception as exc:  # a residual is a diagnostic; it never stops a training
@@ -556,8 +562,8 @@ class MlflowCallback(Callback):
             return sorted(pts.items())
 
         fig = curve_figure({"train_loss": hist("train_loss")},
-                           {"epoch_train_loss": hist("epoch_train_loss"), "test_loss": hist("test_loss"),
-                            "epoch_train_acc": hist("epoch_train_acc"), "test_acc": hist("test_acc")})
+                           {"epoch_train_loss": hist("epoch_train_loss"), "val_loss": hist("val_loss"),
+                            "epoch_train_acc": hist("epoch_train_acc"), "val_acc": hist("val_acc")})
         self.log_figure(fig, "plots/training_curve.png")
 
     def log_trained_models(self, trainer: Trainer) -> list[str]:

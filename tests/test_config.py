@@ -63,7 +63,11 @@ def mistake(tmp_path: Path, change) -> ConfigError:
      ["unknown kind 'usb'", "allowed: simulated, visa, zmq"]),
     (lambda d: d["devices"]["circuit"]["driver"]["options"].update(n_inputs=8),
      "devices.circuit.driver.options.n_inputs", ["unknown option", "allowed: n_in, n_out, n_params"]),
-    (lambda d: d["dataset"].update(name="cifar10"), "dataset.name", ["'cifar10'", "mnist5k, digits, vowels, npz"]),
+    (lambda d: d["dataset"].update(name="cifar10"), "dataset.name", ["'cifar10'", "mnist5k, digits, vowels, npz, idx"]),
+    (lambda d: d["dataset"].update(val_fraction=0.6), "dataset.val_fraction", ["out of range: 0.6", "<= 0.5"]),
+    (lambda d: d["dataset"].update(val_fraction=-0.1), "dataset.val_fraction", ["out of range: -0.1", ">= 0"]),
+    (lambda d: d["dataset"].update(name="idx", path="no-mnist-here"), "dataset.path",
+     ["no such directory", "no-mnist-here", "the directory holding the IDX files"]),
     (lambda d: d["dataset"].update(name="npz", path="missing.npz"), "dataset.path", ["no such file", "missing.npz"]),
     (lambda d: d["devices"]["circuit"]["twin"].update(load="twins/nothing"), "devices.circuit.twin.load",
      ["no such file", "nothing.pt"]),
@@ -121,6 +125,24 @@ def test_missing_file_and_broken_yaml(tmp_path):
         load_config(top)
 
 
+def test_an_idx_dataset_is_a_directory_relative_to_the_config_and_a_file_is_refused(tmp_path):
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "train-images-idx3-ubyte").write_bytes(b"")
+    data = copy.deepcopy(TINY)
+    data["dataset"] = {"name": "idx", "path": "mnist", "val_fraction": 0}
+    assert load_config(write(tmp_path, data)).dataset.path == str(tmp_path / "mnist")
+    data["dataset"]["path"] = "mnist/train-images-idx3-ubyte"
+    with pytest.raises(ConfigError, match=r"dataset\.path: a file, not a directory: .*train-images-idx3-ubyte"):
+        load_config(write(tmp_path, data))
+
+
+def test_val_fraction_0_means_no_validation_split(tmp_path):
+    data = copy.deepcopy(TINY)
+    data["dataset"]["val_fraction"] = 0
+    loaded = load_data(load_config(write(tmp_path, data)))
+    assert len(loaded.y_train) == 60 and len(loaded.y_val) == 0
+
+
 def test_paths_are_relative_to_the_config_file(tmp_path):
     import numpy as np
 
@@ -174,7 +196,9 @@ def test_the_runner_builds_what_the_configuration_says(tmp_path):
     assert device.spec.input.size == 8 and not device.connected  # constructors do no I/O
     assert device.imperfections.seed == 0  # seed * 100 + the device's index in the stack
     data = load_data(cfg)
-    assert len(data.y_train) == 60 and len(data.y_test) == 30
+    # the subset first, then dataset.val_fraction (default 0.1) of its train split becomes validation:
+    # 6 digits of each class, round(0.6) = 1 of each
+    assert len(data.y_train) == 50 and len(data.y_val) == 10 and len(data.y_test) == 30
     stack = build_stack(cfg, {"circuit": device}, data.n_features)
     (layer,) = stack.physical_layers()
     assert layer.name == "circuit" and layer.device is device

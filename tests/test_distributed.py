@@ -311,7 +311,7 @@ def test_the_runner_on_ray_trains_like_the_runner_in_process(ray_cluster, tmp_pa
     assert remote.device_samples_total == local.device_samples_total
     assert remote.twin_nmse == pytest.approx(local.twin_nmse, rel=1e-6)
     assert remote.history[-1]["train_loss"] == pytest.approx(local.history[-1]["train_loss"], rel=1e-6)
-    assert remote.history[-1]["test_loss"] == pytest.approx(local.history[-1]["test_loss"], rel=1e-6)
+    assert remote.history[-1]["val_loss"] == pytest.approx(local.history[-1]["val_loss"], rel=1e-6)
     assert remote.test_acc == local.test_acc
 
 

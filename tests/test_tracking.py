@@ -51,16 +51,17 @@ def resumed_run(store):
     evaluate = Trainer.evaluate
     calls = []
 
-    def interrupt_second_epoch(self, *args, **kwargs):
-        calls.append(1)
+    def interrupt_second_epoch(self, split="test", *args, **kwargs):
+        calls.append(split)
         if len(calls) == 2:  # the end of epoch 2: Ctrl-C, a preempted job, a crash
             raise KeyboardInterrupt
-        return evaluate(self, *args, **kwargs)
+        return evaluate(self, split, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setattr(Trainer, "evaluate", interrupt_second_epoch)
         assert main(["train", str(config), "--tracking-uri", uri, "--no-progress", "--in-process"]) == 130
+        assert calls == ["val", "val"]  # epochs end on the validation split; the test split is not measured
         mp.setattr(Trainer, "evaluate", evaluate)
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
@@ -104,10 +105,13 @@ def test_run_records_config_devices_twins_metrics_and_models(resumed_run):
     assert len(client.get_metric_history(fit.info.run_id, "fit_loss")) == 4
     assert [f.path for f in client.list_artifacts(fit.info.run_id)] == ["parity.png"]
 
-    # per-epoch physical test accuracy and the twin-versus-device residual
-    acc = client.get_metric_history(run_id, "test_acc")
-    assert sorted({m.step for m in acc}) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
-    assert all(0 <= m.value <= 1 for m in acc)
+    # per-epoch physical validation accuracy, the test split once at the end, the twin-versus-device residual
+    val = client.get_metric_history(run_id, "val_acc")
+    assert sorted({m.step for m in val}) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert all(0 <= m.value <= 1 for m in val)
+    (test,) = client.get_metric_history(run_id, "test_acc")
+    assert test.step == 2 * STEPS_PER_EPOCH and 0 <= test.value <= 1
+    assert len(client.get_metric_history(run_id, "test_loss")) == 1
     residual = client.get_metric_history(run_id, "twin_residual/circuit")
     floor = client.get_metric_history(run_id, "twin_residual_floor/circuit")
     assert sorted({m.step for m in residual}) == sorted({m.step for m in floor}) == [3, 6]

@@ -16,13 +16,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "evaluate", help="measure a trained stack's test accuracy on the physical devices (run id or checkpoint)",
         description="Rebuilds the devices and the stack of a training from its checkpoint (an MLflow run id, "
                     "whose checkpoints/last.pt is used, or a checkpoint file written by `train --checkpoint`), "
-                    "loads the trained parameters and twins, and measures the test set on the physical devices. "
-                    "The twin-only (in silico) accuracy is shown next to it: a large gap means the twins no longer "
-                    "describe the devices. Exit codes: 0 done, 2 no such run or file.",
+                    "loads the trained parameters and twins, and measures the test set (or --split) on the physical "
+                    "devices. The twin-only (in silico) accuracy is shown next to it: a large gap means the twins "
+                    "no longer describe the devices. Exit codes: 0 done, 2 no such run or file.",
     )
     p.add_argument("source", metavar="RUN_ID|CHECKPOINT", help="MLflow run id, or a checkpoint file (.pt)")
     add_tracking_args(p)
-    p.add_argument("--split", choices=("test", "train"), default="test", help="which split to measure")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="which split to measure (val: the validation split carved from train by dataset.val_fraction)")
     p.add_argument("--log", action="store_true", help="record the result as metrics of the run (run ids only)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line as well")
     add_placement_args(p)
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
                              "(write checkpoints with `pnn-cluster train`)")
         try:
             cfg = parse_config(state["experiment"], source=f"{args.source}[experiment]")
+            if args.split == "val" and cfg.dataset.val_fraction == 0:
+                raise UsageError(f"{args.source}: the run has no validation split (dataset.val_fraction is 0)")
             res = launcher_for(args).evaluate(cfg, state, args.split)
         except ConfigError as exc:
             raise UsageError(str(exc)) from None

@@ -18,8 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train", help="train the stack a YAML configuration describes (MLflow run, checkpoints, --resume)",
         description="Loads and validates an experiment configuration (see pnn_cluster/configs/), builds its devices "
                     "and stack, makes each device's twin (fit on fresh measurements, ideal model, or loaded), "
-                    "trains with the configured method and reports the test accuracy measured on the physical "
-                    "devices. Every run is recorded in MLflow with a checkpoint each epoch; --resume RUN_ID "
+                    "trains with the configured method (each epoch measuring the validation split on the "
+                    "physical devices) and reports the test accuracy, measured once on the physical devices "
+                    "after training. Every run is recorded in MLflow with a checkpoint each epoch; --resume RUN_ID "
                     "continues an interrupted run at the step it reached. Exit codes: 0 done, 1 the training "
                     "failed, 2 bad configuration or arguments, 130 interrupted (resume it).",
     )
@@ -193,7 +194,8 @@ def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, trackin
         print(f"MLflow run {result.run_id}: `pnn-cluster train --resume {result.run_id}` continues it", flush=True)
     if args.json:
         print(json.dumps({"config": result.config, "method": result.method, "test_acc": result.test_acc,
-                          "steps": result.steps, "epochs": result.epochs, "device_samples": result.device_samples,
+                          "val_acc": result.val_acc, "steps": result.steps, "epochs": result.epochs,
+                          "device_samples": result.device_samples,
                           "device_samples_total": result.device_samples_total, "twins": result.twins,
                           "seconds": result.seconds, "run_id": result.run_id, "device_actors": result.device_actors,
                           "twin_actors": result.twin_actors, "trainer_actor": result.trainer_actor,

@@ -154,11 +154,17 @@ def load_data(cfg: ExperimentConfig):
         path = str(found)
     if ds.name == "npz" and path is None:
         raise ConfigError(cfg.source, [Problem("dataset.path", "dataset 'npz' reads a file", "a path to an .npz")])
-    data = load_dataset(ds.name, path, seed=ds.split_seed) if ds.name in ("vowels", "npz") else \
+    if ds.name == "idx" and path is None:
+        raise ConfigError(cfg.source, [Problem("dataset.path", "dataset 'idx' reads the four IDX files of a "
+                                               "directory", "a path to the directory holding train-images-idx3-ubyte, "
+                                               "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                                               "t10k-labels-idx1-ubyte (each optionally .gz)")])
+    data = load_dataset(ds.name, path, seed=ds.split_seed) if ds.name in ("vowels", "npz", "idx") else \
         load_dataset(ds.name, seed=ds.split_seed)
     if ds.train_subset or ds.test_subset:
         data = data.subset(ds.train_subset, ds.test_subset, seed=ds.split_seed)
-    return data
+    # after the subset: a quick run selects on a validation split of its own smaller train split
+    return data.with_validation(ds.val_fraction, seed=ds.split_seed)
 
 
 def train_config(cfg: ExperimentConfig):

@@ -7,6 +7,10 @@ it runs (this process, or a trainer actor on a Ray cluster with every device
 in its own device actor) is the placement's business and the command line's
 choice, never the runner's.
 
+Each epoch ends with the validation split measured on the devices; the
+test split is measured once, after training finished (not when stopped),
+and is what ``RunResult.test_acc`` reports.
+
 A run reports progress as lines (``report``); in a trainer actor the lines
 are kept for the driver to stream (:meth:`ExperimentRun.events`). ``stop()``
 (Ctrl-C, ``ray job stop``) ends the run after the current step: the
@@ -42,7 +46,8 @@ __all__ = ["ExperimentRun", "RunResult", "run_experiment", "ProgressReport"]
 
 @dataclass
 class RunResult:
-    """What a run reports: physical test accuracy, the device samples it spent, where things ran."""
+    """What a run reports: physical test accuracy (measured once, after training), the last epoch's
+    validation accuracy, the device samples it spent, where things ran."""
 
     config: str
     method: str
@@ -54,6 +59,7 @@ class RunResult:
     calibration_samples: int
     init_samples: int
     seconds: float
+    val_acc: float | None = None
     twins: dict[str, dict[str, Any]] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     run_id: str | None = None
@@ -97,8 +103,9 @@ class ProgressReport(Callback):
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self._last = time.monotonic()
-        self.report(f"   epoch {int(metrics['epoch'])}: train loss {metrics['train_loss']:.3f}, test accuracy "
-                    f"{metrics['test_acc']:.3f} (physical), {metrics['epoch_seconds']:.1f} s")
+        val = f", validation accuracy {metrics['val_acc']:.3f} (physical)" if "val_acc" in metrics else ""
+        self.report(f"   epoch {int(metrics['epoch'])}: train loss {metrics['train_loss']:.3f}{val}, "
+                    f"{metrics['epoch_seconds']:.1f} s")
 
 
 @dataclass
@@ -315,7 +322,7 @@ class ExperimentRun:
         built = self._build()
         counts = self.placement.counts()
         self.report(f"pnn-cluster: {cfg.name} ({cfg.method}) on {built.data.name}: {len(built.data.y_train)} train, "
-                    f"{len(built.data.y_test)} test; devices "
+                    f"{len(built.data.y_val)} validation, {len(built.data.y_test)} test; devices "
                     + ", ".join(f"{n} (x{len(r)})" if len(r) > 1 else n for n, r in built.refs.items())
                     + (f"; {counts['device_actors']} device actor(s) on Ray" if counts["device_actors"] else ""))
         fits: dict[str, TwinFit] = {}
@@ -374,7 +381,8 @@ class ExperimentRun:
             if tracker is not None:
                 tracker.end("KILLED")
         else:
-            acc = history[-1]["test_acc"] if history else trainer.evaluate("test")["acc"]
+            # the one measurement of the test split in this run
+            acc = trainer.test()["acc"]
         seconds = time.perf_counter() - t0
         if not stopped:
             self.report(f"test accuracy {acc:.3f} on the physical devices after {trainer.global_step} steps; "
@@ -383,12 +391,15 @@ class ExperimentRun:
         checkpoint = None
         if self.keep_checkpoint:
             checkpoint = trainer.state_dict()
-        return RunResult(cfg.name, cfg.method, trainer.state, acc, trainer.global_step, trainer.epoch,
-                         trainer.device_samples, cal_samples, init_samples, seconds,
-                         {k: f.as_dict() for k, f in fits.items()}, list(trainer.history),
-                         tracker.run_id if tracker is not None else None, counts["device_actors"],
-                         counts["twin_actors"], counts["trainer_actor"], nodes, dict(built.executor.stats),
-                         checkpoint)
+        return RunResult(config=cfg.name, method=cfg.method, state=trainer.state, test_acc=acc,
+                         steps=trainer.global_step, epochs=trainer.epoch, device_samples=trainer.device_samples,
+                         calibration_samples=cal_samples, init_samples=init_samples, seconds=seconds,
+                         val_acc=history[-1].get("val_acc") if history else None,
+                         twins={k: f.as_dict() for k, f in fits.items()}, history=list(trainer.history),
+                         run_id=tracker.run_id if tracker is not None else None,
+                         device_actors=counts["device_actors"], twin_actors=counts["twin_actors"],
+                         trainer_actor=counts["trainer_actor"], nodes=nodes, executor=dict(built.executor.stats),
+                         checkpoint=checkpoint)
 
     def evaluate(self, split: str = "test") -> dict[str, Any]:
         """The checkpoint given as ``resume``, measured on the devices (and on the twins alone)."""

@@ -6,6 +6,11 @@ forward and backward passes run is the executor's business: the default
 process; the distributed executor (``actors``) pipelines them over device
 actors. Either way the gradients of all micro-batches add up to one
 optimizer step, and the parameters reach each device once per step.
+
+Model selection is honest: each epoch ends with the validation split
+measured on the physical devices (``val_acc``, ``val_loss``); the test split
+is never touched by :meth:`Trainer.fit`. Whoever owns the run measures it
+once, after training, with :meth:`Trainer.test`.
 """
 
 from __future__ import annotations
@@ -109,9 +114,13 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
 
+    def on_test_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        """After :meth:`Trainer.test`: ``acc``, ``loss``, ``pred`` and ``target`` of the test split."""
+
 
 class Trainer:
-    """Trains a :class:`Stack` on a :class:`Dataset`; test accuracy is measured on the physical devices."""
+    """Trains a :class:`Stack` on a :class:`Dataset`; accuracy is measured on the physical devices, each epoch
+    on the validation split, and on the test split only when :meth:`test` is called."""
 
     def __init__(self, model: Stack, data: Dataset, config: TrainConfig | None = None,
                  callbacks: Sequence[Callback] = (), executor: Executor | None = None,
@@ -192,9 +201,14 @@ class Trainer:
         return torch.cat(outs)
 
     def evaluate(self, split: str = "test", physical: bool = True) -> dict[str, Any]:
+        """Accuracy and loss of one split (``train``, ``val`` or ``test``)."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"Trainer.evaluate: unknown split {split!r} (train, val, test)")
         x = getattr(self.data, f"x_{split}")
         y = torch.as_tensor(getattr(self.data, f"y_{split}"))
-        # test measurements are not a cost of the method; device_samples counts training only
+        if len(y) == 0:
+            raise ValueError(f"Trainer.evaluate: the {split} split of dataset {self.data.name} is empty")
+        # evaluation measurements are not a cost of the method; device_samples counts training only
         logits = self.predict(x, physical=physical)
         pred = logits.argmax(-1)
         return {"acc": float((pred == y).float().mean()), "loss": float(self.loss_fn(logits, y)),
@@ -240,11 +254,12 @@ class Trainer:
                     break  # stopped mid-epoch: the checkpoint records the step reached
                 self.epoch += 1
                 self.step_in_epoch = 0
-                ev = self.evaluate("test")
                 metrics = {"epoch": float(self.epoch), "train_loss": losses / max(seen, 1),
-                           "train_acc": correct / max(seen, 1), "test_acc": ev["acc"], "test_loss": ev["loss"],
-                           "epoch_seconds": time.perf_counter() - t0, "device_samples": float(self.device_samples)}
-                self.last_eval = ev
+                           "train_acc": correct / max(seen, 1)}
+                if len(self.data.y_val):
+                    ev = self.evaluate("val")
+                    metrics.update(val_acc=ev["acc"], val_loss=ev["loss"])
+                metrics.update(epoch_seconds=time.perf_counter() - t0, device_samples=float(self.device_samples))
                 self.history.append(metrics)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, metrics)
@@ -256,6 +271,13 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self, final)
         return self.history
+
+    def test(self) -> dict[str, Any]:
+        """The test split, measured on the physical devices: once per run, after :meth:`fit` finished."""
+        result = self.evaluate("test")
+        for cb in self.callbacks:
+            cb.on_test_end(self, result)
+        return result
 
     # -- checkpoints ---------------------------------------------------------------------------
 
