@@ -14,7 +14,7 @@ from pnn_cluster.cli import main
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-STEPS_PER_EPOCH = 3  # 120 training digits in batches of 40
+STEPS_PER_EPOCH = 3  # 110 training digits (10 of the 120 are the validation split) in batches of 40
 
 TINY = {
     "name": "tiny",
