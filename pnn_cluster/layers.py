@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import nn
 from pnn_cluster.devices.base import Device
 from pnn_cluster.pat import pat_apply
 
-__all__ = ["PhysicalLayer", "Affine", "Rescale", "Stack", "MODES", "init_rescales_"]
+__all__ = ["PhysicalLayer", "FixedMap", "Affine", "Rescale", "Stack", "MODES", "init_rescales_"]
 
 #: pat: physical forward, twin backward. in_silico: twin both ways.
 #: oracle: physical forward, exact autograd through the simulator (simulated devices only).
@@ -152,6 +153,31 @@ class PhysicalLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"device={self.name!r}, mode={self.mode!r}, params={list(self.theta)}"
+
+
+class FixedMap(nn.Module):
+    """A physical layer's digital stand-in for an ablation: the identity where the widths match, else a
+    fixed random linear map of the same shape (drawn once from ``seed``, never trained).
+
+    A stack whose physical layers are all replaced so has exactly the same trainable digital
+    parameters; what it reaches is what the digital part reaches on its own.
+    """
+
+    def __init__(self, n_in: int, n_out: int, name: str = "", seed: int = 0) -> None:
+        super().__init__()
+        self.name, self.n_in, self.n_out = name, int(n_in), int(n_out)
+        if n_in == n_out:
+            self.register_buffer("weight", None)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            self.register_buffer("weight", torch.randn(n_out, n_in, generator=g) / math.sqrt(n_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.weight is None else x @ self.weight.T
+
+    def extra_repr(self) -> str:
+        return f"stands for {self.name!r}, {self.n_in} -> {self.n_out}, " + \
+            ("identity" if self.weight is None else "fixed random")
 
 
 class Affine(nn.Module):

@@ -206,16 +206,64 @@ def test_calibration_gradients_exist_for_the_twin_fit(system):
 @pytest.mark.parametrize("system", ALL)
 def test_sim_reality_gap_is_a_few_percent_above_the_noise_floor(system):
     rng = np.random.default_rng(5)
+    base = make_device(system).imperfections
+    calibration_only = make_device(system, imperfections=base.with_(unmodelled=0.0))
+    realistic = make_device(system)  # unmodelled physics on, by default
+    x = random_input(realistic, 256, rng)
+    params = random_params(realistic, rng)
+    gaps, truth = {}, {}
+    for name, device in (("calibration", calibration_only), ("realistic", realistic)):
+        y = device.forward(x, params)
+        y2 = device.forward(x, params)
+        floor = nmse(y, y2) / 2
+        gaps[name] = nmse(run_model(device.model(), x, params), y)
+        truth[name] = run_model(device.true_model(), x, params)
+        assert 0 < floor < 0.01
+        assert gaps[name] > 3 * floor
+    assert 0.005 < gaps["calibration"] < 0.10
+    # what the model leaves out is a gap of its own, well above the noise (same miscalibration in both)
+    assert nmse(truth["realistic"], truth["calibration"]) > 3 * floor
+
+
+@pytest.mark.parametrize("system", ALL)
+def test_unmodelled_physics_is_on_in_the_device_and_absent_from_its_model(system):
     device = make_device(system)
-    x = random_input(device, 256, rng)
-    params = random_params(device, rng)
-    y = device.forward(x, params)
-    y2 = device.forward(x, params)
-    floor = nmse(y, y2) / 2
-    ideal = nmse(run_model(device.model(), x, params), y)
-    assert 0 < floor < 0.01
-    assert 0.005 < ideal < 0.10
-    assert ideal > 3 * floor
+    effects = type(device).unmodelled_effects
+    assert effects and set(effects) == set(type(device.model()).UNMODELLED)
+    assert device.true_model().unmodelled == pytest.approx(effects)
+    assert device.model().unmodelled == {}  # the lab's model: what a physics twin starts from
+    assert device.identity()["unmodelled"] == pytest.approx(effects)
+    # --ideal and unmodelled: 0 turn it off; each effect alone changes what the device does
+    assert make_device(system, imperfections=Imperfections.ideal()).true_model().unmodelled == \
+        dict.fromkeys(effects, 0.0)
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(random_input(device, 32, rng), dtype=torch.get_default_dtype())
+    params = {k: torch.as_tensor(v, dtype=x.dtype) for k, v in random_params(device, rng).items()}
+    plain = device.model()
+    with torch.no_grad():
+        for name, value in effects.items():
+            moved = plain.with_unmodelled({name: value})(x, params) - plain(x, params)
+            assert moved.abs().max() > 1e-4, name
+
+
+def test_unknown_unmodelled_effect_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match="pixel_crosstalk"):
+        make_device("shg").model().with_unmodelled({"crosstalk": 0.1})
+
+
+@pytest.mark.parametrize("system", ALL)
+def test_models_take_one_parameter_setting_per_sample(system):
+    device = make_device(system)
+    model = device.true_model()
+    assert model.batched_params
+    rng = np.random.default_rng(1)
+    x = torch.as_tensor(random_input(device, 4, rng), dtype=torch.get_default_dtype())
+    settings = [{k: torch.as_tensor(v, dtype=x.dtype) for k, v in random_params(device, rng).items()}
+                for _ in range(4)]
+    with torch.no_grad():
+        one_by_one = torch.cat([model(x[i:i + 1], settings[i]) for i in range(4)])
+        batched = model(x, {k: torch.stack([s[k] for s in settings]) for k in settings[0]})
+    torch.testing.assert_close(batched, one_by_one)
 
 
 @pytest.mark.parametrize("system", ALL)

@@ -11,6 +11,7 @@ from pnn_cluster.twins import (
     check_drift,
     collect,
     evaluate_twin,
+    fit_twin,
     load_twin,
     read_twin_meta,
     refine,
@@ -20,7 +21,8 @@ from pnn_cluster.twins import (
 
 @pytest.fixture(scope="module")
 def shg_cal():
-    dev = make_device("shg", n_in=8, n_out=8)
+    # the calibration-constant gap alone: the part of the sim-reality gap a physics twin can learn
+    dev = make_device("shg", n_in=8, n_out=8, imperfections=make_device("shg").imperfections.with_(unmodelled=0.0))
     return dev, calibrate(dev, kinds=("physics", "mlp"), groups=16, batch=64, progress=False,
                           fit_overrides={"mlp": {"epochs": 10}})
 
@@ -93,3 +95,42 @@ def test_drift_is_detected_and_refine_recovers():
     assert report.drifted, report.as_dict()
     refine(twin, dev, groups=12, epochs=30)
     assert not check_drift(dev, twin, ref, seed=7).drifted
+
+
+@pytest.fixture(scope="module")
+def realistic_shg():
+    """SHG with its unmodelled physics on (pixel crosstalk, spectrometer leakage): what a physics twin lacks."""
+    dev = make_device("shg", n_in=8, n_out=8)
+    samples = collect(dev, groups=240, batch=16, repeats=2, progress=False)
+    train, val = samples.split(0.2, seed=0)
+    fit_on, stop = train.split(0.15, seed=1)
+    return dev, fit_on, stop, val
+
+
+def test_residual_twin_closes_what_the_physics_twin_cannot(realistic_shg):
+    dev, fit_on, stop, val = realistic_shg
+    floor = val.noise_floor()
+    physics = fit_twin(build_twin("physics", dev.spec, dev.model()), fit_on, val, stop=stop, progress=False)
+    residual = fit_twin(build_twin("residual", dev.spec, dev.model()), fit_on, val, stop=stop, progress=False)
+    assert physics.nmse_val > 2.5 * floor  # the model lacks physics no calibration constant reaches
+    assert residual.nmse_val < 2.0 * floor
+    assert residual.nmse_val < 0.5 * physics.nmse_val
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_when_it_no_longer_improves(realistic_shg):
+    dev, fit_on, stop, val = realistic_shg
+    twin = build_twin("mlp", dev.spec, hidden=(64,))
+    res = fit_twin(twin, fit_on, val, stop=stop, epochs=400, patience=3, progress=False)
+    assert len(res.history) < 400  # stopped early
+    assert res.best_epoch == len(res.history) - 3
+    # the state kept is that of the best epoch: its NMSE on the stopping samples is what the fit reported
+    assert evaluate_twin(twin, stop) == pytest.approx(res.nmse_stop, rel=1e-5)
+
+
+def test_an_unfitted_residual_twin_is_its_physics_model():
+    dev = make_device("circuit", n_in=6, n_out=6)
+    twin = build_twin("residual", dev.spec, dev.model())
+    x = torch.rand(5, 6)
+    p = {"drive": torch.rand(6) * 2 - 1}
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, p), dev.model()(x, p))

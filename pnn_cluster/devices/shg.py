@@ -10,6 +10,9 @@ phase matching, and a spectrometer integrates ``|E_SH|^2`` into output bins.
 Calibration constants (what a real setup gets slightly wrong): the spectral
 envelope's centre and width, each pixel's voltage-to-phase gain and phase
 offset, the crystal's phase-matching length, and each spectrometer bin's gain.
+
+Physics the model leaves out (:attr:`SHGModel.UNMODELLED`): pixel crosstalk
+in the pulse shaper and the spectrometer's finite resolution.
 """
 
 from __future__ import annotations
@@ -27,7 +30,24 @@ from pnn_cluster.devices.spec import DeviceSpec, ParamSpec, Port
 __all__ = ["SHGModel", "SHGDevice"]
 
 
+def _blend_neighbours(t: torch.Tensor, share: float) -> torch.Tensor:
+    """Each entry keeps ``1 - 2 share`` of itself and takes ``share`` of each neighbour (ends reflect)."""
+    if share == 0.0:
+        return t
+    padded = torch.cat([t[..., :1], t, t[..., -1:]], dim=-1)
+    return (1.0 - 2.0 * share) * t + share * (padded[..., :-2] + padded[..., 2:])
+
+
 class SHGModel(PhysicsModel):
+    batched_params = True
+    UNMODELLED = {
+        "pixel_crosstalk": "fringing fields between liquid-crystal pixels: each pixel's phase takes this share of "
+                           "each neighbour's (4% on a 128-pixel LC shaper whose pixels are a few LC thicknesses "
+                           "wide)",
+        "spectrometer_leakage": "finite spectrometer resolution (slit image and grating): this share of the "
+                                "power at each resolved SH frequency lands on each neighbouring one (3%)",
+    }
+
     def __init__(self, n_in: int, n_out: int, n_pixels: int) -> None:
         super().__init__()
         if n_pixels < n_in:
@@ -54,13 +74,14 @@ class SHGModel(PhysicsModel):
             self.register_buffer("norm", flat.max().clamp_min(1e-12).reshape(()), persistent=False)
 
     def _spectrum(self, phase: torch.Tensor) -> torch.Tensor:
+        phase = _blend_neighbours(phase, self.effect("pixel_crosstalk"))
         amp = torch.exp(-((self.pixel - self.cal("env_center")) / self.cal("env_width")) ** 2)
         field = amp * torch.exp(1j * (self.cal("phase_gain") * phase + self.cal("phase_offset")))
         n = 2 * self.n_pixels
         fw = torch.fft.fft(field, n=n, dim=-1)
         sh = torch.fft.ifft(fw * fw, n=n, dim=-1)[..., : 2 * self.n_pixels - 1]
         pm = torch.sinc(self.cal("crystal_length") * self.sh_freq)
-        power = (sh.abs() ** 2) * pm**2
+        power = _blend_neighbours((sh.abs() ** 2) * pm**2, self.effect("spectrometer_leakage"))
         lo, hi = self.window
         bins = power[..., lo:hi].reshape(*power.shape[:-1], self.n_out, -1).sum(-1)
         return bins
@@ -77,6 +98,7 @@ class SHGDevice(SimulatedDevice):
 
     default_imperfections = Imperfections(noise=0.01, shot=0.01, gap=1.0, drift=0.0,
                                           latency_call_s=2e-3, latency_sample_s=5e-6)
+    unmodelled_effects = {"pixel_crosstalk": 0.04, "spectrometer_leakage": 0.03}
     output_scale = 0.3
     output_range = (0.0, 1.5)
 

@@ -2,8 +2,11 @@
 
 Each simulated system supplies an ideal :class:`PhysicsModel` with nominal
 calibration constants. The simulated device runs a *true* copy of it whose
-constants are off by a fixed miscalibration (the sim-reality gap the ideal
-model does not know) and drift slowly as samples are measured; on top of it
+constants are off by a fixed miscalibration (the part of the sim-reality gap
+a physics twin can learn) and drift slowly as samples are measured, and in
+which the physics the model leaves out is switched on (the part it cannot:
+each system's ``unmodelled_effects``, at magnitudes set from real setups and
+documented with their physical reason); on top of it
 come shot-to-shot fluctuation, measurement noise, optional quantisation and a
 latency that is spent waiting, as hardware does, not computing.
 
@@ -40,6 +43,8 @@ class Imperfections:
         constant's natural spread (0: the ideal model is exact).
     drift: random-walk step of the calibration constants per 10,000 measured
         samples, in the same units.
+    unmodelled: scale of the physics the model leaves out (each system's
+        ``unmodelled_effects``: 1 is the realistic magnitude, 0 turns it off).
     quant_bits: quantise the output to this many bits over the device's output
         range (an 8-bit oscilloscope), or None.
     latency_call_s, latency_sample_s: time a call takes on the hardware.
@@ -50,13 +55,14 @@ class Imperfections:
     shot: float = 0.01
     gap: float = 1.0
     drift: float = 0.0
+    unmodelled: float = 1.0
     quant_bits: int | None = None
     latency_call_s: float = 0.0
     latency_sample_s: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("noise", "shot", "gap", "drift", "latency_call_s", "latency_sample_s"):
+        for name in ("noise", "shot", "gap", "drift", "unmodelled", "latency_call_s", "latency_sample_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
                 raise ValueError(f"Imperfections.{name} must be a finite number >= 0, got {v!r}")
@@ -65,8 +71,8 @@ class Imperfections:
 
     @classmethod
     def ideal(cls, seed: int = 0) -> Imperfections:
-        """No noise, no gap, no drift: the device is exactly its ideal model."""
-        return cls(noise=0.0, shot=0.0, gap=0.0, drift=0.0, quant_bits=None, seed=seed)
+        """No noise, no gap, no drift, no unmodelled physics: the device is exactly its ideal model."""
+        return cls(noise=0.0, shot=0.0, gap=0.0, drift=0.0, unmodelled=0.0, quant_bits=None, seed=seed)
 
     def with_(self, **kw: Any) -> Imperfections:
         return replace(self, **kw)
@@ -86,6 +92,8 @@ class SimulatedDevice(Device):
 
     #: default imperfections of this system when none are given
     default_imperfections = Imperfections()
+    #: realistic strength of each effect the model leaves out (keys of the model's ``UNMODELLED``)
+    unmodelled_effects: dict[str, float] = {}
     #: typical magnitude of the output, the unit of ``Imperfections.noise``
     output_scale: float = 1.0
     #: full-scale range of the detector, for quantisation
@@ -96,7 +104,8 @@ class SimulatedDevice(Device):
         self.imperfections = imperfections or self.default_imperfections
         super().__init__(self.build_spec(**options))
         self._ideal = self.build_model(**options)
-        self._true = self._ideal.clone()
+        scale = self.imperfections.unmodelled
+        self._true = self._ideal.with_unmodelled({k: scale * v for k, v in self.unmodelled_effects.items()})
         self._spread = {k: torch.as_tensor(v, dtype=torch.get_default_dtype())
                         for k, v in self.calibration_spread().items()}
         seed = self.imperfections.seed
@@ -181,4 +190,5 @@ class SimulatedDevice(Device):
             "options": dict(self.options),
             "imperfections": self.imperfections.to_dict(),
             "true_calibration": self._true.calibration_values(),
+            "unmodelled": dict(self._true.unmodelled),
         }

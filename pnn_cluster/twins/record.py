@@ -25,6 +25,8 @@ class TwinFit:
     history: list[float] = field(default_factory=list)
     val: Any = None  # twins.Samples behind nmse_val (the parity plot's points)
     source: str = "fit"  # fit | ideal | loaded
+    #: for ``kind: best``, every kind tried: its figures (``nmse_stop`` chose between them)
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ratio_to_floor(self) -> float:
@@ -37,4 +39,7 @@ class TwinFit:
         return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "source": self.source, **self.metrics()}
+        out = {"kind": self.kind, "source": self.source, **self.metrics()}
+        if self.candidates:
+            out["candidates"] = {k: {m: v for m, v in c.items() if m != "kind"} for k, c in self.candidates.items()}
+        return out
