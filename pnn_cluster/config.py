@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 SYSTEM_NAMES = tuple(sorted(SYSTEMS))
-IMPERFECTION_KEYS = ("noise", "shot", "gap", "drift", "quant_bits", "latency_call_s", "latency_sample_s")
+IMPERFECTION_KEYS = ("noise", "shot", "gap", "drift", "unmodelled", "quant_bits", "latency_call_s", "latency_sample_s")
 
 
 # -- errors --------------------------------------------------------------------------------------------------
@@ -100,6 +100,7 @@ class ImperfectionsConfig(Section):
     shot: Probability | None = None
     gap: Probability | None = None
     drift: Probability | None = None
+    unmodelled: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
     quant_bits: Annotated[int, Field(ge=2, le=24)] | None = None
     latency_call_s: Annotated[float, Field(ge=0.0, le=60.0)] | None = None
     latency_sample_s: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -240,13 +241,13 @@ class PythonDriver(Section):
 
 Driver = Annotated[SimulatedDriver | VisaDriver | ZmqDriver | PythonDriver, Field(discriminator="kind")]
 DRIVER_KINDS = ("simulated", "visa", "zmq", "python")
-TWIN_CHOICES = ("physics", "residual", "mlp", "ideal")
+TWIN_CHOICES = ("physics", "residual", "mlp", "ideal", "best")
 
 
 class TwinConfig(Section):
     """How a device's digital twin is made: fitted to fresh measurements, the ideal model, or loaded."""
 
-    kind: Literal["physics", "residual", "mlp", "ideal"] = "physics"
+    kind: Literal["physics", "residual", "mlp", "ideal", "best"] = "physics"
     groups: Annotated[int, Field(ge=3, le=100_000)] = 24
     batch: Annotated[int, Field(ge=1, le=1_000_000)] = 128
     repeats: Annotated[int, Field(ge=2, le=100)] = 2
@@ -424,14 +425,17 @@ class ClusterConfig(Section):
     trainer: TrainerPlacement = Field(default_factory=TrainerPlacement)
 
 
-METHODS = ("pat", "in_silico", "oracle")
+#: pat: devices forward, twins backward. in_silico: twins both ways, then tested on the devices.
+#: oracle: devices forward, exact autograd through the simulator. ablation: every physical layer replaced by a
+#: fixed digital map of its shape (identity where widths match), the digital layers trained alone.
+METHODS = ("pat", "in_silico", "oracle", "ablation")
 
 
 class ExperimentConfig(Section):
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
     seed: Annotated[int, Field(ge=0)] = 0
-    method: Literal["pat", "in_silico", "oracle"] = "pat"
+    method: Literal["pat", "in_silico", "oracle", "ablation"] = "pat"
     dataset: DatasetConfig
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)
     stack: Annotated[list[LayerConfig], Field(min_length=1)]

@@ -94,6 +94,11 @@ def mistake(tmp_path: Path, change) -> ConfigError:
      "devices.circuit.pool.0.driver.kind", ["a pool holds devices of one kind", "'circuit' is simulated",
                                             "allowed: simulated"]),
     (lambda d: d["devices"]["circuit"].update(replicas=0), "devices.circuit.replicas", ["out of range: 0", ">= 1"]),
+    (lambda d: d["devices"]["circuit"]["driver"].update(imperfections={"unmodelled": -1}),
+     "devices.circuit.driver.imperfections.unmodelled", ["out of range: -1", ">= 0"]),
+    (lambda d: d.update(method="digital"), "method", ["'digital'", "pat, in_silico, oracle, ablation"]),
+    (lambda d: d["devices"]["circuit"]["twin"].update(kind="gp"), "devices.circuit.twin.kind",
+     ["'gp'", "physics, residual, mlp, ideal, best"]),
 ])
 def test_each_mistake_names_file_and_key(tmp_path, change, key, words):
     err = mistake(tmp_path, change)
@@ -186,6 +191,18 @@ def test_stack_widths_are_checked_against_the_devices(tmp_path):
     with pytest.raises(ConfigError, match=r"stack\.2: device 'circuit' takes 8 inputs but the layers before it "
                                           r"give 6"):
         build_stack(cfg, devices, 64)
+
+
+def test_unmodelled_physics_is_configured_per_device_and_off_with_ideal(tmp_path):
+    raw = {**TINY, "devices": {"circuit": {**TINY["devices"]["circuit"], "driver": {
+        **TINY["devices"]["circuit"]["driver"], "imperfections": {"unmodelled": 0.5}}}}}
+    (recipe,) = device_recipes(load_config(write(tmp_path, raw)))["circuit"]
+    effects = type(recipe.build()).unmodelled_effects
+    assert recipe.build().true_model().unmodelled == pytest.approx({k: 0.5 * v for k, v in effects.items()})
+    assert recipe.build().true_model().unmodelled != recipe.build().model().unmodelled
+    raw["devices"]["circuit"]["driver"]["imperfections"] = {"ideal": True}
+    (ideal,) = device_recipes(load_config(write(tmp_path, raw)))["circuit"]
+    assert set(ideal.build().true_model().unmodelled.values()) == {0.0}
 
 
 def test_the_runner_builds_what_the_configuration_says(tmp_path):

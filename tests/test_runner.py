@@ -140,3 +140,66 @@ def test_no_device_left_stops_with_one_clear_error_and_the_last_complete_step_sa
     state = torch.load(path, weights_only=True)
     assert state["global_step"] == 2 and state["experiment"]["name"] == "tiny"  # `evaluate PATH` can rebuild it
     torch.testing.assert_close(state["model"]["2.theta.gain"], run.trainer.model[2].theta["gain"].detach())
+
+
+# -- what a physical result is measured against ---------------------------------------------------------
+
+SHG_TINY = {
+    "name": "shg-tiny",
+    "dataset": {"name": "digits", "train_subset": 120, "test_subset": 60},
+    "devices": {"optics": {
+        "driver": {"kind": "simulated", "system": "shg", "options": {"n_in": 8, "n_out": 4},
+                   "imperfections": {"latency_call_s": 0, "latency_sample_s": 0}},
+        "twin": {"kind": "best", "groups": 40, "batch": 16, "epochs": 6}}},
+    "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "optics"},
+              {"kind": "linear", "size": 10}],
+    "schedule": {"epochs": 1, "batch_size": 40, "eval_batch": 60},
+    "tracking": {"enabled": False},
+}
+
+
+def test_the_digital_ablation_trains_the_same_digital_layers_with_fixed_maps_for_the_physical_ones():
+    from pnn_cluster.layers import FixedMap, PhysicalLayer
+
+    cfg = parse_config({**SHG_TINY, "method": "ablation"})
+    pat = ExperimentRun(parse_config(SHG_TINY), echo=False)
+    ablation = ExperimentRun(cfg, echo=False)
+    result = ablation.run()
+    assert result.test_acc is not None and result.device_samples_total == 0  # no device measured anything
+    stand_in = ablation.trainer.model[2]
+    assert isinstance(stand_in, FixedMap) and stand_in.weight.shape == (4, 8)  # widths differ: a random map
+    assert not any(isinstance(m, PhysicalLayer) for m in ablation.trainer.model)
+    assert not stand_in.weight.requires_grad and "weight" not in dict(ablation.trainer.model.named_parameters())
+    # the same trainable digital parameters as the physical stack's, shape for shape
+    pat_built = pat._build()
+    try:
+        digital = {k: v.shape for k, v in pat_built.stack.named_parameters() if not k.startswith("2.")}
+    finally:
+        pat.placement.close()
+    assert {k: v.shape for k, v in ablation.trainer.model.named_parameters()} == digital
+    assert torch.equal(FixedMap(6, 6)(torch.ones(2, 6)), torch.ones(2, 6))  # identity where widths match
+
+
+def test_twin_kind_best_fits_every_kind_chooses_on_held_out_settings_and_a_checkpoint_rebuilds_it():
+    run = ExperimentRun(parse_config(SHG_TINY), echo=False, keep_checkpoint=True)
+    result = run.run()
+    fit = result.twins["optics"]
+    assert set(fit["candidates"]) == {"physics", "residual", "mlp"}
+    scores = {k: c["nmse_stop"] for k, c in fit["candidates"].items()}
+    assert fit["kind"] == min(scores, key=scores.get)
+    assert run.trainer.model[2].twin.kind == fit["kind"]
+    assert result.checkpoint["extra"]["twin_kinds"] == {"optics": fit["kind"]}
+    # evaluating the checkpoint rebuilds a twin of the kind chosen, and its state loads into it
+    again = ExperimentRun(parse_config(SHG_TINY), resume=result.checkpoint, echo=False).evaluate("test")
+    assert again["acc"] == pytest.approx(result.test_acc, abs=0.1) and again["twin_acc"] is not None
+
+
+def test_logistic_baseline_chooses_its_regularisation_on_validation_and_needs_that_split():
+    from pnn_cluster.baselines import logistic_baseline
+    from pnn_cluster.data import load_dataset
+
+    data = load_dataset("digits")
+    with pytest.raises(ValueError, match="validation"):
+        logistic_baseline(data)
+    res = logistic_baseline(data.with_validation(0.1, seed=0))
+    assert res["test_acc"] > 0.9 and 0 < res["val_acc"] <= 1 and res["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)

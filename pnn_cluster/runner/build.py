@@ -99,13 +99,17 @@ def device_recipes(cfg: ExperimentConfig) -> dict[str, list[DeviceRecipe]]:
     return out
 
 
-def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features: int):
-    """The stack of ``cfg`` on ``devices`` (one per physical layer); widths are checked against each spec."""
+def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features: int, ablate: bool = False):
+    """The stack of ``cfg`` on ``devices`` (one per physical layer); widths are checked against each spec.
+
+    ``ablate``: every physical layer becomes a :class:`~pnn_cluster.layers.FixedMap` of its device's shape
+    (the digital ablation: the same digital layers, initialised alike, with no physics between them).
+    """
     import numpy as np
     import torch
     from torch import nn
 
-    from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
+    from pnn_cluster.layers import Affine, FixedMap, PhysicalLayer, Rescale, Stack
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # parameters initialised "uniform" break symmetry the same every run
@@ -119,7 +123,10 @@ def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features
                 raise ConfigError(cfg.source, [Problem(f"stack.{i}", f"device {l.device!r} takes {n_in} inputs but "
                                                        f"the layers before it give {width}",
                                                        f"a linear layer of size {n_in} before it, or n_in: {width}")])
-            layers.append(PhysicalLayer(dev, name=l.device, rng=rng))  # a layer is named after its device
+            if ablate:
+                layers.append(FixedMap(n_in, dev.spec.output.size, name=l.device, seed=cfg.seed * 100 + i))
+            else:
+                layers.append(PhysicalLayer(dev, name=l.device, rng=rng))  # a layer is named after its device
             width = dev.spec.output.size
         elif l.kind == "linear":
             layers.append(nn.Linear(width, int(l.size)))

@@ -186,7 +186,8 @@ class ExperimentRun:
         refs: dict[str, list[DeviceRef]] = {name: [] for name in recipes}
         for ref in started:
             refs[ref.recipe.name].append(ref)
-        stack = build_stack(cfg, {name: rs[0].device for name, rs in refs.items()}, data.n_features)
+        stack = build_stack(cfg, {name: rs[0].device for name, rs in refs.items()}, data.n_features,
+                            ablate=cfg.method == "ablation")
         stack.set_mode(cfg.method)
         executor = PipelineExecutor(self.placement.backend, config=self.pipeline, policy=self.policy)
         return _Built(data, refs, stack, executor)
@@ -201,23 +202,25 @@ class ExperimentRun:
         devices and fit in parallel); in this process one after the other.
         """
         cfg = self.config
-        jobs = []  # (index, ref, shell twin or None, twin pool or None)
+        if cfg.method == "ablation":
+            return {}, 0  # no physical layer: nothing to describe
+        jobs = []  # (index, ref, wanted, shell twin or None, twin pool or None)
         for index, (name, refs) in enumerate(built.refs.items()):
             tc = cfg.devices[name].twin
             for ref in refs:
                 # oracle differentiates the simulator; in silico trains on replica 0's twin alone
                 wanted = cfg.method == "pat" or (cfg.method == "in_silico" and ref.recipe.replica == 0)
-                twin = twin_shell(tc, ref) if wanted else None
+                twin = twin_shell(tc, ref) if wanted else None  # None too for kind best: the fit chooses
                 pool = self.placement.start_twins(twin, ref.recipe) if twin is not None and cfg.method == "pat" \
                     else None
-                jobs.append((index, ref, twin, pool))
-        names = ", ".join(ref.label for _, ref, twin, _ in jobs if twin is not None)
+                jobs.append((index, ref, wanted, twin, pool))
+        names = ", ".join(ref.label for _, ref, wanted, _, _ in jobs if wanted)
         if names:
             self.report(f"-- making twins of {names} ...")
 
         def make(job):
-            index, ref, twin, pool = job
-            if twin is None:
+            index, ref, wanted, twin, pool = job
+            if not wanted:
                 return None
             tc = cfg.devices[ref.recipe.name].twin
             return make_twin(ref, tc, twin, pool, seed=cfg.seed + index + 1000 * ref.recipe.replica,
@@ -231,12 +234,19 @@ class ExperimentRun:
         fits: dict[str, TwinFit] = {}
         samples = 0
         replicas: dict[str, list[Replica]] = {name: [] for name in built.refs}
-        for (_, ref, _, pool), fit in zip(jobs, made):
+        for (_, ref, _, _, pool), fit in zip(jobs, made):
             name = ref.recipe.name
             if fit is not None:
                 samples += fit.device_samples
+                chosen = ""
+                if fit.candidates:
+                    chosen = " chosen of " + ", ".join(f"{k} {c['nmse_stop']:.2e}" for k, c in fit.candidates.items()
+                                                       if c.get("nmse_stop") is not None) + " (early-stopping NMSE)"
                 self.report(f"   twin {fit.device} ({fit.kind}): NMSE {fit.nmse_val:.3e}, noise floor "
-                            f"{fit.noise_floor:.3e} ({fit.ratio_to_floor:.2f} x), {fit.device_samples} device samples")
+                            f"{fit.noise_floor:.3e} ({fit.ratio_to_floor:.2f} x), {fit.device_samples} device samples"
+                            + chosen)
+                if pool is None and cfg.method == "pat" and fit.candidates:
+                    pool = self.placement.start_twins(fit.twin, ref.recipe)  # copies of the kind chosen
                 if ref.recipe.replica == 0:
                     fits[name] = fit
                     self._layer(built.stack, name).twin = fit.twin
@@ -251,14 +261,17 @@ class ExperimentRun:
     def _restore_twins(self, built: _Built, state: Mapping[str, Any]) -> None:
         """A resumed or evaluated run: twins come from the checkpoint, not from new measurements."""
         cfg = self.config
+        if cfg.method == "ablation":
+            return
         replica_twins = (state.get("extra") or {}).get("replica_twins", {})
+        kinds = (state.get("extra") or {}).get("twin_kinds", {})
         for name, refs in built.refs.items():
             tc = cfg.devices[name].twin
             replicas = []
             for ref in refs:
                 twin, pool = None, None
                 if cfg.method != "oracle":
-                    twin = twin_shell(tc, ref)
+                    twin = twin_shell(tc, ref, kind=kinds.get(ref.label))
                     if ref.recipe.replica == 0:
                         self._layer(built.stack, name).twin = twin
                     elif ref.label in replica_twins:
@@ -266,6 +279,13 @@ class ExperimentRun:
                 replicas.append(Replica(ref.handle, twin=twin, twins=pool, name=ref.label,
                                         timeout_s=cfg.devices[name].timeout_s))
             built.executor.set_pool(name, replicas)
+
+    def _twin_kinds(self, built: _Built) -> dict[str, str]:
+        if self.config.method == "ablation":
+            return {}
+        return {rep.name: rep.twin.kind for name in built.refs
+                for rep in built.executor.pool(self._layer(built.stack, name)).replicas
+                if getattr(rep.twin, "kind", None)}
 
     def _start_twin_pools(self, built: _Built) -> None:
         """After a restore: twin copies elsewhere start from the restored twins."""
@@ -338,14 +358,16 @@ class ExperimentRun:
         trainer = Trainer(built.stack, built.data, train_config(cfg), callbacks=callbacks, executor=built.executor,
                           progress=self.progress)
         trainer.checkpoint_meta["experiment"] = cfg.resolved()
-        trainer.extra_state["replica_twins"] = {
+        # which kind each twin is (kind best chose one): a resumed or evaluated run rebuilds the same
+        trainer.extra_state["twin_kinds"] = self._twin_kinds(built)
+        trainer.extra_state["replica_twins"] = {} if cfg.method == "ablation" else {
             rep.name: rep.twin.state_dict() for name in built.refs
             for rep in built.executor.pool(self._layer(built.stack, name)).replicas[1:] if rep.twin is not None}
         if self.resume is not None:
             trainer.load_state_dict(self.resume)
             self._start_twin_pools(built)
             self.report(f"-- resuming at epoch {trainer.epoch}, step {trainer.global_step}")
-        elif tracker is not None:
+        elif tracker is not None and cfg.method != "ablation":
             dev = cfg.devices
             names = list(built.refs)
             tracker.log_devices({n: built.refs[n][0].device for n in names},

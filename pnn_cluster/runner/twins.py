@@ -1,4 +1,9 @@
-"""Making each device replica's twin, as its configuration says: fitted, the ideal model, or loaded."""
+"""Making each device replica's twin, as its configuration says: fitted, the ideal model, or loaded.
+
+A fitted twin's samples are split three ways by parameter setting: the fit's own, a few for early
+stopping and for choosing between twin kinds (``kind: best``), and the held-out ones (``holdout``)
+on which its NMSE is reported next to the noise floor, measured once.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,34 @@ from pnn_cluster.runner.placement import DeviceRef
 from pnn_cluster.training.pipeline import TwinPool
 from pnn_cluster.twins import TwinFit, build_twin, evaluate_twin, fit_twin, load_twin
 
-__all__ = ["make_twin", "twin_shell"]
+__all__ = ["make_twin", "twin_shell", "candidate_kinds"]
+
+#: the share of a fit's samples (by parameter setting) kept for early stopping and for choosing a kind
+STOP_FRACTION = 0.15
 
 
-def _options(tc: TwinConfig) -> dict[str, Any]:
-    return {"hidden": tuple(tc.hidden)} if tc.hidden else {}
+def _options(tc: TwinConfig, kind: str) -> dict[str, Any]:
+    return {"hidden": tuple(tc.hidden)} if tc.hidden and kind in ("mlp", "residual") else {}
 
 
-def twin_shell(tc: TwinConfig, ref: DeviceRef):
-    """An unfitted twin of the configured kind, so a checkpoint's state_dict (twins included) loads into it."""
+def candidate_kinds(tc: TwinConfig, ref: DeviceRef) -> list[str]:
+    """The kinds a fit tries: the configured one, or for ``best`` every kind this device allows."""
+    if tc.kind != "best":
+        return [tc.kind]
+    return ["physics", "residual", "mlp"] if ref.device.model() is not None else ["mlp"]
+
+
+def twin_shell(tc: TwinConfig, ref: DeviceRef, kind: str | None = None):
+    """An unfitted twin of the configured kind (or ``kind``, the one ``best`` chose), so a checkpoint's
+    state_dict (twins included) loads into it."""
     device = ref.device
     if tc.load is not None:
         twin = load_twin(tc.load, model=device.model(), spec=device.spec).requires_grad_(False)
     else:
-        kind = "physics" if tc.kind == "ideal" else tc.kind
-        twin = build_twin(kind, device.spec, _model_of(ref, kind), **_options(tc))
+        kind = kind or ("physics" if tc.kind == "ideal" else tc.kind)
+        if kind == "best":
+            return None  # made by the fit: which kind it is, the samples decide
+        twin = build_twin(kind, device.spec, _model_of(ref, kind), **_options(tc, kind))
     return twin  # frozen by the layer it is given to: a twin supplies Jacobians, only a fit moves it
 
 
@@ -43,7 +61,9 @@ def make_twin(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed:
 
     With a ``pool`` (twin copies elsewhere, started from the shell) the fit runs in the first copy and
     every copy takes its result; ``twin``, the trainer's copy, takes it too (for in-silico passes and
-    checkpoints). Without one the fit runs here.
+    checkpoints). Without one the fit runs here. For ``kind: best`` (``twin`` None) every candidate kind
+    is fitted here on the same samples and the one with the lowest NMSE on the early-stopping samples
+    is kept; the others' figures are in ``TwinFit.candidates``.
     """
     device = ref.device
     t0 = time.perf_counter()
@@ -55,21 +75,35 @@ def make_twin(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed:
     samples = ref.collect(groups=tc.groups, batch=tc.batch, repeats=tc.repeats, seed=seed, progress=progress)
     train, val = samples.split(tc.holdout, seed=seed)
     model = device.model()
+    fit_on, stop = train.split(STOP_FRACTION, seed=seed + 1) if len(train) >= 6 else (train, None)
     ideal = None
     if model is not None:
         ideal = evaluate_twin(build_twin("physics", device.spec, model).requires_grad_(False), val)
     if tc.kind == "ideal":
         return TwinFit(ref.label, twin, "ideal", ideal, val.noise_floor(), evaluate_twin(twin, train), ideal,
                        samples.device_samples, time.perf_counter() - t0, val=val, source="ideal")
-    if pool is not None:
-        figures = pool.refit(train, val, epochs=tc.epochs, lr=tc.lr, seed=seed)
+    candidates: dict[str, dict[str, Any]] = {}
+    kind = tc.kind
+    if tc.kind == "best":
+        fitted = {}
+        for k in candidate_kinds(tc, ref):
+            t = build_twin(k, device.spec, model, **_options(tc, k))
+            res = fit_twin(t, fit_on, val, epochs=tc.epochs, lr=tc.lr, seed=seed, progress=progress, stop=stop)
+            fitted[k] = (t, res)
+            candidates[k] = res.as_dict()
+        kind = min(fitted, key=lambda k: fitted[k][1].nmse_stop if stop is not None else fitted[k][1].nmse_train)
+        twin, res = fitted[kind]
+        twin.requires_grad_(False)
+        nmse_val, floor, nmse_train, history = res.nmse_val, res.noise_floor, res.nmse_train, list(res.history)
+    elif pool is not None:
+        figures = pool.refit(fit_on, val, epochs=tc.epochs, lr=tc.lr, seed=seed, stop=stop)
         twin.load_state_dict(dict(pool.payload["state"]))
         twin.requires_grad_(False)
         nmse_val, floor, nmse_train = figures["nmse_val"], figures["noise_floor"], figures["nmse_train"]
         history = list(figures.get("history", []))
     else:
-        res = fit_twin(twin, train, val, epochs=tc.epochs, lr=tc.lr, seed=seed, progress=progress)
+        res = fit_twin(twin, fit_on, val, epochs=tc.epochs, lr=tc.lr, seed=seed, progress=progress, stop=stop)
         twin.requires_grad_(False)
         nmse_val, floor, nmse_train, history = res.nmse_val, res.noise_floor, res.nmse_train, list(res.history)
-    return TwinFit(ref.label, twin, tc.kind, nmse_val, floor, nmse_train, ideal, samples.device_samples,
-                   time.perf_counter() - t0, history, val, "fit")
+    return TwinFit(ref.label, twin, kind, nmse_val, floor, nmse_train, ideal, samples.device_samples,
+                   time.perf_counter() - t0, history, val, "fit", candidates)

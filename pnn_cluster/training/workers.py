@@ -325,6 +325,8 @@ class TwinWorker:
 
         kw.setdefault("progress", False)
         train, val = _own_samples(train), _own_samples(val)
+        if kw.get("stop") is not None:
+            kw["stop"] = _own_samples(kw["stop"])
         for n, p in self.twin.named_parameters():
             p.requires_grad_(n in self._learnable)
         default = torch.get_default_dtype()
