@@ -431,6 +431,10 @@ class MlflowCallback(Callback):
             now = int(time.time() * 1000)
             metrics = [Metric(k, v, now, 0) for k, v in fit.metrics().items()]
             metrics += [Metric("fit_loss", float(v), now, i) for i, v in enumerate(fit.history) if math.isfinite(v)]
+            # kind best: every kind tried, with the early-stopping NMSE that chose between them
+            metrics += [Metric(f"candidate/{kind}/{k}", float(v), now, 0) for kind, c in fit.candidates.items()
+                        for k, v in c.items() if k in ("nmse_stop", "nmse_val", "nmse_train", "best_epoch", "seconds")
+                        and v is not None and math.isfinite(float(v))]
             for i in range(0, len(metrics), _METRICS_PER_BATCH):
                 self.client.log_batch(cid, metrics=metrics[i:i + _METRICS_PER_BATCH])
             if fit.val is not None and len(fit.val):

@@ -275,3 +275,23 @@ def test_tracking_uri_precedence(tmp_path):
     assert resolve_tracking_uri(None, "http://cfg:5000", env) == "http://cfg:5000"
     assert resolve_tracking_uri(None, None, env) == "http://env:5000"
     assert resolve_tracking_uri(None, None, {}, cwd=tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_twin_kind_best_logs_every_kind_tried_and_the_one_chosen(store, tmp_path, monkeypatch):
+    root, uri = store
+    raw = {**TINY, "name": "tiny-best", "schedule": {**TINY["schedule"], "epochs": 1},
+           "tracking": {**TINY["tracking"], "residual_batch": 0, "log_models": False},
+           "devices": {"circuit": {**TINY["devices"]["circuit"],
+                                   "twin": {"kind": "best", "groups": 8, "batch": 16, "epochs": 2}}}}
+    config = tmp_path / "best.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(config), "--tracking-uri", uri, "--no-progress", "--in-process"]) == 0
+    client = MlflowClient(uri)
+    (fit,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                filter_string="tags.`pnn.command` = 'twin-fit' and params.kind != ''",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    tried = {k.split("/")[1]: v for k, v in fit.data.metrics.items()
+             if k.startswith("candidate/") and k.endswith("/nmse_stop")}
+    assert set(tried) == {"physics", "residual", "mlp"}
+    assert fit.data.tags["pnn.twin"] == min(tried, key=tried.get)
