@@ -29,8 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="the configuration's quick version (about 2 minutes)")
     p.add_argument("--task", default="hybrid_mnist", choices=example_configs(),
                    help="shipped configuration to run (pnn_cluster/configs/NAME.yaml)")
-    p.add_argument("--methods", default="pat,in_silico",
-                   help=f"comma-separated methods from {', '.join(METHODS)} (default: pat,in_silico)")
+    p.add_argument("--methods", default="pat,in_silico,ablation",
+                   help=f"comma-separated methods from {', '.join(METHODS)} (default: pat,in_silico,ablation: the "
+                        "digital ablation trains the same digital layers with the physical ones replaced by fixed "
+                        "maps, so the table shows what the physics adds)")
     p.add_argument("--seed", type=int, default=0, help="seed of devices, data order and initialisation")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration key, e.g. --set dataset.path=vowels.csv (repeatable)")
@@ -74,7 +76,9 @@ def _run(args: argparse.Namespace, base, configs, tracking) -> int:
     launcher = launcher_for(args)
     results = []
     for method, cfg in configs.items():
-        print(f"-- {method}: {'calibrating twins, ' if method != 'oracle' else ''}training ...", flush=True)
+        doing = {"oracle": "training", "ablation": "training the digital layers alone (fixed maps for the physical "
+                 "ones)"}.get(method, "calibrating twins, training")
+        print(f"-- {method}: {doing} ...", flush=True)
         child = tracking.child(method)
         track = tracking_for(cfg, args, **child) if child is not None else None
         r = launcher.run(cfg, tracking=track)
@@ -83,7 +87,8 @@ def _run(args: argparse.Namespace, base, configs, tracking) -> int:
         if r.state == "stopped":
             print("stopped", flush=True)
             return 130
-        print(f"   {method}: test accuracy {r.test_acc:.3f} on the physical devices, {r.device_samples_total} device "
+        where = "digitally, no device" if method == "ablation" else "on the physical devices"
+        print(f"   {method}: test accuracy {r.test_acc:.3f} {where}, {r.device_samples_total} device "
               f"samples, {r.seconds:.1f} s", flush=True)
     print()
     print(results_table(results))
@@ -97,7 +102,7 @@ def _run(args: argparse.Namespace, base, configs, tracking) -> int:
 
 
 def results_table(results) -> str:
-    rows = [("method", "test acc (physical)", "device samples", "twin NMSE", "wall time (s)")]
+    rows = [("method", "test accuracy", "device samples", "twin NMSE", "wall time (s)")]
     for r in results:
         rows.append((r.method, f"{r.test_acc:.3f}", f"{r.device_samples_total:,}",
                      "-" if r.twin_nmse is None else f"{r.twin_nmse:.2e}", f"{r.seconds:.1f}"))
