@@ -1,0 +1,54 @@
+"""bench_pat's bookkeeping (no training here: the benchmark itself is run by hand, see README)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_pat.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_pat", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_task_prefixed_override_applies_to_that_task_alone(bench):
+    overrides = ["hybrid_mnist:schedule.epochs=5", "shg_vowels:schedule.epochs=7", "seed=3"]
+    hybrid = bench.configuration("hybrid_mnist", False, overrides)
+    vowels = bench.configuration("shg_vowels", False, overrides)
+    assert (hybrid.schedule.epochs, vowels.schedule.epochs) == (5, 7)
+    assert hybrid.seed == vowels.seed == 3 and not hybrid.tracking.enabled
+
+
+def test_quick_shrinks_every_fitted_twin_and_the_data(bench):
+    cfg = bench.configuration("oscillators_mnist", True, [])
+    assert cfg.dataset.train_subset == 500 and cfg.schedule.epochs == 2
+    for name in cfg.physical_devices():
+        twin = cfg.devices[name].twin
+        assert (twin.groups, twin.batch, twin.epochs) == (40, 16, 10)
+
+
+def test_every_finished_run_is_logged_and_a_rerun_skips_it(bench, tmp_path):
+    log = tmp_path / "runs.jsonl"
+    kept = []
+
+    def record(key, result):
+        kept.append(key)
+        with log.open("a") as fh:
+            fh.write(json.dumps({"key": list(key), "result": result}) + "\n")
+
+    pool = bench.Pool(0)  # in this process
+    jobs = {("task", "t", "pat", 0): {"test_acc": 0.5}, ("twins", "shg"): {"noise_floor": 0.01}}
+    out = pool.gather(jobs, {("logistic", "t"): {"test_acc": 0.4}}, record)
+    assert set(out) == {*jobs, ("logistic", "t")} and kept == list(jobs)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [tuple(x["key"]) for x in lines] == list(jobs)
+    assert bench.mean_sd([0.5, 0.7]) == {"mean": pytest.approx(0.6), "sd": pytest.approx(0.1414, abs=1e-4),
+                                         "values": [0.5, 0.7]}
