@@ -152,12 +152,13 @@ class Pool:
     def gather(self, jobs: dict, done: dict, record) -> dict:
         """Every job's result as it finishes (``record(key, result)`` keeps it at once); ``done`` are kept ones."""
         out = dict(done)
-        waiting = {ref: key for key, ref in jobs.items() if key not in done}
-        if not self.workers:
-            for ref, key in waiting.items():
-                out[key] = ref
-                record(key, ref)
+        if not self.workers:  # submit already ran them: the "refs" are the results
+            for key, result in jobs.items():
+                if key not in done:
+                    out[key] = result
+                    record(key, result)
             return out
+        waiting = {ref: key for key, ref in jobs.items() if key not in done}
         while waiting:
             ready, _ = self._ray.wait(list(waiting), num_returns=1)
             key = waiting.pop(ready[0])
