@@ -22,7 +22,8 @@ STOP_FRACTION = 0.15
 
 
 def _options(tc: TwinConfig, kind: str) -> dict[str, Any]:
-    return {"hidden": tuple(tc.hidden)} if tc.hidden and kind in ("mlp", "residual") else {}
+    # hidden: [] is meaningful (a residual twin of couplings only; a linear MLP twin)
+    return {"hidden": tuple(tc.hidden)} if tc.hidden is not None and kind in ("mlp", "residual") else {}
 
 
 def candidate_kinds(tc: TwinConfig, ref: DeviceRef) -> list[str]:
