@@ -49,8 +49,8 @@ SWEEP_METHODS = ("oracle", "pat", "in_silico")
 FULL_GAPS = (0.5, 1.5, 2.5, 3.5, 4.5)
 QUICK_GAPS = (0.5, 2.5, 4.5)
 #: --quick: the benchmark's shape in minutes, not its figures (on top of each task's own quick section)
-QUICK = ["dataset.train_subset=500", "dataset.test_subset=300", "schedule.epochs=2", "init.samples=128"]
-QUICK_TWIN = {"groups": 40, "batch": 16, "epochs": 10}
+QUICK = ["dataset.train_subset=300", "dataset.test_subset=200", "schedule.epochs=1", "init.samples=64"]
+QUICK_TWIN = {"groups": 24, "batch": 16, "epochs": 5}
 #: the twins section: each system at the size a task uses it
 TWIN_SYSTEMS = {
     "shg": {"n_in": 24, "n_out": 24},
@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                     submit(("sweep", g, m, seed), run_task, "hybrid_mnist", False,
                            [*small, *twin, f"seed={seed}", f"method={m}"])
     if "twins" in sections:
-        budget = args.twin_samples or (1000 if args.quick else 20000)
+        budget = args.twin_samples or (600 if args.quick else 20000)
         for system, options in TWIN_SYSTEMS.items():
-            submit(("twins", system), fit_twins, system, options, budget, 0, 10 if args.quick else None)
+            submit(("twins", system), fit_twins, system, options, budget, 0, 5 if args.quick else None)
 
     results = pool.gather(jobs, done, record)
 

@@ -29,10 +29,10 @@ def test_a_task_prefixed_override_applies_to_that_task_alone(bench):
 
 def test_quick_shrinks_every_fitted_twin_and_the_data(bench):
     cfg = bench.configuration("oscillators_mnist", True, [])
-    assert cfg.dataset.train_subset == 500 and cfg.schedule.epochs == 2
+    assert cfg.dataset.train_subset == 300 and cfg.schedule.epochs == 1
     for name in cfg.physical_devices():
         twin = cfg.devices[name].twin
-        assert (twin.groups, twin.batch, twin.epochs) == (40, 16, 10)
+        assert (twin.groups, twin.batch, twin.epochs) == (24, 16, 5)
 
 
 def test_every_finished_run_is_logged_and_a_rerun_skips_it(bench, tmp_path):
