@@ -90,9 +90,10 @@ class RunResult:
 class ProgressReport(Callback):
     """Lines a person reads while a long run goes on: every ``every_s`` seconds, and at each epoch's end."""
 
-    def __init__(self, report: Callable[[str], None], every_s: float = 15.0) -> None:
+    def __init__(self, report: Callable[[str], None], every_s: float = 15.0, where: str = "physical") -> None:
         self.report = report
         self.every_s = every_s
+        self.where = where  # how the accuracy was measured: "physical", or "digital" for an ablation
         self._last = time.monotonic()
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
@@ -103,7 +104,7 @@ class ProgressReport(Callback):
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self._last = time.monotonic()
-        val = f", validation accuracy {metrics['val_acc']:.3f} (physical)" if "val_acc" in metrics else ""
+        val = f", validation accuracy {metrics['val_acc']:.3f} ({self.where})" if "val_acc" in metrics else ""
         self.report(f"   epoch {int(metrics['epoch'])}: train loss {metrics['train_loss']:.3f}{val}, "
                     f"{metrics['epoch_seconds']:.1f} s")
 
@@ -352,7 +353,8 @@ class ExperimentRun:
         else:
             fits, cal_samples = self._twins(built, tracker)
             init_samples = self._initialise(built)
-        callbacks: list[Callback] = [ProgressReport(self.report)]
+        callbacks: list[Callback] = [ProgressReport(self.report,
+                                                    where="digital" if cfg.method == "ablation" else "physical")]
         if tracker is not None:
             callbacks.append(tracker)
         trainer = Trainer(built.stack, built.data, train_config(cfg), callbacks=callbacks, executor=built.executor,
@@ -407,7 +409,8 @@ class ExperimentRun:
             acc = trainer.test()["acc"]
         seconds = time.perf_counter() - t0
         if not stopped:
-            self.report(f"test accuracy {acc:.3f} on the physical devices after {trainer.global_step} steps; "
+            where = "digitally (the ablation)" if cfg.method == "ablation" else "on the physical devices"
+            self.report(f"test accuracy {acc:.3f} {where} after {trainer.global_step} steps; "
                         f"{trainer.device_samples} training device samples; {seconds:.1f} s")
         nodes = {ref.label: ref.node for refs in built.refs.values() for ref in refs if ref.node}
         checkpoint = None
