@@ -90,10 +90,10 @@ class RunResult:
 class ProgressReport(Callback):
     """Lines a person reads while a long run goes on: every ``every_s`` seconds, and at each epoch's end."""
 
-    def __init__(self, report: Callable[[str], None], every_s: float = 15.0, where: str = "physical") -> None:
+    def __init__(self, report: Callable[[str], None], every_s: float = 15.0) -> None:
         self.report = report
         self.every_s = every_s
-        self.where = where  # how the accuracy was measured: "physical", or "digital" for an ablation
+        self.where = "physical"  # how the accuracy is measured: "digital" for an ablation
         self._last = time.monotonic()
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
@@ -353,8 +353,9 @@ class ExperimentRun:
         else:
             fits, cal_samples = self._twins(built, tracker)
             init_samples = self._initialise(built)
-        callbacks: list[Callback] = [ProgressReport(self.report,
-                                                    where="digital" if cfg.method == "ablation" else "physical")]
+        progress = ProgressReport(self.report)
+        progress.where = "digital" if cfg.method == "ablation" else "physical"
+        callbacks: list[Callback] = [progress]
         if tracker is not None:
             callbacks.append(tracker)
         trainer = Trainer(built.stack, built.data, train_config(cfg), callbacks=callbacks, executor=built.executor,
