@@ -106,6 +106,7 @@ def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epo
 
     from pnn_cluster.devices import make_device
     from pnn_cluster.twins import build_twin, collect, fit_twin
+    from pnn_cluster.twins.fit import fit_splits
 
     torch.set_num_threads(1)
     device = make_device(system, **options)
@@ -114,8 +115,7 @@ def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epo
     batch = 16
     groups = max(12, samples // (2 * batch))
     data = collect(device, groups=groups, batch=batch, repeats=2, seed=seed, progress=False)
-    train, val = data.split(0.2, seed=seed)
-    fit_on, stop = train.split(0.15, seed=seed + 1)
+    fit_on, stop, val = fit_splits(data, 0.2, seed)
     out: dict[str, Any] = {"system": system, "noise_floor": val.noise_floor(), "device_samples": data.device_samples}
     scores = {}
     for kind in ("physics", "residual", "mlp"):

@@ -14,11 +14,9 @@ from pnn_cluster.config import TwinConfig
 from pnn_cluster.runner.placement import DeviceRef
 from pnn_cluster.training.pipeline import TwinPool
 from pnn_cluster.twins import TwinFit, build_twin, evaluate_twin, fit_twin, load_twin
+from pnn_cluster.twins.fit import fit_splits
 
 __all__ = ["make_twin", "twin_shell", "candidate_kinds"]
-
-#: the share of a fit's samples (by parameter setting) kept for early stopping and for choosing a kind
-STOP_FRACTION = 0.15
 
 
 def _options(tc: TwinConfig, kind: str) -> dict[str, Any]:
@@ -74,9 +72,9 @@ def make_twin(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed:
         return TwinFit(ref.label, twin, twin.kind, evaluate_twin(twin, val), val.noise_floor(),
                        device_samples=val.device_samples, seconds=time.perf_counter() - t0, val=val, source="loaded")
     samples = ref.collect(groups=tc.groups, batch=tc.batch, repeats=tc.repeats, seed=seed, progress=progress)
-    train, val = samples.split(tc.holdout, seed=seed)
+    fit_on, stop, val = fit_splits(samples, tc.holdout, seed)
+    train = fit_on + stop if stop is not None else fit_on
     model = device.model()
-    fit_on, stop = train.split(STOP_FRACTION, seed=seed + 1) if len(train) >= 6 else (train, None)
     ideal = None
     if model is not None:
         ideal = evaluate_twin(build_twin("physics", device.spec, model).requires_grad_(False), val)

@@ -16,7 +16,7 @@ from pnn_cluster.devices.base import Device
 from pnn_cluster.twins.collect import Samples, collect, nmse
 from pnn_cluster.twins.models import Twin, build_twin
 
-__all__ = ["FitResult", "fit_twin", "evaluate_twin", "Calibration", "calibrate", "DEFAULT_FIT"]
+__all__ = ["FitResult", "fit_splits", "fit_twin", "evaluate_twin", "Calibration", "calibrate", "DEFAULT_FIT"]
 
 #: epochs and learning rate per twin kind: physics fits a handful of constants, the MLP many weights
 DEFAULT_FIT: dict[str, dict[str, Any]] = {
@@ -30,6 +30,16 @@ PENALTY = 1e-4
 PATIENCE = 15
 #: samples per step when a twin takes one parameter setting per sample
 BATCH = 128
+#: the share of a fit's settings held out for early stopping and for choosing between twin kinds
+STOP_FRACTION = 0.15
+
+
+def fit_splits(samples: Samples, holdout: float, seed: int) -> tuple[Samples, Samples | None, Samples]:
+    """Three ways by parameter setting: the fit's own, the early-stopping ones (None when too few settings),
+    and the ``holdout`` ones on which the twin's NMSE is reported, measured once."""
+    train, val = samples.split(holdout, seed=seed)
+    fit_on, stop = train.split(STOP_FRACTION, seed=seed + 1) if len(train) >= 6 else (train, None)
+    return fit_on, stop, val
 
 
 @dataclass
@@ -207,8 +217,8 @@ def calibrate(device: Device, kinds: Iterable[str] = ("physics", "residual", "ml
     """
     if samples is None:
         samples = collect(device, groups=groups, batch=batch, repeats=repeats, seed=seed, progress=progress)
-    train, val = samples.split(holdout, seed=seed)
-    fit_on, stop = train.split(0.15, seed=seed + 1) if len(train) >= 6 else (train, None)
+    fit_on, stop, val = fit_splits(samples, holdout, seed)
+    train = fit_on + stop if stop is not None else fit_on
     model = device.model()
     kinds = [k for k in kinds if model is not None or k == "mlp"]
     results, twins = {}, {}
