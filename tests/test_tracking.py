@@ -243,28 +243,24 @@ def test_evaluate_measures_a_method_run_of_the_demo(store, capsys):
     assert out["loss"] == pytest.approx(test_loss.value, rel=1e-5) and out["acc"] == pytest.approx(pat["test_acc"])
 
 
-def test_a_training_step_never_touches_the_store():
+def test_a_training_step_never_touches_the_store(tmp_path):
     from types import SimpleNamespace
 
     from pnn_cluster.tracking import MlflowCallback
 
-    class Recorder:
-        def __init__(self):
-            self.calls = []
-
-        def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
-            self.calls.append((len(metrics), synchronous))
-            return SimpleNamespace(wait=lambda: None)
-
-    cb = MlflowCallback("sqlite:///unused.db", flush_every_s=3600)
-    cb.client, cb._run_id, cb.experiment_id = Recorder(), "run", "0"
+    cb = MlflowCallback("sqlite:///unused.db", flush_every_s=3600, runs_root=tmp_path / "runs")
+    cb.start()
+    cb.outbox.close()  # nothing reaches a store: what a step does is all in the journal, or not
+    journaled = len(cb.dir.read_journal())
     trainer = SimpleNamespace(global_step=0)
     for step in range(1, 201):
         trainer.global_step = step
         cb.on_step_end(trainer, {"train_loss": 1.0, "train_acc": 0.5, "lr": 0.01})
-    assert cb.client.calls == []  # 200 steps: list appends only
+    assert len(cb.dir.read_journal()) == journaled  # 200 steps: list appends only, not even the journal
     cb.flush()
-    assert cb.client.calls == [(600, False)]  # one asynchronous batch
+    (batch,) = cb.dir.read_journal()[journaled:]  # then one batch of 600 metrics, for the outbox to send
+    assert batch["op"] == "log_batch" and len(batch["metrics"]) == 600
+    assert cb.dir.metric_history(cb._run_id, ["train_loss"])["train_loss"][-1] == (200, 1.0)
 
 
 def test_tracking_uri_precedence(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", nargs="?", metavar="CONFIG",
                    help="experiment YAML file; optional with --resume (the run's own configuration is used)")
-    p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_ID|RUN_DIR",
+                   help="continue a run from its last checkpoint: its run directory (pnn-runs/...), or its MLflow "
+                        "run id (this machine's run directory of it if there is one, else the tracking server's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration key, e.g. --set schedule.epochs=2 (repeatable)")
     p.add_argument("--quick", action="store_true", help="the smaller run the configuration's `quick` section gives")
@@ -63,25 +64,65 @@ def _config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def load_resume(args: argparse.Namespace, workdir: Path):
-    """The configuration and checkpoint of the run to resume."""
+    """The configuration, checkpoint, tracking URI and run directory of the run to resume.
+
+    ``--resume`` takes a run directory (``pnn-runs/...``), or a run id: this
+    machine's run directory of that run when it has one (its checkpoint is the
+    newest, and no server is needed), else the tracking server's record.
+    """
     import yaml
 
-    from pnn_cluster.config import ConfigError, load_config, parse_config
-    from pnn_cluster.tracking import CONFIG_ARTIFACT, load_run_checkpoint, resolve_tracking_uri
+    from pnn_cluster.config import parse_config
+    from pnn_cluster.tracking import CONFIG_ARTIFACT, load_run_checkpoint, resolve_tracking_uri, tracking_client
+    from pnn_cluster.tracking.outbox import RunDir, RunDirError, find_run_dir, is_outage, short_reason
 
     if args.no_track:
-        raise _usage("--resume continues an MLflow run; it cannot be combined with --no-track")
+        raise _usage("--resume continues a tracked run; it cannot be combined with --no-track")
     if args.overrides:
         raise _usage("--resume continues a run with its own configuration; --set cannot change it")
-    from mlflow import MlflowClient
+    local = None
+    if RunDir.is_run_dir(args.resume):
+        local = RunDir.open(args.resume)
+    elif Path(args.resume).exists():
+        raise _usage(f"--resume {args.resume}: not a run directory (no run.json); give a run directory "
+                     "under pnn-runs/ or an MLflow run id")
+    else:
+        local = find_run_dir(args.resume)
+    if local is not None:
+        try:
+            meta = local.meta()
+        except RunDirError as exc:
+            raise _usage(f"--resume {args.resume}: {exc}") from None
+        if meta.get("command") != "train":
+            raise _usage(f"--resume {args.resume}: run is a {meta.get('command', 'foreign')!r} run, "
+                         "only train runs can be resumed")
+        ckpt = local.checkpoint if local.checkpoint.is_file() else None
+        cfg_file = local.file(CONFIG_ARTIFACT)
+        if cfg_file.is_file():
+            data = yaml.safe_load(cfg_file.read_text())
+        elif ckpt is not None:
+            import torch
+
+            data = torch.load(ckpt, map_location="cpu", weights_only=True).get("experiment")
+        else:
+            raise _usage(f"--resume {args.resume}: {local.path} holds neither a configuration nor a checkpoint")
+        cfg = parse_config(data, source=f"{local.path}:{CONFIG_ARTIFACT}")
+        uri = resolve_tracking_uri(args.tracking_uri, meta.get("tracking_uri"))
+        _check_same_config(args, cfg)
+        return cfg, ckpt, uri, local.path
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     try:
         run = client.get_run(args.resume)
-    except MlflowException:
-        raise _usage(f"--resume {args.resume}: no such run in tracking URI {uri}") from None
+    except MlflowException as exc:
+        if is_outage(exc):
+            raise TrackingError(f"--resume {args.resume}: tracking server {uri} unreachable "
+                                f"({short_reason(exc)}); no run directory of this run here either "
+                                "(resume from one with --resume pnn-runs/DIR)") from None
+        raise _usage(f"--resume {args.resume}: no such run in tracking URI {uri}, and no run directory of it "
+                     "under pnn-runs/") from None
     if run.data.tags.get("pnn.command") != "train":
         raise _usage(f"--resume {args.resume}: run is a {run.data.tags.get('pnn.command', 'foreign')!r} run, "
                      "only train runs can be resumed")
@@ -91,13 +132,23 @@ def load_resume(args: argparse.Namespace, workdir: Path):
         raise _usage(f"--resume {args.resume}: the run has no {CONFIG_ARTIFACT}") from None
     data = yaml.safe_load(logged.read_text())
     cfg = parse_config(data, source=f"run {args.resume}:{CONFIG_ARTIFACT}")
+    _check_same_config(args, cfg)
+    ckpt = load_run_checkpoint(client, args.resume, workdir)
+    return cfg, ckpt, uri, None
+
+
+def _check_same_config(args: argparse.Namespace, cfg) -> None:
+    from pnn_cluster.config import ConfigError, load_config
+
     if args.config:
         given = load_config(args.config)
         differ = [k for k in _config_differences(given.resolved(), cfg.resolved()) if not k.startswith("tracking.")]
         if differ:
             raise ConfigError(args.config, [_problem_for(k) for k in differ[:10]])
-    ckpt = load_run_checkpoint(client, args.resume, workdir)
-    return cfg, ckpt, uri
+
+
+class TrackingError(RuntimeError):
+    """The tracking server could not be reached for something only it has."""
 
 
 def _problem_for(key: str):
@@ -112,9 +163,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.config and not args.resume:
         raise _usage("give a CONFIG file, or --resume RUN_ID")
     with tempfile.TemporaryDirectory(prefix="pnn-train-") as tmp:
+        run_dir = None
         try:
             if args.resume:
-                cfg, ckpt, uri = load_resume(args, Path(tmp))
+                try:
+                    cfg, ckpt, uri, run_dir = load_resume(args, Path(tmp))
+                except TrackingError as exc:
+                    print(f"pnn-cluster train: error: {exc}", file=sys.stderr, flush=True)
+                    return 1
             else:
                 cfg, ckpt, uri = load_config(args.config), None, None
                 if args.quick:  # what --set says wins over the quick section
@@ -128,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
             import torch
 
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        return train(cfg, args, checkpoint=state, tracking_uri=uri)
+        return train(cfg, args, checkpoint=state, tracking_uri=uri, run_dir=run_dir)
 
 
 def launcher_for(args: argparse.Namespace):
@@ -143,28 +199,33 @@ def launcher_for(args: argparse.Namespace):
         raise _usage(f"{exc}; or run with --in-process") from None
 
 
-def tracking_for(cfg, args: argparse.Namespace, tracking_uri: str | None = None, **extra: Any) -> dict | None:
-    """What the run's MLflow tracker is given (None with ``--no-track``); the URI made absolute here,
-    so a trainer actor elsewhere on this machine writes to the same store."""
+def tracking_for(cfg, args: argparse.Namespace, tracking_uri: str | None = None, run_dir: Path | None = None,
+                 **extra: Any) -> dict | None:
+    """What the run's MLflow tracker is given (None with ``--no-track``); the URI and the run directories
+    made absolute here, so a trainer actor elsewhere on this machine writes to the same store and folder."""
     from pnn_cluster.tracking import resolve_tracking_uri
+    from pnn_cluster.tracking.outbox import default_runs_root
 
     if args.no_track or not cfg.tracking.enabled:
         return None
+    resume = getattr(args, "resume", None)
     out = {"tracking_uri": tracking_uri or resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri),
            "experiment": getattr(args, "experiment", None), "run_name": getattr(args, "run_name", None),
-           "run_id": getattr(args, "resume", None)}
+           "run_id": None if run_dir is not None else resume,
+           "run_dir": str(run_dir) if run_dir is not None else None, "runs_root": str(default_runs_root())}
     out.update(extra)
     return {k: v for k, v in out.items() if v is not None}
 
 
-def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, tracking_uri: str | None = None) -> int:
+def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, tracking_uri: str | None = None,
+          run_dir: Path | None = None) -> int:
     """Run the experiment through the runner; report; exit 130 when it was stopped (it can be resumed)."""
     from pnn_cluster.config import ConfigError
     from pnn_cluster.devices.base import DeviceError
     from pnn_cluster.training.faults import TrainingAborted
 
     launcher = launcher_for(args)
-    tracking = tracking_for(cfg, args, tracking_uri)
+    tracking = tracking_for(cfg, args, tracking_uri, run_dir)
     if args.resume and checkpoint is None:
         print("the run has no checkpoint yet: starting its training from the beginning", flush=True)
     try:
@@ -179,19 +240,16 @@ def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, trackin
         return 1
     if result.state == "stopped":
         if result.run_id:
-            print(f"interrupted at step {result.steps}; `pnn-cluster train --resume {result.run_id}` continues it",
-                  file=sys.stderr, flush=True)
+            print(f"interrupted at step {result.steps}; `pnn-cluster train --resume {_resume_hint(result)}` "
+                  "continues it", file=sys.stderr, flush=True)
         return 130
     if args.checkpoint and result.checkpoint is not None:
-        import torch
+        from pnn_cluster.fsio import atomic_torch_save
 
-        path = Path(args.checkpoint)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(result.checkpoint, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves half a checkpoint
+        atomic_torch_save(result.checkpoint, args.checkpoint)  # the old file or the new one, never half of one
     if result.run_id:
-        print(f"MLflow run {result.run_id}: `pnn-cluster train --resume {result.run_id}` continues it", flush=True)
+        print(f"MLflow run {result.run_id}, kept in {result.run_dir}: `pnn-cluster train --resume "
+              f"{_resume_hint(result)}` continues it", flush=True)
     if args.json:
         print(json.dumps({"config": result.config, "method": result.method, "test_acc": result.test_acc,
                           "val_acc": result.val_acc, "steps": result.steps, "epochs": result.epochs,
@@ -199,5 +257,12 @@ def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, trackin
                           "device_samples_total": result.device_samples_total, "twins": result.twins,
                           "seconds": result.seconds, "run_id": result.run_id, "device_actors": result.device_actors,
                           "twin_actors": result.twin_actors, "trainer_actor": result.trainer_actor,
-                          "nodes": result.nodes, "state": result.state}))
+                          "nodes": result.nodes, "state": result.state, "run_dir": result.run_dir,
+                          "tracking_unsent": result.tracking_unsent, "tracking_wait_s": result.tracking_wait_s}))
     return 0
+
+
+def _resume_hint(result) -> str:
+    from pnn_cluster.tracking.outbox import is_local_id
+
+    return result.run_dir if is_local_id(result.run_id) and result.run_dir else result.run_id

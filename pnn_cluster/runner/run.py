@@ -63,6 +63,9 @@ class RunResult:
     twins: dict[str, dict[str, Any]] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     run_id: str | None = None
+    run_dir: str | None = None
+    tracking_unsent: int = 0
+    tracking_wait_s: float = 0.0
     device_actors: int = 0
     twin_actors: int = 0
     trainer_actor: bool = False
@@ -331,15 +334,19 @@ class ExperimentRun:
         tracker = self.tracker = self._tracker()
         try:
             with tracker if tracker is not None else contextlib.nullcontext():
-                return self._run(tracker, t0)
+                result = self._run(tracker, t0)
         finally:
             self.placement.close()
+        if tracker is not None:  # after the run's end: its id once the server has it, what is left to upload
+            result.run_id, result.run_dir = tracker.run_id, str(tracker.run_dir)
+            result.tracking_unsent, result.tracking_wait_s = tracker.left_unsent, round(tracker.wait_s, 3)
+        return result
 
     def _run(self, tracker, t0: float) -> RunResult:
         cfg = self.config
         if tracker is not None:
             self.report(f"MLflow run {tracker.run_id} ({'resumed' if self.resume else 'new'}) at "
-                        f"{tracker.tracking_uri}")
+                        f"{tracker.tracking_uri}; kept locally in {tracker.run_dir}")
         built = self._build()
         counts = self.placement.counts()
         self.report(f"pnn-cluster: {cfg.name} ({cfg.method}) on {built.data.name}: {len(built.data.y_train)} train, "
@@ -394,7 +401,7 @@ class ExperimentRun:
                 kept.append(f"saved to {saved}")
             if tracker is not None:
                 tracker.log_checkpoint(trainer)
-                kept.append(f"kept in run {tracker.run_id}")
+                kept.append(f"kept in run {tracker.run_id} ({tracker.dir.checkpoint})")
             where = f"checkpoint of step {trainer.global_step} {' and '.join(kept)}" if kept else \
                 "no checkpoint kept (tracking is off and no --checkpoint PATH was given)"
             raise TrainingAborted(f"training stopped: {exc}; {where}", saved) from exc
@@ -402,7 +409,7 @@ class ExperimentRun:
         if stopped:
             acc = None
             self.report(f"stopped at epoch {trainer.epoch}, step {trainer.global_step}"
-                        + (f"; `pnn-cluster train --resume {tracker.run_id}` continues it" if tracker else ""))
+                        + (f"; `pnn-cluster train --resume {tracker.resume_hint}` continues it" if tracker else ""))
             if tracker is not None:
                 tracker.end("KILLED")
         else:
@@ -423,6 +430,7 @@ class ExperimentRun:
                          val_acc=history[-1].get("val_acc") if history else None,
                          twins={k: f.as_dict() for k, f in fits.items()}, history=list(trainer.history),
                          run_id=tracker.run_id if tracker is not None else None,
+                         run_dir=str(tracker.run_dir) if tracker is not None else None,
                          device_actors=counts["device_actors"], twin_actors=counts["twin_actors"],
                          trainer_actor=counts["trainer_actor"], nodes=nodes, executor=dict(built.executor.stats),
                          checkpoint=checkpoint)

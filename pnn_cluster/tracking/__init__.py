@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +40,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from pnn_cluster.fsio import atomic_torch_save, atomic_write, atomic_write_text
+from pnn_cluster.tracking.outbox import (
+    Outbox,
+    RunDir,
+    bound_http,
+    default_runs_root,
+    find_run_dir,
+    is_local_id,
+    new_local_id,
+)
 from pnn_cluster.training.trainer import Callback, Trainer
 from pnn_cluster.twins.record import TwinFit
 
@@ -248,6 +258,14 @@ def flatten_params(tree: Any, prefix: str = "") -> dict[str, str]:
     return {k: ("" if v is None else str(v))[:_PARAM_CHARS] for k, v in flatten(tree, prefix).items()}
 
 
+def tracking_client(uri: str):
+    """An :class:`mlflow.MlflowClient` whose HTTP calls are bounded (seconds, not minutes)."""
+    from mlflow import MlflowClient
+
+    bound_http()
+    return MlflowClient(tracking_uri=uri)
+
+
 def load_run_checkpoint(client: Any, run_id: str, dest: str | os.PathLike) -> Path | None:
     """Download a run's latest checkpoint into ``dest``; None when the run has none yet."""
     names = {f.path for f in client.list_artifacts(run_id, "checkpoints")}
@@ -262,25 +280,35 @@ def load_run_checkpoint(client: Any, run_id: str, dest: str | os.PathLike) -> Pa
 class MlflowCallback(Callback):
     """Tracks a run in MLflow; pass it to :class:`Trainer` (or ``run_method``) as a callback.
 
+    Everything is recorded in a local run directory first (``runs_root``,
+    default ``PNN_RUNS_DIR`` or ``./pnn-runs``; or ``run_dir``, an existing
+    one to continue) and sent to the server by an :class:`~pnn_cluster.tracking.outbox.Outbox`:
+    the training never waits for the server, an outage is reported once, and
+    what could not be sent is uploaded when the server is back or by
+    ``pnn-cluster sync``. Checkpoints are written to the run directory,
+    atomically and fsynced, before they are uploaded.
+
     ``run_id`` resumes an existing run (metrics continue at the trainer's step);
     ``parent_run_id`` makes this run a child (a demo's methods). Use it as a
     context manager, or call :meth:`end`, so the run is closed with the right
-    status (FINISHED, FAILED, or KILLED on Ctrl-C).
+    status (FINISHED, FAILED, or KILLED on Ctrl-C). ``start_wait_s`` bounds
+    the wait for the server to create the run, ``end_wait_s`` the wait for the
+    last uploads at the end.
     """
 
     def __init__(self, tracking_uri: str, experiment: str = "pnn-cluster", run_name: str | None = None,
                  run_id: str | None = None, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
                  config: Mapping[str, Any] | None = None, flush_every_s: float = 10.0, checkpoint_every: int = 1,
-                 residual_batch: int = 256, log_models: bool = True, synchronous: bool = False,
-                 command: str = "train", start_time: float | None = None) -> None:
-        from mlflow import MlflowClient
-
+                 residual_batch: int = 256, log_models: bool = True, command: str = "train",
+                 start_time: float | None = None, run_dir: str | os.PathLike | None = None,
+                 runs_root: str | os.PathLike | None = None, start_wait_s: float = 10.0, end_wait_s: float = 15.0,
+                 retry_every_s: float = 15.0) -> None:
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = tracking_client(tracking_uri)
         self.experiment = experiment
         self.run_name = run_name
         self._run_id = run_id
-        self.resuming = run_id is not None
+        self.resuming = run_id is not None or run_dir is not None
         self.parent_run_id = parent_run_id
         self.tags = dict(tags or {})
         self.config = dict(config) if config is not None else None
@@ -288,14 +316,17 @@ class MlflowCallback(Callback):
         self.checkpoint_every = int(checkpoint_every)
         self.residual_batch = int(residual_batch)
         self.log_models = log_models
-        self.synchronous = synchronous
         self.command = command
         self.start_time = start_time
-        self.experiment_id: str | None = None
+        self.runs_root = Path(runs_root) if runs_root is not None else default_runs_root()
+        self._run_dir_arg = run_dir
+        self.start_wait_s, self.end_wait_s, self.retry_every_s = start_wait_s, end_wait_s, retry_every_s
+        self.dir: RunDir | None = None
+        self.outbox: Outbox | None = None
+        self.wait_s = 0.0  # time this process spent waiting for the tracking server
+        self.left_unsent = 0
         self._buffer: list[tuple[str, float, int, int]] = []
         self._last_flush = time.monotonic()
-        self._pending: list[Any] = []
-        self._tmp = tempfile.TemporaryDirectory(prefix="pnn-mlflow-")
         self._devices_logged = False
         self._ended = False
         self.twin_fits: dict[str, TwinFit] = {}
@@ -304,43 +335,85 @@ class MlflowCallback(Callback):
 
     @property
     def run_id(self) -> str:
-        return self.start()
+        """The server's id of the run, or its local id (``local-...``) while the server has not created it."""
+        self.start()
+        if is_local_id(self._run_id):
+            self._run_id = self.outbox._ids.get(self._run_id, self._run_id)
+        return self._run_id
+
+    @property
+    def run_dir(self) -> Path:
+        self.start()
+        return self.dir.path
+
+    @property
+    def resume_hint(self) -> str:
+        """What ``pnn-cluster train --resume`` takes to continue this run: its id, or its directory."""
+        rid = self.run_id
+        return str(self.dir.path) if is_local_id(rid) else rid
+
+    def _open(self) -> None:
+        if self._run_dir_arg is not None:
+            self.dir = RunDir.open(self._run_dir_arg)
+            meta = self.dir.meta()
+            self._run_id = self._run_id or self.dir.run_id
+            self.experiment = meta.get("experiment", self.experiment)
+        elif self._run_id is not None and (found := find_run_dir(self._run_id, self.runs_root)) is not None:
+            self.dir = found  # this machine has the run's directory: continue it, journal and all
+        else:
+            self.dir = RunDir.create(self.runs_root, self.run_name or self.command,
+                                     {"tracking_uri": self.tracking_uri, "experiment": self.experiment,
+                                      "command": self.command, "run_name": self.run_name, "run_id": self._run_id})
+        self.dir.lock()
+        self.outbox = Outbox(self.dir, self.client, self.tracking_uri, retry_every_s=self.retry_every_s)
 
     def start(self) -> str:
         """Create the run (or reopen the one being resumed); idempotent."""
-        if self._run_id is not None and self.experiment_id is not None:
+        if self.dir is not None:
             return self._run_id
-        if self._run_id is not None:
-            run = self.client.get_run(self._run_id)
-            self.experiment_id = run.info.experiment_id
-            self.client.update_run(self._run_id, status="RUNNING")
-            resumed = int(run.data.tags.get("pnn.resumed", "0")) + 1
-            self.client.set_tag(self._run_id, "pnn.resumed", str(resumed))
-            if "pnn.error" in run.data.tags:  # what stopped it last time stays on record, under another name
-                self.client.set_tag(self._run_id, f"pnn.interrupted.{resumed}", run.data.tags["pnn.error"])
-                self.client.delete_tag(self._run_id, "pnn.error")
+        self._open()
+        if self.resuming:
+            self.outbox.submit({"op": "resume_run", "run": self._run_id})
+            self.dir.update_meta(resumed=int(self.dir.meta().get("resumed", 0)) + 1)
             return self._run_id
-        exp = self.client.get_experiment_by_name(self.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-        tags = {"pnn.command": self.command, **self.tags}
+        local = new_local_id()
+        tags = {"pnn.command": self.command, **self.tags, "pnn.run_dir": str(self.dir.path)}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
-        start_ms = int(self.start_time * 1000) if self.start_time is not None else None
-        run = self.client.create_run(self.experiment_id, start_time=start_ms, run_name=self.run_name, tags=tags)
-        self._run_id = run.info.run_id
+        start_ms = int((self.start_time if self.start_time is not None else time.time()) * 1000)
+        self.dir.update_meta(run_id=local)
+        done, rid = self._wait(lambda: self.outbox.call(
+            {"op": "create_run", "run": local, "experiment": self.experiment, "run_name": self.run_name,
+             "start_time": start_ms, "tags": tags}, self.start_wait_s))
+        self._run_id = rid if done and rid else local
         if self.config is not None:
             self.log_config(self.config)
         return self._run_id
 
+    def _wait(self, fn):
+        t0 = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self.wait_s += time.monotonic() - t0
+
     def end(self, status: str = "FINISHED") -> None:
-        if self._ended or self._run_id is None:
+        if self._ended or self.dir is None:
             return
         self._ended = True
         try:
-            self.flush(wait=True)
+            self.flush()
+            self.outbox.submit({"op": "set_terminated", "run": self._run_id, "status": status,
+                                "end_time": int(time.time() * 1000)})
+            self.dir.sync()
+            self.left_unsent = self._wait(lambda: self.outbox.close(self.end_wait_s))
+            self.dir.update_meta(status=status, run_id=self.run_id)
+            if self.left_unsent:
+                print(f"pnn-cluster: {self.left_unsent} tracking operation(s) of run {self.run_id} not uploaded "
+                      f"yet; they are kept in {self.dir.path}: `pnn-cluster sync {self.dir.path}` uploads them",
+                      file=sys.stderr, flush=True)
         finally:
-            self.client.set_terminated(self._run_id, status)
-            self._tmp.cleanup()
+            self.dir.unlock()
 
     def __enter__(self) -> MlflowCallback:
         self.start()
@@ -353,28 +426,27 @@ class MlflowCallback(Callback):
             status = "KILLED"
         else:
             status = "FAILED"
-        if exc_type is not None and self._run_id is not None:
-            self.client.set_tag(self._run_id, "pnn.error", f"{exc_type.__name__}: {exc}"[:_TAG_CHARS])
+        if exc_type is not None and self.dir is not None:
+            self.set_tags({"pnn.error": f"{exc_type.__name__}: {exc}"[:_TAG_CHARS]})
         self.end(status)
 
     # -- parameters, tags, artifacts ------------------------------------------------------------------------
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+    def _submit(self, op: dict[str, Any]) -> None:
+        self.start()
+        self.outbox.submit(op)
 
-        if self.resuming:
+    def log_params(self, params: Mapping[str, Any], run_id: str | None = None) -> None:
+        if self.resuming and run_id is None:
             return  # parameters of a run are immutable; a resumed run already has them
-        flat = flatten_params(params)
-        items = [Param(k[:250], v) for k, v in flat.items()]
+        items = [(k[:250], v) for k, v in flatten_params(params).items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
+            self._submit({"op": "log_batch", "run": run_id or self._run_id, "params": items[i:i + _PARAMS_PER_BATCH]})
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)[:_TAG_CHARS]) for k, v in tags.items()]
+    def set_tags(self, tags: Mapping[str, Any], run_id: str | None = None) -> None:
+        items = [(k, str(v)[:_TAG_CHARS]) for k, v in tags.items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH])
+            self._submit({"op": "log_batch", "run": run_id or self._run_id, "tags": items[i:i + _PARAMS_PER_BATCH]})
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         """The resolved configuration: every key as a parameter, the whole as ``config/config.yaml``."""
@@ -384,19 +456,27 @@ class MlflowCallback(Callback):
         self.log_params(config)
         self.log_text(yaml.safe_dump(_jsonable(config), sort_keys=False), CONFIG_ARTIFACT)
 
-    def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
-        path = Path(self._tmp.name) / "text" / artifact_file
+    def _artifact_path(self, artifact_file: str, run_id: str | None) -> Path:
+        self.start()
+        sub = artifact_file if run_id is None else f"runs/{run_id}/{artifact_file}"
+        path = self.dir.file(sub)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        return path
+
+    def _log_file(self, path: Path, artifact_file: str, run_id: str | None) -> None:
         parent = str(Path(artifact_file).parent)
-        self.client.log_artifact(run_id or self.run_id, str(path), None if parent == "." else parent)
+        self._submit({"op": "log_artifact", "run": run_id or self._run_id,
+                      "file": str(path.relative_to(self.dir.path)), "artifact_path": None if parent == "." else parent})
+
+    def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
+        path = self._artifact_path(artifact_file, run_id)
+        atomic_write_text(path, text)
+        self._log_file(path, artifact_file, run_id)
 
     def log_figure(self, fig: Any, artifact_file: str, run_id: str | None = None) -> None:
-        path = Path(self._tmp.name) / "figures" / artifact_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-        parent = str(Path(artifact_file).parent)
-        self.client.log_artifact(run_id or self.run_id, str(path), None if parent == "." else parent)
+        path = self._artifact_path(artifact_file, run_id)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        self._log_file(path, artifact_file, run_id)
 
     def log_devices(self, devices: Mapping[str, Any], drivers: Mapping[str, Mapping[str, Any]] | None = None,
                     placements: Mapping[str, Mapping[str, Any]] | None = None,
@@ -415,36 +495,37 @@ class MlflowCallback(Callback):
         return snaps
 
     def log_twin_fit(self, fit: TwinFit, params: Mapping[str, Any] | None = None) -> str:
-        """A nested run for one twin fit: its figures, its loss curve and a parity plot."""
-        from mlflow.entities import Metric
-
+        """A nested run for one twin fit: its figures, its loss curve and a parity plot (returns its local id)."""
         self.twin_fits[fit.device] = fit
-        tags = {"mlflow.parentRunId": self.run_id, "pnn.command": "twin-fit", "pnn.device": fit.device,
-                "pnn.twin": fit.kind}
-        child = self.client.create_run(self.experiment_id, run_name=f"twin {fit.device} ({fit.kind})", tags=tags)
-        cid = child.info.run_id
+        cid = new_local_id()
+        tags = {"mlflow.parentRunId": self._run_id or self.run_id, "pnn.command": "twin-fit",
+                "pnn.device": fit.device, "pnn.twin": fit.kind}
+        self._submit({"op": "create_run", "run": cid, "experiment": self.experiment,
+                      "run_name": f"twin {fit.device} ({fit.kind})", "start_time": int(time.time() * 1000),
+                      "tags": tags})
+        all_params = {"device": fit.device, "kind": fit.kind, "source": fit.source, **(params or {})}
+        self._submit({"op": "log_batch", "run": cid,
+                      "params": [(k, str(v)[:_PARAM_CHARS]) for k, v in all_params.items()]})
+        now = int(time.time() * 1000)
+        metrics = [(k, float(v), now, 0) for k, v in fit.metrics().items() if math.isfinite(float(v))]
+        metrics += [("fit_loss", float(v), now, i) for i, v in enumerate(fit.history) if math.isfinite(v)]
+        # kind best: every kind tried, with the early-stopping NMSE that chose between them
+        metrics += [(f"candidate/{kind}/{k}", float(v), now, 0) for kind, c in fit.candidates.items()
+                    for k, v in c.items() if k in ("nmse_stop", "nmse_val", "nmse_train", "best_epoch", "seconds")
+                    and v is not None and math.isfinite(float(v))]
+        for i in range(0, len(metrics), _METRICS_PER_BATCH):
+            self._submit({"op": "log_batch", "run": cid, "metrics": metrics[i:i + _METRICS_PER_BATCH]})
+        status = "FINISHED"
         try:
-            from mlflow.entities import Param
-
-            all_params = {"device": fit.device, "kind": fit.kind, "source": fit.source, **(params or {})}
-            self.client.log_batch(cid, params=[Param(k, str(v)[:_PARAM_CHARS]) for k, v in all_params.items()])
-            now = int(time.time() * 1000)
-            metrics = [Metric(k, v, now, 0) for k, v in fit.metrics().items()]
-            metrics += [Metric("fit_loss", float(v), now, i) for i, v in enumerate(fit.history) if math.isfinite(v)]
-            # kind best: every kind tried, with the early-stopping NMSE that chose between them
-            metrics += [Metric(f"candidate/{kind}/{k}", float(v), now, 0) for kind, c in fit.candidates.items()
-                        for k, v in c.items() if k in ("nmse_stop", "nmse_val", "nmse_train", "best_epoch", "seconds")
-                        and v is not None and math.isfinite(float(v))]
-            for i in range(0, len(metrics), _METRICS_PER_BATCH):
-                self.client.log_batch(cid, metrics=metrics[i:i + _METRICS_PER_BATCH])
             if fit.val is not None and len(fit.val):
                 title = (f"{fit.device}: {fit.kind} twin, NMSE {fit.nmse_val:.2e} "
                          f"({fit.ratio_to_floor:.2f} x noise floor)")
                 self.log_figure(parity_figure(fit.twin, fit.val, title), "parity.png", run_id=cid)
-            self.client.set_terminated(cid, "FINISHED")
         except BaseException:
-            self.client.set_terminated(cid, "FAILED")
+            status = "FAILED"
             raise
+        finally:
+            self._submit({"op": "set_terminated", "run": cid, "status": status, "end_time": int(time.time() * 1000)})
         # the parent run carries the headline figures too, for comparing runs at a glance
         suffix = "" if self.command == "train" else f"/{fit.kind}"  # calibrate fits several kinds per device
         self.log_metrics({f"twin_nmse/{fit.device}{suffix}": fit.nmse_val,
@@ -454,31 +535,25 @@ class MlflowCallback(Callback):
     # -- metrics ---------------------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, now: bool = False) -> None:
-        """Buffer metrics for the next batched write (``now`` writes at once)."""
+        """Buffer metrics for the next batched write (``now``: journal them at once)."""
         ts = int(time.time() * 1000)
         for k, v in metrics.items():
             self._buffer.append((k, float(v), ts, int(step)))
         if now:
-            self.flush(wait=True)
+            self.flush()
 
     def flush(self, wait: bool = False) -> None:
-        """Write buffered metrics with ``log_batch`` (asynchronously unless ``wait`` or ``synchronous``)."""
-        from mlflow.entities import Metric
-
+        """Hand buffered metrics to the outbox as ``log_batch`` operations (``wait``: until they are sent,
+        bounded by ``end_wait_s``)."""
         buf, self._buffer = self._buffer, []
         self._last_flush = time.monotonic()
-        if buf and self._run_id is not None:
-            metrics = [Metric(k, v, ts, s) for k, v, ts, s in buf if math.isfinite(v)]
+        if buf and self.dir is not None:
+            metrics = [m for m in buf if math.isfinite(m[1])]
             for i in range(0, len(metrics), _METRICS_PER_BATCH):
-                chunk = metrics[i:i + _METRICS_PER_BATCH]
-                if self.synchronous or wait:
-                    self.client.log_batch(self._run_id, metrics=chunk)
-                else:
-                    self._pending.append(self.client.log_batch(self._run_id, metrics=chunk, synchronous=False))
-        if wait:
-            pending, self._pending = self._pending, []
-            for op in pending:
-                op.wait()
+                self.outbox.submit({"op": "log_batch", "run": self._run_id,
+                                    "metrics": metrics[i:i + _METRICS_PER_BATCH]})
+        if wait and self.outbox is not None:
+            self._wait(lambda: self.outbox.drain(self.end_wait_s))
 
     # -- trainer hooks -------------------------------------------------------------------------------------------
 
@@ -491,7 +566,7 @@ class MlflowCallback(Callback):
             self.log_devices({l.name: l.device for l in layers}, twins={l.name: l.twin for l in layers})
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        # the hot path: a few appends; the write happens every flush_every_s seconds, off this thread
+        # the hot path: a few appends; the journal write happens every flush_every_s seconds, the upload off thread
         ts = int(time.time() * 1000)
         step = trainer.global_step
         append = self._buffer.append
@@ -517,7 +592,7 @@ class MlflowCallback(Callback):
             self.log_checkpoint(trainer)
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self.flush(wait=True)
+        self.flush()
         self.set_tags({"pnn.state": trainer.state, "pnn.end_step": trainer.global_step})
         if trainer.state == "stopped":  # asked to stop: keep the step reached, resume from it later
             self.log_checkpoint(trainer)
@@ -547,27 +622,47 @@ class MlflowCallback(Callback):
 
     # -- checkpoints and models ------------------------------------------------------------------------------------
 
-    def log_checkpoint(self, trainer: Trainer) -> None:
-        """``checkpoints/last.pt``: the trainer's state plus the experiment configuration it came from."""
+    def save_checkpoint(self, trainer: Trainer) -> Path:
+        """The trainer's state plus its experiment configuration, in the run directory (atomic, fsynced)."""
+        self.start()
         state = trainer.state_dict()
         state["experiment"] = _jsonable(self.config) if self.config is not None else None
-        state["mlflow_run_id"] = self.run_id
-        path = Path(self._tmp.name) / "checkpoints" / "last.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        self.client.log_artifact(self.run_id, str(path), "checkpoints")
+        state["mlflow_run_id"] = self._run_id
+        state["run_dir"] = str(self.dir.path)
+        path = atomic_torch_save(state, self.dir.checkpoint)
+        self.dir.update_meta(checkpoint_step=trainer.global_step, checkpoint_epoch=trainer.epoch)
+        return path
+
+    def log_checkpoint(self, trainer: Trainer) -> None:
+        """``checkpoints/last.pt``: written locally first, then uploaded (the outbox sends the latest file)."""
+        path = self.save_checkpoint(trainer)
+        self.flush()
+        self._submit({"op": "log_artifact", "run": self._run_id, "file": str(path.relative_to(self.dir.path)),
+                      "artifact_path": "checkpoints"})
         self.set_tags({"pnn.checkpoint_step": trainer.global_step, "pnn.checkpoint_epoch": trainer.epoch})
+        self.dir.sync()
+
+    def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """Each metric's values by step: this run directory's journal, plus the server's for a run resumed
+        from another machine (when the server answers)."""
+        local = self.dir.metric_history(self._run_id, keys)
+        if not self.resuming or is_local_id(self.run_id) or not self.outbox.online:
+            return local
+        out = {}
+        for key in keys:
+            try:
+                pts = {m.step: m.value for m in self._wait(lambda k=key: self.client.get_metric_history(self.run_id,
+                                                                                                    k))}
+            except Exception:  # noqa: BLE001 -- the server is away: the local record is what there is
+                return local
+            pts.update(dict(local.get(key, [])))  # the newest values are the journal's
+            out[key] = sorted(pts.items())
+        return out
 
     def log_training_curve(self) -> None:
-        def hist(key: str) -> list[tuple[int, float]]:
-            pts = {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}  # a resume may rewrite
-            return sorted(pts.items())
-
-        fig = curve_figure({"train_loss": hist("train_loss")},
-                           {"epoch_train_loss": hist("epoch_train_loss"), "val_loss": hist("val_loss"),
-                            "epoch_train_acc": hist("epoch_train_acc"), "val_acc": hist("val_acc")})
+        keys = ["train_loss", "epoch_train_loss", "val_loss", "epoch_train_acc", "val_acc"]
+        h = self.metric_history(keys)
+        fig = curve_figure({"train_loss": h["train_loss"]}, {k: h[k] for k in keys[1:]})
         self.log_figure(fig, "plots/training_curve.png")
 
     def log_trained_models(self, trainer: Trainer) -> list[str]:
@@ -576,15 +671,17 @@ class MlflowCallback(Callback):
 
         from pnn_cluster.twins import save_twin
 
-        ids = []
-        root = Path(self._tmp.name) / "models"
+        self.start()
+        names = []
+        root = self.dir.file("models")
         stack_dir = root / "stack"
         stack_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(trainer.model.state_dict(), stack_dir / "state_dict.pt")
-        (stack_dir / "device_params.json").write_text(json.dumps(_jsonable(trainer.model.device_params()), indent=2))
+        atomic_torch_save(trainer.model.state_dict(), stack_dir / "state_dict.pt")
+        atomic_write_text(stack_dir / "device_params.json",
+                          json.dumps(_jsonable(trainer.model.device_params()), indent=2))
         if self.config is not None:
-            (stack_dir / "config.yaml").write_text(yaml.safe_dump(_jsonable(self.config), sort_keys=False))
-        ids.append(self._logged_model("stack", stack_dir, {"pnn.kind": "stack"}))
+            atomic_write_text(stack_dir / "config.yaml", yaml.safe_dump(_jsonable(self.config), sort_keys=False))
+        names.append(self.log_model_dir("stack", stack_dir, {"pnn.kind": "stack"}))
         for layer in trainer.model.physical_layers():
             if layer.twin is None:
                 continue
@@ -592,21 +689,18 @@ class MlflowCallback(Callback):
             fit = self.twin_fits.get(layer.name)
             save_twin(layer.twin, d / layer.name, device=_jsonable(layer.device.identity()),
                       fit=fit.as_dict() if fit else None)
-            ids.append(self._logged_model(f"twin-{layer.name}", d, {"pnn.kind": "twin", "pnn.device": layer.name}))
-        return ids
+            names.append(self.log_model_dir(f"twin-{layer.name}", d, {"pnn.kind": "twin", "pnn.device": layer.name}))
+        return names
 
     def log_model_dir(self, name: str, local_dir: str | os.PathLike, tags: Mapping[str, str] | None = None) -> str:
-        return self._logged_model(name, Path(local_dir), dict(tags or {}))
-
-    def _logged_model(self, name: str, local_dir: Path, tags: dict[str, str]) -> str:
-        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id, tags=tags)
-        try:
-            self.client.log_model_artifacts(model.model_id, str(local_dir))
-        except BaseException:
-            self.client.finalize_logged_model(model.model_id, "FAILED")
-            raise
-        self.client.finalize_logged_model(model.model_id, "READY")
-        return model.model_id
+        """A logged model of this run from a folder inside the run directory (uploaded by the outbox)."""
+        self.start()
+        local = Path(local_dir).resolve()
+        if self.dir.path not in local.parents:
+            raise ValueError(f"log_model_dir: {local} is not inside the run directory {self.dir.path}")
+        self._submit({"op": "log_model", "run": self._run_id, "experiment": self.experiment, "name": name,
+                      "dir": str(local.relative_to(self.dir.path)), "tags": dict(tags or {})})
+        return name
 
 
 def tracker_from_args(args: Any, command: str, config_uri: str | None = None, **kw: Any) -> MlflowCallback | None:
@@ -693,7 +787,7 @@ def log_calibration(args: Any, system: str, device: Any, cal: Any, params: Mappi
             metrics["ideal_nmse"] = cal.ideal_nmse
         tracker.log_metrics(metrics, step=0, now=True)
         tracker.set_tags({"pnn.best_twin": best})
-        d = Path(tracker._tmp.name) / "best_twin"
+        d = tracker.dir.file("best_twin")
         save_twin(cal.best, d / f"{system}_{best}", system=system, fit=cal.results[best].as_dict(),
                   device=_jsonable(device.identity()))
         tracker.log_model_dir(f"twin-{system}", d, {"pnn.kind": "twin", "pnn.device": system, "pnn.twin": best})

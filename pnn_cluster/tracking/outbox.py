@@ -1,0 +1,558 @@
+"""A run's local record, and the outbox that uploads it to MLflow without ever blocking or losing a training.
+
+Every tracking operation of a run (create the run, a batch of metrics,
+parameters or tags, an artifact, a logged model, the end status) is first
+appended to the run's **journal** in its local run directory, then sent to
+the tracking server by one background thread, in order. Artifacts are
+files inside the run directory (the checkpoint is written there, atomically
+and fsynced, before anything is uploaded). So:
+
+- a training step never waits for the server: it appends to a list; the
+  outbox thread does the network calls;
+- every call to the server is bounded (``MLFLOW_HTTP_REQUEST_TIMEOUT`` and
+  ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` default to 5 s and no retries here,
+  instead of MLflow's 120 s and 7 retries; the outbox retries itself);
+- when the server cannot be reached the outage is reported once, the
+  training goes on, and the journal keeps growing; the thread tries again
+  every ``retry_every_s`` and uploads the backlog when the server is back;
+- what was still not uploaded when the process ended (or died) stays in the
+  journal: ``pnn-cluster sync`` uploads it later, from the same directory.
+
+A run directory::
+
+    pnn-runs/20261130-121500-tiny-3f2a9c1e/
+      run.json              tracking URI, experiment, run id (the server's, once it exists), command
+      journal.jsonl         one JSON operation per line, appended; its line number is its sequence number
+      sent.json             how many journal lines the server has acknowledged
+      ids.json              local run ids -> server run ids (a run created while the server was away)
+      checkpoints/last.pt   the latest checkpoint (atomic, fsynced)
+      files/...             every other artifact, as uploaded
+      .lock                 held (flock) by the process writing the run
+
+A run that could not be created on the server has a local id
+(``local-<hex>``) until it is: operations name runs by that id and the
+outbox maps it to the server's id when it creates the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pnn_cluster.fsio import atomic_write_text, fsync_dir
+
+__all__ = ["Outbox", "RunDir", "RunDirError", "TrackingUnreachable", "bound_http", "default_runs_root",
+           "find_run_dir", "is_outage", "is_local_id", "new_local_id"]
+
+#: bounded calls to a tracking server (MLflow's defaults are a 120 s timeout and 7 retries with backoff)
+HTTP_TIMEOUT_S, HTTP_MAX_RETRIES = 5, 0
+#: what the server refuses for the operation itself: retrying it would never help
+_REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
+             "INVALID_STATE", "INVALID_REQUEST"}
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used (missing, not a run directory, held by another process)."""
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server could not be reached (as opposed to a run it does not have)."""
+
+
+def bound_http(timeout_s: float = HTTP_TIMEOUT_S, max_retries: int = HTTP_MAX_RETRIES) -> None:
+    """Bound every MLflow HTTP call of this process, unless the user set these variables themselves."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(max_retries)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` says the server (or store) could not be reached; False when it refused the operation."""
+    if isinstance(exc, FileNotFoundError) or type(exc) is ValueError:
+        return False  # a file gone from the run directory, an operation this version does not know
+    code = getattr(exc, "error_code", None)
+    return code not in _REJECTED
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    msg = " ".join(str(exc).split())
+    m = re.search(r"(Connection refused|Max retries exceeded|timed out|Name or service not known|"
+                  r"Temporary failure in name resolution|No route to host|Connection reset|Remote end closed|"
+                  r"status code 5\d\d|error code 5\d\d|database is locked|unable to open database)", msg)
+    if m:
+        return m.group(1)
+    return (msg[: limit - 3] + "...") if len(msg) > limit else msg
+
+
+def is_local_id(run_id: str | None) -> bool:
+    return bool(run_id) and str(run_id).startswith("local-")
+
+
+def new_local_id() -> str:
+    return f"local-{uuid.uuid4().hex[:16]}"
+
+
+def default_runs_root(env: Mapping[str, str] | None = None) -> Path:
+    """``PNN_RUNS_DIR``, else ``pnn-runs`` in the working directory."""
+    env = os.environ if env is None else env
+    return Path(env.get("PNN_RUNS_DIR") or "pnn-runs").resolve()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:40] or "run"
+
+
+class RunDir:
+    """The local record of one run: see the module docstring for its layout."""
+
+    META, JOURNAL, SENT, IDS, LOCK = "run.json", "journal.jsonl", "sent.json", "ids.json", ".lock"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).resolve()
+        self._lock_fd: int | None = None
+        self._journal = None
+        self._io = threading.Lock()
+
+    # -- creating, finding -----------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, name: str, meta: Mapping[str, Any]) -> RunDir:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        path = root / f"{stamp}-{_slug(name)}-{uuid.uuid4().hex[:8]}"
+        path.mkdir()
+        d = cls(path)
+        d.write_meta({"created": time.time(), **meta})
+        fsync_dir(root)
+        return d
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunDir:
+        d = cls(path)
+        if not (d.path / cls.META).is_file():
+            raise RunDirError(f"{path}: not a run directory (no {cls.META}); run directories are made by "
+                              f"`pnn-cluster train` under {default_runs_root()}")
+        return d
+
+    @staticmethod
+    def is_run_dir(path: str | os.PathLike) -> bool:
+        return (Path(path) / RunDir.META).is_file()
+
+    # -- metadata ------------------------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / self.META).read_text())
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{self.path / self.META}: unreadable ({exc})") from None
+
+    def write_meta(self, meta: Mapping[str, Any]) -> None:
+        atomic_write_text(self.path / self.META, json.dumps(dict(meta), indent=2))
+
+    def update_meta(self, **kw: Any) -> None:
+        with self._io:
+            self.write_meta({**self.meta(), **kw})
+
+    def ids(self) -> dict[str, str]:
+        try:
+            return json.loads((self.path / self.IDS).read_text())
+        except FileNotFoundError:
+            return {}
+
+    def add_id(self, local: str, server: str) -> None:
+        with self._io:
+            atomic_write_text(self.path / self.IDS, json.dumps({**self.ids(), local: server}))
+
+    @property
+    def run_id(self) -> str | None:
+        """The server's id of the run once it exists, else its local id."""
+        rid = self.meta().get("run_id")
+        return self.ids().get(rid, rid) if rid else None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    def file(self, relative: str) -> Path:
+        p = (self.path / "files" / relative).resolve()
+        if self.path not in p.parents:
+            raise ValueError(f"artifact path {relative!r} leaves the run directory")
+        return p
+
+    # -- the journal -------------------------------------------------------------------------------------------
+
+    def read_journal(self) -> list[dict[str, Any]]:
+        ops = []
+        try:
+            with open(self.path / self.JOURNAL, encoding="utf-8") as f:
+                for line in f:
+                    if not line.endswith("\n"):
+                        break  # a line cut by a crash: never acknowledged, never replayed
+                    ops.append(json.loads(line))
+        except FileNotFoundError:
+            pass
+        return ops
+
+    def sent(self) -> int:
+        try:
+            return int(json.loads((self.path / self.SENT).read_text())["sent"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return 0
+
+    def set_sent(self, n: int) -> None:
+        # a plain replace, not fsynced: after a power cut a few operations are sent twice, which MLflow tolerates
+        tmp = self.path / f".{self.SENT}.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps({"sent": int(n)}))
+        os.replace(tmp, self.path / self.SENT)
+
+    def append(self, ops: Iterable[Mapping[str, Any]]) -> None:
+        data = "".join(json.dumps(op, separators=(",", ":")) + "\n" for op in ops)
+        with self._io:
+            if self._journal is None:
+                self._journal = open(self.path / self.JOURNAL, "a", encoding="utf-8")  # noqa: SIM115
+            self._journal.write(data)
+            self._journal.flush()  # in the OS's hands: a killed process loses nothing
+
+    def sync(self) -> None:
+        """Make the journal durable (fsync): at checkpoints and at the end of a run."""
+        with self._io:
+            if self._journal is not None:
+                self._journal.flush()
+                os.fsync(self._journal.fileno())
+
+    def pending(self) -> int:
+        return max(0, len(self.read_journal()) - self.sent())
+
+    def metric_history(self, run: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+        """Every value of ``keys`` this directory's journal holds for ``run``, by step (the last one wins)."""
+        want = set(keys)
+        out: dict[str, dict[int, float]] = {k: {} for k in want}
+        ids = self.ids()
+        same = {run} | {k for k, v in ids.items() if v == run} | ({ids[run]} if run in ids else set())
+        for op in self.read_journal():
+            if op.get("op") == "log_batch" and op.get("run") in same:
+                for k, v, _ts, step in op.get("metrics", ()):
+                    if k in want:
+                        out[k][int(step)] = float(v)
+        return {k: sorted(v.items()) for k, v in out.items()}
+
+    # -- the writer's lock --------------------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Hold the directory for this process (released when it ends, however it ends)."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = (self.path / self.LOCK).read_text().strip() or "another process"
+            raise RunDirError(f"{self.path}: in use by {holder} (a training or a sync still writing it)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        with self._io:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def find_run_dir(run_id: str, root: str | os.PathLike | None = None) -> RunDir | None:
+    """The local run directory of ``run_id`` (a server or local id) under ``root``, newest first; None if none."""
+    root = Path(root) if root is not None else default_runs_root()
+    if not root.is_dir():
+        return None
+    for meta in sorted(root.glob(f"*/{RunDir.META}"), reverse=True):
+        d = RunDir(meta.parent)
+        try:
+            m = d.meta()
+        except RunDirError:
+            continue
+        if run_id in (m.get("run_id"), d.ids().get(m.get("run_id", ""))):
+            return d
+    return None
+
+
+def _server_ids_near(d: RunDir) -> dict[str, str]:
+    """Local ids of every run directory beside ``d`` (a demo's method runs name their parent's)."""
+    out: dict[str, str] = {}
+    for ids in d.path.parent.glob(f"*/{RunDir.IDS}"):
+        with contextlib.suppress(OSError, ValueError):
+            out.update(json.loads(ids.read_text()))
+    return out
+
+
+class _NotYet(Exception):
+    """An operation that names a run not created yet (its parent's directory has not been uploaded)."""
+
+
+class Outbox:
+    """Sends a run directory's journal to a tracking server, in order, from one background thread.
+
+    ``submit`` journals an operation and returns at once; ``call`` also waits
+    (bounded) for its result. ``drain`` waits until everything is sent, or
+    the server has failed once more, or a deadline. ``thread=False`` gives a
+    synchronous outbox (``replay``), for ``pnn-cluster sync``.
+    """
+
+    def __init__(self, run_dir: RunDir, client: Any, uri: str, *, retry_every_s: float = 15.0,
+                 warn: Callable[[str], None] | None = None, thread: bool = True) -> None:
+        self.dir = run_dir
+        self.client = client
+        self.uri = uri
+        self.retry_every_s = float(retry_every_s)
+        self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        journal = run_dir.read_journal()
+        self._next = len(journal)
+        self._sent = min(run_dir.sent(), self._next)
+        self._queue: deque[tuple[int, dict[str, Any]]] = deque(
+            (i, op) for i, op in enumerate(journal) if i >= self._sent)
+        self._ids = run_dir.ids()
+        self._experiments: dict[str, str] = {}
+        self._results: dict[int, Any] = {}
+        self._cv = threading.Condition()
+        self._failures = 0  # attempts that met an outage; drain() waits for the next one
+        self.offline_since: float | None = None
+        self.outages = 0
+        self.rejected = 0
+        self.uploaded = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(target=self._loop, name="pnn-tracking-outbox", daemon=True)
+            self._thread.start()
+
+    # -- the caller's side ---------------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
+    @property
+    def online(self) -> bool:
+        return self.offline_since is None
+
+    def submit(self, op: dict[str, Any]) -> int:
+        with self._cv:
+            seq = self._next
+            self._next += 1
+            self.dir.append([op])
+            self._queue.append((seq, op))
+            self._cv.notify_all()
+        return seq
+
+    def call(self, op: dict[str, Any], wait_s: float) -> tuple[bool, Any]:
+        """Submit and wait up to ``wait_s`` (less when the server is known to be away): (done, result)."""
+        failures = self._failures
+        seq = self.submit(op)
+        deadline = time.monotonic() + max(0.0, wait_s)
+        with self._cv:
+            while seq not in self._results:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._failures > failures or not self.online or self._thread is None:
+                    return False, None
+                self._cv.wait(left)
+            return True, self._results.pop(seq)
+
+    def drain(self, wait_s: float) -> bool:
+        """Wait until everything journaled is sent (True), the server fails once more, or ``wait_s`` passes."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        with self._cv:
+            failures = self._failures
+            if not self.online:
+                self._retry_now = True
+                self._cv.notify_all()
+            while self._queue:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._failures > failures:
+                    return False
+                self._cv.wait(left)
+            return True
+
+    def close(self, wait_s: float = 0.0) -> int:
+        """Drain for up to ``wait_s``, stop the thread; the number of operations left for ``pnn-cluster sync``."""
+        self.drain(wait_s)
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=HTTP_TIMEOUT_S + 1)
+        self.dir.set_sent(self._sent)
+        return self.pending
+
+    def replay(self) -> int:
+        """Send the whole backlog now, in this thread (``thread=False``); the number left (0: all sent)."""
+        while self._queue:
+            if not self._send_one():
+                break
+        self.dir.set_sent(self._sent)
+        return len(self._queue)
+
+    # -- the thread's side ----------------------------------------------------------------------------------------
+
+    _retry_now = False
+
+    def _loop(self) -> None:
+        last_try = 0.0
+        while True:
+            with self._cv:
+                while True:
+                    if self._closing:
+                        return
+                    if self._queue:
+                        if self.online or self._retry_now:
+                            break
+                        wait = last_try + self.retry_every_s - time.monotonic()
+                        if wait <= 0:
+                            break  # retry_every_s has passed: try the server again
+                        self._cv.wait(wait)
+                    else:
+                        self._cv.wait()
+                self._retry_now = False
+            while self._send_one():
+                with self._cv:
+                    if not self._queue or self._closing:
+                        break
+            last_try = time.monotonic()
+            self.dir.set_sent(self._sent)
+
+    def _send_one(self) -> bool:
+        """Send the head of the queue: True if it is done (sent, or refused for good), False on an outage."""
+        with self._cv:
+            if not self._queue:
+                return False
+            seq, op = self._queue[0]
+            later = list(self._queue)[1:]
+        result = None
+        try:
+            if not self._superseded(op, later):
+                result = self._execute(op)
+        except _NotYet:
+            self._outage(f"run {op.get('run')} is not on the server yet (upload its parent's run directory first)")
+            return False
+        except Exception as exc:  # noqa: BLE001 -- whatever a tracking store raises, the training goes on
+            if is_outage(exc):
+                self._outage(short_reason(exc))
+                return False
+            self.rejected += 1
+            self.warn(f"pnn-cluster: tracking server refused {op.get('op')} ({short_reason(exc)}); skipped")
+        with self._cv:
+            self._queue.popleft()
+            self._sent = seq + 1
+            self._results[seq] = result
+            self.uploaded += 1
+            if self.offline_since is not None:
+                self.warn(f"pnn-cluster: tracking server {self.uri} is back after "
+                          f"{time.monotonic() - self.offline_since:.0f} s; uploading {len(self._queue) + 1} "
+                          "operation(s) kept meanwhile")
+                self.offline_since = None
+            self._cv.notify_all()
+        return True
+
+    def _outage(self, reason: str) -> None:
+        with self._cv:
+            self._failures += 1
+            if self.offline_since is None:
+                self.offline_since = time.monotonic()
+                self.outages += 1
+                self.warn(f"pnn-cluster: tracking server {self.uri} unreachable ({reason}); training goes on, "
+                          f"the run is kept in {self.dir.path} and uploaded when the server is back "
+                          f"(or by `pnn-cluster sync {self.dir.path}`)")
+            self._cv.notify_all()
+
+    @staticmethod
+    def _superseded(op: Mapping[str, Any], later: list[tuple[int, dict[str, Any]]]) -> bool:
+        # a backlog holding several uploads of checkpoints/last.pt sends the file once: it is the latest anyway
+        if op.get("op") != "log_artifact":
+            return False
+        return any(o.get("op") == "log_artifact" and o.get("file") == op["file"] and o.get("run") == op.get("run")
+                   and o.get("artifact_path") == op.get("artifact_path") for _, o in later)
+
+    def _run_id(self, rid: str | None) -> str | None:
+        if rid is None or not is_local_id(rid):
+            return rid
+        if rid in self._ids:
+            return self._ids[rid]
+        near = _server_ids_near(self.dir)
+        if rid in near:
+            self._ids[rid] = near[rid]
+            return near[rid]
+        raise _NotYet(rid)
+
+    def _experiment_id(self, name: str) -> str:
+        if name not in self._experiments:
+            exp = self.client.get_experiment_by_name(name)
+            self._experiments[name] = exp.experiment_id if exp else self.client.create_experiment(name)
+        return self._experiments[name]
+
+    def _execute(self, op: Mapping[str, Any]) -> Any:
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind = op["op"]
+        c = self.client
+        if kind == "create_run":
+            if op["run"] in self._ids:  # created before a crash cut the acknowledgement short
+                return self._ids[op["run"]]
+            tags = dict(op.get("tags") or {})
+            if "mlflow.parentRunId" in tags:
+                tags["mlflow.parentRunId"] = self._run_id(tags["mlflow.parentRunId"])
+            run = c.create_run(self._experiment_id(op["experiment"]), start_time=op.get("start_time"),
+                               run_name=op.get("run_name"), tags=tags)
+            rid = run.info.run_id
+            self._ids[op["run"]] = rid
+            self.dir.add_id(op["run"], rid)
+            return rid
+        run = self._run_id(op.get("run"))
+        if kind == "log_batch":
+            c.log_batch(run, metrics=[Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in op.get("metrics", ())],
+                        params=[Param(k, v) for k, v in op.get("params", ())],
+                        tags=[RunTag(k, v) for k, v in op.get("tags", ())])
+        elif kind == "resume_run":
+            data = c.get_run(run).data
+            resumed = int(data.tags.get("pnn.resumed", "0")) + 1
+            c.update_run(run, status="RUNNING")
+            c.set_tag(run, "pnn.resumed", str(resumed))
+            if "pnn.error" in data.tags:  # what stopped it last time stays on record, under another name
+                c.set_tag(run, f"pnn.interrupted.{resumed}", data.tags["pnn.error"])
+                c.delete_tag(run, "pnn.error")
+        elif kind == "set_terminated":
+            c.set_terminated(run, op["status"], end_time=op.get("end_time"))
+        elif kind == "log_artifact":
+            path = self.dir.path / op["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} (removed from the run directory)")
+            c.log_artifact(run, str(path), op.get("artifact_path"))
+        elif kind == "log_model":
+            model = c.create_logged_model(self._experiment_id(op["experiment"]), name=op["name"],
+                                          source_run_id=run, tags=dict(op.get("tags") or {}))
+            try:
+                c.log_model_artifacts(model.model_id, str(self.dir.path / op["dir"]))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    c.finalize_logged_model(model.model_id, "FAILED")
+                raise
+            c.finalize_logged_model(model.model_id, "READY")
+            return model.model_id
+        else:
+            raise ValueError(f"journal operation {kind!r} unknown")  # a journal from a newer version
+        return None
