@@ -10,6 +10,19 @@ when it is loaded; every mistake is reported as::
 naming the file and the dotted key (``devices.optics.driver.system``,
 ``stack.2.size``), the value that was refused and what would be accepted.
 
+Every number has bounds, so a typo cannot ask for more than a machine has:
+seeds are integers in 0..2**32-1 (:data:`MAX_SEED`; derived seeds stay far
+below the 2**64 torch and NumPy take); widths (linear layer sizes, twin hidden
+widths, simulated systems' size options, ports of a declared device spec) are
+1..65536 (:data:`MAX_WIDTH`); batch sizes 1..1,000,000 (:data:`MAX_BATCH`,
+what a device spec takes in one call); epochs 1..100,000; floats are finite.
+A simulated system's ``options`` are checked against its ``build_spec``
+signature (names, integer sizes, ranges) before it is built. Then the largest
+allocations the sizes imply together (a linear layer's weights and optimizer
+state, a batch's activations, a twin's calibration samples and hidden layers)
+are estimated and a configuration whose estimate exceeds this machine's
+memory (:func:`machine_memory`) is refused, naming the key to reduce.
+
 This module is the schema and its loader only: :mod:`pnn_cluster.runner`
 turns a loaded :class:`ExperimentConfig` into devices, twins and a stack and
 runs it, in this process or on Ray.
@@ -18,8 +31,8 @@ runs it, in this process or on Ray.
 from __future__ import annotations
 
 import difflib
-import inspect
 import json
+import os
 import re
 import types
 import typing
@@ -31,14 +44,17 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from pnn_cluster.devices import SYSTEMS, make_device
+from pnn_cluster.devices import SYSTEMS, DeviceSpec, LimitError, make_device
+from pnn_cluster.devices.simulated import MAX_SIZE
 
 __all__ = [
     "ConfigError", "Problem", "ExperimentConfig", "DeviceConfig", "LayerConfig", "SimulatedDriver", "VisaDriver",
     "ZmqDriver", "PythonDriver", "TwinConfig", "PlacementConfig", "TwinPlacement", "TrainerPlacement",
     "load_config", "parse_config", "example_configs", "example_config_path", "flatten", "METHODS",
+    "MAX_SEED", "MAX_WIDTH", "MAX_BATCH", "MAX_EPOCHS", "machine_memory", "system_option_problems",
 ]
 
 SYSTEM_NAMES = tuple(sorted(SYSTEMS))
@@ -86,20 +102,32 @@ def _near(word: str, choices: Sequence[str]) -> str:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
-Probability = Annotated[float, Field(ge=0.0)]
+#: seeds: what ``np.random.seed`` takes, and ``seed * 100 + layer + 1000 * replica`` stays far below 2**63
+MAX_SEED = 2**32 - 1
+#: the widest layer, twin hidden layer or device port (a simulated system's size options share the cap)
+MAX_WIDTH = MAX_SIZE
+#: the largest batch: what a device spec takes in one call by default (``DeviceSpec.max_batch``)
+MAX_BATCH = 1_000_000
+MAX_EPOCHS = 100_000
+#: a declared device's parameters, all elements together (an SLM of 4096 x 4096 pixels)
+MAX_PARAMS = 2**24
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+Resource = Annotated[float, Field(gt=0.0, le=1e12)]
 
 
 class ImperfectionsConfig(Section):
     """Overrides of a simulated system's imperfections (defaults are the system's own)."""
 
-    noise: Probability | None = None
-    shot: Probability | None = None
-    gap: Probability | None = None
-    drift: Probability | None = None
+    noise: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    shot: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    gap: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    drift: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
     unmodelled: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
     quant_bits: Annotated[int, Field(ge=2, le=24)] | None = None
     latency_call_s: Annotated[float, Field(ge=0.0, le=60.0)] | None = None
@@ -110,11 +138,13 @@ class ImperfectionsConfig(Section):
         return {k: getattr(self, k) for k in IMPERFECTION_KEYS if getattr(self, k) is not None}
 
 
+def _system_class(system: str) -> type:
+    return type(make_device(system))
+
+
 def _system_options(system: str) -> tuple[str, ...]:
     """Size options a simulated system's ``build_spec`` takes (its signature is the source of truth)."""
-    dev_cls = type(make_device(system))
-    sig = inspect.signature(dev_cls.build_spec)
-    return tuple(n for n, p in sig.parameters.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+    return tuple(_system_class(system).option_types())
 
 
 def _check_system(v: str) -> str:
@@ -130,7 +160,7 @@ class SimulatedDriver(Section):
     system: str
     options: dict[str, int | float | str | bool] = Field(default_factory=dict)
     imperfections: ImperfectionsConfig = Field(default_factory=ImperfectionsConfig)
-    seed: Annotated[int, Field(ge=0)] | None = None
+    seed: Seed | None = None
 
     @field_validator("system")
     @classmethod
@@ -224,7 +254,7 @@ class PythonDriver(Section):
     the constructor's keyword arguments.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True, allow_inf_nan=False)
 
     kind: Literal["python"]
     class_: str = Field(alias="class")
@@ -249,12 +279,12 @@ class TwinConfig(Section):
 
     kind: Literal["physics", "residual", "mlp", "ideal", "best"] = "physics"
     groups: Annotated[int, Field(ge=3, le=100_000)] = 24
-    batch: Annotated[int, Field(ge=1, le=1_000_000)] = 128
+    batch: BatchSize = 128
     repeats: Annotated[int, Field(ge=2, le=100)] = 2
     holdout: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    epochs: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] | None = None
     lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
-    hidden: list[PositiveInt] | None = None
+    hidden: Annotated[list[Width], Field(max_length=32)] | None = None
     load: str | None = None
 
     @field_validator("load")
@@ -262,10 +292,10 @@ class TwinConfig(Section):
     def _load_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
-        # a saved twin is NAME.pt (tensors) next to NAME.json (kind, config, spec)
+        # a saved twin is NAME.pt (tensors and metadata; NAME.json beside it is a readable copy, and holds
+        # the metadata of a twin saved in format 1, which loading checks)
         stem = v.removesuffix(".pt").removesuffix(".json")
-        for suffix in (".pt", ".json"):
-            _existing_file(stem + suffix, info)
+        _existing_file(stem + ".pt", info)
         return str(_resolve(stem, info))
 
 
@@ -293,7 +323,7 @@ class PlacementConfig(Section):
 
     instrument: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
     labels: dict[str, str] = Field(default_factory=dict)
-    resources: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+    resources: dict[str, Resource] = Field(default_factory=dict)
     twins: TwinPlacement = Field(default_factory=TwinPlacement)
 
     def ray_resources(self) -> dict[str, float]:
@@ -341,7 +371,7 @@ class LayerConfig(Section):
     ``{kind: affine}``."""
 
     kind: Literal["linear", "rescale", "physical", "affine"]
-    size: PositiveInt | None = None
+    size: Width | None = None
     device: str | None = None
 
 
@@ -356,10 +386,10 @@ class DatasetConfig(Section):
 
     name: Literal["mnist5k", "digits", "vowels", "npz", "idx"]
     path: str | None = None
-    train_subset: PositiveInt | None = None
-    test_subset: PositiveInt | None = None
+    train_subset: Annotated[int, Field(ge=1, le=100_000_000)] | None = None
+    test_subset: Annotated[int, Field(ge=1, le=100_000_000)] | None = None
     val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
-    split_seed: Annotated[int, Field(ge=0)] = 0
+    split_seed: Seed = 0
 
     @field_validator("path")
     @classmethod
@@ -386,11 +416,11 @@ class InitConfig(Section):
 
 
 class ScheduleConfig(Section):
-    epochs: Annotated[int, Field(ge=1, le=100_000)] = 5
-    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 64
-    micro_batch: PositiveInt | None = None
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 5
+    batch_size: BatchSize = 64
+    micro_batch: BatchSize | None = None
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    eval_batch: PositiveInt = 500
+    eval_batch: BatchSize = 500
 
 
 class TrackingConfig(Section):
@@ -402,7 +432,7 @@ class TrackingConfig(Section):
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     flush_every_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 10.0
-    checkpoint_every: Annotated[int, Field(ge=1)] = 1
+    checkpoint_every: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
     residual_batch: Annotated[int, Field(ge=0, le=100_000)] = 256
     log_models: bool = True
 
@@ -413,7 +443,7 @@ class TrainerPlacement(Section):
     num_cpus: Annotated[float, Field(ge=0.0, le=256.0)] = 1.0
     num_gpus: Annotated[float, Field(ge=0.0, le=64.0)] = 0.0
     labels: dict[str, str] = Field(default_factory=dict)
-    resources: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+    resources: dict[str, Resource] = Field(default_factory=dict)
 
 
 class ClusterConfig(Section):
@@ -434,7 +464,7 @@ METHODS = ("pat", "in_silico", "oracle", "ablation")
 class ExperimentConfig(Section):
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     method: Literal["pat", "in_silico", "oracle", "ablation"] = "pat"
     dataset: DatasetConfig
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)
@@ -496,12 +526,11 @@ class ExperimentConfig(Section):
             if name not in used and not unknown_refs:
                 out.append(Problem(f"devices.{name}", "device is not used by any layer of the stack",
                                    "remove it, or add {kind: physical, device: " + name + "}"))
+        specs: dict[str, DeviceSpec | None] = {}
         for name, dev in self.devices.items():
             drv = dev.driver
-            if drv.kind == "simulated":
-                out += _option_problems(f"devices.{name}.driver", drv.system, drv.options)
-            elif getattr(drv, "model", None) is not None:
-                out += _option_problems(f"devices.{name}.driver.model", drv.model.system, drv.model.options)
+            found, specs[name] = _driver_spec(f"devices.{name}.driver", drv)
+            out += found
             if self.method == "oracle" and drv.kind != "simulated":
                 out.append(Problem("method", f"'oracle' differentiates through the simulator; device {name!r} is "
                                    f"{drv.kind} hardware", "pat, in_silico"))
@@ -520,9 +549,66 @@ class ExperimentConfig(Section):
                 if member.driver.kind != drv.kind:
                     out.append(Problem(f"devices.{name}.pool.{j}.driver.kind", f"a pool holds devices of one kind; "
                                        f"{name!r} is {drv.kind}", drv.kind))
-                elif member.driver.kind == "simulated":
-                    out += _option_problems(f"devices.{name}.pool.{j}.driver", member.driver.system,
-                                            member.driver.options)
+                else:
+                    out += _driver_spec(f"devices.{name}.pool.{j}.driver", member.driver)[0]
+        if not out:
+            out += self._memory_problems(specs)
+        return out
+
+    def _memory_problems(self, specs: Mapping[str, DeviceSpec | None]) -> list[Problem]:
+        """The largest allocations the sizes imply, each compared with this machine's memory."""
+        limit = machine_memory()
+        out: list[Problem] = []
+
+        def check(key: str, per_unit: int, units: int, what: str, unit_name: str) -> None:
+            need = per_unit * units
+            if need > limit:
+                most = max(0, limit // max(per_unit, 1))
+                out.append(Problem(key, f"{what} needs about {_bytes(need)}, more than this machine's memory "
+                                   f"({_bytes(limit)})", f"at most {most} {unit_name} at these sizes"))
+
+        widths: list[int] = []
+        width = DATASET_FEATURES.get(self.dataset.name)
+        if width is not None:
+            widths.append(width)
+        for i, layer in enumerate(self.stack):
+            if layer.kind == "linear":
+                if width is not None:
+                    # weights, their gradient and the optimizer's two moments, in float64 at most
+                    check(f"stack.{i}.size", 4 * 8 * width, layer.size,
+                          f"a linear layer of {width} x {layer.size} weights (with gradients and optimizer state)",
+                          "outputs")
+                width = layer.size
+            elif layer.kind == "physical":
+                spec = specs.get(layer.device)
+                width = spec.output.size if spec is not None else None
+            if width is not None:
+                widths.append(width)
+        sched = self.schedule
+        if widths:
+            # values, gradients and the twins' vector-Jacobian products of every layer, for a whole batch
+            check("schedule.batch_size", 3 * 8 * sum(widths), sched.batch_size,
+                  f"a batch of {sched.batch_size} samples through layers {'+'.join(map(str, widths))} wide",
+                  "samples")
+            check("schedule.eval_batch", 8 * sum(widths), sched.eval_batch,
+                  f"an evaluation batch of {sched.eval_batch} samples", "samples")
+        for name, dev in self.devices.items():
+            spec = specs.get(name)
+            if spec is None:
+                continue
+            tw = dev.twin
+            n_params = sum(p.numel for p in spec.params)
+            per_sample = 8 * (spec.input.size + n_params + tw.repeats * spec.output.size)
+            samples = tw.groups * tw.batch
+            check(f"devices.{name}.twin.batch", per_sample * tw.groups, tw.batch,
+                  f"{tw.groups} groups x {tw.batch} calibration samples x {tw.repeats} repeats", "per group")
+            if samples * per_sample <= limit and tw.kind in ("mlp", "residual", "best"):
+                default = [64, 64] if tw.kind == "residual" else [256, 256, 256]  # the twins' own defaults
+                hidden = tw.hidden if tw.hidden is not None else default
+                sizes = [spec.input.size + n_params, *hidden, spec.output.size]
+                weights = sum(a * b for a, b in zip(sizes, sizes[1:]))
+                check(f"devices.{name}.twin.hidden", 4 * 8, weights,
+                      f"a twin MLP of {weights} weights ({' x '.join(map(str, sizes))})", "weights")
         return out
 
     # -- conversions -------------------------------------------------------------------------------------
@@ -553,17 +639,102 @@ class ExperimentConfig(Section):
         return yaml.safe_dump(self.resolved(), sort_keys=False)
 
 
-def _option_problems(key: str, system: str, options: Mapping[str, Any]) -> list[Problem]:
+#: features of the datasets whose width is known without reading them
+DATASET_FEATURES = {"mnist5k": 784, "digits": 64, "vowels": 12}
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its container's limit when lower."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = 16 * 2**30
+    for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(cgroup).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:
+            total = int(text)
+    return total
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PiB"  # pragma: no cover
+
+
+def system_option_problems(key: str, system: str, options: Mapping[str, Any]) -> list[Problem]:
+    """Mistakes in a simulated system's ``options``, each under ``KEY.options.NAME``; [] when it builds."""
+    return _system_spec(key, system, options)[0]
+
+
+def _system_spec(key: str, system: str, options: Mapping[str, Any]) -> tuple[list[Problem], DeviceSpec | None]:
     allowed = _system_options(system)
     bad = [Problem(f"{key}.options.{k}", f"unknown option of system {system!r}{_near(k, allowed)}", ", ".join(allowed))
            for k in options if k not in allowed]
     if bad:
-        return bad
+        return bad, None
     try:
-        make_device(system, **options)
+        # names, types and ranges first: nothing is allocated for a value the system cannot take
+        _system_class(system).check_options(options)
+    except LimitError as exc:
+        what = f"{exc.problem}: {exc.value}" if exc.value is not None else exc.problem
+        return [Problem(f"{key}.{exc.field}", what, exc.allowed)], None
+    try:
+        return [], make_device(system, **options).spec
     except (TypeError, ValueError) as exc:
-        return [Problem(f"{key}.options", f"system {system!r} refuses {dict(options)}: {exc}")]
-    return []
+        return [Problem(f"{key}.options", f"system {system!r} refuses {dict(options)}: {exc}")], None
+
+
+def _driver_spec(key: str, drv: Any) -> tuple[list[Problem], DeviceSpec | None]:
+    """A driver's mistakes, and the spec its device will have when that is known before it connects."""
+    if drv.kind == "simulated":
+        return _system_spec(key, drv.system, drv.options)
+    out: list[Problem] = []
+    spec = None
+    model = getattr(drv, "model", None)
+    if model is not None:
+        out, spec = _system_spec(f"{key}.model", model.system, model.options)
+    declared = getattr(drv, "spec", None)
+    if declared is not None:
+        found, declared_spec = _declared_spec(f"{key}.spec", declared)
+        out += found
+        spec = declared_spec or spec
+    return out, spec
+
+
+def _declared_spec(key: str, data: Mapping[str, Any]) -> tuple[list[Problem], DeviceSpec | None]:
+    """A device spec written in the configuration (``driver.spec``): its sizes bounded, then parsed."""
+    allowed = f"an integer from 1 to {MAX_WIDTH}"
+    for port in ("input", "output"):
+        size = (data.get(port) or {}).get("size") if isinstance(data.get(port), Mapping) else None
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_WIDTH):
+            return [Problem(f"{key}.{port}.size", f"out of range: {_show(size)}", allowed)], None
+    params = data.get("params") or []
+    numel = 0
+    for j, p in enumerate(params if isinstance(params, list) else []):
+        shape = p.get("shape") if isinstance(p, Mapping) else None
+        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and
+                                                  1 <= n <= MAX_WIDTH for n in shape):
+            return [Problem(f"{key}.params.{j}.shape", f"not a shape: {_show(shape)}",
+                            f"a list of integers from 1 to {MAX_WIDTH}")], None
+        n = 1
+        for d in shape:
+            n *= d
+        numel += n
+    if numel > MAX_PARAMS:
+        return [Problem(f"{key}.params", f"{numel} parameter elements in all", f"at most {MAX_PARAMS}")], None
+    try:
+        return [], DeviceSpec.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        return [Problem(key, f"not a device spec: {what}",
+                        "a mapping with name, input {size, low, high}, output {size}, params [{name, shape, low, "
+                        "high}]")], None
 
 
 # -- paths relative to the file ------------------------------------------------------------------------------
@@ -790,9 +961,16 @@ def _problem(err: Mapping[str, Any], data: Any) -> Problem:
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
         limit = next(iter(ctx.values()), "")
-        return Problem(key, f"out of range: {_show(value)}", f"{bounds[kind]} {limit}")
+        # both ends of the range, when the key has both
+        return Problem(key, f"out of range: {_show(value)}",
+                       _range_text(_constraints_at(loc, data)) or f"{bounds[kind]} {_number(limit)}")
+    if kind == "finite_number":
+        return Problem(key, f"not a finite number: {_show(value)}",
+                       _range_text(_constraints_at(loc, data)) or "a finite number")
     if kind in ("too_short", "string_too_short"):
         return Problem(key, f"too short: {_show(value)}", f"at least {ctx.get('min_length', 1)} item(s)")
+    if kind == "too_long":
+        return Problem(key, f"too long: {ctx.get('actual_length', '?')} items", f"at most {ctx.get('max_length')}")
     for suffix in ("_type", "_parsing", "_from_float"):
         if kind.endswith(suffix):
             word = kind[: -len(suffix)]
@@ -803,6 +981,84 @@ def _problem(err: Mapping[str, Any], data: Any) -> Problem:
                 expected = _describe(fld.annotation) if fld else word
             return Problem(key, f"wrong type: {_show(value)} ({type(value).__name__})", expected)
     return Problem(key, f"{err.get('msg', 'invalid')}: {_show(value)}")
+
+
+def _number(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _range_text(c: Mapping[str, Any]) -> str:
+    low = f">= {_number(c['ge'])}" if "ge" in c else f"> {_number(c['gt'])}" if "gt" in c else ""
+    high = f"<= {_number(c['le'])}" if "le" in c else f"< {_number(c['lt'])}" if "lt" in c else ""
+    return " and ".join(t for t in (low, high) if t)
+
+
+def _constraints_at(loc: Sequence[Any], data: Any) -> dict[str, Any]:
+    """The bounds (``ge``, ``gt``, ``le``, ``lt``) the schema puts on the key at ``loc``."""
+    found: dict[str, Any] = {}
+
+    def take(meta: Any) -> None:
+        if isinstance(meta, FieldInfo):
+            for m in meta.metadata:
+                take(m)
+            return
+        for attr in ("gt", "ge", "lt", "le"):
+            v = getattr(meta, attr, None)
+            if v is not None:
+                found.setdefault(attr, v)
+
+    def visit(ann: Any) -> None:
+        origin = typing.get_origin(ann)
+        if origin is Annotated:
+            base, *metas = typing.get_args(ann)
+            for m in metas:
+                take(m)
+            visit(base)
+        elif origin in (Union, types.UnionType):
+            for a in typing.get_args(ann):
+                visit(a)
+
+    if not loc:
+        return found
+    parent, last = loc[:-1], loc[-1]
+    model = _model_at(parent, data)
+    if model is not None:
+        fld = _keys(model).get(last) if isinstance(last, str) else None
+        if fld is not None:
+            for m in fld.metadata:
+                take(m)
+            visit(fld.annotation)
+        return found
+    # an item of a list or a value of a mapping: the bounds of the container's item type
+    container = _constraints_container(parent, data)
+    if container is not None:
+        visit(container)
+    return found
+
+
+def _constraints_container(loc: Sequence[Any], data: Any) -> Any:
+    if not loc:
+        return None
+    model = _model_at(loc[:-1], data)
+    fld = _keys(model).get(loc[-1]) if model is not None and isinstance(loc[-1], str) else None
+    if fld is None:
+        return None
+    ann = fld.annotation
+    while True:
+        origin = typing.get_origin(ann)
+        if origin is Annotated:
+            ann = typing.get_args(ann)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(members) != 1:
+                return None
+            ann = members[0]
+        elif origin in (list, tuple):
+            return typing.get_args(ann)[0]
+        elif origin is dict:
+            return typing.get_args(ann)[1]
+        else:
+            return None
 
 
 def _describe(ann: Any) -> str:

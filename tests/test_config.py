@@ -99,6 +99,41 @@ def mistake(tmp_path: Path, change) -> ConfigError:
     (lambda d: d.update(method="digital"), "method", ["'digital'", "pat, in_silico, oracle, ablation"]),
     (lambda d: d["devices"]["circuit"]["twin"].update(kind="gp"), "devices.circuit.twin.kind",
      ["'gp'", "physics, residual, mlp, ideal, best"]),
+    # every number is bounded: the message gives both ends of the range
+    (lambda d: d.update(seed=2**70), "seed",
+     ["out of range: 1180591620717411303424", "allowed: >= 0 and <= 4294967295"]),
+    (lambda d: d["dataset"].update(split_seed=2**32), "dataset.split_seed", ["<= 4294967295"]),
+    (lambda d: d["devices"]["circuit"]["driver"].update(seed=-1), "devices.circuit.driver.seed", [">= 0 and <="]),
+    (lambda d: d["schedule"].update(batch_size=10**7), "schedule.batch_size", ["allowed: >= 1 and <= 1000000"]),
+    (lambda d: d["schedule"].update(micro_batch=0), "schedule.micro_batch", ["out of range: 0", ">= 1 and <= 1000000"]),
+    (lambda d: d["stack"][0].update(size=10**6), "stack.0.size", ["out of range: 1000000", "<= 65536"]),
+    (lambda d: d["devices"]["circuit"]["twin"].update(kind="mlp", hidden=[16, 0]), "devices.circuit.twin.hidden.1",
+     ["out of range: 0", "allowed: >= 1 and <= 65536"]),
+    (lambda d: d["devices"]["circuit"]["twin"].update(kind="mlp", hidden=[8] * 40), "devices.circuit.twin.hidden",
+     ["too long: 40 items", "at most 32"]),
+    (lambda d: d.update(optimizer={"lr": float("nan")}), "optimizer.lr", ["not a finite number: nan", "> 0 and <= 10"]),
+    (lambda d: d["devices"]["circuit"]["driver"].update(imperfections={"noise": float("inf")}),
+     "devices.circuit.driver.imperfections.noise", ["not a finite number: inf"]),
+    (lambda d: d["devices"]["circuit"].update(placement={"resources": {"gpu_slot": float("inf")}}),
+     "devices.circuit.placement.resources.gpu_slot", ["not a finite number: inf", "> 0 and <= 1e+12"]),
+    # a simulated system's options: names, integer sizes and ranges, before anything is allocated
+    (lambda d: d["devices"]["circuit"]["driver"]["options"].update(n_in=1e11), "devices.circuit.driver.options.n_in",
+     ["out of range: 1e+11", "allowed: an integer from 1 to 65536"]),
+    (lambda d: d["devices"]["circuit"]["driver"]["options"].update(n_in="1e11"), "devices.circuit.driver.options.n_in",
+     ["not an integer (str): '1e11'", "allowed: an integer from 1 to 65536"]),
+    (lambda d: d["devices"]["circuit"]["driver"]["options"].update(n_out=8.0), "devices.circuit.driver.options.n_out",
+     ["not an integer (float): 8.0"]),
+    (lambda d: d["devices"]["circuit"]["driver"]["options"].update(n_params=0),
+     "devices.circuit.driver.options.n_params", ["out of range: 0", "from 1 to 65536"]),
+    (lambda d: d["devices"]["circuit"].update(driver={"kind": "zmq", "address": "tcp://labpc:5555",
+                                                      "model": {"system": "circuit", "options": {"n_in": 10**9}}}),
+     "devices.circuit.driver.model.options.n_in", ["out of range: 1000000000"]),
+    (lambda d: d["devices"]["circuit"].update(driver={"kind": "zmq", "address": "tcp://labpc:5555", "spec": {
+        "name": "amp", "input": {"size": 1e11, "low": 0, "high": 1}, "output": {"size": 8}}}),
+     "devices.circuit.driver.spec.input.size", ["out of range", "an integer from 1 to 65536"]),
+    (lambda d: d["devices"]["circuit"].update(driver={"kind": "zmq", "address": "tcp://labpc:5555",
+                                                      "spec": {"name": "amp"}}),
+     "devices.circuit.driver.spec", ["not a device spec: missing key 'input'"]),
 ])
 def test_each_mistake_names_file_and_key(tmp_path, change, key, words):
     err = mistake(tmp_path, change)
@@ -106,6 +141,33 @@ def test_each_mistake_names_file_and_key(tmp_path, change, key, words):
     line = next(line for line in str(err).splitlines() if f": {key}: " in line)
     for w in words:
         assert w in line, (w, line)
+
+
+def test_sizes_whose_memory_exceeds_the_machine_are_refused_naming_the_key(tmp_path, monkeypatch):
+    import pnn_cluster.config as config
+
+    monkeypatch.setattr(config, "machine_memory", lambda: 2**30)  # a machine of 1 GiB
+    # digits (64 features) -> linear 8 -> rescale 8 -> circuit (8 -> 8) -> linear 10: 98 values a sample,
+    # kept three times (values, gradients, the twins' products) in float64: 2352 bytes a sample
+    err = mistake(tmp_path, lambda d: d["schedule"].update(batch_size=1_000_000))
+    assert err.keys == ["schedule.batch_size"]
+    line = str(err)
+    assert "a batch of 1000000 samples through layers 64+8+8+8+10 wide needs about 2.19 GiB" in line
+    assert "more than this machine's memory (1 GiB) (allowed: at most 456522 samples at these sizes)" in line
+    ok = copy.deepcopy(TINY)
+    ok["schedule"]["batch_size"] = 456522
+    parse_config(ok)  # the largest batch the message allows is allowed
+    ok["schedule"]["batch_size"] = 456523
+    with pytest.raises(ConfigError, match="schedule.batch_size"):
+        parse_config(ok)
+    err = mistake(tmp_path, lambda d: d["devices"]["circuit"]["twin"].update(groups=100_000, batch=100_000))
+    assert err.keys == ["devices.circuit.twin.batch"]
+    assert "100000 groups x 100000 calibration samples x 2 repeats needs about" in str(err)
+    err = mistake(tmp_path, lambda d: d["devices"]["circuit"]["twin"].update(kind="mlp", hidden=[65536, 65536]))
+    assert err.keys == ["devices.circuit.twin.hidden"] and "a twin MLP of" in str(err)
+    err = mistake(tmp_path, lambda d: d["stack"].__setitem__(0, {"kind": "linear", "size": 65536})
+                  or d["stack"].insert(1, {"kind": "linear", "size": 65536}))
+    assert "stack.1.size" in err.keys and "a linear layer of 65536 x 65536 weights" in str(err)
 
 
 def test_every_mistake_is_reported_at_once(tmp_path):
@@ -317,7 +379,7 @@ def test_train_command_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     path = write(tmp_path, data)
     assert main(["train", str(path), "--no-track"]) == 2
     err = capsys.readouterr().err
-    assert f"{path}: schedule.epochs: out of range: -1 (allowed: >= 1)" in err
+    assert f"{path}: schedule.epochs: out of range: -1 (allowed: >= 1 and <= 100000)" in err
     assert main(["train", str(tmp_path / "absent.yaml"), "--no-track"]) == 2
     assert "absent.yaml: no such configuration file" in capsys.readouterr().err
     assert main(["devices", str(path)]) == 2

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -6,6 +7,7 @@ from pnn_cluster.data import Dataset
 from pnn_cluster.devices import Imperfections, make_device
 from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
 from pnn_cluster.training import Callback, TrainConfig, Trainer, TrainerState
+from pnn_cluster.training.trainer import CheckpointError
 
 
 def toy_data(n=96, seed=0):
@@ -144,3 +146,74 @@ def test_trainer_learns_a_separable_problem():
     tr.fit()
     assert tr.history[-1]["val_acc"] > 0.85
     assert tr.test()["acc"] > 0.85
+
+
+# -- checkpoints that cannot be loaded say why, on one line -------------------------------------------------
+
+
+def _trainer(width=6):
+    dev = make_device("shg", n_in=6, n_out=8, imperfections=Imperfections.ideal())
+    layer = PhysicalLayer(dev, twin=dev.model(), mode="pat")
+    stack = Stack(nn.Linear(6, 6), Rescale(6, 0.0, 1.0), layer, Affine(8), nn.Linear(8, width))
+    return Trainer(stack, toy_data(), TrainConfig(epochs=1, batch_size=16), progress=False)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_naming_it(tmp_path):
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a torch file")
+    with pytest.raises(CheckpointError, match=r"notes\.pt: not a torch checkpoint") as info:
+        _trainer().load_checkpoint(junk)
+    assert info.value.path == str(junk) and "\n" not in str(info.value)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match=r"list\.pt: holds a list, not a checkpoint"):
+        _trainer().load_checkpoint(tmp_path / "list.pt")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        _trainer().load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_a_checkpoint_without_its_model_names_the_keys_found_and_expected(tmp_path):
+    tr = _trainer()
+    state = tr.state_dict()
+    del state["model"]
+    with pytest.raises(CheckpointError) as info:
+        tr.load_state_dict(state)
+    msg = str(info.value)
+    assert "no 'model' key" in msg and "found: config, device_samples, epoch" in msg
+    assert "keys model, optimizer, scheduler" in msg and "\n" not in msg
+
+
+def test_a_checkpoint_of_another_stack_names_the_mismatched_tensors_and_changes_nothing(tmp_path):
+    other = _trainer(width=3)
+    path = other.save_checkpoint(tmp_path / "other.pt")
+    tr = _trainer(width=2)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        tr.load_checkpoint(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: the checkpoint's model does not match this stack")
+    assert "shape of 4.weight (3x8 in the checkpoint, 2x8 here), 4.bias (3 in the checkpoint, 2 here)" in msg
+    assert "comes from another configuration" in msg and "\n" not in msg
+    for k, v in tr.model.state_dict().items():  # refused before anything was loaded
+        torch.testing.assert_close(v, before[k])
+    state = other.state_dict()
+    state["model"]["9.extra"] = torch.zeros(1)
+    state["model"].pop("0.weight")
+    with pytest.raises(CheckpointError, match=r"missing 0\.weight; unexpected 9\.extra"):
+        other.load_state_dict(state)
+
+
+def test_save_checkpoint_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    tr = _trainer()
+    path = tr.save_checkpoint(tmp_path / "ckpt.pt")
+    tr.global_step = 7
+
+    def crash(obj, f, *a, **kw):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        tr.save_checkpoint(path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # the temporary file is gone
+    assert torch.load(path, weights_only=True)["global_step"] == 0  # the old checkpoint, whole

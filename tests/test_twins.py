@@ -73,6 +73,74 @@ def test_loading_for_another_device_layout_is_refused(shg_cal, tmp_path):
         load_twin(path, model=other.model(), spec=other.spec)
 
 
+def _output(twin, dev):
+    x = torch.linspace(0, 1, 4 * 8).reshape(4, 8)
+    return twin(x, {"phase": torch.full(dev.spec.param("phase").shape, 0.3)})
+
+
+def test_a_saved_twin_is_one_file_written_in_one_atomic_step(shg_cal, tmp_path, monkeypatch):
+    import pnn_cluster.twins.store as store
+
+    dev, cal = shg_cal
+    old, new = cal.twins["physics"], cal.twins["mlp"]
+    path = save_twin(old, tmp_path / "shg")
+    # the .json beside it is a readable copy: the twin loads from the .pt alone
+    (tmp_path / "shg.json").unlink()
+    torch.testing.assert_close(_output(load_twin(path, model=dev.model(), spec=dev.spec), dev), _output(old, dev))
+
+    # a crash while the new twin's file is written: the old twin is still there, whole, and no temporary file
+    def crash_mid_write(obj, f, *a, **kw):
+        f.write(b"PK half a twin")
+        raise OSError("power cut")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="power cut"):
+        save_twin(new, tmp_path / "shg")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shg.pt"]
+    assert read_twin_meta(path)["kind"] == "physics"
+
+    # a crash after the twin's file was replaced, before its readable copy: the new twin is whole, its
+    # metadata read from its own file, not from the stale copy
+    save_twin(old, tmp_path / "shg")
+
+    def crash(*a, **kw):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(store, "atomic_write_text", crash)
+    with pytest.raises(OSError):
+        save_twin(new, tmp_path / "shg")
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "shg.json").read_text())["kind"] == "physics"  # the stale copy
+    assert read_twin_meta(path)["kind"] == "mlp"
+    torch.testing.assert_close(_output(load_twin(path, spec=dev.spec), dev), _output(new, dev))
+
+
+def test_twins_saved_in_format_1_still_load(shg_cal, tmp_path):
+    dev, cal = shg_cal
+    twin = cal.twins["physics"]
+    # format 1: the state_dict alone in NAME.pt, the metadata in NAME.json
+    torch.save(twin.state_dict(), tmp_path / "old.pt")
+    (tmp_path / "old.json").write_text(json.dumps({"format_version": 1, "kind": twin.kind, "config": twin.config(),
+                                                   "spec": twin.spec.to_dict(), "system": "shg"}))
+    assert read_twin_meta(tmp_path / "old")["system"] == "shg"
+    loaded = load_twin(tmp_path / "old.pt", model=dev.model(), spec=dev.spec)
+    torch.testing.assert_close(_output(loaded, dev), _output(twin, dev))
+    (tmp_path / "old.json").unlink()
+    with pytest.raises(ValueError, match=r"old\.pt: a twin of format 1 keeps its metadata in old\.json"):
+        load_twin(tmp_path / "old.pt", model=dev.model())
+
+
+def test_a_file_that_is_not_a_twin_is_refused_naming_it(tmp_path):
+    from pnn_cluster.twins.store import TwinFileError
+
+    (tmp_path / "x.pt").write_text("hello")
+    with pytest.raises(TwinFileError, match=r"x\.pt: not a saved twin"):
+        load_twin(tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match=r"nothing\.pt: no such twin file"):
+        load_twin(tmp_path / "nothing")
+
+
 def test_physics_kinds_need_a_model():
     dev = make_device("shg", n_in=8, n_out=8)
     with pytest.raises(ValueError, match="needs a physics model"):

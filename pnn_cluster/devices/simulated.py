@@ -16,7 +16,11 @@ so a run is reproducible call for call.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 import time
+import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -26,9 +30,16 @@ import torch
 
 from pnn_cluster.devices.base import Device
 from pnn_cluster.devices.physics import PhysicsModel
-from pnn_cluster.devices.spec import DeviceSpec
+from pnn_cluster.devices.spec import DeviceSpec, LimitError
 
-__all__ = ["Imperfections", "SimulatedDevice"]
+__all__ = ["Imperfections", "SimulatedDevice", "MAX_SIZE", "MAX_SEED"]
+
+#: the largest size option a simulated system accepts (``n_in``, ``n_out``, ``n_pixels``...): 2**16 values
+#: per port or parameter vector, wider than any instrument it stands for; the memory a whole run needs at
+#: such widths is estimated by the configuration's checks
+MAX_SIZE = 65_536
+#: seeds of simulated devices (derived seeds included) are integers in 0..MAX_SEED (torch takes 64 bits)
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,9 @@ class Imperfections:
                 raise ValueError(f"Imperfections.{name} must be a finite number >= 0, got {v!r}")
         if self.quant_bits is not None and not (2 <= int(self.quant_bits) <= 24):
             raise ValueError(f"Imperfections.quant_bits must be in 2..24 or None, got {self.quant_bits!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
+                or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"Imperfections.seed must be an integer in 0..2**63-1, got {self.seed!r}")
 
     @classmethod
     def ideal(cls, seed: int = 0) -> Imperfections:
@@ -100,6 +114,7 @@ class SimulatedDevice(Device):
     output_range: tuple[float, float] = (-1.0, 1.0)
 
     def __init__(self, imperfections: Imperfections | None = None, **options: Any) -> None:
+        self.check_options(options)
         self.options = dict(options)
         self.imperfections = imperfections or self.default_imperfections
         super().__init__(self.build_spec(**options))
@@ -117,6 +132,44 @@ class SimulatedDevice(Device):
                 c.add_(self.imperfections.gap * spread * z)
         self._noise_rng = np.random.default_rng(seed)
         self._drift_rng = torch.Generator().manual_seed(20_011 + seed)
+
+    # -- options -------------------------------------------------------------------
+
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        """The options :meth:`build_spec` takes, by name, with their annotated types (its signature decides)."""
+        return _option_types(cls)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Refuse, before anything is allocated, an option :meth:`build_spec` does not take or a value it cannot.
+
+        Integer options are sizes (inputs, outputs, pixels, modes...): whole numbers from 1 to
+        :data:`MAX_SIZE`; a float, even ``1e11``, is refused rather than truncated. Float options are finite
+        numbers. A :class:`LimitError` names the option (``options.n_in``), the value and what is allowed.
+        """
+        types_ = cls.option_types()
+        for name, value in options.items():
+            field = f"options.{name}"
+            if name not in types_:
+                raise LimitError(cls.__name__, field, "unknown option", None, ", ".join(types_) or "none")
+            ann = types_[name]
+            allowed_types = set(typing.get_args(ann)) if typing.get_origin(ann) in (typing.Union, _UnionType) \
+                else {ann}
+            if value is None and type(None) in allowed_types:
+                continue
+            if int in allowed_types:
+                allowed = f"an integer from 1 to {MAX_SIZE}"
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    problem = "out of range" if _is_number(value) and not 1 <= value <= MAX_SIZE else \
+                        f"not an integer ({type(value).__name__})"
+                    raise LimitError(cls.__name__, field, problem, _show(value), allowed)
+                if not 1 <= value <= MAX_SIZE:
+                    raise LimitError(cls.__name__, field, "out of range", _show(value), allowed)
+            elif float in allowed_types:
+                if not _is_number(value) or not math.isfinite(value):
+                    raise LimitError(cls.__name__, field, f"not a finite number ({type(value).__name__})",
+                                     _show(value), "a finite number")
 
     # -- subclass hooks ------------------------------------------------------------
 
@@ -192,3 +245,26 @@ class SimulatedDevice(Device):
             "true_calibration": self._true.calibration_values(),
             "unmodelled": dict(self._true.unmodelled),
         }
+
+
+_UnionType = type(int | None)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (float, np.floating)) and math.isfinite(v) and abs(v) >= 1e6:
+        return f"{float(v):g}"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@functools.cache
+def _option_types(cls: type) -> dict[str, Any]:
+    fn = cls.build_spec
+    hints = typing.get_type_hints(fn)
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: hints.get(p.name, Any) for p in params
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,9 +29,54 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pnn_cluster.data import Dataset
+from pnn_cluster.fsio import atomic_torch_save
 from pnn_cluster.layers import Stack
 
-__all__ = ["TrainConfig", "Callback", "Executor", "SequentialExecutor", "Trainer", "TrainerState", "StepResult"]
+__all__ = ["TrainConfig", "Callback", "CheckpointError", "Executor", "SequentialExecutor", "Trainer", "TrainerState",
+           "StepResult", "read_checkpoint"]
+
+#: what every checkpoint :meth:`Trainer.state_dict` writes holds
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "device_samples")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: not a torch file, missing keys, or from another configuration.
+
+    ``path`` is the file when known (a checkpoint handed over in memory has none); the message says what was
+    found and what was expected, on one line.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file, tensors only; a file that is not one raises :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # garbage makes the unpickler fail in any of a dozen ways; each means "not one"
+        detail = " ".join(str(exc).split())[:160]
+        raise CheckpointError(f"not a torch checkpoint ({type(exc).__name__}: {detail}); give a file written by "
+                              "`pnn-cluster train --checkpoint` or a run's checkpoints/last.pt", path) from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"holds a {type(state).__name__}, not a checkpoint (a mapping with keys "
+                              f"{', '.join(CHECKPOINT_KEYS)})", path)
+    return dict(state)
+
+
+def _few(items: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _shape(v: Any) -> str:
+    return "x".join(map(str, v.shape)) if hasattr(v, "shape") else type(v).__name__
 
 
 @dataclass
@@ -287,26 +332,60 @@ class Trainer:
                 "device_samples": self.device_samples, "config": asdict(self.config),
                 "history": self.history, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.device_samples = int(state["device_samples"])
+    def check_state_dict(self, state: Any, path: str | os.PathLike | None = None) -> None:
+        """Raise :class:`CheckpointError` unless ``state`` is a checkpoint of this very stack.
+
+        Names the keys a checkpoint lacks, and for a model of another shape the missing, unexpected and
+        mis-shaped tensors (a few of each): such a checkpoint comes from another configuration.
+        """
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"a checkpoint is a mapping with keys {', '.join(CHECKPOINT_KEYS)}; got a "
+                                  f"{type(state).__name__}", path)
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            found = _few(sorted(map(str, state)), 8) or "none"
+            raise CheckpointError(f"no {_few([repr(k) for k in missing], 6)} key{'s' if len(missing) > 1 else ''} "
+                                  f"(found: {found}); expected a checkpoint written by `pnn-cluster train` "
+                                  f"(keys {', '.join(CHECKPOINT_KEYS)})", path)
+        saved = state["model"]
+        if not isinstance(saved, Mapping):
+            raise CheckpointError(f"'model' holds a {type(saved).__name__}, not a state_dict of tensors", path)
+        own = self.model.state_dict()
+        absent = [k for k in own if k not in saved]
+        unexpected = [k for k in saved if k not in own]
+        shapes = [f"{k} ({_shape(saved[k])} in the checkpoint, {_shape(own[k])} here)" for k in own
+                  if k in saved and _shape(saved[k]) != _shape(own[k])]
+        if absent or unexpected or shapes:
+            parts = ([f"missing {_few(absent)}"] if absent else []) + \
+                ([f"unexpected {_few(unexpected)}"] if unexpected else []) + \
+                ([f"shape of {_few(shapes)}"] if shapes else [])
+            raise CheckpointError(f"the checkpoint's model does not match this stack: {'; '.join(parts)}; it comes "
+                                  "from another configuration (evaluate or resume it with the configuration it was "
+                                  "trained with)", path)
+
+    def load_state_dict(self, state: dict[str, Any], path: str | os.PathLike | None = None) -> None:
+        """Restore a checkpoint of :meth:`state_dict`; one of another stack raises :class:`CheckpointError`."""
+        self.check_state_dict(state, path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            epoch, step, samples = int(state["epoch"]), int(state["global_step"]), int(state["device_samples"])
+            step_in_epoch = int(state.get("step_in_epoch", 0))
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"cannot restore the training state ({type(exc).__name__}: {detail}); it comes "
+                                  "from another configuration or version", path) from None
+        self.epoch, self.global_step, self.device_samples = epoch, step, samples
         self.history = list(state.get("history", []))
-        self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        self.step_in_epoch = step_in_epoch
         self.extra_state = dict(state.get("extra") or {})
         for layer in self.model.physical_layers():
             layer.sync_params(force=True)
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)  # atomic: a crash mid-write never corrupts the last checkpoint
-        return path
+        """Write :meth:`state_dict` to ``path``: atomic and fsynced, the old checkpoint or the new one, whole."""
+        return atomic_torch_save(self.state_dict(), path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.load_state_dict(read_checkpoint(path), path)
