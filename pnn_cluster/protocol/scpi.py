@@ -35,11 +35,11 @@ from pnn_cluster.devices.base import DeviceError
 from pnn_cluster.devices.spec import LimitError
 
 __all__ = [
-    "BLOCK_DTYPE", "Bool", "COMMAND_SETS", "EMPTY_BLOCK", "Enum", "InstrumentCommands", "Ints", "Node",
-    "OscilloscopeCommands", "PulseShaperCommands", "Range", "Refused", "SCPI_ERRORS", "Setting", "SinkCommands",
-    "SourceCommands", "SpectrometerCommands", "Validator", "WaveformGeneratorCommands", "block_header",
-    "block_values", "format_error", "header_matches", "header_nodes", "is_decimal_number", "parse_error",
-    "short_header",
+    "BLOCK_DTYPE", "Bool", "COMMAND_SETS", "DECIMAL_SYNTAX", "EMPTY_BLOCK", "Enum", "InstrumentCommands", "Ints",
+    "Node", "OscilloscopeCommands", "PulseShaperCommands", "Range", "Refused", "SCPI_ERRORS", "Setting",
+    "SinkCommands", "SourceCommands", "SpectrometerCommands", "Validator", "WaveformGeneratorCommands",
+    "block_header", "block_values", "format_error", "header_matches", "header_nodes", "is_decimal_number",
+    "parse_decimal", "parse_error", "short_header",
 ]
 
 #: IEEE 488.2 block element type of every array we move: little-endian float64
@@ -92,12 +92,31 @@ def block_values(data: Any, dtype: np.dtype | str = BLOCK_DTYPE) -> np.ndarray:
     return np.frombuffer(data, dtype=dt, count=n // dt.itemsize)
 
 
-_DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+#: IEEE 488.2 <DECIMAL NUMERIC PROGRAM DATA> (7.7.2): an optional sign, digits with at most one '.'
+#: (at least one digit), an optional exponent E/e with an optional sign and digits. ASCII digits only
+#: (re.ASCII), nothing else: no whitespace, no '_' (Python's 1_0), no hex (0x10), no 'inf'/'nan'.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+#: what a number may look like, for error messages
+DECIMAL_SYNTAX = "SCPI decimal numeric data: [+|-]digits[.digits][E[+|-]digits], e.g. 5, -0.5, .5, 5., 1E-3"
 
 
 def is_decimal_number(text: str) -> bool:
-    """True for SCPI decimal numeric data (NR1, NR2, NR3: ``5``, ``-0.5``, ``1E-3``)."""
-    return bool(_DECIMAL.fullmatch(text))
+    """True for SCPI decimal numeric data (NR1, NR2, NR3: ``5``, ``-0.5``, ``1E-3``), exactly as written.
+
+    Stricter than ``float()``: ``" 1"``, ``"1_0"``, ``"0x10"``, ``"1e"``, ``"inf"``, ``"nan"`` and
+    ``"infinity"`` are not decimal numeric data.
+    """
+    return isinstance(text, str) and _DECIMAL.fullmatch(text) is not None
+
+
+def parse_decimal(text: str) -> float:
+    """The value of SCPI decimal numeric data; ValueError for anything else (see :func:`is_decimal_number`).
+
+    A number too large for a float64 (``1E999``) is ``inf``: the validator then refuses it as out of range.
+    """
+    if not is_decimal_number(text):
+        raise ValueError(f"{str(text)[:40]!r} is not {DECIMAL_SYNTAX}")
+    return float(text)
 
 
 # -- the error queue ------------------------------------------------------------------------------
@@ -231,7 +250,7 @@ class Range(Validator):
         return repr(float(value))
 
     def from_scpi(self, text: str) -> float:
-        return float(text.strip())
+        return parse_decimal(text)
 
 
 @dataclass(frozen=True)
@@ -256,7 +275,7 @@ class Ints(Validator):
         return int(v)
 
     def from_scpi(self, text: str) -> int:
-        v = float(text.strip())
+        v = parse_decimal(text)
         if not math.isfinite(v) or v != int(v):
             raise ValueError(f"not an integer: {text!r}")
         return int(v)

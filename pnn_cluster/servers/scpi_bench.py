@@ -36,9 +36,35 @@ Behaviour a driver can rely on:
 * Every value is checked against the device's spec before it reaches the
   device: a refused batch also clears the loaded one, so a stale batch is
   never measured.
-* A message longer than 1 MiB outside a block is dropped with -223; a block
-  declaring more than ``max_block_bytes`` closes the connection (the stream
-  cannot be resynchronised without trusting that length).
+* Numbers are IEEE 488.2 decimal numeric data exactly (``5``, ``-1.5``,
+  ``+2.0E-3``, ``.5``, ``5.``): ``1_0``, ``0x10``, ``1e``, ``inf``, ``nan``
+  are refused with -120 (malformed number) or -104 (not a number), and so is
+  a quoted string where a setting's value is expected.
+
+Memory and time are bounded, so that a client (broken or hostile) cannot
+exhaust the bench or hold it up for the others:
+
+* A message longer than 1 MiB outside a block is dropped with -223.
+* A block's declared length is checked before anything is allocated: more
+  than ``max_block_bytes`` closes the connection (the stream cannot be
+  resynchronised without trusting that length). The default is the device's
+  largest legitimate block (``max_batch`` samples of ``input_size`` float64,
+  or the largest parameter), at least 1 MiB and at most :data:`MAX_BLOCK_BYTES`
+  (256 MiB). A block's buffer then grows with the bytes that arrive (to twice
+  what has arrived, or 64 KiB more), never to the declared length up front.
+* Each message, block included, must arrive in full within
+  ``command_timeout_s`` (60 s) of its first byte; otherwise the connection is
+  closed. A connection with nothing in progress for ``idle_timeout_s``
+  (1 hour; ``None``: never) is closed too.
+* Each instrument serves at most ``max_connections`` (8) clients; one more is
+  closed at once, and the refusal logged.
+* Answers are handed to the socket ``max_unread_bytes / 2`` at a time and no
+  more than ``max_unread_bytes`` (8 MiB) wait for a client; a client that has
+  not read for ``command_timeout_s`` is disconnected. At most 16 messages or
+  4 MiB of received messages wait for execution; beyond that the bench stops
+  reading from that connection (TCP back-pressure) until they have run.
+* Every connection closed by the bench is logged with its reason and counted
+  in :attr:`SimBench.stats`.
 
 Several clients may connect to each instrument; commands of one connection
 run in order, measurements of all connections one at a time.
@@ -49,9 +75,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,10 +89,11 @@ import numpy as np
 
 from pnn_cluster.devices import make_device
 from pnn_cluster.devices.base import Device, DeviceError
-from pnn_cluster.devices.spec import LimitError
+from pnn_cluster.devices.spec import DeviceSpec, LimitError
 from pnn_cluster.protocol.scpi import (
     BLOCK_DTYPE,
     COMMAND_SETS,
+    DECIMAL_SYNTAX,
     EMPTY_BLOCK,
     InstrumentCommands,
     Ints,
@@ -83,18 +112,50 @@ from pnn_cluster.protocol.scpi import (
 )
 from pnn_cluster.servers import BindError, is_loopback_host
 
-__all__ = ["ScpiError", "SimBench", "instruments_for"]
+__all__ = ["ScpiError", "SimBench", "default_max_block_bytes", "instruments_for"]
+
+log = logging.getLogger(__name__)
 
 ERROR_QUEUE_LEN = 32
+#: longest program message outside blocks
 MAX_MESSAGE_BYTES = 1 << 20
+#: the largest default block cap, whatever the device (an explicit ``max_block_bytes`` may exceed it)
 MAX_BLOCK_BYTES = 256 << 20
-MAX_UNREAD_BYTES = 512 << 20
+#: the smallest default block cap (room for any small parameter array)
+MIN_BLOCK_BYTES = 1 << 20
+#: largest length a block header can declare (9 digits)
+BLOCK_LENGTH_LIMIT = 999_999_999
+#: a block's buffer holds what has arrived and room for as much again, or for this much more
+BLOCK_CHUNK = 64 << 10
+#: clients per instrument
+MAX_CONNECTIONS = 8
+#: seconds a connection may sit with nothing in progress
+IDLE_TIMEOUT_S = 3600.0
+#: seconds a message (block included) may take to arrive, and a client to start reading a pending answer
+COMMAND_TIMEOUT_S = 60.0
+#: answer bytes that may wait for a client to read them
+MAX_UNREAD_BYTES = 8 << 20
+#: received messages waiting for execution: reading from the connection pauses above either bound
+QUEUE_MESSAGES = 16
+QUEUE_BYTES = 4 << 20
 #: systems whose bench is optical (pulse shaper + spectrometer); the others are electronic (AWG + scope)
 OPTICAL_SYSTEMS = {"shg"}
 
 _SPECIAL = re.compile(rb"[\n#\"']")
 _HEADER = re.compile(r"^:?(\*[A-Za-z]+|[A-Za-z][A-Za-z0-9]*(?::[A-Za-z][A-Za-z0-9]*)*)(\?)?$")
 _MARK = re.compile("\x00(\\d+)\x00$")
+_NUMBER_START = re.compile(r"[+-]?\.?[0-9]", re.ASCII)
+
+
+def default_max_block_bytes(spec: DeviceSpec) -> int:
+    """The largest block a client legitimately sends to a bench of this device, within the default bounds.
+
+    A batch of ``spec.max_batch`` samples or the largest parameter array, as float64; at least
+    :data:`MIN_BLOCK_BYTES`, at most :data:`MAX_BLOCK_BYTES`.
+    """
+    item = BLOCK_DTYPE.itemsize
+    largest = max([spec.max_batch * spec.input.size * item] + [p.numel * item for p in spec.params])
+    return int(min(MAX_BLOCK_BYTES, max(MIN_BLOCK_BYTES, largest)))
 
 
 def instruments_for(system: str) -> tuple[str, str]:
@@ -129,6 +190,12 @@ class _Block:
         return [block_header(view.nbytes), view.cast("B")]
 
 
+class _Quoted(str):
+    """A parameter that was a quoted string (``"..."`` or ``'...'``): string data, not a number or mnemonic."""
+
+    __slots__ = ()
+
+
 def _float_block(arr: np.ndarray) -> _Block:
     return _Block(np.ascontiguousarray(arr, dtype=BLOCK_DTYPE))
 
@@ -156,6 +223,7 @@ class _SimInstrument:
         self.settings = commands.settings()
         self.values: dict[str, Any] = {}
         self.table: list[_Command] = []
+        self.sessions: set[_Session] = set()
         self.reset_settings()
         for name, s in self.settings.items():
             self._add_setting(name, s)
@@ -184,15 +252,20 @@ class _SimInstrument:
 
         def on_set(sess: _Session, args: list[Any]) -> None:
             arg = self._one_text(args)
+            if isinstance(arg, _Quoted):
+                raise ScpiError(-104, f"{name}: string data {_shown(arg)}; allowed: {s.validator.allowed}, "
+                                      "unquoted")
             try:
                 value = s.validator.from_scpi(arg)
             except ValueError:
                 if isinstance(s.validator, (Range, Ints)):
-                    # a number that is not acceptable (1.5 for an integer) vs. not a number at all
-                    code = -120 if is_decimal_number(arg) else -104
-                else:
-                    code = -224  # a mnemonic the setting does not know
-                raise ScpiError(code, f"{name}: {arg!r}; allowed: {s.validator.allowed}") from None
+                    if is_decimal_number(arg):  # a number, but not one the setting takes (1.5 for an integer)
+                        raise ScpiError(-120, f"{name}: {arg!r}; allowed: {s.validator.allowed}") from None
+                    # a malformed number (1_0, 0x10, 1e) vs. not a number at all (abc, inf)
+                    code = -120 if _NUMBER_START.match(arg) else -104
+                    raise ScpiError(code, f"{name}: {_shown(arg)} is not {DECIMAL_SYNTAX}; "
+                                          f"allowed: {s.validator.allowed}") from None
+                raise ScpiError(-224, f"{name}: {arg!r}; allowed: {s.validator.allowed}") from None  # unknown mnemonic
             try:
                 self.values[name] = s.validator.check(value)
             except Refused as r:
@@ -383,8 +456,11 @@ class _SimInstrument:
 class _Session(asyncio.BufferedProtocol):
     """One client connection: framing (lines and binary blocks), an error queue, ordered execution.
 
-    Blocks are received straight into their final buffer (``get_buffer`` hands
-    the kernel the block's memory), so a batch is copied once, by the kernel.
+    Blocks are received straight into their buffer (``get_buffer`` hands the
+    kernel the block's memory), which starts small and grows as the block's
+    bytes arrive, so a header alone costs nothing. The bench's sweeper
+    (:meth:`check_deadlines`) closes a connection whose message does not
+    arrive in time, or that sits idle too long.
     """
 
     def __init__(self, inst: _SimInstrument) -> None:
@@ -393,16 +469,26 @@ class _Session(asyncio.BufferedProtocol):
         self.errors: collections.deque[str] = collections.deque()
         self.esr = 0
         self.transport: asyncio.Transport | None = None
+        self.peer = "?"
         self._scratch = bytearray(1 << 16)
         self._scratch_view = memoryview(self._scratch)
         self._text = bytearray()
         self._pos = 0
         self._parts: list[Any] = []
-        self._block: bytearray | None = None
+        self._parts_bytes = 0
+        self._block: bytearray | None = None  # the block being received: what has arrived, then room for more
+        self._block_len = 0  # its declared length
         self._block_fill = 0
         self._discarding = False
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._paused = False
+        self._queue: asyncio.Queue[tuple[Any, int]] = asyncio.Queue()
+        self._queued_bytes = 0
+        self._read_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closing = False  # the bench decided to close: input is ignored from then on
+        self._busy = False
+        self._msg_start: float | None = None  # when the first byte of the message in progress arrived
+        self._last_activity = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
     # -- error queue -------------------------------------------------------------------------------
@@ -422,42 +508,151 @@ class _Session(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        bench, inst = self.bench, self.inst
+        if len(inst.sessions) >= bench.max_connections:
+            self._closing = True
+            bench.stats["refused_connections"] += 1
+            log.warning("sim-instrument: %s (%s, port %d): refused a connection from %s: %d connections open; "
+                        "allowed: at most %d per instrument", inst.role, inst.kind, inst.port, self.peer,
+                        len(inst.sessions), bench.max_connections)
+            transport.close()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.bench.stats["connections"] += 1
-        self.bench._sessions.add(self)
+        high = bench.max_unread_bytes // 2
+        self.transport.set_write_buffer_limits(high=high, low=high // 4)
+        bench.stats["connections"] += 1
+        bench._sessions.add(self)
+        inst.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.bench._sessions.discard(self)
-        self._queue.put_nowait(None)
+        self.inst.sessions.discard(self)
+        self._block = None
+        self._text = bytearray()
+        self._parts = []
+        self._msg_start = None
+        self._writable.set()  # a sender waiting for the client wakes up and finds the transport closed
+        self._put(None, 0)
 
     def eof_received(self) -> bool:
         return False
 
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._block is not None:
+            if self._block_fill == len(self._block):
+                self._grow_block()
             return memoryview(self._block)[self._block_fill:]
         return self._scratch_view
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._last_activity = time.monotonic()
+        if self._closing:
+            return
         if self._block is not None:
             self._block_fill += nbytes
-            if self._block_fill == len(self._block):
+            if self._block_fill == self._block_len:
                 self._parts.append(_Block(self._block))
+                self._parts_bytes += self._block_len
                 self._block = None
             return
         self._text += self._scratch_view[:nbytes]
         self._scan()
-        if self._queue.qsize() > 16 and not self._paused and self.transport is not None:
-            self._paused = True
+        if self._closing:
+            return
+        in_progress = bool(self._text) or self._block is not None or bool(self._parts) or self._discarding
+        if not in_progress:
+            self._msg_start = None
+        elif self._msg_start is None:
+            self._msg_start = self._last_activity
+        if (self._queue.qsize() > QUEUE_MESSAGES or self._queued_bytes > QUEUE_BYTES) and not self._read_paused:
+            self._read_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    def _grow_block(self) -> None:
+        """Make room for more of the block: double its buffer, never beyond the declared length."""
+        buf = self._block
+        assert buf is not None
+        size = _block_room(len(buf), self._block_len)
+        try:
+            buf.extend(bytes(size - len(buf)))  # realloc: large buffers grow in place (mremap), no copy
+        except BufferError:  # a view of it is still alive: copy into a new buffer instead
+            grown = bytearray(size)
+            grown[: len(buf)] = buf
+            self._block = grown
+
+    def _maybe_resume_reading(self) -> None:
+        if (self._read_paused and not self._closing and self._queue.qsize() <= QUEUE_MESSAGES // 4
+                and self._queued_bytes <= QUEUE_BYTES):
+            self._read_paused = False
+            if self._msg_start is not None:  # the message's clock stood still while we were not reading
+                self._msg_start = time.monotonic()
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    # -- limits --------------------------------------------------------------------------------------
+
+    def check_deadlines(self, now: float) -> None:
+        """Close the connection if its message is overdue or it has been idle too long (the bench's sweeper)."""
+        t = self.transport
+        if self._closing or t is None or t.is_closing():
+            return
+        bench = self.bench
+        if self._msg_start is not None and not self._read_paused and now - self._msg_start > bench.command_timeout_s:
+            limit = f"{bench.command_timeout_s:g} s"
+            if self._block is not None:
+                what = (f"a block declared {self._block_len} bytes and {self._block_fill} arrived within {limit}; "
+                        f"allowed: the whole message within {limit}")
+                err = ScpiError(-161, what)
+            else:
+                what = f"a message was not completed by a newline within {limit}"
+                err = ScpiError(-100, what)
+            bench.stats["timed_out"] += 1
+            self.drop(what, err)
+            return
+        if (bench.idle_timeout_s is not None and self._msg_start is None and not self._busy and self._queue.empty()
+                and t.get_write_buffer_size() == 0 and now - self._last_activity > bench.idle_timeout_s):
+            bench.stats["idle_closed"] += 1
+            self.drop(f"idle for {now - self._last_activity:.3g} s; allowed: {bench.idle_timeout_s:g} s")
+
+    def drop(self, reason: str, err: ScpiError | None = None) -> None:
+        """Stop reading, log why, and close the connection once what it sent before has been answered."""
+        if self._closing:
+            return
+        self._closing = True
+        self.bench.stats["dropped"] += 1
+        inst = self.inst
+        log.warning("sim-instrument: %s (%s, port %d): closing the connection from %s: %s", inst.role, inst.kind,
+                    inst.port, self.peer, reason)
+        self._text = bytearray()
+        self._block = None
+        self._parts = []
+        self._msg_start = None
+        if self.transport is not None:
             self.transport.pause_reading()
+        if err is not None:
+            self._put(err, 0)  # through the queue, after the answers to what came before
+        self._put("close", 0)
 
     # -- framing -----------------------------------------------------------------------------------
 
+    def _put(self, item: Any, nbytes: int) -> None:
+        self._queued_bytes += nbytes
+        self._queue.put_nowait((item, nbytes))
+
     def _queue_error(self, err: ScpiError) -> None:
-        self._queue.put_nowait(err)  # through the queue, so errors keep their order with commands
+        self._put(err, 0)  # through the queue, so errors keep their order with commands
 
     def _scan(self) -> None:
         text = self._text
@@ -480,8 +675,10 @@ class _Session(asyncio.BufferedProtocol):
                                                       f"{MAX_MESSAGE_BYTES} outside blocks"))
                 else:
                     self._parts.append(piece)
-                    self._queue.put_nowait(self._parts)
+                    self._put(self._parts, self._parts_bytes + len(piece))
                 self._parts = []
+                self._parts_bytes = 0
+                self._msg_start = None  # the next message's clock starts with its first byte
                 continue
             if self._discarding:
                 self._pos = i + 1
@@ -521,31 +718,34 @@ class _Session(asyncio.BufferedProtocol):
                 self._discard_message(i + 2)
                 continue
             length = int(digits)
-            if length > self.bench.max_block_bytes:
-                self._queue_error(ScpiError(-223, f"block of {length} bytes; allowed: at most "
-                                                  f"{self.bench.max_block_bytes}; closing the connection"))
-                self._queue.put_nowait("close")
-                self._text = bytearray()
-                self._block = None
+            cap = self.bench.max_block_bytes
+            if length > cap:  # checked before anything is allocated for it
+                self.bench.stats["oversized_blocks"] += 1
+                what = f"block of {length} bytes declared; allowed: at most {cap}"
+                self.drop(what, ScpiError(-223, f"{what}; closing the connection"))
                 return
             start = i + 2 + n
             self._parts.append(bytes(text[:i]))
+            self._parts_bytes += i
             avail = len(text) - start
             if avail >= length:
                 self._parts.append(_Block(bytearray(text[start: start + length])))  # writable, like a big one
+                self._parts_bytes += length
                 del text[: start + length]
                 self._pos = 0
                 continue
-            block = bytearray(length)
+            # the block is still arriving: its buffer grows with it (get_buffer), from what is here already
+            block = bytearray(_block_room(avail, length))
             block[:avail] = text[start:]
             del text[:]
             self._pos = 0
-            self._block, self._block_fill = block, avail
+            self._block, self._block_len, self._block_fill = block, length, avail
             return
 
     def _discard_message(self, pos: int) -> None:
         self._discarding = True
         self._parts = []
+        self._parts_bytes = 0
         self._pos = pos
 
     def _check_length(self) -> None:
@@ -555,6 +755,7 @@ class _Session(asyncio.BufferedProtocol):
             del self._text[:]
             self._pos = 0
             self._parts = []
+            self._parts_bytes = 0
             self._discarding = True
 
     # -- execution ---------------------------------------------------------------------------------
@@ -562,34 +763,76 @@ class _Session(asyncio.BufferedProtocol):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            item = await self._queue.get()
-            if self._paused and self._queue.qsize() < 4 and self.transport is not None:
-                self._paused = False
-                self.transport.resume_reading()
+            item, nbytes = await self._queue.get()
+            self._queued_bytes -= nbytes
+            self._maybe_resume_reading()
             if item is None:
                 return
-            if item == "close":
-                if self.transport is not None:
-                    self.transport.close()
+            if isinstance(item, str) and item == "close":
+                t = self.transport
+                if t is not None and not t.is_closing():
+                    t.close()  # answers already handed over still go out; a client that never reads them:
+                    loop.call_later(self.bench.command_timeout_s, t.abort)
                 return
             if isinstance(item, ScpiError):
                 self.push_error(item)
                 continue
-            self.bench.stats["messages"] += 1
-            commands = self._split(item)
-            if commands is None:
-                continue
-            if any(cmd is not None and cmd.blocking for _, _, _, cmd in commands):
-                out = await loop.run_in_executor(self.bench._worker, self._execute, commands)
-            else:
-                out = self._execute(commands)
-            if out and self.transport is not None and not self.transport.is_closing():
-                # one write per piece: a block goes to the socket straight from the array's memory
-                # (writelines would join everything into one new bytes object first)
-                for piece in out:
-                    self.transport.write(piece)
-                if self.transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
-                    self.transport.close()  # a client that sends queries but never reads its answers
+            self._busy = True
+            try:
+                self.bench.stats["messages"] += 1
+                commands = self._split(item)
+                del item  # a received block is freed as soon as its command is done with it
+                if commands is None:
+                    continue
+                if any(cmd is not None and cmd.blocking for _, _, _, cmd in commands):
+                    out = await loop.run_in_executor(self.bench._worker, self._execute, commands)
+                else:
+                    out = self._execute(commands)
+                del commands
+                if out and not await self._send(out):
+                    return
+            finally:
+                self._busy = False
+                self._last_activity = time.monotonic()
+
+    async def _send(self, out: list[Any]) -> bool:
+        """Hand the answer to the socket piece by piece, never more than ``max_unread_bytes`` waiting.
+
+        A block goes out straight from the array's memory (``writelines`` would join everything into one
+        new bytes object first). False if the connection is gone or was closed for not reading.
+        """
+        chunk = max(1, self.bench.max_unread_bytes // 2)
+        for piece in out:
+            view = memoryview(piece)
+            if view.ndim != 1 or view.format != "B":
+                view = view.cast("B")
+            for start in range(0, view.nbytes, chunk):
+                if not self._writable.is_set():
+                    try:
+                        await asyncio.wait_for(self._writable.wait(), self.bench.command_timeout_s)
+                    except asyncio.TimeoutError:
+                        self._reader_stalled()
+                        return False
+                t = self.transport
+                if t is None or t.is_closing():
+                    return False
+                t.write(view[start: start + chunk])
+                self._last_activity = time.monotonic()
+        return True
+
+    def _reader_stalled(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        self._closing = True
+        self.bench.stats["dropped"] += 1
+        self.bench.stats["unread_closed"] += 1
+        inst = self.inst
+        log.warning("sim-instrument: %s (%s, port %d): closing the connection from %s: %d answer bytes unread "
+                    "for %g s; allowed: at most %d bytes waiting, read within %g s", inst.role, inst.kind, inst.port,
+                    self.peer, t.get_write_buffer_size(), self.bench.command_timeout_s, self.bench.max_unread_bytes,
+                    self.bench.command_timeout_s)
+        t.abort()  # close() would wait for the client to read what is buffered
 
     def _split(self, parts: list[Any]) -> list[tuple[str, bool, list[Any], _Command | None]] | None:
         """Program message -> [(header, is_query, args, command)]; None (error queued) if it cannot be parsed."""
@@ -641,7 +884,7 @@ class _Session(asyncio.BufferedProtocol):
                         self.push_error(ScpiError(-109, f"{m.group(1)}: empty parameter"))
                         break
                     else:
-                        args.append(a[1:-1] if len(a) >= 2 and a[0] == a[-1] and a[0] in "\"'" else a)
+                        args.append(_Quoted(a[1:-1]) if len(a) >= 2 and a[0] == a[-1] and a[0] in "\"'" else a)
                 else:
                     out.append(self._resolve(m.group(1), query, args))
                 continue
@@ -694,6 +937,11 @@ class _Session(asyncio.BufferedProtocol):
         return out
 
 
+def _block_room(arrived: int, length: int) -> int:
+    """Buffer size for a block of ``length`` bytes of which ``arrived`` are here: twice that, or 64 KiB more."""
+    return min(length, max(2 * arrived, arrived + BLOCK_CHUNK))
+
+
 def _raiser(err: ScpiError) -> Callable[..., Any]:
     def fn(*_: Any) -> Any:
         raise err
@@ -744,11 +992,18 @@ class SimBench:
     ``port`` is the source's port and ``port + 1`` the sink's; ``port=0``
     lets the OS choose both (read them from :attr:`ports` or
     :attr:`resources` after :meth:`start`). Constructing does no I/O.
+
+    Limits (see the module's docstring): ``max_block_bytes`` (None: the
+    device's largest legitimate block, :func:`default_max_block_bytes`),
+    ``max_connections`` per instrument, ``idle_timeout_s`` (None: never),
+    ``command_timeout_s`` and ``max_unread_bytes``.
     """
 
     def __init__(self, system: str = "circuit", *, device: Device | None = None, host: str = "127.0.0.1",
                  port: int = 5025, allow_remote: bool = False, instruments: tuple[str, str] | None = None,
-                 max_block_bytes: int = MAX_BLOCK_BYTES, **device_options: Any) -> None:
+                 max_block_bytes: int | None = None, max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout_s: float | None = IDLE_TIMEOUT_S, command_timeout_s: float = COMMAND_TIMEOUT_S,
+                 max_unread_bytes: int = MAX_UNREAD_BYTES, **device_options: Any) -> None:
         if not allow_remote and not is_loopback_host(host):
             raise BindError(f"sim-instrument: host {host!r} is not a loopback address; allowed: 127.0.0.1, ::1, "
                             "localhost (pass allow_remote=True / --allow-remote to listen on a network)")
@@ -763,13 +1018,19 @@ class SimBench:
             raise BindError(f"sim-instrument: sink instrument {snk!r}; allowed: scope, spectrometer")
         self.host = host
         self.port = port
-        self.max_block_bytes = int(max_block_bytes)
+        self.max_block_bytes = (default_max_block_bytes(self.device.spec) if max_block_bytes is None
+                                else _whole("max_block_bytes", max_block_bytes, 1, BLOCK_LENGTH_LIMIT))
+        self.max_connections = _whole("max_connections", max_connections, 1, 1 << 16)
+        self.max_unread_bytes = _whole("max_unread_bytes", max_unread_bytes, 2, 1 << 40)
+        self.command_timeout_s = _seconds("command_timeout_s", command_timeout_s)
+        self.idle_timeout_s = None if idle_timeout_s is None else _seconds("idle_timeout_s", idle_timeout_s)
         self.source = _SimInstrument(self, COMMAND_SETS[src], "source")
         self.sink = _SimInstrument(self, COMMAND_SETS[snk], "sink")
         self.x: np.ndarray | None = None
         self.result: np.ndarray | None = None
         self.lock = threading.Lock()
-        self.stats = {"connections": 0, "messages": 0, "errors": 0, "rejected": 0}
+        self.stats = {"connections": 0, "messages": 0, "errors": 0, "rejected": 0, "refused_connections": 0,
+                      "dropped": 0, "oversized_blocks": 0, "timed_out": 0, "idle_closed": 0, "unread_closed": 0}
         self._sessions: set[_Session] = set()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-device")
         self._thread: threading.Thread | None = None
@@ -854,7 +1115,9 @@ class SimBench:
                 srv.close()
             raise BindError(f"sim-instrument: cannot listen on {self.host}:{port}: {exc.strerror}") from None
         self._ready.set()
+        sweeper = loop.create_task(self._sweep())
         await self._stop.wait()
+        sweeper.cancel()
         for srv in servers:
             srv.close()
         sessions = list(self._sessions)
@@ -866,3 +1129,26 @@ class SimBench:
             await srv.wait_closed()
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
+
+    async def _sweep(self) -> None:
+        """Enforce the per-connection deadlines (message in progress, idle) a few times per timeout."""
+        shortest = min(self.command_timeout_s, self.idle_timeout_s or self.command_timeout_s)
+        tick = min(1.0, max(0.02, shortest / 10))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for sess in list(self._sessions):
+                sess.check_deadlines(now)
+
+
+def _whole(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise BindError(f"sim-instrument: {name} {value!r}; allowed: an integer {low}..{high}")
+    return int(value)
+
+
+def _seconds(name: str, value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not 0 < value < float("inf")):
+        raise BindError(f"sim-instrument: {name} {value!r}; allowed: a positive, finite number of seconds")
+    return float(value)

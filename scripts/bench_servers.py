@@ -1,0 +1,394 @@
+"""Memory of the two servers under a flood of oversized messages, and whether they still answer (issue #10).
+
+Starts ``pnn-cluster serve-device`` (ZeroMQ, ``--max-message-mb 1``) and
+``pnn-cluster sim-instrument`` (SCPI) as subprocesses on 127.0.0.1, and
+floods each through its wire protocol only, so it measures whichever
+implementation the command line runs:
+
+* ZeroMQ: one DEALER sends one multipart request of FRAMES frames of
+  FRAME_MB MiB each (250 x 1 MiB), then CONNECTIONS DEALERs do the same at
+  once. Behind each flood the same DEALER sends a ``health`` request: its
+  answer means the server has read (or dropped) the flood.
+* SCPI: CONNECTIONS connections each send a block header declaring 256 MiB
+  (``#9268435456``) and a few bytes, then stall.
+
+The growth figure is the server's peak resident memory during the flood (the
+kernel's high-water mark ``VmHWM``, reset once the server is ready, and
+``VmRSS`` sampled every few ms) less its resident memory after it answered one
+valid request. Afterwards a fresh client must get an answer (``health``;
+``*IDN?``) while the flooding connections are still open.
+
+    python scripts/bench_servers.py --json
+    {"zmq_flood_rss_mb": A, "scpi_flood_rss_mb": B, "answers_after_flood": true, ...}
+
+Exits 0 whatever it measures; with ``--check``, 1 when a growth exceeds
+``--bound-mb`` (64) or a server stopped answering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+#: what one SCPI flood connection sends: a block header declaring 256 MiB, then a few bytes
+SCPI_FLOOD = b"SOUR:MASK:DATA #9268435456" + bytes(16)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the server processes ---------------------------------------------------------------------------
+
+
+class Server:
+    """A ``pnn-cluster`` server command in a subprocess: its output lines, its memory, its end."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name = name
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        self.proc = subprocess.Popen([sys.executable, "-m", "pnn_cluster.cli", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self._keep_stderr), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream: Any, put: Callable[[str | None], None]) -> None:
+        for line in stream:
+            put(line.rstrip("\n"))
+        put(None)
+
+    def _keep_stderr(self, line: str | None) -> None:
+        if line is not None:
+            self.stderr = (self.stderr + [line])[-20:]
+
+    def wait_for(self, pattern: str, timeout_s: float) -> re.Match[str]:
+        """The first stdout line matching ``pattern`` (RuntimeError if the server exits or takes too long)."""
+        deadline = time.monotonic() + timeout_s
+        seen = []
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                line = ""
+            if line is None or time.monotonic() > deadline:
+                why = "exited" if line is None else f"did not start within {timeout_s:g} s"
+                raise RuntimeError(f"{self.name} {why}; stdout {seen[-5:]}, stderr {self.stderr[-5:]}")
+            seen.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def status(self, key: str) -> float:
+        """``VmRSS``/``VmHWM`` of the server in MiB (0 once it has exited)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) / 1024
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return 0.0
+
+    def reset_peak(self) -> bool:
+        """Reset ``VmHWM`` to the present ``VmRSS`` (Linux >= 4.0); False if the kernel would not."""
+        try:
+            with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class PeakSampler:
+    """Samples a server's ``VmRSS`` every few ms in a thread; ``peak`` combines it with ``VmHWM``."""
+
+    def __init__(self, server: Server, hwm_reset: bool) -> None:
+        self.server = server
+        self.hwm_reset = hwm_reset
+        self.most = server.status("VmRSS")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.005):
+            self.most = max(self.most, self.server.status("VmRSS"))
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self) -> float:
+        most = max(self.most, self.server.status("VmRSS"))
+        return max(most, self.server.status("VmHWM")) if self.hwm_reset else most
+
+
+# -- ZeroMQ (docs/wire_protocol.md) ---------------------------------------------------------------
+
+
+def zmq_request(ctx: Any, endpoint: str, op: str, rid: str, timeout_s: float) -> dict[str, Any] | None:
+    """One request on a fresh DEALER; the reply header, or None without a reply in time."""
+    import zmq
+
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart([b"", json.dumps({"v": 1, "op": op, "id": rid}).encode()])
+        deadline = time.monotonic() + timeout_s
+        while sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            frames = sock.recv_multipart()
+            header = json.loads(frames[1]) if len(frames) >= 2 else {}
+            if header.get("id") == rid:
+                return header
+            if time.monotonic() > deadline:
+                break
+        return None
+    finally:
+        sock.close(0)
+
+
+def zmq_flood(ctx: Any, endpoint: str, clients: int, frames: int, frame_bytes: int, timeout_s: float,
+              tag: str) -> dict[str, int]:
+    """``clients`` DEALERs each send one request of ``frames`` frames of ``frame_bytes``, then a health request.
+
+    Returns how many floods got any reply and how many health requests behind them were answered, once
+    every health request was answered or ``timeout_s`` passed.
+    """
+    import zmq
+
+    payload = bytes(frame_bytes)  # one buffer sent by reference in every frame: the flood costs this process nothing
+    n_values = frame_bytes // 8
+    header = {"v": 1, "op": "forward", "id": "", "arrays": [{"field": "x", "dtype": "<f8", "shape": [n_values]}]
+              * frames}
+    socks = []
+    for _ in range(clients):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(endpoint)
+        socks.append(sock)
+    for k, sock in enumerate(socks):
+        header["id"] = f"{tag}-flood-{k}"
+        sock.send_multipart([b"", json.dumps(header).encode(), *([payload] * frames)], copy=False)
+        sock.send_multipart([b"", json.dumps({"v": 1, "op": "health", "id": f"{tag}-sync-{k}"}).encode()])
+    replied: set[int] = set()
+    synced: set[int] = set()
+    poller = zmq.Poller()
+    for sock in socks:
+        poller.register(sock, zmq.POLLIN)
+    deadline = time.monotonic() + timeout_s
+    while len(synced) < clients and time.monotonic() < deadline:
+        for sock, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            frames_in = sock.recv_multipart()
+            try:
+                rid = str(json.loads(frames_in[1]).get("id"))
+            except (IndexError, ValueError, AttributeError):
+                continue
+            k = socks.index(sock)
+            if rid == f"{tag}-flood-{k}":
+                replied.add(k)
+            elif rid == f"{tag}-sync-{k}":
+                synced.add(k)
+    for sock in socks:
+        sock.close(0)
+    return {"replied": len(replied), "synced": len(synced)}
+
+
+def bench_zmq(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    import zmq
+
+    t0 = time.monotonic()
+    server = Server("serve-device", ["serve-device", "--system", args.system, "--bind", "tcp://127.0.0.1:0",
+                                     "--max-message-mb", "1", "--ideal"])
+    try:
+        endpoint = server.wait_for(r"tcp://[^\s()]+", args.start_timeout_s).group(0)
+        ctx = zmq.Context()
+        try:
+            first = zmq_request(ctx, endpoint, "health", "baseline", 10)
+            if first is None or not first.get("ok"):
+                raise RuntimeError(f"serve-device did not answer a health request before the flood: {first}")
+            base = server.status("VmRSS")
+            hwm = server.reset_peak()
+            frame_bytes = int(args.frame_mb * MIB)
+            with PeakSampler(server, hwm) as sampler:
+                single = zmq_flood(ctx, endpoint, 1, args.frames, frame_bytes, args.flood_timeout_s, "one")
+                single_peak = sampler.peak()
+                many = zmq_flood(ctx, endpoint, args.connections, args.frames, frame_bytes, args.flood_timeout_s,
+                                 "many")
+                after = zmq_request(ctx, endpoint, "health", "after", 10)
+                peak = sampler.peak()
+        finally:
+            ctx.term()
+        out.update({
+            "zmq_flood_rss_mb": round(peak - base, 1),
+            "zmq_single_flood_rss_mb": round(single_peak - base, 1),
+            "zmq_baseline_rss_mb": round(base, 1),
+            "zmq_peak_rss_mb": round(peak, 1),
+            "zmq_after_flood_rss_mb": round(server.status("VmRSS"), 1),
+            "zmq_flood_replies": single["replied"] + many["replied"],
+            "zmq_floods_read": single["synced"] + many["synced"],
+            "zmq_answers_after_flood": bool(after and after.get("ok")),
+            "zmq_seconds": round(time.monotonic() - t0, 2),
+        })
+    finally:
+        server.stop()
+
+
+# -- SCPI ---------------------------------------------------------------------------------------------
+
+
+def scpi_ask(port: int, message: bytes, timeout_s: float) -> bytes | None:
+    """One message on a fresh connection; the answer line, or None."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+            sock.sendall(message + b"\n")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                got = sock.recv(4096)
+                if not got:
+                    return None
+                answer += got
+            return answer[:-1]
+    except OSError:
+        return None
+
+
+def bench_scpi(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    t0 = time.monotonic()
+    server = Server("sim-instrument", ["sim-instrument", "--system", args.system, "--port", "0", "--ideal"])
+    try:
+        port = int(server.wait_for(r"^source \(\w+\): TCPIP::[^:]+::(\d+)::SOCKET", args.start_timeout_s).group(1))
+        server.wait_for(r"^serving", args.start_timeout_s)
+        first = scpi_ask(port, b"*IDN?", 10)
+        if not first or not first.startswith(b"PNN-Cluster"):
+            raise RuntimeError(f"sim-instrument did not answer *IDN? before the flood: {first!r}")
+        base = server.status("VmRSS")
+        hwm = server.reset_peak()
+        flood: list[socket.socket] = []
+        try:
+            with PeakSampler(server, hwm) as sampler:
+                for _ in range(args.connections):
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    sock.sendall(SCPI_FLOOD)
+                    flood.append(sock)
+                # what the headers cost shows at once (an allocation, or nothing): answered *IDN? on another
+                # connection means the bench's loop went past them; then a moment more for the sampler
+                after = scpi_ask(port, b"*IDN?", 10)
+                settle = time.monotonic() + 0.5
+                closed = 0
+                for sock in flood:
+                    sock.settimeout(max(0.01, settle - time.monotonic()))
+                    try:
+                        closed += sock.recv(1 << 16) == b""
+                    except ConnectionResetError:
+                        closed += 1
+                    except OSError:  # still open: stalled, as the client left it
+                        pass
+                peak = sampler.peak()
+            after_all = scpi_ask(port, b"*IDN?", 10)
+        finally:
+            for sock in flood:
+                sock.close()
+        out.update({
+            "scpi_flood_rss_mb": round(peak - base, 1),
+            "scpi_baseline_rss_mb": round(base, 1),
+            "scpi_peak_rss_mb": round(peak, 1),
+            "scpi_flood_closed_by_server": closed,
+            "scpi_answers_during_flood": bool(after and after.startswith(b"PNN-Cluster")),
+            "scpi_answers_after_flood": bool(after_all and after_all.startswith(b"PNN-Cluster")),
+            "scpi_seconds": round(time.monotonic() - t0, 2),
+        })
+    finally:
+        server.stop()
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
+    p.add_argument("--check", action="store_true", help="exit 1 when a growth exceeds --bound-mb or a server "
+                                                        "stopped answering")
+    p.add_argument("--bound-mb", type=float, default=64.0, help="allowed RSS growth per server (%(default)s MiB)")
+    p.add_argument("--frames", type=int, default=250, help="frames per ZeroMQ flood message (%(default)s)")
+    p.add_argument("--frame-mb", type=float, default=1.0, help="MiB per frame (%(default)s)")
+    p.add_argument("--connections", type=int, default=4,
+                   help="concurrent ZeroMQ flooders, and SCPI flood connections (%(default)s)")
+    p.add_argument("--system", default="shg", help="simulated system behind both servers (%(default)s)")
+    p.add_argument("--only", choices=("zmq", "scpi"), help="flood one server only")
+    p.add_argument("--start-timeout-s", type=float, default=60.0, help="for a server to start (%(default)s)")
+    p.add_argument("--flood-timeout-s", type=float, default=15.0,
+                   help="for a server to get through a ZeroMQ flood (%(default)s)")
+    args = p.parse_args(argv)
+    if args.frames < 1 or args.connections < 1 or not 0 < args.frame_mb <= 1024:
+        p.error("--frames and --connections must be >= 1, --frame-mb in (0, 1024]")
+
+    t0 = time.monotonic()
+    out: dict[str, Any] = {}
+    errors: list[str] = []
+    for name, fn in (("zmq", bench_zmq), ("scpi", bench_scpi)):
+        if args.only in (None, name):
+            try:
+                fn(args, out)
+            except Exception as exc:  # reported, not hidden: the JSON says what could not be measured
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                out[f"{name}_answers_after_flood"] = False
+    answers = [out[k] for k in ("zmq_answers_after_flood", "scpi_answers_after_flood") if k in out]
+    growth = [out[k] for k in ("zmq_flood_rss_mb", "scpi_flood_rss_mb") if k in out]
+    result = {
+        "zmq_flood_rss_mb": out.pop("zmq_flood_rss_mb", None),
+        "scpi_flood_rss_mb": out.pop("scpi_flood_rss_mb", None),
+        "answers_after_flood": bool(answers) and all(answers),
+        **out,
+        "bound_mb": args.bound_mb,
+        "within_bound": len(growth) == (1 if args.only else 2) and all(g <= args.bound_mb for g in growth),
+        "flood": {"zmq_frames": args.frames, "zmq_frame_mb": args.frame_mb, "connections": args.connections,
+                  "scpi_declared_bytes": 268435456, "system": args.system},
+        "seconds": round(time.monotonic() - t0, 2),
+    }
+    if errors:
+        result["errors"] = errors
+    if not args.json:
+        for name in ("zmq", "scpi"):
+            if result.get(f"{name}_flood_rss_mb") is not None:
+                print(f"{name:5s} RSS {result[f'{name}_baseline_rss_mb']:8.1f} MiB -> peak "
+                      f"{result[f'{name}_peak_rss_mb']:8.1f} MiB: +{result[f'{name}_flood_rss_mb']:.1f} MiB "
+                      f"(bound {args.bound_mb:g}); answers after the flood: {result[f'{name}_answers_after_flood']}")
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+    print(json.dumps(result), flush=True)
+    if args.check and not (result["within_bound"] and result["answers_after_flood"] and not errors):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
