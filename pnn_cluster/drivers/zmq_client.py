@@ -109,18 +109,19 @@ class DeviceClient:
             self._sock = sock
         return self
 
-    def _reset(self) -> None:
-        # a fresh socket: whatever the old one had queued for a dead server is dropped with it
+    def _drop_socket(self) -> None:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+
+    def _reset(self) -> None:
+        # a fresh socket: whatever the old one had queued for a dead server is dropped with it
+        self._drop_socket()
         self.stats["reconnects"] += 1
         self.connect()
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+        self._drop_socket()
         if self._own_ctx and self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -155,6 +156,9 @@ class DeviceClient:
             if reply is not None:
                 return reply
             self.stats["timeouts"] += 1
+        # the last try's socket still holds the request for a server that may come back: dropped with it, so
+        # the next request (a retry of this one, as often as not) is the only one a restarted server measures
+        self._drop_socket()
         raise DeviceError(f"{self.endpoint}: no reply to {op!r} after {tries} tr{'y' if tries == 1 else 'ies'} "
                           f"of {self.timeout_s:g} s (server down, unreachable, or refusing our CURVE key)")
 

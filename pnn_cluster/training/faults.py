@@ -12,6 +12,7 @@ policy here is deliberately plain:
   pool with a warning naming it and the last error; the run goes on with the
   others.
 - With no replica left in a stage the run cannot go on: :class:`NoReplicaLeft`
+  (a :class:`~pnn_cluster.devices.base.DeviceError`, never retried itself)
   is raised; the runner keeps the checkpoint of the last complete step (in the
   MLflow run, and at ``train --checkpoint PATH``) and stops with
   :class:`TrainingAborted`, so a repaired lab resumes from there.
@@ -40,7 +41,7 @@ TRANSIENT = (DeviceError, ConnectionError, TimeoutError, EOFError, BrokenPipeErr
 
 def is_device_failure(exc: BaseException) -> bool:
     """True for failures worth retrying on a (restarted or other) device."""
-    if isinstance(exc, LimitError):
+    if isinstance(exc, (LimitError, NoReplicaLeft)):
         return False
     return isinstance(exc, TRANSIENT)
 
@@ -49,8 +50,13 @@ class ReplicaRetired(RuntimeWarning):
     """A replica failed too often and left its pool; the run goes on with the others."""
 
 
-class NoReplicaLeft(RuntimeError):
-    """Every replica of a stage has left its pool: the run cannot go on."""
+class NoReplicaLeft(DeviceError):
+    """Every replica of a stage has left its pool: the run cannot go on.
+
+    A :class:`~pnn_cluster.devices.base.DeviceError`, so whoever reports device
+    failures reports this one too (in one line) wherever it is raised: in a
+    training step, a validation pass, or the measurement of the test split.
+    """
 
     def __init__(self, stage: str, failures: dict[str, str]):
         self.stage = stage
@@ -100,10 +106,11 @@ class FaultPolicy:
         if n < self.max_consecutive_failures:
             log.info("stage %s: replica %s failed (%d in a row), retrying: %s", stage, replica_name, n, exc)
             return False
-        warnings.warn(
+        # one line on stderr: the schedule's source line under it would only look like part of a traceback
+        warnings.warn_explicit(
             f"stage {stage}: replica {replica_name} failed {n} times in a row and leaves the pool "
             f"({remaining - 1} replica(s) left); last error: {describe(exc)}",
-            ReplicaRetired, stacklevel=3,
+            ReplicaRetired, filename="pnn-cluster", lineno=0, module=__name__,
         )
         return True
 
