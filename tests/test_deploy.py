@@ -92,11 +92,83 @@ def test_mlflow_server_has_a_database_an_artifact_store_and_basic_auth():
     opt = dict(zip(cmd[::1], cmd[1::1]))
     assert opt["--backend-store-uri"].startswith(("postgresql://", "mysql://", "sqlite:///"))
     assert opt["--artifacts-destination"]
-    assert "MLFLOW_AUTH_CONFIG_PATH=" in cp["Service"]["Environment"]
+    assert "MLFLOW_AUTH_CONFIG_PATH=" in (DEPLOY / "mlflow/mlflow-server.service").read_text()
     auth = configparser.ConfigParser()
     auth.read(DEPLOY / "mlflow/basic_auth.ini")
     assert auth["mlflow"]["authorization_function"] and auth["mlflow"]["database_uri"]
     assert "admin_password" not in auth["mlflow"], "passwords go in the service's credentials, not in the repo"
+
+
+def _unit_lines(path: Path, key: str) -> list[str]:
+    """Every value of a repeatable key (Environment=, LoadCredential=) in a unit's [Service] section."""
+    return [line.partition("=")[2] for line in path.read_text().splitlines() if line.startswith(f"{key}=")]
+
+
+def test_mlflow_serves_https_only_with_its_own_key_and_certificate():
+    path = DEPLOY / "mlflow/mlflow-server.service"
+    cmd = shlex.split(unit(path)["Service"]["ExecStart"])
+    assert "--gunicorn-opts" not in cmd and "--waitress-opts" not in cmd, "mlflow server runs uvicorn here"
+    uvicorn = shlex.split(cmd[cmd.index("--uvicorn-opts") + 1])
+    uv = dict(zip(uvicorn[::2], uvicorn[1::2]))
+    credentials = dict(c.split(":", 1) for c in _unit_lines(path, "LoadCredential"))
+    # the key and certificate reach the server as systemd credentials (%d), from root-only files
+    for flag, name in (("--ssl-keyfile", "tls.key"), ("--ssl-certfile", "tls.crt")):
+        assert uv[flag] == f"%d/{name}", flag
+        assert credentials[name].startswith("/etc/pnn-cluster/mlflow/")
+    # every shipped client reaches MLflow by https
+    for text_path in TEXT_FILES + sorted((ROOT / "pnn_cluster" / "configs").glob("*.yaml")):
+        assert "http://mlflow" not in text_path.read_text(), f"{text_path}: MLflow is served over https only"
+
+
+def test_mlflow_secret_key_is_made_at_install_into_a_root_only_env_file():
+    path = DEPLOY / "mlflow/mlflow-server.service"
+    env_files = _unit_lines(path, "EnvironmentFile")
+    assert env_files == ["/etc/pnn-cluster/mlflow/mlflow.env"]
+    script = (DEPLOY / "mlflow/install-secrets.sh").read_text()
+    # the installer writes the key the basic-auth app needs to start, in the directory it makes root-only
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in script and "$dir/mlflow.env" in script
+    assert "umask 077" in script and 'chmod 700 "$dir"' in script
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY" not in path.read_text().replace("# root-only: MLFLOW_FLASK", "")
+
+
+def test_mlflow_database_passwords_come_from_a_password_file():
+    from urllib.parse import urlsplit
+
+    path = DEPLOY / "mlflow/mlflow-server.service"
+    cmd = shlex.split(unit(path)["Service"]["ExecStart"])
+    auth = configparser.ConfigParser()
+    auth.read(DEPLOY / "mlflow/basic_auth.ini")
+    for uri in (cmd[cmd.index("--backend-store-uri") + 1], auth["mlflow"]["database_uri"]):
+        assert urlsplit(uri).password is None, f"{uri}: a password in a URI"
+    credentials = dict(c.split(":", 1) for c in _unit_lines(path, "LoadCredential"))
+    assert "PGPASSFILE=%d/pgpass" in _unit_lines(path, "Environment") and "pgpass" in credentials
+    assert "$dir/pgpass" in (DEPLOY / "mlflow/install-secrets.sh").read_text()
+
+
+def test_jobs_get_mlflow_credentials_from_a_secrets_file_not_from_shipped_files():
+    env = yaml.safe_load((DEPLOY / "ray/runtime-env.yaml").read_text())["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"].startswith("https://")
+    # each node's Ray names the MLflow certificate it holds; jobs' processes inherit it
+    cert = "MLFLOW_TRACKING_SERVER_CERT_PATH="
+    onprem = yaml.safe_load((DEPLOY / "ray/cluster.yaml").read_text())
+    for command in onprem["head_start_ray_commands"] + onprem["worker_start_ray_commands"]:
+        assert "ray start" not in command or cert in command, command
+    assert any(e.startswith(cert) for e in _unit_lines(DEPLOY / "systemd/pnn-ray-node.service", "Environment"))
+    kube = yaml.safe_load((DEPLOY / "kuberay/raycluster.yaml").read_text())["spec"]
+    pods = [kube["headGroupSpec"]] + kube["workerGroupSpecs"]
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            assert "MLFLOW_TRACKING_SERVER_CERT_PATH" in {e["name"] for e in container["env"]}
+    for path in TEXT_FILES + sorted((ROOT / "pnn_cluster" / "configs").glob("*.yaml")):
+        text = path.read_text()
+        # an env file line or a YAML key with a value
+        assert not re.search(r"^\s*(export\s+)?MLFLOW_TRACKING_PASSWORD\s*[:=][ \t]*\S", text, flags=re.M), \
+            f"{path}: a password in a file"
+    # every job the README submits goes through `pnn-cluster submit`, which adds the secrets file
+    readme = (DEPLOY / "README.md").read_text()
+    assert "ray job submit" not in readme.replace("`ray job submit --runtime-env`", "")
+    submits = [argv for _, argv in COMMAND_LINES if argv[0] == "submit" and len(argv) > 1]
+    assert submits and all("--runtime-env" in argv for argv in submits)
 
 
 def _command_lines() -> list[tuple[str, list[str]]]:
@@ -127,11 +199,14 @@ def _command_lines() -> list[tuple[str, list[str]]]:
             argv = _argv("pnn-cluster " + m.group(1))
             if argv:
                 found.append((where, argv))
+            # `pnn-cluster submit ... -- pnn-cluster train ...`: the job's own command is checked as well
+            if argv[:1] == ["submit"] and "--" in argv and argv[argv.index("--") + 1:][:1] == ["pnn-cluster"]:
+                found.append((where, argv[argv.index("--") + 2:]))
     return found
 
 
 def _argv(command: str) -> list[str]:
-    words = shlex.split(command.strip().rstrip(".,;:"), comments=False)
+    words = shlex.split(command.strip().rstrip(".,;:"), comments=True)  # a shell comment after the command
     start = next(i for i, w in enumerate(words) if Path(w).name == "pnn-cluster")
     return words[start + 1:]
 
@@ -149,7 +224,8 @@ def test_every_named_command_exists_and_parses(where, argv):
     assert argv[0] in COMMANDS, f"{where}: `pnn-cluster {argv[0]}` is not a command ({', '.join(COMMANDS)})"
     if len(argv) == 1:
         return  # the command named in prose (`pnn-cluster serve-device`), not a full invocation
-    placeholders = {"RUN_ID": "0123456789abcdef", "CONFIG": "pnn_cluster/configs/hybrid_mnist.yaml"}
+    placeholders = {"RUN_ID": "0123456789abcdef", "CONFIG": "pnn_cluster/configs/hybrid_mnist.yaml",
+                    "HEAD": "ray-head.lab.example"}
     argv = [placeholders.get(a, a) for a in argv]
     try:
         args = build_parser().parse_args(argv)
@@ -158,7 +234,20 @@ def test_every_named_command_exists_and_parses(where, argv):
     assert args.command == argv[0]
 
 
-def test_every_named_configuration_exists_and_loads():
+@pytest.fixture
+def node_home(tmp_path, monkeypatch):
+    """The home directory of the user that runs Ray on a lab node: the cluster's key files in ~/.pnn-cluster/curve."""
+    from pnn_cluster.commands.keys import create_key_pair
+
+    curve = tmp_path / ".pnn-cluster" / "curve"
+    curve.mkdir(parents=True)
+    create_key_pair(curve, "cluster")
+    create_key_pair(curve, "optics")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_every_named_configuration_exists_and_loads(node_home):
     named = set()
     for path in TEXT_FILES + sorted((ROOT / "pnn_cluster" / "configs").glob("*.yaml")):
         named |= set(re.findall(r"pnn_cluster/configs/[\w.-]+\.yaml", path.read_text()))
@@ -180,3 +269,54 @@ def test_units_run_the_commands_the_lab_needs():
     import json
 
     assert all(k.startswith("instrument:") for k in json.loads(env["PNN_NODE_RESOURCES"]))
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+
+def test_every_remote_device_server_has_curve():
+    servers = [(w, a) for w, a in COMMAND_LINES if a[0] == "serve-device" and len(a) > 1]
+    assert any("--allow-remote" in a for _, a in servers)
+    for where, argv in servers:
+        assert "--insecure" not in argv, f"{where}: a shipped device server without CURVE"
+        if "--allow-remote" in argv:
+            assert _flag(argv, "--curve-secret") and _flag(argv, "--curve-allow"), f"{where}: no CURVE: {argv}"
+
+
+def test_the_scpi_bench_listens_on_loopback_only():
+    from pnn_cluster.servers import is_loopback_host
+
+    benches = [(w, a) for w, a in COMMAND_LINES if a[0] == "sim-instrument" and len(a) > 1]
+    assert benches
+    for where, argv in benches:
+        assert "--allow-remote" not in argv and "--insecure" not in argv, f"{where}: {argv}"
+        assert is_loopback_host(_flag(argv, "--host") or "127.0.0.1"), f"{where}: {argv}"
+    for path in TEXT_FILES + sorted((ROOT / "pnn_cluster" / "configs").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            assert not ("sim-instrument" in line and "0.0.0.0" in line), f"{path}: {line}"
+
+
+def test_the_lab_configuration_reaches_its_devices_as_deployed():
+    from pnn_cluster.servers import is_loopback_host
+
+    lab = yaml.safe_load((ROOT / "pnn_cluster/configs/lab_cluster.yaml").read_text())
+    zmq_devices = {n: d["driver"] for n, d in lab["devices"].items() if d["driver"]["kind"] == "zmq"}
+    visa_devices = {n: d for n, d in lab["devices"].items() if d["driver"]["kind"] == "visa"}
+    assert zmq_devices and visa_devices
+    server_args = env_file(DEPLOY / "systemd/serve-device-optics.env")["PNN_SERVE_DEVICE_ARGS"].split()
+    server_key = Path(_flag(server_args, "--curve-secret"))
+    for name, drv in zmq_devices.items():
+        host = drv["address"].split("://")[1].rsplit(":", 1)[0]
+        if not is_loopback_host(host):
+            curve = drv.get("curve") or {}
+            assert curve.get("secret_key_file", "").endswith(".key_secret"), f"{name}: no CURVE key pair"
+            # the server's public key is the one `pnn-cluster keys DIR optics` writes beside the server's key pair
+            assert Path(curve["server_public_key_file"]).name == server_key.stem + ".key", name
+    for name, dev in visa_devices.items():
+        # a simulated bench answers on loopback: the device actor runs on the PC that declared the instrument
+        assert dev["placement"]["instrument"], name
+        for role in ("source", "sink"):
+            host = dev["driver"][role]["resource"].split("::")[1]
+            assert is_loopback_host(host), f"{name}.{role}: {host}"
+    assert lab["tracking"]["uri"].startswith("https://")

@@ -21,7 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Serves one device to remote device actors over ZeroMQ until SIGINT or SIGTERM. Every request "
                     "is checked against the device's limits before it reaches the device; refused requests get "
                     "an error reply naming the field, value and allowed range, and are counted in the health "
-                    "reply. Binds to loopback unless --allow-remote is given.",
+                    "reply. Binds to loopback unless --allow-remote is given; a server that other machines "
+                    "reach needs CURVE (--curve-secret, --curve-allow; keys: `pnn-cluster keys`) unless "
+                    "--insecure says otherwise.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--system", choices=sorted(SYSTEMS), help="serve a simulated system")
@@ -33,7 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "installed or on PYTHONPATH), constructed with the --option values as keyword arguments")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="ZeroMQ endpoint to bind (default %(default)s; port 0 lets the OS choose)")
-    p.add_argument("--allow-remote", action="store_true", help="allow binding to a non-loopback address")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow binding to a non-loopback address (needs CURVE, or --insecure)")
+    p.add_argument("--insecure", action="store_true",
+                   help="with --allow-remote: serve without CURVE, so anyone who reaches the port may drive the "
+                        "device and read its measurements (a closed test network only)")
     p.add_argument("--max-message-mb", type=float, default=256.0,
                    help="largest request accepted, in MiB (default %(default)s); larger frames are dropped")
     p.add_argument("--curve-secret", metavar="FILE", type=Path,
@@ -170,6 +176,27 @@ def _load_mapping(path: Path) -> dict[str, Any]:
     return json.loads(text)
 
 
+def check_remote(allow_remote: bool, curve: bool, insecure: bool) -> None:
+    """``--allow-remote`` serves other machines: only with CURVE, or when ``--insecure`` says so (with a warning)."""
+    from pnn_cluster.commands import UsageError
+
+    if not allow_remote or curve:
+        return
+    if not insecure:
+        raise UsageError("--allow-remote without CURVE lets anyone who reaches the port drive the device; give "
+                         "--curve-secret and --curve-allow (keys: `pnn-cluster keys`), or --insecure to serve "
+                         "unencrypted and unauthenticated anyway")
+    print("pnn-cluster serve-device: warning: --insecure: serving the network without CURVE; anyone who reaches "
+          "the port may drive the device and read its measurements", file=sys.stderr, flush=True)
+
+
+def _insecure_kwarg(server_class: type, insecure: bool) -> dict[str, bool]:
+    # DeviceServer takes ``insecure`` from the release that enforces the rule itself; the check above holds either way
+    import inspect
+
+    return {"insecure": insecure} if "insecure" in inspect.signature(server_class).parameters else {}
+
+
 def run(args: argparse.Namespace) -> int:
     from pnn_cluster.commands import UsageError
     from pnn_cluster.servers import BindError
@@ -180,11 +207,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0.001 <= args.max_message_mb <= 1 << 20:
         raise UsageError(f"--max-message-mb {args.max_message_mb}; allowed: 0.001 .. 1048576")
     curve = CurveServerConfig(args.curve_secret, args.curve_allow) if args.curve_secret else None
+    check_remote(args.allow_remote, curve is not None, args.insecure)
     device, what = served_device(args)
     with StopSignals() as signals:
         try:
             server = DeviceServer(device, args.bind, max_message_bytes=int(args.max_message_mb * (1 << 20)),
-                                  curve=curve, allow_remote=args.allow_remote).start()
+                                  curve=curve, allow_remote=args.allow_remote,
+                                  **_insecure_kwarg(DeviceServer, args.insecure)).start()
         except BindError as exc:
             raise UsageError(str(exc)) from None
         except DeviceError as exc:  # the instruments behind the device could not be opened
