@@ -6,7 +6,16 @@ socket with the Lazy Pirate pattern: each request carries an id; the client
 waits ``timeout_s`` for the reply with that id (late replies to earlier tries
 are dropped), and on timeout closes the socket, opens a fresh one (which
 reconnects, e.g. to a restarted server) and sends again, ``retries`` times.
-Then it gives up with a :class:`~pnn_cluster.devices.base.DeviceError`.
+Then it gives up with a :class:`~pnn_cluster.devices.base.DeviceError` and
+drops that socket too, so a server that comes back later never receives the
+abandoned request: the next request opens a fresh socket.
+
+A retry is the same request (same id, same arrays, the parameters with it):
+measuring it again is harmless, and whoever counts measurements counts the
+one reply that came back (``tests/chaos`` checks both with a server killed,
+restarted and hung mid-epoch). A request a hung server had already received
+is measured when it resumes, and its reply dropped: at most one request per
+client is measured twice.
 
 A forward request carries the device parameters with the batch, so a
 measurement never depends on what a server (possibly restarted, possibly
