@@ -90,7 +90,7 @@ def test_mlflow_server_has_a_database_an_artifact_store_and_basic_auth():
     cmd = shlex.split(cp["Service"]["ExecStart"])
     assert cmd[1:3] == ["server", "--app-name"] and cmd[3] == "basic-auth"
     opt = dict(zip(cmd[::1], cmd[1::1]))
-    assert opt["--backend-store-uri"].startswith(("postgresql://", "mysql://", "sqlite:///"))
+    assert opt["--backend-store-uri"].startswith(("postgresql", "mysql", "sqlite:///"))
     assert opt["--artifacts-destination"]
     assert "MLFLOW_AUTH_CONFIG_PATH=" in (DEPLOY / "mlflow/mlflow-server.service").read_text()
     auth = configparser.ConfigParser()
@@ -126,12 +126,12 @@ def test_mlflow_secret_key_is_made_at_install_into_a_root_only_env_file():
     assert env_files == ["/etc/pnn-cluster/mlflow/mlflow.env"]
     script = (DEPLOY / "mlflow/install-secrets.sh").read_text()
     # the installer writes the key the basic-auth app needs to start, in the directory it makes root-only
-    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in script and "$dir/mlflow.env" in script
+    assert "add MLFLOW_FLASK_SERVER_SECRET_KEY" in script and "env=$dir/mlflow.env" in script
     assert "umask 077" in script and 'chmod 700 "$dir"' in script
-    assert "MLFLOW_FLASK_SERVER_SECRET_KEY" not in path.read_text().replace("# root-only: MLFLOW_FLASK", "")
+    assert not re.search(r"^Environment=MLFLOW_FLASK_SERVER_SECRET_KEY", path.read_text(), flags=re.M)
 
 
-def test_mlflow_database_passwords_come_from_a_password_file():
+def test_mlflow_database_passwords_come_from_the_root_only_env_file():
     from urllib.parse import urlsplit
 
     path = DEPLOY / "mlflow/mlflow-server.service"
@@ -140,9 +140,9 @@ def test_mlflow_database_passwords_come_from_a_password_file():
     auth.read(DEPLOY / "mlflow/basic_auth.ini")
     for uri in (cmd[cmd.index("--backend-store-uri") + 1], auth["mlflow"]["database_uri"]):
         assert urlsplit(uri).password is None, f"{uri}: a password in a URI"
-    credentials = dict(c.split(":", 1) for c in _unit_lines(path, "LoadCredential"))
-    assert "PGPASSFILE=%d/pgpass" in _unit_lines(path, "Environment") and "pgpass" in credentials
-    assert "$dir/pgpass" in (DEPLOY / "mlflow/install-secrets.sh").read_text()
+    # libpq takes it from PGPASSWORD, which the installer adds to the service's root-only environment file
+    assert "add PGPASSWORD" in (DEPLOY / "mlflow/install-secrets.sh").read_text()
+    assert _unit_lines(path, "EnvironmentFile") == ["/etc/pnn-cluster/mlflow/mlflow.env"]
 
 
 def test_jobs_get_mlflow_credentials_from_a_secrets_file_not_from_shipped_files():

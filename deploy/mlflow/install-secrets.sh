@@ -1,14 +1,14 @@
 #!/bin/sh
-# The MLflow server's secrets, made once on the server machine, readable by root only (an existing file is kept):
+# The MLflow server's secrets, made once on the server machine, readable by root only (what exists is kept):
 #   /etc/pnn-cluster/mlflow/mlflow.env   MLFLOW_FLASK_SERVER_SECRET_KEY (the basic-auth app's CSRF key; the server
-#                                        does not start without it) and MLFLOW_AUTH_ADMIN_PASSWORD (the admin
-#                                        account's password, used when the server first starts)
-#   /etc/pnn-cluster/mlflow/pgpass       the PostgreSQL password of role mlflow, as libpq's password file
+#                                        does not start without it), MLFLOW_AUTH_ADMIN_PASSWORD (the admin account's
+#                                        password, used when the server first starts) and PGPASSWORD (the password
+#                                        of the PostgreSQL role mlflow, which libpq reads for both databases)
 #   /etc/pnn-cluster/mlflow/tls.key      a self-signed TLS certificate for HOST (and the other names or IP addresses);
 #   /etc/pnn-cluster/mlflow/tls.crt      clients trust tls.crt through MLFLOW_TRACKING_SERVER_CERT_PATH
-# mlflow-server.service reads mlflow.env as an EnvironmentFile and hands pgpass, tls.key and tls.crt to the server
-# as systemd credentials, so the mlflow user never reads this directory. With --postgres, the role's password is
-# set to pgpass's (through psql's standard input, never on a command line).
+# mlflow-server.service reads mlflow.env as an EnvironmentFile and hands tls.key and tls.crt to the server as
+# systemd credentials, so the mlflow user never reads this directory. With --postgres, the role's password is set
+# to PGPASSWORD's (through psql's standard input, never on a command line).
 #   sudo deploy/mlflow/install-secrets.sh [--postgres] HOST [NAME_OR_IP ...]
 # PNN_ETC (default /etc/pnn-cluster) moves the whole tree, e.g. to rehearse as an ordinary user.
 set -eu
@@ -22,19 +22,20 @@ umask 077
 mkdir -p "$dir"
 chmod 700 "$dir"
 
-rand() { openssl rand -hex "$1"; }
-# write "$1" from standard input, then move it in place: a half-written secret is never left behind
-put() { cat > "$1.new" && mv "$1.new" "$1"; }
+env=$dir/mlflow.env
+touch "$env"
+chmod 600 "$env"
+# KEY=random hex, unless mlflow.env has KEY already (printf is the shell's own: the value is on no command line)
+add() {
+    if ! grep -q "^$1=" "$env"; then
+        printf '%s=%s\n' "$1" "$(openssl rand -hex "$2")" >> "$env"
+        echo "added $1 to $env"
+    fi
+}
+add MLFLOW_FLASK_SERVER_SECRET_KEY 32
+add MLFLOW_AUTH_ADMIN_PASSWORD 16
+add PGPASSWORD 24
 
-if [ ! -e "$dir/mlflow.env" ]; then
-    printf 'MLFLOW_FLASK_SERVER_SECRET_KEY=%s\nMLFLOW_AUTH_ADMIN_PASSWORD=%s\n' "$(rand 32)" "$(rand 16)" \
-        | put "$dir/mlflow.env"
-    echo "wrote $dir/mlflow.env (the admin password: grep ADMIN $dir/mlflow.env)"
-fi
-if [ ! -e "$dir/pgpass" ]; then
-    printf 'localhost:5432:*:mlflow:%s\n' "$(rand 24)" | put "$dir/pgpass"
-    echo "wrote $dir/pgpass"
-fi
 if [ ! -e "$dir/tls.crt" ]; then
     san="DNS:$host"
     for name in "$@"; do
@@ -50,7 +51,7 @@ if [ ! -e "$dir/tls.crt" ]; then
 fi
 if [ "$postgres" = yes ]; then
     # ALTER ROLE ... PASSWORD 'hex': the password is hexadecimal, so it needs no quoting
-    cut -d: -f5 "$dir/pgpass" | { read -r pw; printf "ALTER ROLE mlflow WITH LOGIN PASSWORD '%s';\n" "$pw"; } \
+    sed -n 's/^PGPASSWORD=//p' "$env" | { read -r pw; printf "ALTER ROLE mlflow WITH LOGIN PASSWORD '%s';\n" "$pw"; } \
         | runuser -u postgres -- psql -q -v ON_ERROR_STOP=1
     echo "set the password of PostgreSQL role mlflow"
 fi
