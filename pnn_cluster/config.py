@@ -435,6 +435,13 @@ class TrackingConfig(Section):
     checkpoint_every: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
     residual_batch: Annotated[int, Field(ge=0, le=100_000)] = 256
     log_models: bool = True
+    #: where each run's local record (journal, checkpoint, artifacts) is kept; None: PNN_RUNS_DIR, else ./pnn-runs
+    runs_dir: str | None = None
+    #: the longest the run waits for the server to create it at the start, and for the last uploads at the end
+    start_wait_s: Annotated[float, Field(ge=0.0, le=600.0)] = 10.0
+    end_wait_s: Annotated[float, Field(ge=0.0, le=600.0)] = 15.0
+    #: while the server is away, how often the outbox tries it again
+    retry_every_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 15.0
 
 
 class TrainerPlacement(Section):

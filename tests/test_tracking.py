@@ -152,7 +152,16 @@ def test_evaluate_measures_a_run_on_the_devices(resumed_run, capsys):
     assert out["step"] == 2 * STEPS_PER_EPOCH and 0 <= out["acc"] <= 1 and out["n"] == 60
     assert MlflowClient(uri).get_run(run_id).data.metrics["evaluate/test_acc"] == pytest.approx(out["acc"])
     assert main(["evaluate", "no-such-run", "--tracking-uri", uri, "--in-process"]) == 2
-    assert "neither a checkpoint file nor a run" in capsys.readouterr().err
+    assert "neither a checkpoint file, a run directory, nor a run in tracking URI" in capsys.readouterr().err
+    # a server that does not answer is not a run that does not exist: exit 1, and it says which
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert main(["evaluate", run_id, "--tracking-uri", down, "--in-process"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"tracking server {down} unreachable" in err[0]
 
 
 def test_resume_refuses_what_it_cannot_continue(resumed_run, store, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,9 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "whose checkpoints/last.pt is used, or a checkpoint file written by `train --checkpoint`), "
                     "loads the trained parameters and twins, and measures the test set (or --split) on the physical "
                     "devices. The twin-only (in silico) accuracy is shown next to it: a large gap means the twins "
-                    "no longer describe the devices. Exit codes: 0 done, 2 no such run or file.",
+                    "no longer describe the devices. A run id is looked up in this machine's run directories "
+                    "(pnn-runs/) first, then on the tracking server. Exit codes: 0 done, 1 the tracking server is "
+                    "unreachable (or the measurement failed), 2 no such run or file.",
     )
-    p.add_argument("source", metavar="RUN_ID|CHECKPOINT", help="MLflow run id, or a checkpoint file (.pt)")
+    p.add_argument("source", metavar="RUN_ID|RUN_DIR|CHECKPOINT",
+                   help="MLflow run id, a run directory (pnn-runs/...), or a checkpoint file (.pt)")
     add_tracking_args(p)
     p.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="which split to measure (val: the validation split carved from train by dataset.val_fraction)")
@@ -35,25 +39,40 @@ def run(args: argparse.Namespace) -> int:
 
     from pnn_cluster.commands import UsageError
     from pnn_cluster.config import ConfigError, parse_config
-    from pnn_cluster.tracking import load_run_checkpoint, resolve_tracking_uri
+    from pnn_cluster.tracking import load_run_checkpoint, resolve_tracking_uri, tracking_client
+    from pnn_cluster.tracking.outbox import RunDir, find_run_dir, is_local_id, is_outage, short_reason
 
     with tempfile.TemporaryDirectory(prefix="pnn-eval-") as tmp:
         path = Path(args.source)
         client = None
+        local = None
         if path.is_file():
             ckpt_path = path
+        elif RunDir.is_run_dir(path) or (not path.exists() and (local := find_run_dir(args.source)) is not None):
+            local = local or RunDir.open(path)  # this machine's record of the run: no server needed
+            ckpt_path = local.checkpoint
+            if not ckpt_path.is_file():
+                raise UsageError(f"{args.source}: run directory {local.path} has no checkpoint yet "
+                                 "(checkpoints/last.pt)")
+        elif path.exists():
+            raise UsageError(f"{args.source}: neither a checkpoint file nor a run directory (no run.json)")
         else:
             if args.no_track:
                 raise UsageError(f"{args.source}: no such checkpoint file (a run id needs tracking, not --no-track)")
-            from mlflow import MlflowClient
             from mlflow.exceptions import MlflowException
 
             uri = resolve_tracking_uri(args.tracking_uri)
-            client = MlflowClient(uri)
+            client = tracking_client(uri)
             try:
                 client.get_run(args.source)
-            except MlflowException:
-                raise UsageError(f"{args.source}: neither a checkpoint file nor a run in tracking URI {uri}") from None
+            except MlflowException as exc:
+                if is_outage(exc):
+                    print(f"pnn-cluster evaluate: error: tracking server {uri} unreachable ({short_reason(exc)}); "
+                          f"cannot look up run {args.source} (no run directory of it here either: evaluate a "
+                          "checkpoint file or a run directory instead)", file=sys.stderr, flush=True)
+                    return 1
+                raise UsageError(f"{args.source}: neither a checkpoint file, a run directory, nor a run in "
+                                 f"tracking URI {uri}") from None
             ckpt_path = load_run_checkpoint(client, args.source, tmp)
             if ckpt_path is None:
                 raise UsageError(f"run {args.source} has no checkpoint yet (checkpoints/last.pt)")
@@ -79,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     result = {"source": args.source, "split": args.split, "acc": res["acc"], "loss": res["loss"],
               "twin_acc": res["twin_acc"], "n": n, "step": res["step"]}
     if args.log:
+        if client is None and local is not None:
+            client = tracking_client(resolve_tracking_uri(args.tracking_uri, local.meta().get("tracking_uri")))
+            args.source = local.run_id
         if client is None:
             raise UsageError("--log records on a run; give a run id, not a checkpoint file")
         import time
@@ -89,7 +111,17 @@ def run(args: argparse.Namespace) -> int:
         ms = [Metric(f"evaluate/{args.split}_acc", res["acc"], now, res["step"])]
         if res["twin_acc"] is not None:
             ms.append(Metric(f"evaluate/{args.split}_twin_acc", res["twin_acc"], now, res["step"]))
-        client.log_batch(args.source, metrics=ms)
+        from mlflow.exceptions import MlflowException
+
+        if is_local_id(args.source):
+            raise UsageError(f"--log: run {args.source} is not on the tracking server yet (`pnn-cluster sync` "
+                             "uploads it)")
+        try:
+            client.log_batch(args.source, metrics=ms)
+        except MlflowException as exc:
+            print(f"pnn-cluster evaluate: error: --log: tracking server unreachable or refused the metrics "
+                  f"({short_reason(exc)}); the result above was not recorded", file=sys.stderr, flush=True)
+            return 1
     if args.json:
         print(json.dumps(result))
     return 0

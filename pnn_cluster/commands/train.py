@@ -212,7 +212,9 @@ def tracking_for(cfg, args: argparse.Namespace, tracking_uri: str | None = None,
     out = {"tracking_uri": tracking_uri or resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri),
            "experiment": getattr(args, "experiment", None), "run_name": getattr(args, "run_name", None),
            "run_id": None if run_dir is not None else resume,
-           "run_dir": str(run_dir) if run_dir is not None else None, "runs_root": str(default_runs_root())}
+           "run_dir": str(run_dir) if run_dir is not None else None,
+           "runs_root": str(Path(cfg.tracking.runs_dir).expanduser().resolve() if cfg.tracking.runs_dir
+                            else default_runs_root())}
     out.update(extra)
     return {k: v for k, v in out.items() if v is not None}
 

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -322,7 +323,10 @@ class ExperimentRun:
         kw = {"experiment": t.experiment, "run_name": t.run_name or self.config.name,
               "tags": {"pnn.config": self.config.name, "pnn.method": self.config.method, **t.tags},
               "flush_every_s": t.flush_every_s, "checkpoint_every": t.checkpoint_every,
-              "residual_batch": t.residual_batch, "log_models": t.log_models, "command": "train"}
+              "residual_batch": t.residual_batch, "log_models": t.log_models, "command": "train",
+              "start_wait_s": t.start_wait_s, "end_wait_s": t.end_wait_s, "retry_every_s": t.retry_every_s}
+        if t.runs_dir:
+            kw["runs_root"] = str(Path(t.runs_dir).expanduser().resolve())
         given = dict(self.tracking)
         kw["tags"] = {**kw["tags"], **given.pop("tags", {})}
         kw.update({k: v for k, v in given.items() if v is not None})

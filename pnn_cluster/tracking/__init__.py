@@ -386,6 +386,8 @@ class MlflowCallback(Callback):
             {"op": "create_run", "run": local, "experiment": self.experiment, "run_name": self.run_name,
              "start_time": start_ms, "tags": tags}, self.start_wait_s))
         self._run_id = rid if done and rid else local
+        if done and rid:
+            self.dir.update_meta(run_id=rid)
         if self.config is not None:
             self.log_config(self.config)
         return self._run_id
