@@ -1,8 +1,8 @@
 """Fuzzing the servers: malformed, garbage and oversized messages must never crash them.
 
 ZeroMQ server: every message that reaches it gets exactly one error reply
-(frames over the size limit are dropped by libzmq with their connection, as
-the protocol says); SCPI bench: every malformed line leaves an error in the
+(a message over the size or frame-count limit is cut off while it arrives and
+its connection dropped, as the protocol says); SCPI bench: every malformed line leaves an error in the
 queue (or, for a block that cannot be trusted, closes the connection).
 Afterwards a valid request is still answered correctly.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -121,14 +122,21 @@ def zmq_fuzz_messages(rng: np.random.Generator) -> list[list[bytes]]:
         msgs.append([b"", h(arrays=arrays), x.tobytes(), *(v.tobytes() for v in params.values())])
     for _ in range(20):
         msgs.append([b"", h(op="forward", arrays=[desc(shape=(0, 12))]), b""])  # an empty batch
-    # 6. oversized, but every frame under the frame limit: refused by the header check
+    # 6. a header over its own limit, the message well under the server's: refused by the header check
     for _ in range(10):
         msgs.append([b"", b'{"v": 1, "op": "health", "pad": "' + b"x" * MAX_HEADER_BYTES + b'"}'])
-    big = np.zeros(MAX_MSG // 8 // 12 * 12 // 2).tobytes()  # half the limit per frame
-    for _ in range(10):
-        msgs.append([b"", h(arrays=[desc(shape=(len(big) // 96, 12))] * 3), big, big, big])
-    msgs.append([b""] + [b""] * 300)
     return msgs
+
+
+def zmq_oversized_messages() -> dict[str, list[list[bytes]]]:
+    """Messages over the server's limits, by the reason the server drops their connection."""
+    rows = MAX_MSG // 96 + 1
+    big = np.zeros(MAX_MSG // 8 // 12 * 12 // 2).tobytes()  # half the limit per frame
+    return {
+        "message_too_large": [[b"", h(arrays=[desc(shape=(rows, 12))]), bytes(96 * rows)]] * 5  # one frame
+                             + [[b"", h(arrays=[desc(shape=(len(big) // 96, 12))] * 3), big, big, big]] * 3,
+        "too_many_frames": [[b""] + [b""] * 300] * 2,
+    }
 
 
 @pytest.mark.timeout(120)
@@ -157,17 +165,24 @@ def test_zmq_server_survives_1000_malformed_messages():
             answered += 1
         assert kinds.get("device", 0) == 0 and kinds["protocol"] > 500 and kinds["limit"] >= 200
 
-        # a frame over ZMQ_MAXMSGSIZE is dropped with its connection: no reply, as the protocol says
-        dropped = 0
-        for _ in range(5):
+        # a message over the size or frame limit is cut off with its connection: no reply, as the protocol says
+        oversized = zmq_oversized_messages()
+        senders = []
+        for frames in [f for msgs in oversized.values() for f in msgs]:
             s = ctx.socket(zmq.DEALER)
             s.linger = 0
             s.connect(server.endpoint)
-            s.send_multipart([b"", h(arrays=[desc(shape=(MAX_MSG // 96 + 1, 12))]),
-                              bytes(8 * 12 * (MAX_MSG // 96 + 1))])
-            dropped += s.poll(300) == 0
+            s.send_multipart(frames)
+            senders.append(s)
+        expected = {reason: len(msgs) for reason, msgs in oversized.items()}
+        deadline = time.monotonic() + 30
+        while {r: server.health()["server"]["dropped"][r] for r in expected} != expected:
+            assert time.monotonic() < deadline, server.health()["server"]["dropped"]
+            sock.poll(20)  # nothing arrives here: a short wait between looks
+        dropped = sum(expected.values())
+        for s in senders:
+            assert s.poll(0) == 0  # no reply to any of them
             s.close()
-        assert dropped == 5
 
         # the server is alive and still right
         ref = make_device("shg", imperfections=IDEAL)

@@ -1,4 +1,8 @@
-"""Servers: the simulated SCPI lab bench (:mod:`.scpi_bench`) and the ZeroMQ device server (:mod:`.zmq_server`)."""
+"""Servers: the simulated SCPI lab bench (:mod:`.scpi_bench`) and the ZeroMQ device server (:mod:`.zmq_server`).
+
+The device server speaks ZeroMQ's wire protocol itself (:mod:`.zmtp`, the server side of ZMTP 3.x with NULL and
+CURVE security), so that the size, frame count and time of every request are bounded while it arrives.
+"""
 
 from __future__ import annotations
 

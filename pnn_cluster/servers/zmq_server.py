@@ -1,23 +1,29 @@
-"""ZeroMQ device server: any :class:`~pnn_cluster.devices.base.Device` on a ROUTER socket.
+"""ZeroMQ device server: any :class:`~pnn_cluster.devices.base.Device` behind a ROUTER endpoint.
 
 The wire protocol is specified in ``docs/wire_protocol.md``; its message
 layout and array frames are :mod:`pnn_cluster.protocol.zmq`, shared with the
 client (:mod:`pnn_cluster.drivers.zmq_client`).
+
+Transport: the server side of ZMTP 3.x is :mod:`pnn_cluster.servers.zmtp`
+(plain sockets, no libzmq), so that every limit holds while a request
+arrives: its total size and frame count (checked from each frame header,
+before the frame is read), the number of connections, an idle timeout, a
+deadline for each request and a cap on replies waiting for a client that does
+not read them. A peer that breaks one is disconnected and counted in
+``health``; any unmodified ZeroMQ DEALER or REQ client connects as before.
 
 Safety: every request is checked before the device sees it (envelope,
 header size and JSON, protocol version, op, array descriptors against frame
 sizes, dtype, then the device's own limits via ``Device.forward`` /
 ``Device.set_params``). A refused request gets an error reply naming the
 field, the value and what is allowed; the server keeps serving and counts
-the refusal (``health``). Frames larger than ``max_message_bytes`` are
-dropped by libzmq (``ZMQ_MAXMSGSIZE``: the peer is disconnected and gets no
-reply); a message whose frames together exceed it gets an error reply.
+the refusal (``health``).
 
-The server binds to loopback unless ``allow_remote`` is set, and can
-require CURVE encryption with an allow-list of client public keys read from
-a directory of key files (``zmq.auth.create_certificates`` writes them); a
-client whose key is not listed is refused during the handshake by the ZAP
-authenticator and never gets a reply.
+The server binds to loopback unless ``allow_remote`` is set, and then
+requires CURVE (encryption, and an allow-list of client public keys read from
+a directory of key files, every one of which must parse) unless ``insecure``
+is set too. A client whose key is not listed is refused during the handshake
+and never gets a reply.
 """
 
 from __future__ import annotations
@@ -32,9 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from pnn_cluster.devices.base import Device
 from pnn_cluster.devices.spec import LimitError
@@ -49,10 +52,21 @@ from pnn_cluster.protocol.zmq import (
     short_repr,
 )
 from pnn_cluster.servers import BindError, is_loopback_host
+from pnn_cluster.servers.zmtp import CurveKeyError, CurveKeys, Limits, RouterServer, listen, load_curve_keys
 
-__all__ = ["CurveServerConfig", "DEFAULT_MAX_MESSAGE_BYTES", "DeviceServer", "check_bind"]
+__all__ = [
+    "CurveKeyError", "CurveServerConfig", "DEFAULT_IDLE_TIMEOUT_S", "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_MAX_PENDING_REPLY_BYTES", "DEFAULT_REQUEST_TIMEOUT_S", "DeviceServer",
+    "check_bind",
+]
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 16
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+DEFAULT_MAX_PENDING_REPLY_BYTES = 16 * 1024 * 1024
+#: frames of one request: the empty delimiter, the header and at most MAX_ARRAYS arrays
+MAX_REQUEST_FRAMES = MAX_ARRAYS + 2
 
 
 def check_bind(endpoint: str, allow_remote: bool = False) -> str:
@@ -60,10 +74,10 @@ def check_bind(endpoint: str, allow_remote: bool = False) -> str:
     if not isinstance(endpoint, str) or "://" not in endpoint:
         raise BindError(f"bind: {endpoint!r} is not a ZeroMQ endpoint; allowed: tcp://127.0.0.1:PORT, ipc://PATH")
     scheme, _, addr = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
+    if scheme == "ipc":
         return endpoint
     if scheme != "tcp":
-        raise BindError(f"bind: transport {scheme!r}; allowed: tcp, ipc, inproc")
+        raise BindError(f"bind: transport {scheme!r}; allowed: tcp, ipc")
     host, sep, port = addr.rpartition(":")
     if not sep or not host:
         raise BindError(f"bind: {endpoint!r} has no port; allowed: tcp://HOST:PORT (PORT 0 or * for any)")
@@ -73,7 +87,7 @@ def check_bind(endpoint: str, allow_remote: bool = False) -> str:
         raise BindError(f"bind: port {port!r}; allowed: 1..65535, 0 or *")
     if not allow_remote and not is_loopback_host(host):
         raise BindError(f"bind: {host!r} is not a loopback address; allowed: 127.0.0.1, [::1], localhost, "
-                        "ipc:// (pass allow_remote=True / --allow-remote to serve a network, ideally with CURVE)")
+                        "ipc:// (pass allow_remote=True / --allow-remote to serve a network, with CURVE)")
     return f"tcp://{host}:{port}"
 
 
@@ -83,7 +97,9 @@ class CurveServerConfig:
 
     ``secret_key_file`` is the ``<name>.key_secret`` file written by
     ``zmq.auth.create_certificates``; every ``*.key`` file in
-    ``allowed_clients_dir`` is a client allowed to connect (read at start).
+    ``allowed_clients_dir`` is a client allowed to connect. The keys are read
+    when the server starts (:meth:`load`); a file that cannot be parsed stops
+    the start with a :class:`~pnn_cluster.servers.zmtp.CurveKeyError` naming it.
     """
 
     secret_key_file: Path
@@ -100,24 +116,48 @@ class CurveServerConfig:
         if not any(self.allowed_clients_dir.glob("*.key")):
             raise FileNotFoundError(f"curve: no client public keys (*.key) in {self.allowed_clients_dir}")
 
+    def load(self) -> CurveKeys:
+        """The server's key pair and the allowed client keys, every file parsed (:class:`CurveKeyError` if not)."""
+        return load_curve_keys(self.secret_key_file, self.allowed_clients_dir)
+
 
 class DeviceServer:
-    """Serve one device over ZeroMQ. Requests are handled one at a time, in arrival order.
+    """Serve one device over ZeroMQ (ZMTP). Requests are handled one at a time, in arrival order.
 
-    Constructing does no I/O; :meth:`start` binds and serves in a background
-    thread (the device is connected in that thread: it owns the instrument),
-    :meth:`stop` shuts down cleanly.
+    Constructing does no I/O; :meth:`start` reads the CURVE keys, binds, and
+    serves: the connections in an I/O thread, the device in its own thread
+    (it is connected there: that thread owns the instrument). :meth:`stop`
+    shuts down cleanly.
+
+    Limits (see ``docs/wire_protocol.md``): ``max_message_bytes`` for a whole
+    request (all frames), at most ``MAX_ARRAYS + 2`` frames, ``max_connections``
+    connections, ``idle_timeout_s`` of silence before a connection is closed,
+    ``request_timeout_s`` from a request's first byte to its last (and for a
+    handshake, and for a reply to make progress), ``max_pending_reply_bytes``
+    of replies queued for a connection before its next request is read.
     """
 
     def __init__(self, device: Device, bind: str = "tcp://127.0.0.1:5555", *,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveServerConfig | None = None,
-                 allow_remote: bool = False, name: str | None = None) -> None:
+                 allow_remote: bool = False, insecure: bool = False, name: str | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 max_pending_reply_bytes: int = DEFAULT_MAX_PENDING_REPLY_BYTES) -> None:
         if not (isinstance(max_message_bytes, int) and 1024 <= max_message_bytes <= 2**40):
             raise BindError(f"max_message_bytes: {max_message_bytes!r}; allowed: integers 1024..2**40")
+        self.limits = Limits(max_message_bytes=max_message_bytes, max_frames=MAX_REQUEST_FRAMES,
+                             max_connections=max_connections, idle_timeout_s=idle_timeout_s,
+                             request_timeout_s=request_timeout_s, max_pending_reply_bytes=max_pending_reply_bytes)
         self.device = device
         self.bind = check_bind(bind, allow_remote)
+        if allow_remote and curve is None and not insecure:
+            raise BindError(f"bind: {self.bind} with allow_remote but without CURVE would serve the device "
+                            "unencrypted to anyone who can reach it; set up CURVE (--curve-secret SERVER.key_secret "
+                            "--curve-allow DIR, keys from zmq.auth.create_certificates) or pass --insecure "
+                            "(insecure=True) to serve it anyway")
         self.max_message_bytes = max_message_bytes
         self.curve = curve
+        self.insecure = insecure
         self.name = name
         self.instance = uuid.uuid4().hex[:12]
         self.endpoint: str | None = None
@@ -127,8 +167,7 @@ class DeviceServer:
         }
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
-        self._ctx: zmq.Context | None = None
-        self._ctl = f"inproc://pnn-server-ctl-{self.instance}"
+        self._router: RouterServer | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
@@ -137,37 +176,37 @@ class DeviceServer:
     def start(self, timeout_s: float = 30.0) -> DeviceServer:
         if self._thread is not None:
             return self
-        self._ctx = zmq.Context()
+        keys = self.curve.load() if self.curve is not None else None
+        listener = listen(self.bind)
+        router = RouterServer(listener, self.limits, keys, name=f"device-server-{self.instance}")
+        self.endpoint = listener.endpoint
+        self._router = router
         self._ready.clear()
-        self._thread = threading.Thread(target=self._thread_main, name=f"zmq-device-server-{self.instance}",
-                                        daemon=True)
+        self._error = None
+        self._thread = threading.Thread(target=self._thread_main, args=(router,),
+                                        name=f"device-server-{self.instance}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
+            router.stop()
             raise RuntimeError(f"device server did not start within {timeout_s} s")
         if self._error is not None:
             self._thread.join()
             self._thread = None
-            self._ctx.term()
-            self._ctx = None
+            router.stop()
             raise self._error
+        router.start()
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self._thread is None or self._ctx is None:
+        if self._thread is None or self._router is None:
             return
-        ctl = self._ctx.socket(zmq.PAIR)
-        ctl.linger = 0
-        ctl.connect(self._ctl)
-        ctl.send(b"stop")
+        self._router.stop(timeout_s)  # no new requests; those not answered yet are cancelled
+        self._router.requests.put(None)
         self._thread.join(timeout_s)
-        ctl.close()
         if self._thread.is_alive():
-            # the device is stuck inside a request; terminating the context would block on its socket
             raise RuntimeError(f"device server {self.endpoint}: still busy after {timeout_s} s; "
                                "its thread (a daemon) is left to finish")
         self._thread = None
-        self._ctx.term()
-        self._ctx = None
 
     def __enter__(self) -> DeviceServer:
         return self.start()
@@ -175,68 +214,25 @@ class DeviceServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _thread_main(self) -> None:
-        assert self._ctx is not None
-        ctx = self._ctx
-        auth = None
-        router = ctl = None
+    def _thread_main(self, router: RouterServer) -> None:
         try:
-            router = ctx.socket(zmq.ROUTER)
-            ctl = ctx.socket(zmq.PAIR)
-            router.linger = 0
-            router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-            if self.curve is not None:
-                auth = ThreadAuthenticator(ctx)
-                auth.start()
-                auth.configure_curve(domain="*", location=str(self.curve.allowed_clients_dir))
-                public, secret = zmq.auth.load_certificate(str(self.curve.secret_key_file))
-                if secret is None:
-                    raise FileNotFoundError(f"curve: {self.curve.secret_key_file} holds no secret key")
-                router.curve_publickey = public
-                router.curve_secretkey = secret
-                router.curve_server = True
-            ctl.bind(self._ctl)
-            try:
-                router.bind(self.bind)
-            except zmq.ZMQError as exc:
-                raise BindError(f"bind: cannot bind {self.bind}: {exc}") from None
-            self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.device.connect()
         except BaseException as exc:
             self._error = exc
-            for sock in (router, ctl):
-                if sock is not None:
-                    sock.close(0)
-            if auth is not None:
-                auth.stop()
             self._ready.set()
             return
         self._ready.set()
-        assert router is not None and ctl is not None
         try:
-            self._loop(router, ctl)
-        finally:
-            router.close(0)
-            ctl.close(0)
-            if auth is not None:
-                auth.stop()
-            self.device.close()
-
-    def _loop(self, router: zmq.Socket, ctl: zmq.Socket) -> None:
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(ctl, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll())
-            if ctl in events:
-                return
             while True:
-                try:
-                    frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                reply = self.handle(frames[1:])
-                router.send_multipart([frames[0], *reply], copy=False)
+                request = router.requests.get()
+                if request is None:
+                    return
+                if request.cancelled:  # its client went away (a Lazy Pirate retry comes on a new connection)
+                    router.stats["abandoned"] += 1
+                    continue
+                router.reply(request, self.handle(request.frames))
+        finally:
+            self.device.close()
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -315,11 +311,14 @@ class DeviceServer:
         return self._reply(rid, {}, encode_arrays({"y": y}))
 
     def health(self) -> dict[str, Any]:
+        transport: dict[str, Any] = {"connections": 0, "connections_accepted": 0, "abandoned": 0, "dropped": {}}
+        if self._router is not None:
+            transport = {**self._router.stats, "dropped": dict(self._router.stats["dropped"])}
         return {
             **self.device.health(),
-            "server": {**self.stats, "instance": self.instance, "endpoint": self.endpoint,
+            "server": {**self.stats, **transport, "instance": self.instance, "endpoint": self.endpoint,
                        "uptime_s": round(time.monotonic() - self._started, 3), "curve": self.curve is not None,
-                       "pid": os.getpid()},
+                       "pid": os.getpid(), "limits": self.limits.as_dict()},
         }
 
     def _reply(self, rid: Any, body: dict[str, Any], arrays: tuple[list[Any], list[Any]] | None = None) -> list[Any]:

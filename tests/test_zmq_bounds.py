@@ -1,0 +1,555 @@
+"""The device server's bounds: memory and time a peer can cost it, and the clients it still serves.
+
+The server speaks ZMTP itself (``pnn_cluster.servers.zmtp``), so these tests
+check both sides of that: unmodified pyzmq DEALER and REQ sockets, with and
+without CURVE, interoperate; and floods, stalls, idle and greedy connections
+are cut off by the limits while other clients keep being answered. Memory is
+measured on a server in its own process (``/proc/PID/status``: its peak RSS,
+reset before each flood). A :class:`RawPeer` speaks ZMTP by hand, byte by
+byte, where a test needs a peer that no ZeroMQ library would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+import zmq.auth
+
+from pnn_cluster.devices import Device, DeviceSpec, ParamSpec, Port
+from pnn_cluster.drivers.zmq_client import ClientCurve, DeviceClient
+from pnn_cluster.servers import BindError
+from pnn_cluster.servers.zmq_server import CurveKeyError, CurveServerConfig, DeviceServer
+
+LOOPBACK_ANY = "tcp://127.0.0.1:0"
+MIB = 1 << 20
+MORE, LONG, COMMAND = 0x01, 0x02, 0x04
+
+
+class Gain(Device):
+    spec = DeviceSpec("gain", Port(4, -1.0, 1.0, "V"), Port(4, unit="V"),
+                      (ParamSpec("gain", (4,), 0.0, 2.0, unit="V/V", init=1.0),))
+
+    def measure(self, x, params):
+        return x * params["gain"]
+
+
+def wait_until(cond: Callable[[], object], timeout_s: float, what: str) -> object:
+    """Poll ``cond`` until it is truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)  # a short pause between looks at the condition, never a wait for an outcome
+
+
+def forward_request(x: np.ndarray, rid: int = 1) -> list[bytes]:
+    header = {"v": 1, "op": "forward", "id": rid, "arrays": [{"field": "x", "dtype": "<f8", "shape": list(x.shape)}]}
+    return [json.dumps(header).encode(), np.ascontiguousarray(x, "<f8").tobytes()]
+
+
+def check_forward_reply(frames: list[bytes], x: np.ndarray) -> None:
+    header = json.loads(frames[0])
+    assert header["ok"] is True, header
+    np.testing.assert_array_equal(np.frombuffer(frames[1], "<f8").reshape(x.shape), x)
+
+
+def try_send(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """Send if a connection is up: a DEALER whose handshake failed has no peer and would block."""
+    with contextlib.suppress(zmq.Again):
+        sock.send_multipart(frames, flags=zmq.NOBLOCK)
+
+
+def wait_connection_closed(server: DeviceServer, accepted_before: int) -> None:
+    """Wait until a connection after the first ``accepted_before`` was made and every connection is closed."""
+    def closed() -> bool:
+        s = server.health()["server"]
+        return s["connections_accepted"] > accepted_before and s["connections"] == 0
+
+    wait_until(closed, 10, "a refused client's connection to be made and closed")
+
+
+def dropped(server: DeviceServer, reason: str) -> int:
+    return server.health()["server"]["dropped"][reason]
+
+
+# -- a ZMTP peer written by hand ------------------------------------------------------------------------
+
+
+def zmtp_frame(body: bytes, flags: int = 0) -> bytes:
+    if len(body) > 255:
+        return bytes((flags | LONG,)) + struct.pack(">Q", len(body)) + body
+    return bytes((flags, len(body))) + body
+
+
+class RawPeer:
+    """A DEALER speaking ZMTP 3.0 with the NULL mechanism over a plain TCP socket."""
+
+    def __init__(self, endpoint: str, *, handshake: bool = True, rcvbuf: int | None = None) -> None:
+        host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(10)
+        self.sock.connect((host, int(port)))
+        self.connected_at = time.monotonic()
+        if handshake:
+            self.sock.sendall(b"\xff" + bytes(8) + b"\x7f" + bytes((3, 0)) + b"NULL".ljust(20, b"\0") + bytes(32))
+            greeting = self.recv_exactly(64)
+            assert greeting[0] == 0xFF and greeting[9] == 0x7F and greeting[10] == 3, greeting
+            assert greeting[12:32].rstrip(b"\0") == b"NULL"
+            prop = b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+            self.sock.sendall(zmtp_frame(b"\x05READY" + prop, COMMAND))
+            flags, body = self.recv_frame()
+            assert flags & COMMAND and body.startswith(b"\x05READY") and b"ROUTER" in body, body
+
+    def recv_exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            buf += chunk
+        return bytes(buf)
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        flags, size = self.recv_exactly(2)
+        if flags & LONG:
+            size = struct.unpack(">Q", bytes((size,)) + self.recv_exactly(7))[0]
+        return flags, self.recv_exactly(size)
+
+    def recv_message(self) -> list[bytes]:
+        frames = []
+        while True:
+            flags, body = self.recv_frame()
+            if flags & COMMAND:
+                continue
+            frames.append(body)
+            if not flags & MORE:
+                return frames
+
+    def send_message(self, frames: list[bytes]) -> None:
+        self.sock.sendall(b"".join(zmtp_frame(f, MORE if i < len(frames) - 1 else 0) for i, f in enumerate(frames)))
+
+    def seconds_until_closed(self, timeout_s: float = 15.0) -> float:
+        """Read (and discard) until the server closes the connection; when that was, in seconds after connect."""
+        self.sock.settimeout(timeout_s)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        return time.monotonic() - self.connected_at
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- CURVE keys ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curve")
+    (root / "allowed").mkdir()
+    for name in ("server", "trusted", "stranger"):
+        zmq.auth.create_certificates(str(root), name)
+    shutil.copy(root / "trusted.key", root / "allowed" / "trusted.key")
+    return root
+
+
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context for the test's client sockets, destroyed (sockets and all) however the test ends."""
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def curve_socket(ctx: zmq.Context, kind: int, keys: Path, who: str) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    public, secret = zmq.auth.load_certificate(str(keys / f"{who}.key_secret"))
+    server_public, _ = zmq.auth.load_certificate(str(keys / "server.key"))
+    sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_public
+    return sock
+
+
+# -- interoperation --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+@pytest.mark.parametrize("security", ["null", "curve"])
+def test_pyzmq_dealer_and_req_clients_interoperate(security, transport, keys, tmp_path, ctx):
+    curve = CurveServerConfig(keys / "server.key_secret", keys / "allowed") if security == "curve" else None
+    bind = LOOPBACK_ANY if transport == "tcp" else f"ipc://{tmp_path}/server.sock"
+    with DeviceServer(Gain(), bind, curve=curve) as server:
+        assert server.endpoint.startswith(f"{transport}://")
+        for kind in (zmq.DEALER, zmq.REQ):
+            sock = curve_socket(ctx, kind, keys, "trusted") if curve else ctx.socket(kind)
+            sock.linger = 0
+            sock.connect(server.endpoint)
+            envelope = [b""] if kind == zmq.DEALER else []  # a REQ socket adds the empty delimiter itself
+            for rows in (1, 3000):  # short frames, then LONG ones (24 kB)
+                x = np.linspace(-1, 1, 4 * rows).reshape(rows, 4)
+                sock.send_multipart(envelope + forward_request(x, rows))
+                assert sock.poll(10_000), f"no reply to {security} socket type {kind}"
+                reply = sock.recv_multipart()
+                assert reply[:len(envelope)] == envelope
+                check_forward_reply(reply[len(envelope):], x)
+            sock.close()
+        with DeviceClient(server.endpoint, curve=None if curve is None else _client_curve(keys, "trusted")) as c:
+            h = c.health()["server"]
+        assert h["curve"] is (curve is not None)
+        assert h["requests"] == 5 and h["ok"] == 4  # the health reply is counted after
+        assert sum(h["dropped"].values()) == 0 and h["connections_accepted"] == 3
+    if transport == "ipc":
+        assert not (tmp_path / "server.sock").exists()  # the socket file goes with the server
+
+
+def _client_curve(keys: Path, who: str) -> ClientCurve:
+    return ClientCurve(keys / f"{who}.key_secret", keys / "server.key")
+
+
+@pytest.mark.system
+def test_curve_refuses_unknown_keys_and_plain_clients_and_a_curve_client_is_refused_by_a_plain_server(keys, ctx):
+    cfg = CurveServerConfig(keys / "server.key_secret", keys / "allowed")
+    x = np.full((2, 4), 0.5)
+    with DeviceServer(Gain(), LOOPBACK_ANY, curve=cfg) as server:
+        # an unknown key is refused after INITIATE (an ERROR command, then the connection is closed)
+        stranger = curve_socket(ctx, zmq.DEALER, keys, "stranger")
+        stranger.connect(server.endpoint)
+        try_send(stranger, [b"", *forward_request(x)])
+        wait_until(lambda: dropped(server, "unauthorized") > 0, 10, "the stranger refused")
+        assert stranger.poll(0) == 0  # nothing of its request got through
+        stranger.close()
+        # a plain client sees the CURVE greeting and hangs up (or is hung up on): no handshake, no reply
+        accepted = server.health()["server"]["connections_accepted"]
+        plain = ctx.socket(zmq.DEALER)
+        plain.linger = 0
+        plain.connect(server.endpoint)
+        try_send(plain, [b"", *forward_request(x)])
+        wait_connection_closed(server, accepted)
+        assert plain.poll(0) == 0
+        plain.close()
+        trusted = curve_socket(ctx, zmq.DEALER, keys, "trusted")
+        trusted.connect(server.endpoint)
+        trusted.send_multipart([b"", *forward_request(x)])
+        assert trusted.poll(10_000)
+        check_forward_reply(trusted.recv_multipart()[1:], x)
+        trusted.close()
+        assert server.stats["requests"] == 1
+    with DeviceServer(Gain(), LOOPBACK_ANY) as plain_server:
+        sock = curve_socket(ctx, zmq.DEALER, keys, "trusted")
+        sock.connect(plain_server.endpoint)
+        try_send(sock, [b"", *forward_request(x)])
+        wait_connection_closed(plain_server, 0)
+        assert sock.poll(0) == 0 and plain_server.stats["requests"] == 0
+        sock.close()
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("security", ["null", "curve"])
+def test_libzmq_heartbeats_are_answered(security, keys, ctx):
+    curve = CurveServerConfig(keys / "server.key_secret", keys / "allowed") if security == "curve" else None
+    x = np.full((1, 4), 0.5)
+    with DeviceServer(Gain(), LOOPBACK_ANY, curve=curve) as server:
+        sock = curve_socket(ctx, zmq.DEALER, keys, "trusted") if curve else ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.heartbeat_ivl = 20  # ms: a PING every 20 ms
+        sock.heartbeat_timeout = 500  # no answer within 500 ms and libzmq drops the connection
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(server.endpoint)
+        for _ in range(2):
+            sock.send_multipart([b"", *forward_request(x)])
+            assert sock.poll(10_000)
+            check_forward_reply(sock.recv_multipart()[1:], x)
+            assert monitor.poll(1500) == 0  # 1.5 s of nothing but heartbeats, and no disconnect
+        assert server.health()["server"]["connections_accepted"] == 1
+        sock.disable_monitor()
+        monitor.close()
+        sock.close()
+
+
+@pytest.mark.system
+def test_ping_is_answered_with_pong_and_garbage_is_dropped_at_the_greeting():
+    with DeviceServer(Gain(), LOOPBACK_ANY) as server:
+        peer = RawPeer(server.endpoint)
+        peer.sock.sendall(zmtp_frame(b"\x04PING" + b"\x00\x0a" + b"ctx-42", COMMAND))
+        assert peer.recv_frame() == (COMMAND, b"\x04PONG" + b"ctx-42")
+        x = np.full((1, 4), 0.25)
+        peer.send_message([b"", *forward_request(x)])
+        reply = peer.recv_message()
+        assert reply[0] == b""
+        check_forward_reply(reply[1:], x)
+        peer.close()
+
+        http = RawPeer(server.endpoint, handshake=False)
+        http.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert http.seconds_until_closed() < 5
+        http.close()
+        wait_until(lambda: dropped(server, "handshake") == 1, 10, "the HTTP peer counted")
+
+
+# -- limits, in process --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.system
+def test_connection_cap_refuses_extra_connections_and_frees_a_slot_when_one_closes():
+    with DeviceServer(Gain(), LOOPBACK_ANY, max_connections=2) as server:
+        held = [RawPeer(server.endpoint) for _ in range(2)]
+        extra = RawPeer(server.endpoint, handshake=False)
+        assert extra.seconds_until_closed() < 5  # accepted and closed at once
+        extra.close()
+        assert dropped(server, "connection_cap") >= 1
+        held.pop().close()
+        wait_until(lambda: server.health()["server"]["connections"] == 1, 10, "the closed slot to free")
+        with DeviceClient(server.endpoint, timeout_s=10) as client:
+            np.testing.assert_array_equal(client.forward(np.full((1, 4), 0.5)), 0.5)
+        for peer in held:
+            peer.close()
+
+
+@pytest.mark.system
+def test_a_stalled_request_a_stalled_handshake_and_an_idle_connection_are_dropped_after_their_timeouts():
+    with DeviceServer(Gain(), LOOPBACK_ANY, request_timeout_s=0.5, idle_timeout_s=1.0) as server, \
+            DeviceClient(server.endpoint, timeout_s=10) as client:
+        client.health()
+        stalled = RawPeer(server.endpoint)
+        x = forward_request(np.zeros((64, 4)))
+        # the delimiter and header, then half of the array frame: and nothing more
+        stalled.sock.sendall(zmtp_frame(b"", MORE) + zmtp_frame(x[0], MORE) + zmtp_frame(x[1])[:1000])
+        mute = RawPeer(server.endpoint, handshake=False)
+        mute.sock.sendall(b"\xff" + bytes(8))  # the greeting's first bytes only
+        idle = RawPeer(server.endpoint)
+
+        assert 0.4 < stalled.seconds_until_closed() < 5
+        assert 0.4 < mute.seconds_until_closed() < 5
+        assert 0.9 < idle.seconds_until_closed() < 6
+        srv = client.health()["server"]  # the client's own connection was idle too: it reconnects by itself
+        assert srv["dropped"]["request_timeout"] == 1 and srv["dropped"]["handshake"] == 1
+        assert srv["dropped"]["idle_timeout"] >= 1 and srv["requests"] == 2
+        for peer in (stalled, mute, idle):
+            peer.close()
+
+
+def test_limits_are_validated_and_allow_remote_needs_curve_or_insecure(keys):
+    for kw in ({"max_connections": 0}, {"request_timeout_s": 0}, {"idle_timeout_s": -1.0},
+               {"max_pending_reply_bytes": -1}, {"max_message_bytes": 10}):
+        with pytest.raises(BindError, match=next(iter(kw))):
+            DeviceServer(Gain(), LOOPBACK_ANY, **kw)
+    with pytest.raises(BindError, match="--insecure") as ei:
+        DeviceServer(Gain(), "tcp://0.0.0.0:0", allow_remote=True)
+    assert "CURVE" in str(ei.value) and "\n" not in str(ei.value)
+    DeviceServer(Gain(), "tcp://0.0.0.0:0", allow_remote=True, insecure=True)  # constructing does no I/O
+    DeviceServer(Gain(), "tcp://0.0.0.0:0", allow_remote=True,
+                 curve=CurveServerConfig(keys / "server.key_secret", keys / "allowed"))
+    with pytest.raises(BindError, match="transport 'inproc'"):
+        DeviceServer(Gain(), "inproc://x")
+
+
+@pytest.mark.system
+def test_ipc_endpoints_any_path_and_a_live_socket_file_is_not_taken_over(tmp_path):
+    with DeviceServer(Gain(), "ipc://*") as anywhere:
+        assert anywhere.endpoint.startswith("ipc:///")
+        with DeviceClient(anywhere.endpoint, timeout_s=10) as client:
+            assert client.health()["server"]["endpoint"] == anywhere.endpoint
+    path = tmp_path / "dev.sock"
+    with DeviceServer(Gain(), f"ipc://{path}"):
+        with pytest.raises(BindError, match="another server is listening"):
+            DeviceServer(Gain(), f"ipc://{path}").start()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # a socket file nobody listens on, as a crashed server leaves it
+    stale.close()
+    with DeviceServer(Gain(), f"ipc://{path}") as server, DeviceClient(server.endpoint, timeout_s=10) as client:
+        assert client.health()["name"] == "gain"
+
+
+# -- CURVE key files ------------------------------------------------------------------------------------------
+
+
+def test_a_malformed_key_file_stops_the_start_naming_the_file_and_the_problem(keys, tmp_path):
+    good = (keys / "trusted.key").read_text()
+    public = good.split('public-key = "', 1)[1][:40]
+    cases = {
+        "short.key": (good.replace(public, public[:39]), "has 39 characters"),
+        "alphabet.key": (good.replace(public, public[:39] + "~"), "outside Z85"),
+        "nokey.key": ("#   ZeroMQ CURVE Public Certificate\nmetadata\ncurve\n", "no public-key"),
+        "twice.key": (good + f'    public-key = "{public}"\n', "a second public-key"),
+        "quotes.key": (good.replace(f'"{public}"', public), "cannot parse"),
+        "binary.key": (b"\xff\xfe\x00garbage", "cannot read it"),
+    }
+    for name, (content, problem) in cases.items():
+        allowed = tmp_path / name.removesuffix(".key")
+        allowed.mkdir()
+        shutil.copy(keys / "trusted.key", allowed / "trusted.key")  # one good key beside the bad one
+        bad = allowed / name
+        bad.write_bytes(content) if isinstance(content, bytes) else bad.write_text(content)
+        server = DeviceServer(Gain(), LOOPBACK_ANY, curve=CurveServerConfig(keys / "server.key_secret", allowed))
+        with pytest.raises(CurveKeyError, match=problem) as ei:
+            server.start()
+        assert str(bad) in str(ei.value) and "\n" not in str(ei.value)
+        assert server.endpoint is None and server._thread is None
+    # the server's own key pair: a public key file is not a secret key, and a pair must match
+    with pytest.raises(CurveKeyError, match="no secret-key"):
+        CurveServerConfig(keys / "server.key", keys / "allowed").load()
+    mixed = tmp_path / "mixed.key_secret"
+    mixed.write_text((keys / "server.key_secret").read_text().replace(
+        (keys / "server.key").read_text().split('public-key = "', 1)[1][:40], public))
+    with pytest.raises(CurveKeyError, match="does not belong to its public-key"):
+        CurveServerConfig(mixed, keys / "allowed").load()
+    loaded = CurveServerConfig(keys / "server.key_secret", keys / "allowed").load()
+    assert len(loaded.allowed) == 1 and len(loaded.public) == 32
+
+
+# -- memory, measured on a server in its own process -------------------------------------------------------------
+
+SERVER = textwrap.dedent("""
+    import sys
+    from pnn_cluster.devices import Device, DeviceSpec, ParamSpec, Port
+    from pnn_cluster.servers.zmq_server import DeviceServer
+
+    class Gain(Device):
+        spec = DeviceSpec("gain", Port(4, -1.0, 1.0, "V"), Port(4, unit="V"),
+                          (ParamSpec("gain", (4,), 0.0, 2.0, unit="V/V", init=1.0),))
+
+        def measure(self, x, params):
+            return x * params["gain"]
+
+    server = DeviceServer(Gain(), "tcp://127.0.0.1:0", max_message_bytes=1 << 20, max_connections=8,
+                          request_timeout_s=1.0, idle_timeout_s=60.0, max_pending_reply_bytes=1 << 20).start()
+    print(server.endpoint, flush=True)
+    sys.stdin.read()  # serve until the test closes our stdin
+    server.stop()
+""")
+
+
+class ServerProcess:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.endpoint = self.proc.stdout.readline().strip()
+        assert self.endpoint.startswith("tcp://127.0.0.1:"), self.endpoint
+        self.client = DeviceClient(self.endpoint, timeout_s=10)
+
+    def memory_kib(self) -> dict[str, int]:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status) if k in ("VmRSS", "VmHWM")}
+
+    def reset_peak(self) -> int:
+        """Reset the process's peak RSS to its current RSS (Linux ``clear_refs`` 5); the RSS in KiB."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+        return self.memory_kib()["VmRSS"]
+
+    def server(self) -> dict:
+        return self.client.health()["server"]
+
+    def answers_correctly(self) -> None:
+        x = np.random.default_rng(3).uniform(-1, 1, (32, 4))
+        np.testing.assert_array_equal(self.client.forward(x, {"gain": np.full(4, 2.0)}), 2 * x)
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served():
+    server = ServerProcess()
+    try:
+        server.answers_correctly()  # warm: every code path a flood touches has run once
+        yield server
+    finally:
+        server.close()
+
+
+def flood(served: ServerProcess, connections: int, ctx: zmq.Context) -> dict[str, float]:
+    """``connections`` DEALERs each send one message of 250 frames of 1 MiB to the 1 MiB server at once."""
+    frame = bytes(MIB)
+    base = served.reset_peak()
+    before = served.server()["dropped"]["message_too_large"]
+    socks = []
+    t0 = time.monotonic()
+    for _ in range(connections):
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(served.endpoint)
+        sock.send_multipart([frame] * 250, copy=False)  # 250 MiB on the wire, one buffer here
+        socks.append(sock)
+    wait_until(lambda: served.server()["dropped"]["message_too_large"] >= before + connections, 30,
+               f"{connections} flood(s) cut off")
+    seconds = time.monotonic() - t0
+    for sock in socks:
+        assert sock.poll(0) == 0  # no reply: the connection is dropped
+        sock.close()
+    mem = served.memory_kib()
+    return {"rss_growth_mib": (mem["VmRSS"] - base) / 1024, "peak_growth_mib": (mem["VmHWM"] - base) / 1024,
+            "seconds": seconds}
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("connections", [1, 4])
+def test_a_250_mib_multipart_flood_is_cut_off_early_and_memory_stays_bounded(served, connections, ctx):
+    m = flood(served, connections, ctx)
+    print(f"flood x{connections}: peak RSS +{m['peak_growth_mib']:.1f} MiB, RSS +{m['rss_growth_mib']:.1f} MiB, "
+          f"cut off in {m['seconds']:.2f} s")
+    assert m["peak_growth_mib"] < 64, m
+    served.answers_correctly()
+    assert served.server()["dropped"]["too_many_frames"] == 0
+
+
+@pytest.mark.system
+def test_too_many_frames_and_a_client_that_never_reads_its_replies_are_cut_off(served, ctx):
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(served.endpoint)
+    sock.send_multipart([b""] * 1000)
+    wait_until(lambda: served.server()["dropped"]["too_many_frames"] == 1, 10, "1000 frames cut off")
+    sock.close()
+
+    # forward requests of 256 KiB, each answered by 256 KiB, sent without ever reading a reply
+    base = served.reset_peak()
+    measured = served.client.health()["calls"]  # forward requests the device has measured
+    greedy = RawPeer(served.endpoint, rcvbuf=64 * 1024)
+    request = b"".join(zmtp_frame(f, MORE if i < 2 else 0)
+                       for i, f in enumerate([b"", *forward_request(np.zeros((8192, 4)))]))
+    greedy.sock.settimeout(0.3)  # well under the server's request timeout (1 s)
+    sent = 0
+    try:
+        for _ in range(400):  # 100 MiB of replies, were the server to take every request
+            greedy.sock.sendall(request)
+            sent += 1
+    except (TimeoutError, ConnectionError):
+        pass  # the server stopped reading (its replies to us are over the cap), then dropped us
+    assert sent < 400
+    # reading now would take replies: wait for the server to give up on us instead
+    wait_until(lambda: served.server()["dropped"]["reply_timeout"] == 1, 10, "the reply timeout")
+    greedy.close()
+    peak = (served.memory_kib()["VmHWM"] - base) / 1024
+    taken = served.client.health()["calls"] - measured
+    print(f"never-reading client: {taken} of the {sent} requests it sent were taken, peak RSS +{peak:.1f} MiB")
+    # taken: what fits in the socket buffers and under the 1 MiB reply cap (a few MiB), not the 100 MiB sent
+    assert 1 <= taken <= 40 and peak < 64
+    served.answers_correctly()
