@@ -213,13 +213,18 @@ _ZMQ_ADDRESS = re.compile(r"^(tcp://[^:/\s]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
 
 
 class CurveConfig(Section):
-    secret_key_file: str
-    server_public_key_file: str
+    """The client's CURVE key files. They are read where the device's connection is opened (the device
+    actor's node, which may not be the machine that loads the configuration): ``~`` stays as written and
+    is expanded there, a relative path is taken relative to the configuration file, and a missing file is
+    reported when connecting, naming the file."""
+
+    secret_key_file: Annotated[str, Field(min_length=1)]
+    server_public_key_file: Annotated[str, Field(min_length=1)]
 
     @field_validator("secret_key_file", "server_public_key_file")
     @classmethod
-    def _exists(cls, v: str, info: ValidationInfo) -> str:
-        return _existing_file(v, info)
+    def _path(cls, v: str, info: ValidationInfo) -> str:
+        return v if v.startswith("~") or Path(v).is_absolute() else str(_resolve(v, info))
 
 
 class ZmqDriver(Section):

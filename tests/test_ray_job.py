@@ -84,6 +84,9 @@ def test_ray_job_submit_trains_the_lab_configuration_on_the_cluster(lab_head, tm
         entry = ["pnn-cluster", "train", "pnn_cluster/configs/lab_cluster.yaml", "--quick", "--json",
                  "--no-progress", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                  "--set", f"devices.optics.driver.address={server.endpoint}",
+                 # a loopback server without CURVE here (tests/test_secure_deploy.py runs the keys as shipped)
+                 "--set", "devices.optics.driver.curve=null",
+                 "--set", f"tracking.runs_dir={tmp_path / 'runs'}",
                  "--set", f"devices.circuit.driver.source.resource={visa['source']['resource']}",
                  "--set", f"devices.circuit.driver.sink.resource={visa['sink']['resource']}"]
         submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--", *entry]

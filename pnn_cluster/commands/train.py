@@ -101,9 +101,9 @@ def load_resume(args: argparse.Namespace, workdir: Path):
         if cfg_file.is_file():
             data = yaml.safe_load(cfg_file.read_text())
         elif ckpt is not None:
-            import torch
+            from pnn_cluster.training.trainer import read_checkpoint
 
-            data = torch.load(ckpt, map_location="cpu", weights_only=True).get("experiment")
+            data = read_checkpoint(ckpt).get("experiment")
         else:
             raise _usage(f"--resume {args.resume}: {local.path} holds neither a configuration nor a checkpoint")
         cfg = parse_config(data, source=f"{local.path}:{CONFIG_ARTIFACT}")
@@ -181,9 +181,9 @@ def run(args: argparse.Namespace) -> int:
             raise _usage(str(exc)) from None
         state = None
         if ckpt is not None:
-            import torch
+            from pnn_cluster.training.trainer import read_checkpoint
 
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            state = read_checkpoint(ckpt)
         return train(cfg, args, checkpoint=state, tracking_uri=uri, run_dir=run_dir)
 
 

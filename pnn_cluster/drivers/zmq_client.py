@@ -62,10 +62,10 @@ class ClientCurve:
 
     def __post_init__(self) -> None:
         for f in ("secret_key_file", "server_public_key_file"):
-            p = Path(getattr(self, f))
+            p = Path(getattr(self, f)).expanduser()  # here, on the node that opens the connection
             object.__setattr__(self, f, p)
             if not p.is_file():
-                raise FileNotFoundError(f"curve: {f} {p} does not exist")
+                raise FileNotFoundError(f"curve: {f} {p} does not exist (make keys with `pnn-cluster keys`)")
 
     def apply(self, sock: zmq.Socket) -> None:
         public, secret = zmq.auth.load_certificate(str(self.secret_key_file))

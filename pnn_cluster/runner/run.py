@@ -399,16 +399,7 @@ class ExperimentRun:
         except NoReplicaLeft as exc:
             # the state is that of the last complete step (a failed step never reaches optimizer.step):
             # a repaired lab resumes from it and repeats nothing
-            kept, saved = [], None
-            if self.checkpoint_path is not None:
-                saved = trainer.save_checkpoint(self.checkpoint_path)
-                kept.append(f"saved to {saved}")
-            if tracker is not None:
-                tracker.log_checkpoint(trainer)
-                kept.append(f"kept in run {tracker.run_id} ({tracker.dir.checkpoint})")
-            where = f"checkpoint of step {trainer.global_step} {' and '.join(kept)}" if kept else \
-                "no checkpoint kept (tracking is off and no --checkpoint PATH was given)"
-            raise TrainingAborted(f"training stopped: {exc}; {where}", saved) from exc
+            raise self._aborted(trainer, tracker, exc) from exc
         stopped = trainer.state == TrainerState.STOPPED
         if stopped:
             acc = None
@@ -418,7 +409,10 @@ class ExperimentRun:
                 tracker.end("KILLED")
         else:
             # the one measurement of the test split in this run
-            acc = trainer.test()["acc"]
+            try:
+                acc = trainer.test()["acc"]
+            except NoReplicaLeft as exc:  # training is complete and kept: `evaluate` measures it later
+                raise self._aborted(trainer, tracker, exc, "test split not measured") from exc
         seconds = time.perf_counter() - t0
         if not stopped:
             where = "digitally (the ablation)" if cfg.method == "ablation" else "on the physical devices"
@@ -438,6 +432,19 @@ class ExperimentRun:
                          device_actors=counts["device_actors"], twin_actors=counts["twin_actors"],
                          trainer_actor=counts["trainer_actor"], nodes=nodes, executor=dict(built.executor.stats),
                          checkpoint=checkpoint)
+
+    def _aborted(self, trainer: Trainer, tracker, exc: Exception, what: str = "training stopped") -> TrainingAborted:
+        """Keep the checkpoint of the last complete step (``--checkpoint`` PATH, the run directory) and say where."""
+        kept, saved = [], None
+        if self.checkpoint_path is not None:
+            saved = trainer.save_checkpoint(self.checkpoint_path)
+            kept.append(f"saved to {saved}")
+        if tracker is not None:
+            tracker.log_checkpoint(trainer)
+            kept.append(f"kept in run {tracker.run_id} ({tracker.dir.checkpoint})")
+        where = f"checkpoint of step {trainer.global_step} {' and '.join(kept)}" if kept else \
+            "no checkpoint kept (tracking is off and no --checkpoint PATH was given)"
+        return TrainingAborted(f"{what}: {exc}; {where}", saved)
 
     def evaluate(self, split: str = "test") -> dict[str, Any]:
         """The checkpoint given as ``resume``, measured on the devices (and on the twins alone)."""
