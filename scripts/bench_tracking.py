@@ -13,7 +13,7 @@ step at a time on the same batch, in ABBA order, so load from other
 processes on the machine falls on both alike. R is the median over pairs of
 (step time with tracking) / (step time without); ``ratio_mean`` is the
 ratio of the total times, which also carries the steps that wrote the
-buffered metrics (one asynchronous ``log_batch`` every ``flush_every_s``).
+buffered metrics (journaled every ``flush_every_s`` and sent by the outbox thread).
 A and B are median step times. Target: R <= 1.05. Progress goes to stderr.
 """
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         flush = args.flush_every_s if args.flush_every_s is not None else cfg.tracking.flush_every_s
         tracker = MlflowCallback(uri, experiment="bench-tracking", run_name="tracking on", config=cfg.resolved(),
-                                 flush_every_s=flush, command="bench")
+                                 flush_every_s=flush, command="bench", runs_root=Path(tmp) / "runs")
         stack_on, executor_on, train, placement_on, Trainer = build(cfg, data)
         stack_off, executor_off, _, placement_off, _ = build(cfg, data)
         on = Trainer(stack_on, data, train, callbacks=[tracker], executor=executor_on, progress=False)

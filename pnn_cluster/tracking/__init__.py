@@ -7,9 +7,9 @@ A run records what a lab needs to trust and reproduce a result:
   as ``devices.json`` and as ``device.*`` tags;
 - every twin fit as a nested run: NMSE against the noise floor, the fit's loss
   curve and a parity plot of twin prediction against measurement;
-- per-step training metrics, buffered in memory and written with one
-  asynchronous ``log_batch`` every ``flush_every_s`` seconds, so a step pays
-  for a few list appends and nothing else;
+- per-step training metrics, buffered in memory and journaled as one
+  ``log_batch`` every ``flush_every_s`` seconds, so a step pays for a few
+  list appends and nothing else;
 - per epoch: physical validation accuracy and loss (``val_acc``, ``val_loss``),
   and the twin-versus-device residual of each physical layer (NMSE of the
   twin's prediction against the device's measured output, on a validation
@@ -21,9 +21,15 @@ A run records what a lab needs to trust and reproduce a result:
 - once, after training, the test split measured on the devices (``test_acc``,
   ``test_loss`` at the last step) and its confusion matrix (PNG).
 
-Everything goes through one :class:`mlflow.MlflowClient` bound to the tracking
-URI given to the constructor; no global active run is used, so several
-trackers (a demo's methods, a test's runs) never interfere.
+Everything is recorded first in the run's local directory (``pnn-runs/...``:
+a journal of every operation, the artifacts as files, the checkpoint written
+atomically and fsynced) and sent to the server by one background thread
+(:mod:`pnn_cluster.tracking.outbox`), through one :class:`mlflow.MlflowClient`
+bound to the tracking URI given to the constructor, every call bounded. An
+unreachable server is reported once and never stops or slows the training;
+what it missed is uploaded when it is back, or by ``pnn-cluster sync``. No
+global active run is used, so several trackers (a demo's methods, a test's
+runs) never interfere.
 """
 
 from __future__ import annotations

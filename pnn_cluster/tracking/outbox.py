@@ -221,9 +221,26 @@ class RunDir:
         data = "".join(json.dumps(op, separators=(",", ":")) + "\n" for op in ops)
         with self._io:
             if self._journal is None:
+                self._drop_cut_line()
                 self._journal = open(self.path / self.JOURNAL, "a", encoding="utf-8")  # noqa: SIM115
             self._journal.write(data)
             self._journal.flush()  # in the OS's hands: a killed process loses nothing
+
+    def _drop_cut_line(self) -> None:
+        """A line a crash cut short (never acknowledged, never replayed) goes before anything is appended."""
+        path = self.path / self.JOURNAL
+        try:
+            with open(path, "rb+") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size == 0:
+                    return
+                f.seek(size - 1)
+                if f.read(1) == b"\n":
+                    return
+                data = path.read_bytes()
+                f.truncate(data.rfind(b"\n") + 1)
+        except FileNotFoundError:
+            pass
 
     def sync(self) -> None:
         """Make the journal durable (fsync): at checkpoints and at the end of a run."""

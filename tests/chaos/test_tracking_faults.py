@@ -176,6 +176,44 @@ def test_unreachable_from_the_start_finishes_kept_locally_then_sync_uploads_it(t
     assert again.wait(60) == 0 and "nothing to upload" in again.stdout
 
 
+def test_a_server_that_accepts_and_never_answers_costs_seconds_not_minutes(tmp_path):
+    """A hung tracking server (it accepts connections and never answers): MLflow alone would wait 120 s a
+    call, 7 times over; the run waits for it twice, 5 s each (creating the run, the last uploads)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept_and_hold():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(listener.accept()[0])
+
+    acceptor = threading.Thread(target=accept_and_hold, daemon=True)
+    acceptor.start()
+    try:
+        epochs = 2
+        proc = run_train(tmp_path, slow_config(epochs, latency_s=0.0),
+                         "--tracking-uri", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        rc, result = train_result(proc, 300)
+    finally:
+        stop.set()
+        acceptor.join(5)
+        for c in held:
+            c.close()
+        listener.close()
+    assert rc == 0, proc.stderr
+    assert_no_traceback(proc)
+    assert held  # it did try the server
+    assert result["steps"] == epochs * STEPS_PER_EPOCH and result["tracking_unsent"] > 0
+    assert result["tracking_wait_s"] <= 30.0
+    assert (Path(result["run_dir"]) / "checkpoints" / "last.pt").is_file()
+
+
 def test_tracking_server_killed_mid_run_and_restarted_loses_nothing(tmp_path, mlflow_server):
     server = mlflow_server().start()
     epochs = 3
