@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import signal
 import sys
@@ -13,6 +14,13 @@ from typing import Any
 
 from pnn_cluster.devices import SYSTEMS, UserDeviceError, make_device, make_user_device
 from pnn_cluster.devices.base import Device, DeviceError
+
+MIB = 1 << 20
+# the DeviceServer defaults (pnn_cluster.servers.zmq_server.DEFAULT_*), here so that --help needs no server import
+DEFAULT_MAX_CONNECTIONS = 16
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+DEFAULT_MAX_PENDING_REPLY_BYTES = 16 * MIB
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +48,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="with --allow-remote: serve without CURVE, so anyone who reaches the port may drive the "
                         "device and read its measurements (a closed test network only)")
-    p.add_argument("--max-message-mb", type=float, default=256.0,
-                   help="largest request accepted, in MiB (default %(default)s); larger frames are dropped")
+    p.add_argument("--max-message-mb", default=256.0, metavar="MB",
+                   help="largest request, all frames together, in MiB (default %(default)s); a larger request is "
+                        "cut off as its frame headers arrive: the connection is closed and there is no reply")
+    p.add_argument("--max-connections", default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="most client connections at once (default %(default)s); one more is accepted and closed "
+                        "at once (a ZeroMQ client retries by itself)")
+    p.add_argument("--idle-timeout-s", default=DEFAULT_IDLE_TIMEOUT_S, metavar="S",
+                   help="seconds a connection may send nothing, heartbeats included (default %(default)s); "
+                        "then it is closed (a ZeroMQ client reconnects when it next sends)")
+    p.add_argument("--request-timeout-s", default=DEFAULT_REQUEST_TIMEOUT_S, metavar="S",
+                   help="seconds from a request's first byte to its last, and for a handshake (default "
+                        "%(default)s); a request or handshake still incomplete then, or a reply that makes no "
+                        "progress for as long, closes the connection")
+    p.add_argument("--max-pending-reply-mb", default=DEFAULT_MAX_PENDING_REPLY_BYTES / MIB, metavar="MB",
+                   help="MiB of replies that may wait for one client to read them (default %(default)s); beyond "
+                        "it no further request is read from that client until it reads its replies")
     p.add_argument("--curve-secret", metavar="FILE", type=Path,
                    help="enable CURVE: the server's <name>.key_secret file (zmq.auth.create_certificates)")
     p.add_argument("--curve-allow", metavar="DIR", type=Path,
@@ -190,11 +212,77 @@ def check_remote(allow_remote: bool, curve: bool, insecure: bool) -> None:
           "the port may drive the device and read its measurements", file=sys.stderr, flush=True)
 
 
-def _insecure_kwarg(server_class: type, insecure: bool) -> dict[str, bool]:
-    # DeviceServer takes ``insecure`` from the release that enforces the rule itself; the check above holds either way
-    import inspect
+# -- numeric flags: each refused value is one usage error naming the flag, the value and what is allowed ------------
 
-    return {"insecure": insecure} if "insecure" in inspect.signature(server_class).parameters else {}
+_INTEGER = re.compile(r"[+-]?\d+")
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _shown(value: Any) -> str:
+    text = str(value)
+    return text if text and not any(c.isspace() for c in text) else repr(text)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _parse(value: Any, integer: bool) -> int | float | None:
+    """A flag's value as a number (the default comes as one), or None: plain decimal digits only, finite."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number: int | float = value
+    else:
+        text = str(value).strip()
+        if not (_INTEGER if integer else _DECIMAL).fullmatch(text):
+            return None
+        number = int(text) if integer else float(text)
+    if integer and not isinstance(number, int):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def int_flag(flag: str, value: Any, low: int, high: int) -> int:
+    """``--max-connections 4`` -> 4; UsageError outside ``low..high`` or not an integer."""
+    from pnn_cluster.commands import UsageError
+
+    number = _parse(value, integer=True)
+    if number is None or not low <= number <= high:
+        raise UsageError(f"{flag} {_shown(value)}; allowed: an integer {low}..{high}")
+    return int(number)
+
+
+def seconds_flag(flag: str, value: Any, high: float = 86400.0) -> float:
+    """Seconds, ``0 < S <= high``."""
+    from pnn_cluster.commands import UsageError
+
+    number = _parse(value, integer=False)
+    if number is None or not 0 < number <= high:
+        raise UsageError(f"{flag} {_shown(value)}; allowed: seconds, 0 < S <= {_num(high)}")
+    return float(number)
+
+
+def seconds_or_never_flag(flag: str, value: Any, high: float = 86400.0) -> float | None:
+    """Seconds, ``0 < S <= high``, or 0 for never (None)."""
+    from pnn_cluster.commands import UsageError
+
+    number = _parse(value, integer=False)
+    if number == 0:
+        return None
+    if number is None or not 0 < number <= high:
+        raise UsageError(f"{flag} {_shown(value)}; allowed: seconds, 0 < S <= {_num(high)}, or 0 (never)")
+    return float(number)
+
+
+def mib_flag(flag: str, value: Any, low: float, high: float, why: str = "") -> int:
+    """MiB (a decimal number, ``low <= MB <= high``) -> bytes."""
+    from pnn_cluster.commands import UsageError
+
+    number = _parse(value, integer=False)
+    if number is None or not low <= number <= high:
+        raise UsageError(f"{flag} {_shown(value)}; allowed: MiB, {_num(low)} .. {_num(high)}{why}")
+    return int(number * MIB)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,16 +292,21 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.curve_secret is None) != (args.curve_allow is None):
         raise UsageError("--curve-secret and --curve-allow go together")
-    if not 0.001 <= args.max_message_mb <= 1 << 20:
-        raise UsageError(f"--max-message-mb {args.max_message_mb}; allowed: 0.001 .. 1048576")
+    max_message_bytes = mib_flag("--max-message-mb", args.max_message_mb, 0.001, 1 << 20)
+    max_connections = int_flag("--max-connections", args.max_connections, 1, 4096)
+    idle_timeout_s = seconds_flag("--idle-timeout-s", args.idle_timeout_s)
+    request_timeout_s = seconds_flag("--request-timeout-s", args.request_timeout_s)
+    max_pending_reply_bytes = mib_flag("--max-pending-reply-mb", args.max_pending_reply_mb, 0, 1 << 20)
     curve = CurveServerConfig(args.curve_secret, args.curve_allow) if args.curve_secret else None
     check_remote(args.allow_remote, curve is not None, args.insecure)
     device, what = served_device(args)
     with StopSignals() as signals:
         try:
-            server = DeviceServer(device, args.bind, max_message_bytes=int(args.max_message_mb * (1 << 20)),
-                                  curve=curve, allow_remote=args.allow_remote,
-                                  **_insecure_kwarg(DeviceServer, args.insecure)).start()
+            server = DeviceServer(device, args.bind, curve=curve, allow_remote=args.allow_remote,
+                                  insecure=args.insecure, max_message_bytes=max_message_bytes,
+                                  max_connections=max_connections, idle_timeout_s=idle_timeout_s,
+                                  request_timeout_s=request_timeout_s,
+                                  max_pending_reply_bytes=max_pending_reply_bytes).start()
         except BindError as exc:
             raise UsageError(str(exc)) from None
         except DeviceError as exc:  # the instruments behind the device could not be opened

@@ -5,8 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pnn_cluster.commands.serve_device import StopSignals, add_device_options, simulated_device
+from pnn_cluster.commands.serve_device import (
+    MIB,
+    StopSignals,
+    add_device_options,
+    int_flag,
+    mib_flag,
+    seconds_flag,
+    seconds_or_never_flag,
+    simulated_device,
+)
 from pnn_cluster.devices import SYSTEMS
+
+# the SimBench defaults (pnn_cluster.servers.scpi_bench), here so that --help needs no server import
+MAX_CONNECTIONS = 8
+IDLE_TIMEOUT_S = 3600.0
+COMMAND_TIMEOUT_S = 60.0
+MAX_UNREAD_BYTES = 8 * MIB
+#: the longest block a header can declare (9 digits: 999999999 bytes), in whole MiB
+MAX_BLOCK_MB = 953
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +45,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="with --allow-remote: accept that anyone who reaches the ports may drive the bench (SCPI "
                         "has no authentication or encryption; a closed test network only)")
+    p.add_argument("--max-block-mb", default=None, metavar="MB",
+                   help="longest data block a header may declare, in MiB (default: the device's largest "
+                        "legitimate block, max_batch x input_size float64 or its largest parameter, 1 .. 256 "
+                        "MiB); a header declaring more closes the connection before anything is allocated")
+    p.add_argument("--max-connections", default=MAX_CONNECTIONS, metavar="N",
+                   help="clients per instrument (default %(default)s); one more is closed at once")
+    p.add_argument("--idle-timeout-s", default=IDLE_TIMEOUT_S, metavar="S",
+                   help="seconds a connection may sit with nothing in progress before it is closed (default "
+                        "%(default)s; 0: never)")
+    p.add_argument("--command-timeout-s", default=COMMAND_TIMEOUT_S, metavar="S",
+                   help="seconds a message, block included, may take to arrive from its first byte, and a client "
+                        "to start reading waiting answers (default %(default)s); then the connection is closed")
+    p.add_argument("--max-unread-mb", default=MAX_UNREAD_BYTES / MIB, metavar="MB",
+                   help="MiB of answers that may wait for a client to read them (default %(default)s); beyond it "
+                        "the client's further commands wait, and a client that does not read for "
+                        "--command-timeout-s is disconnected")
     add_device_options(p)
     p.set_defaults(func=run)
 
@@ -37,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
     from pnn_cluster.servers import BindError
     from pnn_cluster.servers.scpi_bench import SimBench
 
+    max_block_bytes = (None if args.max_block_mb is None else
+                       mib_flag("--max-block-mb", args.max_block_mb, 0.001, MAX_BLOCK_MB,
+                                " (a block header declares at most 999999999 bytes)"))
+    max_connections = int_flag("--max-connections", args.max_connections, 1, 1 << 16)
+    idle_timeout_s = seconds_or_never_flag("--idle-timeout-s", args.idle_timeout_s)
+    command_timeout_s = seconds_flag("--command-timeout-s", args.command_timeout_s)
+    max_unread_bytes = mib_flag("--max-unread-mb", args.max_unread_mb, 0.001, 1 << 20)
     if args.allow_remote and not args.insecure:
         raise UsageError("--allow-remote: the SCPI bench has no authentication or encryption, so anyone who reaches "
                          "its ports could drive it; keep it on loopback (device actors run on the PC that has the "
@@ -47,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
     device = simulated_device(args)
     with StopSignals() as signals:
         try:
-            bench = SimBench(device=device, host=args.host, port=args.port, allow_remote=args.allow_remote).start()
+            bench = SimBench(device=device, host=args.host, port=args.port, allow_remote=args.allow_remote,
+                             max_block_bytes=max_block_bytes, max_connections=max_connections,
+                             idle_timeout_s=idle_timeout_s, command_timeout_s=command_timeout_s,
+                             max_unread_bytes=max_unread_bytes).start()
         except BindError as exc:
             raise UsageError(str(exc)) from None
         for role, resource in bench.resources.items():
