@@ -2,19 +2,24 @@
 
 The same simulated system (zero latency, no noise) runs in this process, behind
 a ZeroMQ device server, and behind the simulated SCPI bench reached through
-pyvisa-py, all on 127.0.0.1. The three are timed round-robin, so a change in
-machine load hits all of them alike; each figure is the median of the repeats.
+pyvisa-py, all on 127.0.0.1; and behind ``pnn-cluster serve-device`` in a
+process of its own (``zmq_process``), as a lab deploys it: the servers in this
+process share its interpreter (and the GIL) with the client, which a deployed
+server does not. The four are timed round-robin, so a change in machine load
+hits all of them alike; each figure is the median of the repeats.
 
     python scripts/bench_transport.py --json
-    {"batch": [256, 64], "rtt_ms": {"inprocess": A, "zmq": B, "visa": C},
-     "ratio_to_inprocess": {"zmq": B/A, "visa": C/A}}
+    {"batch": [256, 64], "rtt_ms": {"inprocess": A, "zmq": B, "visa": C, "zmq_process": D},
+     "ratio_to_inprocess": {"zmq": B/A, "visa": C/A, "zmq_process": D/A}}
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -48,37 +53,58 @@ def main(argv: list[str] | None = None) -> int:
     local = device()
     spec = local.spec
     x = np.random.default_rng(0).uniform(spec.input.low, spec.input.high, (args.batch, spec.input.size))
-    with DeviceServer(device(), "tcp://127.0.0.1:0") as server, SimBench(device=device(), port=0) as bench:
-        remote = ZmqDevice(server.endpoint, timeout_s=30).connect()
-        visa = VisaDevice.from_config(bench.visa_config(timeout_s=30)).connect()
-        paths = {"inprocess": local, "zmq": remote, "visa": visa}
-        reference = local.forward(x)
-        for name, dev in paths.items():  # warm up, and check all three measure the same thing
-            for _ in range(3):
-                y = dev.forward(x)
-            if not np.allclose(y, reference, rtol=0, atol=1e-12):
-                print(f"bench_transport: {name} disagrees with in-process", file=sys.stderr)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served = subprocess.Popen([sys.executable, "-m", "pnn_cluster.cli", "serve-device", "--system", args.system,
+                               "--option", f"n_in={args.width}", "--option", f"n_out={args.width}", "--ideal",
+                               "--bind", f"tcp://127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        with DeviceServer(device(), "tcp://127.0.0.1:0") as server, SimBench(device=device(), port=0) as bench:
+            remote = ZmqDevice(server.endpoint, timeout_s=30).connect()
+            visa = VisaDevice.from_config(bench.visa_config(timeout_s=30)).connect()
+            # the server process starts while this one connects: the client's tries wait for it
+            own = ZmqDevice(f"tcp://127.0.0.1:{port}", timeout_s=60, retries=0).connect()
+            paths = {"inprocess": local, "zmq": remote, "visa": visa, "zmq_process": own}
+            times = _timed(paths, x, args.repeats)
+            if times is None:
                 return 1
-        times: dict[str, list[float]] = {k: [] for k in paths}
-        for _ in range(args.repeats):
-            for name, dev in paths.items():
-                t0 = time.perf_counter()
-                dev.forward(x)
-                times[name].append(time.perf_counter() - t0)
-        remote.close()
-        visa.close()
+            for dev in (remote, visa, own):
+                dev.close()
+    finally:
+        served.kill()
+        served.wait(30)
     rtt = {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
     result = {
         "batch": [args.batch, spec.input.size],
         "rtt_ms": rtt,
-        "ratio_to_inprocess": {k: round(rtt[k] / rtt["inprocess"], 3) for k in ("zmq", "visa")},
+        "ratio_to_inprocess": {k: round(rtt[k] / rtt["inprocess"], 3) for k in ("zmq", "visa", "zmq_process")},
     }
     if not args.json:
         print(f"{args.system}, batch {args.batch} x {spec.input.size}, median of {args.repeats}:")
         for k, v in rtt.items():
-            print(f"  {k:10s} {v:8.3f} ms  (+{v - rtt['inprocess']:.3f} ms transport)")
+            print(f"  {k:12s} {v:8.3f} ms  (+{v - rtt['inprocess']:.3f} ms transport)")
     print(json.dumps(result))
     return 0
+
+
+def _timed(paths, x, repeats: int):
+    """Each path's round-trip times, taken round-robin; None if one disagrees with the in-process device."""
+    reference = paths["inprocess"].forward(x)
+    for name, dev in paths.items():  # warm up, and check all measure the same thing
+        for _ in range(3):
+            y = dev.forward(x)
+        if not np.allclose(y, reference, rtol=0, atol=1e-12):
+            print(f"bench_transport: {name} disagrees with in-process", file=sys.stderr)
+            return None
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(repeats):
+        for name, dev in paths.items():
+            t0 = time.perf_counter()
+            dev.forward(x)
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 if __name__ == "__main__":

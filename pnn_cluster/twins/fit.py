@@ -80,10 +80,16 @@ def _pooled(samples: Samples, dtype: torch.dtype):
     return xs, ps, ys
 
 
+def _tensor(a, dtype: torch.dtype) -> torch.Tensor:
+    # samples that came through Ray's object store are read-only arrays: torch shares only writable memory
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        a = a.copy()
+    return torch.as_tensor(a, dtype=dtype)
+
+
 def _tensors(samples: Samples, dtype: torch.dtype):
     for x, p, y in zip(samples.x, samples.params, samples.y):
-        yield (torch.as_tensor(x, dtype=dtype), {k: torch.as_tensor(v, dtype=dtype) for k, v in p.items()},
-               torch.as_tensor(y, dtype=dtype))
+        yield _tensor(x, dtype), {k: _tensor(v, dtype) for k, v in p.items()}, _tensor(y, dtype)
 
 
 @torch.no_grad()
