@@ -1,0 +1,124 @@
+"""Sequential detection of a twin drifting away from its device: a one-sided CUSUM with a stated false-alarm rate.
+
+The observation is what PAT measures anyway: at each step, the twin's error
+on the batch the device just measured, as a ratio to the device's noise floor
+(``twin NMSE / floor``). With no drift that ratio fluctuates around a level set
+by the twin's quality; a drifting device raises it. The detector works on
+``z = (log ratio - mu0) / sigma0``: the logarithm makes a batch NMSE (a scaled
+chi-square) close to normal, and ``mu0``, ``sigma0`` are the baseline,
+estimated (mean, standard deviation) over the first ``warmup`` observations
+after a twin takes over: the false-alarm rate is steep in ``sigma0``, so the
+warm-up is long enough (100 steps by default) to estimate it within about 7 %. Page's CUSUM ``S = max(0, S + z - k)`` raises an alarm when
+``S > h``.
+
+``k`` is half the smallest shift worth detecting quickly (``shift``, in
+baseline standard deviations). ``h`` is chosen so that the mean number of
+steps between false alarms with no drift (the in-control average run length,
+``arl0``) is what was asked, using Siegmund's approximation for normal
+observations::
+
+    ARL0(h, k) ~= (exp(2 k b) - 2 k b - 1) / (2 k^2),   b = h + 1.166
+
+(D. Siegmund, Sequential Analysis, 1985). The false-alarm rate is about
+``1 / arl0`` per step; ``tests/test_drift.py`` checks it by simulation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["CusumDetector", "cusum_arl0", "cusum_threshold"]
+
+#: Siegmund's correction for the overshoot of a discrete-time CUSUM over its threshold (normal observations)
+_OVERSHOOT = 1.166
+
+
+def cusum_arl0(h: float, k: float) -> float:
+    """Siegmund's approximation of the in-control average run length of a CUSUM (reference ``k``, threshold ``h``)."""
+    if k <= 0:
+        raise ValueError(f"k: {k!r}; allowed: > 0")
+    a = 2.0 * k * (h + _OVERSHOOT)
+    return (math.exp(a) - a - 1.0) / (2.0 * k * k)
+
+
+def cusum_threshold(arl0: float, k: float) -> float:
+    """The threshold ``h`` whose in-control average run length is ``arl0`` steps (bisection on Siegmund's formula)."""
+    if not (math.isfinite(arl0) and arl0 >= 10):
+        raise ValueError(f"arl0: {arl0!r}; allowed: a number of steps >= 10")
+    lo, hi = 0.0, 1.0
+    while cusum_arl0(hi, k) < arl0:
+        hi *= 2.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cusum_arl0(mid, k) < arl0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+@dataclass
+class CusumDetector:
+    """Watches one twin (one device replica): :meth:`update` with each step's ``twin NMSE / noise floor``.
+
+    ``arl0``: mean steps between false alarms when nothing drifts; ``shift``: the
+    smallest rise of ``log ratio`` worth detecting quickly, in baseline standard
+    deviations; ``warmup``: observations that set the baseline (no alarm before).
+    After an alarm, or when a refined twin takes over, :meth:`rebaseline`.
+    """
+
+    arl0: float = 10_000.0
+    shift: float = 1.0
+    warmup: int = 100
+    statistic: float = 0.0
+    steps: int = 0
+    alarms: int = 0
+    alarm_step: int | None = None
+    _window: list[float] = field(default_factory=list, repr=False)
+    mu0: float | None = None
+    sigma0: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.shift) and 0.05 <= self.shift <= 20):
+            raise ValueError(f"shift: {self.shift!r}; allowed: 0.05..20 baseline standard deviations")
+        if not (isinstance(self.warmup, int) and 5 <= self.warmup <= 100_000):
+            raise ValueError(f"warmup: {self.warmup!r}; allowed: an integer 5..100000")
+        self.k = self.shift / 2.0
+        self.h = cusum_threshold(self.arl0, self.k)
+
+    @property
+    def ready(self) -> bool:
+        """The baseline is set: alarms can be raised."""
+        return self.mu0 is not None
+
+    def update(self, ratio: float) -> bool:
+        """One step's twin error over the noise floor; True when this step raises an alarm."""
+        ratio = float(ratio)
+        if not (math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"ratio: {ratio!r}; allowed: a finite positive twin NMSE / noise floor")
+        self.steps += 1
+        x = math.log(ratio)
+        if self.mu0 is None:
+            self._window.append(x)
+            if len(self._window) >= self.warmup:
+                w = np.asarray(self._window)
+                self.mu0 = float(w.mean())
+                # the sample standard deviation: the CUSUM's false-alarm rate is steep in sigma0, so the most
+                # efficient estimate; a floor keeps a constant series from dividing by zero
+                self.sigma0 = max(float(w.std(ddof=1)), 1e-6)
+                self._window = []
+            return False
+        z = (x - self.mu0) / self.sigma0
+        self.statistic = max(0.0, self.statistic + z - self.k)
+        if self.statistic > self.h:
+            self.alarms += 1
+            self.alarm_step = self.steps
+            self.statistic = 0.0
+            return True
+        return False
+
+    def rebaseline(self) -> None:
+        """Forget the baseline: a refined twin, or a recalibrated device, sets a new one over the next ``warmup``."""
+        self.mu0 = self.sigma0 = None
+        self._window = []
+        self.statistic = 0.0
