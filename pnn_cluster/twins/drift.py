@@ -8,8 +8,8 @@ by the twin's quality; a drifting device raises it. The detector works on
 chi-square) close to normal, and ``mu0``, ``sigma0`` are the baseline,
 estimated (mean, standard deviation) over the first ``warmup`` observations
 after a twin takes over: the false-alarm rate is steep in ``sigma0``, so the
-warm-up is long enough (100 steps by default) to estimate it within about 7 %. Page's CUSUM ``S = max(0, S + z - k)`` raises an alarm when
-``S > h``.
+warm-up is long enough (100 steps by default) to estimate it within about
+7 %. Page's CUSUM ``S = max(0, S + z - k)`` raises an alarm when ``S > h``.
 
 ``k`` is half the smallest shift worth detecting quickly (``shift``, in
 baseline standard deviations). ``h`` is chosen so that the mean number of
