@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "fsync_dir"]
+__all__ = ["NotATorchFile", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save",
+           "fsync_dir", "torch_load_tensors"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -72,3 +73,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         f.write(buf.getbuffer())
 
     return atomic_write(path, write)
+
+
+class NotATorchFile(ValueError):
+    """A file ``torch.load`` (tensors only) cannot read; the message is the reason, on one line."""
+
+
+def torch_load_tensors(path: str | os.PathLike) -> Any:
+    """``torch.load`` of tensors and plain containers only (never arbitrary pickles), on the CPU.
+
+    An I/O error propagates as it is; anything else the unpickler raises on garbage (it fails in any of a
+    dozen ways, each meaning "not a torch file") becomes :class:`NotATorchFile`.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise NotATorchFile(f"{type(exc).__name__}: {detail}") from None

@@ -343,6 +343,9 @@ class Outbox:
         self._sent = min(run_dir.sent(), self._next)
         self._queue: deque[tuple[int, dict[str, Any]]] = deque(
             (i, op) for i, op in enumerate(journal) if i >= self._sent)
+        self._last_upload: dict[tuple, int] = {}  # each artifact's latest upload in the journal
+        for i, op in self._queue:
+            self._note_upload(i, op)
         self._ids = run_dir.ids()
         self._experiments: dict[str, str] = {}
         self._results: dict[int, Any] = {}
@@ -375,6 +378,7 @@ class Outbox:
             self._next += 1
             self.dir.append([op])
             self._queue.append((seq, op))
+            self._note_upload(seq, op)
             self._cv.notify_all()
         return seq
 
@@ -459,10 +463,10 @@ class Outbox:
             if not self._queue:
                 return False
             seq, op = self._queue[0]
-            later = list(self._queue)[1:]
+            superseded = self._superseded(seq, op)
         result = None
         try:
-            if not self._superseded(op, later):
+            if not superseded:
                 result = self._execute(op)
         except _NotYet:
             self._outage(f"run {op.get('run')} is not on the server yet (upload its parent's run directory first)")
@@ -498,12 +502,20 @@ class Outbox:
             self._cv.notify_all()
 
     @staticmethod
-    def _superseded(op: Mapping[str, Any], later: list[tuple[int, dict[str, Any]]]) -> bool:
-        # a backlog holding several uploads of checkpoints/last.pt sends the file once: it is the latest anyway
+    def _upload_key(op: Mapping[str, Any]) -> tuple | None:
         if op.get("op") != "log_artifact":
-            return False
-        return any(o.get("op") == "log_artifact" and o.get("file") == op["file"] and o.get("run") == op.get("run")
-                   and o.get("artifact_path") == op.get("artifact_path") for _, o in later)
+            return None
+        return op.get("run"), op["file"], op.get("artifact_path")
+
+    def _note_upload(self, seq: int, op: Mapping[str, Any]) -> None:
+        key = self._upload_key(op)
+        if key is not None:
+            self._last_upload[key] = seq
+
+    def _superseded(self, seq: int, op: Mapping[str, Any]) -> bool:
+        # a backlog holding several uploads of checkpoints/last.pt sends the file once: it is the latest anyway
+        key = self._upload_key(op)
+        return key is not None and self._last_upload.get(key, seq) > seq
 
     def _run_id(self, rid: str | None) -> str | None:
         if rid is None or not is_local_id(rid):

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pnn_cluster.data import Dataset
-from pnn_cluster.fsio import atomic_torch_save
+from pnn_cluster.fsio import NotATorchFile, atomic_torch_save, torch_load_tensors
 from pnn_cluster.layers import Stack
 
 __all__ = ["TrainConfig", "Callback", "CheckpointError", "Executor", "SequentialExecutor", "Trainer", "TrainerState",
@@ -57,12 +57,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:  # garbage makes the unpickler fail in any of a dozen ways; each means "not one"
-        detail = " ".join(str(exc).split())[:160]
-        raise CheckpointError(f"not a torch checkpoint ({type(exc).__name__}: {detail}); give a file written by "
+        state = torch_load_tensors(path)
+    except NotATorchFile as exc:
+        raise CheckpointError(f"not a torch checkpoint ({exc}); give a file written by "
                               "`pnn-cluster train --checkpoint` or a run's checkpoints/last.pt", path) from None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"holds a {type(state).__name__}, not a checkpoint (a mapping with keys "

@@ -22,11 +22,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pnn_cluster.devices.physics import PhysicsModel
 from pnn_cluster.devices.spec import DeviceSpec
-from pnn_cluster.fsio import atomic_torch_save, atomic_write_text
+from pnn_cluster.fsio import NotATorchFile, atomic_torch_save, atomic_write_text, torch_load_tensors
 from pnn_cluster.twins.models import Twin, build_twin
 
 __all__ = ["save_twin", "load_twin", "read_twin_meta", "FORMAT_VERSION", "TwinFileError"]
@@ -76,12 +74,9 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], Mapping[str, Any] | 
     if not pt.is_file():
         raise FileNotFoundError(f"{pt}: no such twin file (save one with `pnn-cluster calibrate --save DIR`)")
     try:
-        payload = torch.load(pt, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:  # garbage makes the unpickler fail in any of a dozen ways; each means "not one"
-        detail = " ".join(str(exc).split())[:160]
-        raise TwinFileError(f"{pt}: not a saved twin ({type(exc).__name__}: {detail})") from None
+        payload = torch_load_tensors(pt)
+    except NotATorchFile as exc:
+        raise TwinFileError(f"{pt}: not a saved twin ({exc})") from None
     if isinstance(payload, Mapping) and _MARK in payload:
         meta, state = payload.get("meta"), payload.get("state")
         if not isinstance(meta, Mapping) or not isinstance(state, Mapping):
