@@ -23,8 +23,14 @@ class _TwinActor(TwinWorker):
         torch.set_num_threads(1)
         super().__init__(*args, **kw)
 
+    @ray.method(concurrency_group="refine")
+    def refine(self, train: Any, val: Any, **kw: Any) -> dict[str, Any]:
+        # its own concurrency group: a refinement of a copy runs while this twin goes on serving VJPs,
+        # which stay one at a time in the default group (they and load() share the twin)
+        return super().refine(train, val, **kw)
 
-TwinActor = ray.remote(_TwinActor)
+
+TwinActor = ray.remote(concurrency_groups={"refine": 1})(_TwinActor)
 
 
 def start_twin(twin: torch.nn.Module | None, num_cpus: float = 0, num_gpus: float = 0, max_restarts: int = 3,
@@ -53,9 +59,12 @@ class RayTwinHandle:
         self.name = name
 
     def submit_vjp(self, x, params: Mapping[str, Any], grad_y, need_x: bool, need: Sequence[str] | None,
-                   version: str):
+                   version: str, output: bool = False):
         return self.actor.vjp_packed.remote((x, dict(params), grad_y, need_x, None if need is None else list(need),
-                                             version))
+                                             version, output))
+
+    def submit_refine(self, train: Any, val: Any, **kw: Any):
+        return self.actor.refine.remote(train, val, **kw)
 
     def load(self, payload: Mapping[str, Any]) -> str:
         return ray.get(self.actor.load.remote(dict(payload)))

@@ -32,11 +32,15 @@ def twin_vjp(
     grad_y: torch.Tensor,
     need_x: bool = True,
     need: Sequence[str] | None = None,
-) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """Vector-Jacobian product of ``twin`` at ``(x, params)``.
+    output: bool = False,
+) -> tuple:
+    """Vector-Jacobian product of ``twin`` at ``(x, params)``: ``(grad_x or None, {name: grad_param})``.
 
     Only the twin's inputs get gradients; its own weights are left untouched
     (they are detached by ``torch.autograd.grad`` only asking for the inputs).
+    With ``output``, the twin's prediction at ``(x, params)`` comes third: it
+    is computed for the VJP anyway, and set beside the measurement it says
+    how far the twin is from its device at the very points training uses.
     """
     names = list(params) if need is None else list(need)
     with torch.enable_grad():
@@ -45,7 +49,7 @@ def twin_vjp(
         y = twin(xd, pd)
         wrt = ([xd] if need_x else []) + [pd[k] for k in names]
         if not wrt:
-            return None, {}
+            return (None, {}, y.detach()) if output else (None, {})
         grads = torch.autograd.grad(y, wrt, grad_y.to(y.dtype), allow_unused=True)
     gx = grads[0] if need_x else None
     gp = grads[1:] if need_x else grads
@@ -54,7 +58,7 @@ def twin_vjp(
         out[k] = torch.zeros_like(pd[k]) if g is None else g
     if need_x and gx is None:
         gx = torch.zeros_like(xd)
-    return gx, out
+    return (gx, out, y.detach()) if output else (gx, out)
 
 
 class _PAT(torch.autograd.Function):

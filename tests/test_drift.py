@@ -17,6 +17,10 @@ def run_length(det: CusumDetector, ratios) -> int | None:
     return None
 
 
+#: a rise of the twin's error by one baseline standard deviation of its log (0.2 below): k = 0.5
+RISE = math.exp(0.2)
+
+
 def no_drift(rng, n, level=3.0, spread=0.2):
     """A twin's error over the floor, step after step, when nothing drifts: lognormal around ``level``."""
     return level * np.exp(spread * rng.standard_normal(n))
@@ -38,7 +42,7 @@ def test_false_alarms_come_at_the_rate_asked_for():
     arl0, warmup = 200.0, 1_000
     lengths = []
     for _ in range(300):
-        det = CusumDetector(arl0=arl0, shift=1.0, warmup=warmup)
+        det = CusumDetector(arl0=arl0, rise=RISE, warmup=warmup)
         n = run_length(det, no_drift(rng, 20_000))
         assert n is not None
         lengths.append(n - warmup)
@@ -50,7 +54,7 @@ def test_a_drift_is_seen_within_a_few_steps_and_rarely_before_it():
     rng = np.random.default_rng(1)
     delays, early = [], 0
     for _ in range(50):
-        det = CusumDetector(arl0=10_000, shift=1.0)  # the default 100-step warm-up
+        det = CusumDetector(arl0=10_000, rise=RISE)  # the default 100-step warm-up
         if run_length(det, no_drift(rng, 300)) is not None:
             early += 1  # a false alarm in the 200 monitored steps before the drift
             det.rebaseline()
@@ -78,3 +82,25 @@ def test_rebaseline_after_a_refit_and_clear_errors():
         CusumDetector(arl0=1)
     with pytest.raises(ValueError, match="warmup"):
         CusumDetector(warmup=2)
+    with pytest.raises(ValueError, match="rise"):
+        CusumDetector(rise=1.0)
+
+
+def test_the_rise_worth_detecting_is_a_factor_on_the_error_whatever_its_scatter():
+    # a very steady series (scatter 1 %): a 10 % rise of the twin's error is no alarm, a doubling is
+    rng = np.random.default_rng(3)
+    det = CusumDetector(arl0=10_000, rise=1.5, warmup=100)
+    assert run_length(det, no_drift(rng, 100, spread=0.01)) is None
+    assert run_length(det, no_drift(rng, 1_000, spread=0.01) * 1.1) is None
+    assert run_length(det, no_drift(rng, 50, spread=0.01) * 2.0) is not None
+
+
+def test_a_resumed_detector_goes_on_where_it_was():
+    rng = np.random.default_rng(4)
+    det = CusumDetector(arl0=1_000, warmup=20)
+    series = no_drift(rng, 60)
+    run_length(det, series[:40])
+    twin = CusumDetector.from_state(det.state_dict())
+    for r in series[40:]:
+        assert det.update(r) == twin.update(r)
+    assert twin.statistic == det.statistic and twin.steps == det.steps

@@ -24,7 +24,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from pnn_cluster.runner.placement import DeviceRef, InProcessPlacement, Placemen
 from pnn_cluster.runner.twins import make_twin, twin_shell
 from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, TrainingAborted
 from pnn_cluster.training.pipeline import PipelineConfig, PipelineExecutor, Replica
+from pnn_cluster.training.recalibration import RecalibrationWatch, WatchedReplica
 from pnn_cluster.training.trainer import Callback, Trainer, TrainerState
 from pnn_cluster.twins import TwinFit
 
@@ -73,11 +74,18 @@ class RunResult:
     nodes: dict[str, str] = field(default_factory=dict)
     executor: dict[str, int] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None
+    #: device samples spent on twins during training: exploratory samples of refinements, full recalibrations
+    recalibration_samples: int = 0
+    #: per watched device replica: policy, alarm steps, twin versions, samples spent (see RecalibrationWatch)
+    recalibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per watched replica, (step, twin NMSE / noise floor) of every step (not in :meth:`summary`)
+    drift_history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
     def device_samples_total(self) -> int:
-        """Every measurement the method cost: calibration, initialisation and training (not the test)."""
-        return self.device_samples + self.calibration_samples + self.init_samples
+        """Every measurement the method cost: calibration, initialisation, training and recalibration during
+        training (not the test)."""
+        return self.device_samples + self.calibration_samples + self.init_samples + self.recalibration_samples
 
     @property
     def twin_nmse(self) -> float | None:
@@ -87,6 +95,7 @@ class RunResult:
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("checkpoint")
+        out.pop("drift_history")
         out["device_samples_total"] = self.device_samples_total
         return out
 
@@ -131,14 +140,17 @@ class ExperimentRun:
     report: where progress lines go (default: kept for :meth:`events`, and printed when ``echo``).
     checkpoint_path: where the checkpoint is saved if the run stops on a fault it cannot work around
         (besides the MLflow run's), on the machine the run executes on.
+    callbacks: further trainer callbacks (after the run's own: progress, twin watch, MLflow).
     """
 
     def __init__(self, config: ExperimentConfig, placement: Placement | None = None,
                  tracking: Mapping[str, Any] | None = None, resume: Mapping[str, Any] | None = None,
                  progress: bool = False, echo: bool = True, keep_checkpoint: bool = False,
                  pipeline: PipelineConfig | None = None, policy: FaultPolicy | None = None,
-                 checkpoint_path: str | None = None) -> None:
+                 checkpoint_path: str | None = None, callbacks: Sequence[Callback] = ()) -> None:
         self.config = config
+        self.callbacks = list(callbacks)
+        self.watch: RecalibrationWatch | None = None
         self.checkpoint_path = checkpoint_path
         self.placement = placement or InProcessPlacement()
         self.tracking = dict(tracking) if tracking else None
@@ -150,6 +162,7 @@ class ExperimentRun:
         self.policy = policy or FaultPolicy()
         self.trainer: Trainer | None = None
         self.tracker = None
+        self._replica_fits: dict[str, TwinFit] = {}
         self._events: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -242,6 +255,7 @@ class ExperimentRun:
         for (_, ref, _, _, pool), fit in zip(jobs, made):
             name = ref.recipe.name
             if fit is not None:
+                self._replica_fits[ref.label] = fit
                 samples += fit.device_samples
                 chosen = ""
                 if fit.candidates:
@@ -303,6 +317,41 @@ class ExperimentRun:
                 if twin is not None:
                     rep.twin = twin
                     rep.twins = self.placement.start_twins(twin, ref.recipe)
+
+    def _watch(self, built: _Built, tracker) -> RecalibrationWatch | None:
+        """Each device replica's twin watch, as its ``recalibration`` section says (PAT only: the other
+        methods have no twin in the backward pass to watch)."""
+        cfg = self.config
+        if cfg.method != "pat":
+            return None
+        prior = ((self.resume or {}).get("extra") or {}).get("recalibration") or {}
+        watched = []
+        for name, refs in built.refs.items():
+            dc = cfg.devices[name]
+            settings = dc.recalibration.settings()
+            if settings.policy == "none":
+                continue
+            layer = self._layer(built.stack, name)
+            tc = dc.twin
+            for rep, ref in zip(built.executor.pool(layer).replicas, refs):
+                fit = self._replica_fits.get(ref.label)
+                floor = fit.noise_floor if fit is not None else prior.get(ref.label, {}).get("noise_floor")
+                if floor is None or not np.isfinite(floor) or floor <= 0:
+                    self.report(f"   {ref.label}: no noise floor known for its twin; its drift is not watched")
+                    continue
+                watched.append(WatchedReplica(
+                    ref.label, rep, layer, settings, ref.collect, float(floor),
+                    nmse=fit.nmse_val if fit is not None else prior.get(ref.label, {}).get("nmse"),
+                    calibration={"groups": tc.groups, "batch": tc.batch, "repeats": tc.repeats,
+                                 "holdout": tc.holdout, "epochs": tc.epochs, "lr": tc.lr},
+                    kind=getattr(rep.twin, "kind", "")))
+        if not watched:
+            return None
+        watch = RecalibrationWatch(watched, report=self.report, backend=self.placement.backend, seed=cfg.seed,
+                                   on_version=getattr(tracker, "log_twin_version", None))
+        watch.load_state_dict(prior)
+        built.executor.observer = watch
+        return watch
 
     def _initialise(self, built: _Built) -> int:
         cfg = self.config
@@ -367,8 +416,12 @@ class ExperimentRun:
         progress = ProgressReport(self.report)
         progress.where = "digital" if cfg.method == "ablation" else "physical"
         callbacks: list[Callback] = [progress]
+        watch = self.watch = self._watch(built, tracker)
+        if watch is not None:
+            callbacks.append(watch)  # before the MLflow callback: it adds its figures to each step's metrics
         if tracker is not None:
             callbacks.append(tracker)
+        callbacks += self.callbacks
         trainer = Trainer(built.stack, built.data, train_config(cfg), callbacks=callbacks, executor=built.executor,
                           progress=self.progress)
         trainer.checkpoint_meta["experiment"] = cfg.resolved()
@@ -395,7 +448,11 @@ class ExperimentRun:
         self.report(f"-- training {cfg.schedule.epochs} epochs of {trainer.steps_per_epoch} steps"
                     + (f" ({counts['twin_actors']} twin actor(s))" if counts["twin_actors"] else "") + " ...")
         try:
-            history = trainer.fit()
+            try:
+                history = trainer.fit()
+            finally:
+                if watch is not None:
+                    watch.close()
         except NoReplicaLeft as exc:
             # the state is that of the last complete step (a failed step never reaches optimizer.step):
             # a repaired lab resumes from it and repeats nothing
@@ -431,7 +488,18 @@ class ExperimentRun:
                          run_dir=str(tracker.run_dir) if tracker is not None else None,
                          device_actors=counts["device_actors"], twin_actors=counts["twin_actors"],
                          trainer_actor=counts["trainer_actor"], nodes=nodes, executor=dict(built.executor.stats),
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, **self._recalibration_figures(watch))
+
+    @staticmethod
+    def _recalibration_figures(watch: RecalibrationWatch | None) -> dict[str, Any]:
+        if watch is None:
+            return {}
+        summary = watch.summary()
+        history = {label: s.pop("history") for label, s in summary.items()}
+        spent = sum(s["explore_samples"] + s["recalibration_samples"] for s in summary.values())
+        for label, s in summary.items():
+            s["versions_log"] = [r for r in watch.records if r["device"] == label]
+        return {"recalibration": summary, "drift_history": history, "recalibration_samples": spent}
 
     def _aborted(self, trainer: Trainer, tracker, exc: Exception, what: str = "training stopped") -> TrainingAborted:
         """Keep the checkpoint of the last complete step (``--checkpoint`` PATH, the run directory) and say where."""
@@ -460,7 +528,10 @@ class ExperimentRun:
             twin_only = trainer.evaluate(split, physical=False) if self.config.method != "oracle" else None
         finally:
             self.placement.close()
+        # the twins are those the checkpoint holds: the versions in use when it was taken
+        watched = ((self.resume.get("extra") or {}).get("recalibration") or {})
         return {"acc": physical["acc"], "loss": physical["loss"], "n": len(physical["target"]),
+                "twin_versions": {label: w.get("version", 0) for label, w in watched.items()},
                 "twin_acc": twin_only["acc"] if twin_only else None, "epoch": trainer.epoch,
                 "step": trainer.global_step}
 

@@ -158,9 +158,13 @@ class TwinHandle(Protocol):
     name: str
 
     def submit_vjp(self, x: np.ndarray, params: Mapping[str, np.ndarray], grad_y: np.ndarray, need_x: bool,
-                   need: Sequence[str] | None, version: str) -> Any:
-        """Start a vector-Jacobian product; a pending call whose result is ``(gx, gp)``, or None when this
-        copy does not hold twin state ``version`` (it was restarted)."""
+                   need: Sequence[str] | None, version: str, output: bool = False) -> Any:
+        """Start a vector-Jacobian product; a pending call whose result is ``(gx, gp)`` (``(gx, gp, y_twin)``
+        with ``output``), or None when this copy does not hold twin state ``version`` (it was restarted)."""
+
+    def submit_refine(self, train: Any, val: Any, **kw: Any) -> Any:
+        """Start refining a copy of this twin (:meth:`~pnn_cluster.training.workers.TwinWorker.refine`)
+        beside the VJPs; a pending call for :meth:`Backend.wait`."""
 
     def load(self, payload: Mapping[str, Any]) -> str:
         """Replace this copy's twin state (blocking); returns its version."""
@@ -176,9 +180,16 @@ class LocalTwinHandle:
         self.worker = worker
         self.name = name
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"twin-{name}")
+        self._refining: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def submit_vjp(self, x, params, grad_y, need_x, need, version):
-        return self._thread.submit(self.worker.vjp, x, params, grad_y, need_x, need, version)
+    def submit_vjp(self, x, params, grad_y, need_x, need, version, output=False):
+        return self._thread.submit(self.worker.vjp, x, params, grad_y, need_x, need, version, output)
+
+    def submit_refine(self, train: Any, val: Any, **kw: Any) -> Any:
+        if self._refining is None:  # its own thread: VJPs go on meanwhile
+            self._refining = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                   thread_name_prefix=f"refine-{self.name}")
+        return self._refining.submit(self.worker.refine, train, val, **kw)
 
     def load(self, payload: Mapping[str, Any]) -> str:
         return self._thread.submit(self.worker.load, payload).result()
@@ -189,6 +200,8 @@ class LocalTwinHandle:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        if self._refining is not None:
+            self._refining.shutdown(wait=True)
 
 
 class TwinPool:
@@ -384,8 +397,12 @@ class _Stage:
         self.trainable = any(p.requires_grad for p in self.params.values())
         self._oracles: dict[int, nn.Module] = {}
 
-    def vjp_at(self, rep: Replica, x_measured: torch.Tensor) -> Callable:
-        """``rep``'s vector-Jacobian product, evaluated at the input it measured."""
+    def vjp_at(self, rep: Replica, x_measured: torch.Tensor, y_measured: torch.Tensor | None = None,
+               observer: Any = None) -> Callable:
+        """``rep``'s vector-Jacobian product, evaluated at the input it measured.
+
+        With an ``observer`` (mode 'pat'), the twin's prediction there is handed to it beside ``y_measured``.
+        """
         layer = self.layer
         if layer.mode == "oracle":
             if id(rep) not in self._oracles:
@@ -397,8 +414,14 @@ class _Stage:
                 raise RuntimeError(f"{layer.name}: mode 'pat' needs a twin for the backward pass of replica "
                                    f"{rep.name}; fit one first")
 
-        def vjp(x, params, grad_y, need_x=True, need=None):
-            return twin_vjp(twin, x_measured, params, grad_y, need_x=need_x, need=need)
+        if observer is None or layer.mode != "pat":
+            def vjp(x, params, grad_y, need_x=True, need=None):
+                return twin_vjp(twin, x_measured, params, grad_y, need_x=need_x, need=need)
+        else:
+            def vjp(x, params, grad_y, need_x=True, need=None):
+                gx, gp, y = twin_vjp(twin, x_measured, params, grad_y, need_x=need_x, need=need, output=True)
+                observer.observe(layer.name, rep, self.params_np, x_measured.numpy(), y_measured.numpy(), y.numpy())
+                return gx, gp
 
         return vjp
 
@@ -408,11 +431,17 @@ class PipelineExecutor:
 
     ``pools`` maps a physical layer's name to its replicas; a layer not named
     there gets one replica, its own device (``backend.default_handle``).
+    ``observer`` (optional) is handed, in training steps, every measured
+    micro-batch beside its twin's prediction at the same points
+    (``observe(stage, replica, params, x, y, y_twin)``): what drift watching
+    needs, at no extra device call and no extra twin pass.
     """
 
     def __init__(self, backend: Backend | None = None, pools: Mapping[str, Sequence[Replica]] | None = None,
-                 config: PipelineConfig | None = None, policy: FaultPolicy | None = None) -> None:
+                 config: PipelineConfig | None = None, policy: FaultPolicy | None = None,
+                 observer: Any = None) -> None:
         self.backend = backend or ThreadBackend()
+        self.observer = observer
         self.config = config or PipelineConfig()
         self.policy = policy or FaultPolicy()
         self._configured = {name: list(reps) for name, reps in (pools or {}).items()}
@@ -532,6 +561,7 @@ class _Run:
         #: streamed backward: pending VJP calls -> (micro-batch, stage index, replica, twin handle, grad_y,
         #: the handle's TwinPool.loads when sent)
         self.vjps: dict[Any, tuple[_Micro, int, Replica, Any, torch.Tensor, int]] = {}
+        self.observer = ex.observer if self.loss_fn is not None and self.grad else None
         self.stream = self.loss_fn is not None and self.grad and self._streams()
         if self.stream:
             self._plan_stream()
@@ -784,8 +814,12 @@ class _Run:
         pool = rep.twins
         handle = pool.pick()
         need = [name for name, p in st.params.items() if p.requires_grad]
-        call = handle.submit_vjp(x_sent, st.params_np, grad_y.detach().numpy(), self.need_x[pos], need,
-                                 pool.version)
+        if self.observer is not None:
+            call = handle.submit_vjp(x_sent, st.params_np, grad_y.detach().numpy(), self.need_x[pos], need,
+                                     pool.version, output=True)
+        else:  # a handle of the user's own need not know about outputs
+            call = handle.submit_vjp(x_sent, st.params_np, grad_y.detach().numpy(), self.need_x[pos], need,
+                                     pool.version)
         pool.busy[id(handle)] += 1
         self.ex.stats["twin_calls"] += 1
         self.vjps[call] = (mb, k, rep, handle, grad_y, pool.loads[id(handle)])
@@ -800,9 +834,12 @@ class _Run:
                 self.ex.stats["twin_restores"] += 1
             self._send_vjp(mb, k, grad_y)
             return
-        gx, gp = reply
+        gx, gp = reply[0], reply[1]
         pos = self.positions[k]
         st = self.stages[pos]
+        if self.observer is not None and len(reply) > 2:
+            x_sent, y_measured, _ = mb.measured[pos]
+            self.observer.observe(st.layer.name, rep, st.params_np, x_sent, y_measured, np.asarray(reply[2]))
         theta = [st.params[name] for name in gp]
         self._keep_grads(mb, theta, [torch.tensor(np.asarray(g), dtype=p.dtype) for p, g in zip(theta, gp.values())])
         if gx is None:
@@ -891,11 +928,12 @@ class _Run:
             by_replica.setdefault(id(rep), (rep, []))[1].append(rows)
         if len(by_replica) == 1:
             (rep, _), = by_replica.values()
-            return pat_apply(h, ys, st.params, vjp=st.vjp_at(rep, xs))
+            return pat_apply(h, ys, st.params, vjp=st.vjp_at(rep, xs, ys, self.observer))
         pieces, order = [], []
         for rep, rows in by_replica.values():
             idx = torch.cat(rows)
-            pieces.append(pat_apply(h.index_select(0, idx), ys[idx], st.params, vjp=st.vjp_at(rep, xs[idx])))
+            pieces.append(pat_apply(h.index_select(0, idx), ys[idx], st.params,
+                                    vjp=st.vjp_at(rep, xs[idx], ys[idx], self.observer)))
             order.append(idx)
         order_t = torch.cat(order)
         back = torch.empty_like(order_t)

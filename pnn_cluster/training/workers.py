@@ -21,6 +21,7 @@ The trainer (the model, the optimizer and the loop) is the runner's
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -302,18 +303,21 @@ class TwinWorker:
         return self.twin(xt, pt).numpy()
 
     def vjp(self, x: np.ndarray, params: Mapping[str, np.ndarray], grad_y: np.ndarray, need_x: bool = True,
-            need: Sequence[str] | None = None, version: str | None = None
-            ) -> tuple[np.ndarray | None, dict[str, np.ndarray]] | None:
+            need: Sequence[str] | None = None, version: str | None = None, output: bool = False
+            ) -> tuple | None:
         """``(d twin / d x)^T g`` and ``(d twin / d params)^T g`` at the measured ``x``, as numpy.
 
         With ``version``, None when this copy holds another state (it was restarted from an older one).
+        With ``output``, the twin's prediction at ``x`` comes third (what drift monitoring compares with
+        the measurement).
         """
         if self.twin is None or (version is not None and version != self.version):
             return None
         xt, pt = self._tensors(x, params)
         gy = torch.as_tensor(_writable(np.asarray(grad_y)), dtype=xt.dtype)
-        gx, gp = twin_vjp(self.twin, xt, pt, gy, need_x=need_x, need=need)
-        return (None if gx is None else gx.numpy()), {k: v.numpy() for k, v in gp.items()}
+        gx, gp, *y = twin_vjp(self.twin, xt, pt, gy, need_x=need_x, need=need, output=output)
+        grads = (None if gx is None else gx.numpy()), {k: v.numpy() for k, v in gp.items()}
+        return (*grads, y[0].numpy()) if output else grads
 
     def vjp_packed(self, call: tuple):
         """:meth:`vjp` with its arguments in one tuple (one object to serialise per call)."""
@@ -321,23 +325,46 @@ class TwinWorker:
 
     def fit(self, train, val=None, **kw: Any) -> dict[str, Any]:
         """Fit this twin (a fresh copy of its calibration) to ``train`` samples; returns the fit figures."""
+        try:
+            return self._fit(self.twin, train, val, **kw)
+        finally:
+            self.version = twin_version(self.twin.state_dict())
+
+    def _fit(self, twin: torch.nn.Module, train, val=None, **kw: Any) -> dict[str, Any]:
         from pnn_cluster.twins.fit import fit_twin
 
         kw.setdefault("progress", False)
         train, val = _own_samples(train), _own_samples(val)
         if kw.get("stop") is not None:
             kw["stop"] = _own_samples(kw["stop"])
-        for n, p in self.twin.named_parameters():
+        for n, p in twin.named_parameters():
             p.requires_grad_(n in self._learnable)
         default = torch.get_default_dtype()
-        torch.set_default_dtype(self._dtype())  # fit_twin builds its sample tensors in the default dtype
+        # fit_twin builds its sample tensors in the default dtype; set for this fit, on this thread's behalf
+        # (a refinement runs beside VJPs, which convert their inputs to the twin's dtype themselves)
+        torch.set_default_dtype(self._dtype())
         try:
-            res = fit_twin(self.twin, train, val, **kw)
+            res = fit_twin(twin, train, val, **kw)
             return {**res.as_dict(), "history": [float(v) for v in res.history]}
         finally:
             torch.set_default_dtype(default)
-            self.twin.requires_grad_(False)
-            self.version = twin_version(self.twin.state_dict())
+            twin.requires_grad_(False)
+
+    def refine(self, train, val, **kw: Any) -> dict[str, Any]:
+        """Fit a copy of this twin, warm-started from it, to fresh samples; this copy is left as it is.
+
+        The copy in use goes on serving VJPs meanwhile (a twin actor runs this in its own concurrency
+        group), and the trainer swaps the result in at a step boundary, if it is better. Returns the fit's
+        figures, this twin's NMSE on the same held-out ``val`` (``nmse_before``: the refit is accepted
+        only if it is lower), and the refined twin's state (``payload``).
+        """
+        from pnn_cluster.twins.fit import evaluate_twin
+
+        twin = copy.deepcopy(self.twin)
+        val = _own_samples(val)
+        before = evaluate_twin(self.twin, val)
+        figures = self._fit(twin, train, val, **kw)
+        return {"figures": figures, "nmse_before": float(before), "payload": twin_payload(twin)}
 
     def payload(self) -> dict[str, Any]:
         return twin_payload(self.twin)

@@ -11,11 +11,16 @@ after a twin takes over: the false-alarm rate is steep in ``sigma0``, so the
 warm-up is long enough (100 steps by default) to estimate it within about
 7 %. Page's CUSUM ``S = max(0, S + z - k)`` raises an alarm when ``S > h``.
 
-``k`` is half the smallest shift worth detecting quickly (``shift``, in
-baseline standard deviations). ``h`` is chosen so that the mean number of
-steps between false alarms with no drift (the in-control average run length,
-``arl0``) is what was asked, using Siegmund's approximation for normal
-observations::
+``k`` is half the smallest rise worth detecting quickly: ``rise``, a factor
+on the twin's error (1.5: the twin is half again as far from its device as it
+was at the baseline), so ``k = log(rise) / (2 sigma0)`` in baseline standard
+deviations. A factor rather than a number of standard deviations, because a
+batch's NMSE is measured so precisely (thousands of values) that one standard
+deviation of its log is a few percent: PAT moving the parameters into a
+region where the twin is a little less accurate would then count as drift.
+``h`` is chosen so that the mean number of steps between false alarms with no
+drift (the in-control average run length, ``arl0``) is what was asked, using
+Siegmund's approximation for normal observations::
 
     ARL0(h, k) ~= (exp(2 k b) - 2 k b - 1) / (2 k^2),   b = h + 1.166
 
@@ -61,14 +66,14 @@ def cusum_threshold(arl0: float, k: float) -> float:
 class CusumDetector:
     """Watches one twin (one device replica): :meth:`update` with each step's ``twin NMSE / noise floor``.
 
-    ``arl0``: mean steps between false alarms when nothing drifts; ``shift``: the
-    smallest rise of ``log ratio`` worth detecting quickly, in baseline standard
-    deviations; ``warmup``: observations that set the baseline (no alarm before).
-    After an alarm, or when a refined twin takes over, :meth:`rebaseline`.
+    ``arl0``: mean steps between false alarms when nothing drifts; ``rise``: the
+    smallest growth of the twin's error worth detecting quickly, as a factor;
+    ``warmup``: observations that set the baseline (no alarm before). After a
+    full recalibration that changes what the twin can reach, :meth:`rebaseline`.
     """
 
     arl0: float = 10_000.0
-    shift: float = 1.0
+    rise: float = 1.5
     warmup: int = 100
     statistic: float = 0.0
     steps: int = 0
@@ -79,12 +84,15 @@ class CusumDetector:
     sigma0: float | None = None
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.shift) and 0.05 <= self.shift <= 20):
-            raise ValueError(f"shift: {self.shift!r}; allowed: 0.05..20 baseline standard deviations")
+        if not (isinstance(self.arl0, (int, float)) and math.isfinite(self.arl0) and self.arl0 >= 10):
+            raise ValueError(f"arl0: {self.arl0!r}; allowed: a number of steps >= 10")
+        if not (isinstance(self.rise, (int, float)) and math.isfinite(self.rise) and 1.01 <= self.rise <= 100):
+            raise ValueError(f"rise: {self.rise!r}; allowed: a factor on the twin's error, 1.01..100")
         if not (isinstance(self.warmup, int) and 5 <= self.warmup <= 100_000):
             raise ValueError(f"warmup: {self.warmup!r}; allowed: an integer 5..100000")
-        self.k = self.shift / 2.0
-        self.h = cusum_threshold(self.arl0, self.k)
+        # k and h are in baseline standard deviations: set when the baseline is
+        self.k: float | None = None
+        self.h: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -107,6 +115,8 @@ class CusumDetector:
                 # efficient estimate; a floor keeps a constant series from dividing by zero
                 self.sigma0 = max(float(w.std(ddof=1)), 1e-6)
                 self._window = []
+                self.k = math.log(self.rise) / (2.0 * self.sigma0)
+                self.h = cusum_threshold(self.arl0, self.k)
             return False
         z = (x - self.mu0) / self.sigma0
         self.statistic = max(0.0, self.statistic + z - self.k)
@@ -119,6 +129,23 @@ class CusumDetector:
 
     def rebaseline(self) -> None:
         """Forget the baseline: a refined twin, or a recalibrated device, sets a new one over the next ``warmup``."""
-        self.mu0 = self.sigma0 = None
+        self.mu0 = self.sigma0 = self.k = self.h = None
         self._window = []
         self.statistic = 0.0
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to go on watching as it was (plain numbers)."""
+        return {"arl0": self.arl0, "rise": self.rise, "warmup": self.warmup, "statistic": self.statistic,
+                "steps": self.steps, "alarms": self.alarms, "alarm_step": self.alarm_step, "mu0": self.mu0,
+                "sigma0": self.sigma0, "window": list(self._window)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> CusumDetector:
+        det = cls(arl0=state["arl0"], rise=state["rise"], warmup=state["warmup"])
+        det.statistic, det.steps, det.alarms = state["statistic"], state["steps"], state["alarms"]
+        det.alarm_step, det._window = state["alarm_step"], list(state["window"])
+        if state["mu0"] is not None:
+            det.mu0, det.sigma0 = state["mu0"], state["sigma0"]
+            det.k = math.log(det.rise) / (2.0 * det.sigma0)
+            det.h = cusum_threshold(det.arl0, det.k)
+        return det

@@ -1,0 +1,461 @@
+"""Twins that stay true during long runs: drift watched from what PAT measures anyway, and what to do about it.
+
+Every PAT step measures ``(input, parameters, output)`` on each device, and
+the backward pass evaluates the twin at those very points; the twin's
+prediction comes with its VJP at no extra cost. Set beside the measurement it
+gives, per device replica and per step, the twin's NMSE on the batch; divided
+by the device's noise floor (from its calibration) it is watched by a
+:class:`~pnn_cluster.twins.drift.CusumDetector` with a stated false-alarm
+rate. What an alarm does is a policy, chosen per device, injected like the
+fault policy:
+
+- ``none``: nothing is watched (no twin outputs are even asked for);
+- ``monitor``: the figures are logged each step (``drift/<device>/...``) and
+  an alarm is reported, nothing else changes;
+- ``refine``: the twin is refined online. A bounded buffer keeps the
+  measurements PAT made (the newest ``buffer_rows`` rows); on an alarm a few
+  exploratory groups are measured around the current parameters (within the
+  device's limits, and within ``explore_fraction`` of the device samples
+  training has used), and a copy of the twin is fitted, warm-started, to a
+  recency-weighted draw of the buffer plus those groups, in the twin's actor
+  (or a thread) while training goes on. At the next step boundary where the
+  fit is done, it is swapped in, on every copy of the twin at once, if it
+  predicts the newest measurements better than the twin in use;
+- ``pause``: the device gets no more work until it is recalibrated in full
+  (fresh samples as many as its first calibration, a warm-started fit), then
+  training resumes: Bluesky's suspenders are the model. Training waits at the
+  step boundary.
+
+Every fit is a version (0: the first calibration); its record (samples, NMSE
+and noise floor, the step at which it took over, its parent) goes to
+``on_version`` (the MLflow callback stores it with the twin's tensors). The
+detectors, versions and sample counts are part of the checkpoint, so a
+resumed run goes on watching where it was; the buffer refills.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pnn_cluster.training.trainer import Callback
+from pnn_cluster.training.workers import TwinWorker, twin_version
+from pnn_cluster.twins.collect import Samples
+from pnn_cluster.twins.drift import CusumDetector
+
+__all__ = ["POLICIES", "Recalibration", "RecalibrationWatch", "WatchedReplica", "AroundParams", "FromRows"]
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("none", "monitor", "refine", "pause")
+#: buffered steps a refinement fits at most (each is one parameter setting: one step of the fit per epoch)
+MAX_GROUPS = 48
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """What a device's twin watch does (``devices.NAME.recalibration`` in a configuration).
+
+    policy: ``none``, ``monitor``, ``refine`` or ``pause`` (see the module's docstring).
+    arl0: mean steps between false alarms when nothing drifts (the detector's threshold is set from it).
+    rise: the smallest growth of the twin's error worth detecting quickly, as a factor on its baseline.
+    warmup: steps that set the baseline of the twin's error after its calibration (no alarm before).
+    buffer_rows: measured rows the refinement buffer keeps (the newest).
+    half_life_steps: a buffered measurement's weight in a refinement halves every this many steps.
+    explore_fraction: exploratory device samples, at most this fraction of the samples training measured
+        on the device so far (the rest of a refinement's data is free: training measured it).
+    explore_groups, explore_spread: exploratory parameter settings per refinement, drawn around the
+        current ones with this standard deviation (a fraction of each parameter's range), within limits.
+    epochs: epochs of a refinement's warm-started fit.
+    """
+
+    policy: str = "monitor"
+    arl0: float = 10_000.0
+    rise: float = 1.5
+    warmup: int = 100
+    buffer_rows: int = 8192
+    half_life_steps: float = 50.0
+    explore_fraction: float = 0.05
+    explore_groups: int = 8
+    explore_spread: float = 0.1
+    epochs: int = 10
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"recalibration.policy: {self.policy!r} is not allowed; allowed: {', '.join(POLICIES)}")
+        CusumDetector(arl0=self.arl0, rise=self.rise, warmup=self.warmup)  # checks those three
+        for name, low, high in (("buffer_rows", 1, 10**8), ("half_life_steps", 1e-3, 1e9),
+                                ("explore_fraction", 0.0, 1.0), ("explore_groups", 0, 10_000),
+                                ("explore_spread", 0.0, 1.0), ("epochs", 1, 100_000)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
+                raise ValueError(f"recalibration.{name}: {v!r}; allowed: {low}..{high}")
+
+
+class AroundParams:
+    """Exploratory parameter settings: the current ones plus normal steps of ``spread`` x each range,
+    reflected back into the limits (so no value the device refuses is ever asked for)."""
+
+    def __init__(self, center: Mapping[str, np.ndarray], spec: Any, spread: float) -> None:
+        self.center = {k: np.asarray(v, dtype=np.float64) for k, v in center.items()}
+        self.limits = {p.name: (float(p.low), float(p.high)) for p in spec.params}
+        self.spread = spread
+
+    def __call__(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = {}
+        for name, c in self.center.items():
+            lo, hi = self.limits[name]
+            width = hi - lo if math.isfinite(hi - lo) else max(1.0, float(np.abs(c).max(initial=0.0)))
+            v = c + self.spread * width * rng.standard_normal(c.shape)
+            if math.isfinite(lo):
+                v = np.where(v < lo, 2 * lo - v, v)
+            if math.isfinite(hi):
+                v = np.where(v > hi, 2 * hi - v, v)
+            out[name] = np.clip(v, lo, hi)  # a second reflection's remainder; spread <= 1 keeps it rare
+        return out
+
+
+class FromRows:
+    """Exploratory inputs: rows training sent to the device lately (the data's own distribution)."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = np.asarray(rows, dtype=np.float64)
+
+    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return self.rows[rng.integers(0, len(self.rows), size=n)]
+
+
+@dataclass(eq=False)
+class WatchedReplica:
+    """One device replica's twin under watch.
+
+    replica: the pipeline's :class:`~pnn_cluster.training.pipeline.Replica` (its ``twin`` is the trainer's
+        copy; its ``twins``, if any, the copies elsewhere that take the backward passes).
+    layer: the physical layer it serves (its current parameters, its spec's limits).
+    collect: measures samples on this replica, next to it (``DeviceRef.collect``).
+    noise_floor, nmse: the first calibration's figures.
+    calibration: how the first calibration was made (``groups``, ``batch``, ``repeats``, ``holdout``,
+        ``epochs``, ``lr``): a full recalibration repeats it.
+    """
+
+    label: str
+    replica: Any
+    layer: Any
+    settings: Recalibration
+    collect: Callable[..., Samples]
+    noise_floor: float
+    nmse: float | None = None
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = ""
+    # what the watch keeps
+    detector: CusumDetector = field(init=False)
+    version: int = 0
+    versions: int = 1
+    trained_rows: int = 0
+    explore_samples: int = 0
+    recalibration_samples: int = 0
+    alarm_steps: list[int] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)
+    buffer: collections.deque = field(default_factory=collections.deque)
+    buffered_rows: int = 0
+    pending: Any = None
+    pending_info: dict[str, Any] = field(default_factory=dict)
+    last_warned: int | None = None
+    # this step's observations: sum of squared residuals, rows, and the measurements for the variance
+    _sq: float = 0.0
+    _ys: list[np.ndarray] = field(default_factory=list)
+    _xs: list[np.ndarray] = field(default_factory=list)
+    _params: Mapping[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.detector = CusumDetector(arl0=s.arl0, rise=s.rise, warmup=s.warmup)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector.state_dict(), "version": self.version, "versions": self.versions,
+                "trained_rows": self.trained_rows, "explore_samples": self.explore_samples,
+                "recalibration_samples": self.recalibration_samples, "alarm_steps": list(self.alarm_steps),
+                "noise_floor": self.noise_floor, "nmse": self.nmse}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.detector = CusumDetector.from_state(state["detector"])
+        for k in ("version", "versions", "trained_rows", "explore_samples", "recalibration_samples",
+                  "noise_floor", "nmse"):
+            setattr(self, k, state[k])
+        self.alarm_steps = list(state["alarm_steps"])
+
+
+class RecalibrationWatch(Callback):
+    """Watches every device replica's twin during training, and applies each device's policy.
+
+    As a pipeline observer (``PipelineExecutor.observer``) it is handed each measured micro-batch with the
+    twin's prediction at the same points; as a trainer callback (before the MLflow one: it adds its figures
+    to the step's metrics) it closes each step: detector, buffer, refinements, swaps.
+
+    report: where progress lines go. on_version: called with each new version's record and twin state.
+    backend: the pipeline's backend (waits on a twin actor's refinement); None for threads.
+    """
+
+    def __init__(self, watched: Sequence[WatchedReplica], report: Callable[[str], None] | None = None,
+                 on_version: Callable[[Mapping[str, Any], Mapping[str, Any] | None], None] | None = None,
+                 backend: Any = None, seed: int = 0) -> None:
+        self.watched = {w.label: w for w in watched if w.settings.policy != "none"}
+        self.report = report or (lambda line: log.info("%s", line))
+        self.on_version = on_version
+        self.backend = backend
+        self.seed = seed
+        self.records: list[dict[str, Any]] = []
+        self._local: list[Any] = []  # twin workers on threads, for replicas with no twin copies elsewhere
+
+    @property
+    def active(self) -> bool:
+        return bool(self.watched)
+
+    # -- the pipeline observer ---------------------------------------------------------------------------
+
+    def observe(self, stage: str, replica: Any, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray,
+                y_twin: np.ndarray) -> None:
+        """One measured micro-batch (or backward chunk) of ``replica``, beside the twin's prediction."""
+        w = self.watched.get(replica.name)
+        if w is None:
+            return
+        y = np.asarray(y, dtype=np.float64)
+        r = np.asarray(y_twin, dtype=np.float64) - y
+        w._sq += float((r * r).sum())
+        w._ys.append(y)
+        w.trained_rows += y.shape[0]
+        if w.settings.policy == "refine":
+            w._xs.append(np.array(x, dtype=np.float64))
+            w._params = params
+
+    # -- the trainer callback ----------------------------------------------------------------------------
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        step = trainer.global_step
+        for w in self.watched.values():
+            self._close_step(w, step, metrics)
+            if w.pending is not None:
+                self._poll(w, step)
+        self.save(trainer)
+
+    def on_train_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        # a refinement still running when training ends is not taken: the twin at the end is the one in use
+        for w in self.watched.values():
+            w.pending = None
+        self.save(trainer)
+
+    def save(self, trainer: Any) -> None:
+        trainer.extra_state["recalibration"] = self.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {label: w.state_dict() for label, w in self.watched.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for label, s in (state or {}).items():
+            if label in self.watched:
+                self.watched[label].load_state_dict(s)
+
+    def summary(self) -> dict[str, Any]:
+        """Per replica: policy, alarms, versions and the device samples spent beyond training."""
+        return {label: {"policy": w.settings.policy, "alarm_steps": list(w.alarm_steps), "version": w.version,
+                        "versions": w.versions, "trained_rows": w.trained_rows,
+                        "explore_samples": w.explore_samples, "recalibration_samples": w.recalibration_samples,
+                        "history": list(w.history)}
+                for label, w in self.watched.items()}
+
+    def close(self) -> None:
+        for h in self._local:
+            h.close()
+        self._local.clear()
+
+    # -- one step --------------------------------------------------------------------------------------
+
+    def _close_step(self, w: WatchedReplica, step: int, metrics: dict[str, float]) -> None:
+        if not w._ys:
+            return  # this replica measured nothing in this step (another replica of its pool did)
+        ys = np.concatenate([y.reshape(y.shape[0], -1) for y in w._ys])
+        nmse = w._sq / ys.size / max(float(ys.var()), 1e-30)
+        if w._xs:
+            # one group per step: the step's micro-batches were measured with the same parameters
+            w.buffer.append((step, np.concatenate(w._xs), {k: np.array(v) for k, v in w._params.items()},
+                             np.concatenate(w._ys)))
+            w.buffered_rows += ys.shape[0]
+            while w.buffered_rows > w.settings.buffer_rows and len(w.buffer) > 1:
+                w.buffered_rows -= w.buffer.popleft()[3].shape[0]
+        w._sq, w._ys, w._xs = 0.0, [], []
+        if not (math.isfinite(nmse) and nmse > 0 and w.noise_floor > 0):
+            return
+        ratio = nmse / w.noise_floor
+        alarm = w.detector.update(ratio)
+        w.history.append((step, ratio))
+        key = f"drift/{w.label}"
+        metrics[f"{key}/twin_nmse"] = nmse
+        metrics[f"{key}/ratio"] = ratio
+        metrics[f"{key}/cusum"] = w.detector.statistic
+        if alarm:
+            w.alarm_steps.append(step)
+            metrics[f"{key}/alarm"] = 1.0
+            self._alarm(w, step, ratio)
+        metrics[f"{key}/alarms"] = float(len(w.alarm_steps))
+
+    def _alarm(self, w: WatchedReplica, step: int, ratio: float) -> None:
+        base = math.exp(w.detector.mu0) if w.detector.mu0 is not None else float("nan")
+        what = (f"twin of {w.label} has drifted from its device at step {step}: its error is {ratio:.2f} x the "
+                f"noise floor, {ratio / base:.2f} x its baseline of {base:.2f} (CUSUM alarm {len(w.alarm_steps)})")
+        policy = w.settings.policy
+        if policy == "monitor":
+            if w.last_warned is None or step - w.last_warned >= max(100, w.settings.warmup):
+                self.report(f"-- warning: {what}; policy monitor: nothing changed")
+                w.last_warned = step
+        elif policy == "refine":
+            if w.pending is None:
+                self.report(f"-- {what}; refining it online")
+                self._start_refine(w, step)
+        elif policy == "pause":
+            self.report(f"-- {what}; pausing {w.label} to recalibrate it in full")
+            self._recalibrate(w, step)
+
+    # -- refinement ------------------------------------------------------------------------------------
+
+    def _handle(self, w: WatchedReplica) -> Any:
+        pool = w.replica.twins
+        if pool is not None:
+            return pool.handles[0]
+        from pnn_cluster.training.pipeline import LocalTwinHandle
+
+        handle = LocalTwinHandle(TwinWorker.from_twin(w.replica.twin), name=w.label)
+        self._local.append(handle)
+        return handle
+
+    def _explore(self, w: WatchedReplica, step: int, groups: int, batch: int) -> Samples | None:
+        """A few groups measured around the current parameters, within the sample budget."""
+        s = w.settings
+        budget = int(s.explore_fraction * w.trained_rows) - w.explore_samples
+        groups = min(groups, budget // (2 * batch)) if batch > 0 else 0
+        if groups < 1:
+            return None
+        recent = np.concatenate([entry[1] for entry in list(w.buffer)[-8:]])
+        fresh = w.collect(groups=groups, batch=batch, repeats=2, seed=self.seed + 7919 * step + len(w.alarm_steps),
+                          sample_params=AroundParams(w.layer.params_numpy(), w.layer.spec, s.explore_spread),
+                          sample_inputs=FromRows(recent))
+        w.explore_samples += fresh.device_samples
+        return fresh
+
+    def _start_refine(self, w: WatchedReplica, step: int) -> None:
+        s = w.settings
+        entries = list(w.buffer)
+        if len(entries) < 4:
+            self.report(f"   {w.label}: too few buffered measurements to refine from ({len(entries)} groups)")
+            return
+        rows = int(np.median([e[1].shape[0] for e in entries]))
+        fresh = self._explore(w, step, s.explore_groups, rows)
+        # the newest fifth of the buffer (and one exploratory group) is held out: the refit is accepted only if
+        # it predicts the device as it is now better than the twin in use does
+        n_val = max(1, len(entries) // 5)
+        held, pool = entries[-n_val:], entries[:-n_val]
+        rng = np.random.default_rng(self.seed + step)
+        age = np.array([step - e[0] for e in pool], dtype=np.float64)
+        weight = 0.5 ** (age / s.half_life_steps)
+        # at most MAX_GROUPS steps' measurements, the newer the likelier: a fit short enough to take over soon
+        pick = np.sort(rng.choice(len(pool), size=min(len(pool), MAX_GROUPS), replace=False,
+                                  p=weight / weight.sum()))
+        train = Samples([pool[i][1] for i in pick], [pool[i][2] for i in pick], [pool[i][3][None] for i in pick])
+        val = Samples([e[1] for e in held], [e[2] for e in held], [e[3][None] for e in held])
+        if fresh is not None:
+            val = Samples(val.x + fresh.x[:1], val.params + fresh.params[:1], val.y + fresh.y[:1])
+            train = Samples(train.x + fresh.x[1:], train.params + fresh.params[1:], train.y + fresh.y[1:])
+        w.pending = self._handle(w).submit_refine(train, val, epochs=s.epochs, seed=self.seed + step)
+        w.pending_info = {"step": step, "t0": time.perf_counter(), "source": "refine",
+                          "samples": {"buffer_rows": int(sum(e[1].shape[0] for e in entries)),
+                                      "explore_rows": 0 if fresh is None else fresh.device_samples,
+                                      "device_samples": 0 if fresh is None else fresh.device_samples,
+                                      "groups": len(train) + len(val)}}
+
+    def _done(self, call: Any) -> bool:
+        if isinstance(call, concurrent.futures.Future):
+            return call.done()
+        return bool(self.backend.wait([call], timeout=0))
+
+    def _result(self, call: Any) -> dict[str, Any]:
+        if isinstance(call, concurrent.futures.Future):
+            return call.result()
+        return self.backend.result(call)
+
+    def _poll(self, w: WatchedReplica, step: int) -> None:
+        if not self._done(w.pending):
+            return
+        call, info = w.pending, w.pending_info
+        w.pending, w.pending_info = None, {}
+        try:
+            result = self._result(call)
+        except Exception as exc:  # a refinement that failed leaves the twin in use as it was
+            self.report(f"   {w.label}: refinement failed ({type(exc).__name__}: {exc}); the twin in use stays")
+            return
+        self._take(w, step, result, info)
+
+    def _take(self, w: WatchedReplica, step: int, result: Mapping[str, Any], info: Mapping[str, Any]) -> None:
+        figures, payload = result["figures"], result["payload"]
+        after, before = float(figures["nmse_val"]), float(result["nmse_before"])
+        accepted = after < before
+        number = w.versions
+        w.versions += 1
+        parent = w.version
+        if accepted:
+            self._swap(w, payload)
+            w.version = number
+        fresh_floor = figures.get("noise_floor")
+        floor = float(fresh_floor) if fresh_floor is not None and math.isfinite(fresh_floor) and fresh_floor > 0 \
+            else w.noise_floor
+        record = {"device": w.label, "version": number, "step": step, "source": info["source"],
+                  "kind": payload.get("kind", w.kind), "nmse": after, "nmse_before": before, "noise_floor": floor,
+                  "ratio_to_floor": after / floor if floor > 0 else None, "samples": dict(info["samples"]),
+                  "parent": parent, "accepted": accepted, "seconds": round(time.perf_counter() - info["t0"], 3),
+                  "asked_at_step": info["step"], "state_hash": twin_version(payload["state"])}
+        self.records.append(record)
+        self.report(f"   {w.label}: {info['source']} v{number} {'took over' if accepted else 'not taken'} at step "
+                    f"{step} (asked at step {info['step']}): NMSE {after:.3e} on the newest measurements, the twin "
+                    f"in use {before:.3e}; {record['samples']['device_samples']} device samples")
+        if self.on_version is not None:
+            self.on_version(record, payload["state"] if accepted else None)
+
+    def _swap(self, w: WatchedReplica, payload: Mapping[str, Any]) -> None:
+        """The refined twin replaces the one in use, in the trainer and on every copy (a step boundary: no
+        backward pass is in flight)."""
+        w.replica.twin.load_state_dict(dict(payload["state"]))
+        w.replica.twin.requires_grad_(False)
+        if w.replica.twins is not None:
+            w.replica.twins.update(payload, twin_version(payload["state"]))
+
+    # -- full recalibration (policy pause) ----------------------------------------------------------------------
+
+    def _recalibrate(self, w: WatchedReplica, step: int) -> None:
+        from pnn_cluster.twins.fit import fit_splits
+
+        c = w.calibration
+        t0 = time.perf_counter()
+        seed = self.seed + 104_729 + 31 * step
+        samples = w.collect(groups=c.get("groups", 24), batch=c.get("batch", 128), repeats=c.get("repeats", 2),
+                            seed=seed)
+        w.recalibration_samples += samples.device_samples
+        fit_on, stop, val = fit_splits(samples, c.get("holdout", 0.2), seed)
+        kw = {"epochs": c.get("epochs"), "lr": c.get("lr"), "seed": seed, "stop": stop}
+        call = self._handle(w).submit_refine(fit_on, val, **{k: v for k, v in kw.items() if v is not None})
+        while not self._done(call):  # the pause: nothing else is sent to this device meanwhile
+            if isinstance(call, concurrent.futures.Future):
+                concurrent.futures.wait([call])
+            else:
+                self.backend.wait([call], timeout=None)
+        info = {"step": step, "t0": t0, "source": "recalibration",
+                "samples": {"buffer_rows": 0, "explore_rows": 0, "device_samples": samples.device_samples,
+                            "groups": len(samples)}}
+        w.pending, w.pending_info = None, {}
+        self._take(w, step, self._result(call), info)
+        self.report(f"   {w.label} resumed after {time.perf_counter() - t0:.1f} s")
