@@ -38,8 +38,9 @@ import json
 import math
 import os
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,14 @@ from pnn_cluster.training.trainer import Callback, Trainer
 from pnn_cluster.twins.record import TwinFit
 
 __all__ = ["MlflowCallback", "TwinFit", "resolve_tracking_uri", "twin_residuals", "device_snapshot",
-           "CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "load_run_checkpoint"]
+           "CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "TWIN_VERSIONS_ARTIFACT", "load_run_checkpoint",
+           "active_twin_versions", "twin_history_figure"]
 
 #: where a run keeps its latest checkpoint and its configuration
 CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
 CONFIG_ARTIFACT = "config/config.yaml"
+#: every version of every twin of a run (fits and refits, accepted or not), rewritten whole at each new one
+TWIN_VERSIONS_ARTIFACT = "twins/versions.json"
 #: MLflow's limits: 100 params and 1000 metrics per batch, 6000 characters per param value
 _PARAMS_PER_BATCH, _METRICS_PER_BATCH, _PARAM_CHARS, _TAG_CHARS = 100, 1000, 6000, 5000
 
@@ -236,6 +240,92 @@ def curve_figure(steps: Mapping[str, list[tuple[int, float]]], epochs: Mapping[s
     return fig
 
 
+def active_twin_versions(versions: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The twin in use on each device: its latest accepted version."""
+    active: dict[str, int] = {}
+    for v in versions:
+        if v.get("accepted", True):
+            device = str(v["device"])
+            active[device] = max(active.get(device, -1), int(v["version"]))
+    return active
+
+
+def twin_state_artifact(device: str, version: int) -> str:
+    """Where a run keeps the tensors of one twin version (``circuit/1`` -> ``twins/circuit_1/v3.pt``)."""
+    return f"twins/{device.replace('/', '_')}/v{int(version)}.pt"
+
+
+def twin_state_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """A digest of a twin's tensors (names, dtypes, shapes, values): two versions with one hash are one twin."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _drift_device(key: str) -> str | None:
+    # drift/<device>/ratio, where a replica's device has a slash of its own (circuit/1)
+    head, tail = "drift/", "/ratio"
+    if key.startswith(head) and key.endswith(tail) and len(key) > len(head) + len(tail):
+        return key[len(head):-len(tail)]
+    return None
+
+
+def twin_history_figure(history: Mapping[str, list[tuple[int, float]]], versions: Sequence[Mapping[str, Any]]):
+    """Each twin's NMSE over its device's noise floor along a training, one panel per device.
+
+    The curve is the metric ``drift/<device>/ratio`` (1: the twin is as good as the device's own noise lets
+    anything be). A solid vertical line is a version swapped in at that step, a dotted one a refit recorded
+    but not swapped in (it was not better than the twin in use); each is labelled ``v<k> <source>``. The
+    horizontal lines are the ratio the device's first twin (version 0) had at calibration, and twice it:
+    how far the twin in use has moved from where the training started.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter
+    from matplotlib.transforms import blended_transform_factory
+
+    curves = {d: pts for k, pts in history.items() if (d := _drift_device(k)) is not None and pts}
+    devices = list(curves) + sorted({str(v["device"]) for v in versions} - set(curves))
+    fig = Figure(figsize=(8, 1.2 + 2.2 * max(1, len(devices))), dpi=110)
+    axes = fig.subplots(max(1, len(devices)), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, device in zip(axes, devices):
+        if device in curves:
+            s, r = zip(*curves[device])
+            ax.plot(s, r, lw=0.9, color="C0", label="twin NMSE / noise floor")
+        mine = sorted((v for v in versions if str(v["device"]) == device), key=lambda v: int(v["version"]))
+        base = next((v.get("ratio_to_floor") for v in mine if int(v["version"]) == 0), None)
+        if isinstance(base, int | float) and math.isfinite(base) and base > 0:
+            ax.axhline(base, color="0.35", lw=0.8, ls="--", label=f"at calibration ({base:.2f})")
+            ax.axhline(2 * base, color="0.35", lw=0.8, ls="-.", label="2 x calibration")
+        on_x = blended_transform_factory(ax.transData, ax.transAxes)
+        for v in mine:
+            k = int(v["version"])
+            if k == 0:
+                continue  # the calibration is the horizontal line
+            accepted = bool(v.get("accepted", True))
+            step = int(v.get("step", 0))
+            ax.axvline(step, color="C3" if accepted else "0.45", lw=0.9, ls="-" if accepted else ":",
+                       gid=f"twin-version:{device}:v{k}")
+            ax.text(step, 0.98, f" v{k} {v.get('source', '?')}", transform=on_x, rotation=90, va="top",
+                    ha="right", fontsize=6, color="C3" if accepted else "0.45")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # 1.5, not 1.5 x 10^0
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.set_ylabel("NMSE / floor")
+        ax.set_title(device, fontsize=8, loc="left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="upper left")
+    axes[-1].set_xlabel("step")
+    fig.suptitle("twins against their devices during training (solid: version swapped in; dotted: refit not "
+                 "kept)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def confusion_figure(pred: np.ndarray, target: np.ndarray, title: str):
     from matplotlib.figure import Figure
 
@@ -272,12 +362,27 @@ def tracking_client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _download_text(client: Any, run_id: str, artifact: str) -> str | None:
+    """A run's text artifact from the server; None when it has none or cannot be asked."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="pnn-artifact-") as tmp:
+            return Path(client.download_artifacts(run_id, artifact, tmp)).read_text()
+    except Exception:  # noqa: BLE001 -- no such artifact, or no server: either way, nothing to continue from
+        return None
+
+
 def load_run_checkpoint(client: Any, run_id: str, dest: str | os.PathLike) -> Path | None:
     """Download a run's latest checkpoint into ``dest``; None when the run has none yet."""
     names = {f.path for f in client.list_artifacts(run_id, "checkpoints")}
     if CHECKPOINT_ARTIFACT not in names:
         return None
     return Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(dest)))
+
+
+#: a training's first fit (TwinFit.source ``fit``) is its twin's calibration
+_VERSION_SOURCE = {"fit": "calibration"}
 
 
 # -- the callback ---------------------------------------------------------------------------------------------
@@ -336,6 +441,10 @@ class MlflowCallback(Callback):
         self._devices_logged = False
         self._ended = False
         self.twin_fits: dict[str, TwinFit] = {}
+        #: every version of every twin (``twins/versions.json``); a resumed run starts from what it had
+        self.twin_versions: list[dict[str, Any]] = []
+        self._twin_versions_lock = threading.Lock()  # a refit may be recorded from another thread
+        self._metric_keys: set[str] = set()  # what this process logged: which figures the run can draw
 
     # -- the run ------------------------------------------------------------------------------------------
 
@@ -381,6 +490,7 @@ class MlflowCallback(Callback):
         if self.resuming:
             self.outbox.submit({"op": "resume_run", "run": self._run_id})
             self.dir.update_meta(resumed=int(self.dir.meta().get("resumed", 0)) + 1)
+            self._load_twin_versions()
             return self._run_id
         local = new_local_id()
         tags = {"pnn.command": self.command, **self.tags, "pnn.run_dir": str(self.dir.path)}
@@ -502,8 +612,13 @@ class MlflowCallback(Callback):
         self._devices_logged = True
         return snaps
 
-    def log_twin_fit(self, fit: TwinFit, params: Mapping[str, Any] | None = None) -> str:
-        """A nested run for one twin fit: its figures, its loss curve and a parity plot (returns its local id)."""
+    def log_twin_fit(self, fit: TwinFit, params: Mapping[str, Any] | None = None, step: int = 0) -> str:
+        """A nested run for one twin fit: its figures, its loss curve and a parity plot (returns its local id).
+
+        In a training, the fit is also the device's next twin version (0 at the start; see
+        :meth:`log_twin_version`), taking over at ``step``. ``calibrate`` fits several kinds of one device
+        side by side: alternatives, not versions, so it records none.
+        """
         self.twin_fits[fit.device] = fit
         cid = new_local_id()
         tags = {"mlflow.parentRunId": self._run_id or self.run_id, "pnn.command": "twin-fit",
@@ -538,13 +653,90 @@ class MlflowCallback(Callback):
         suffix = "" if self.command == "train" else f"/{fit.kind}"  # calibrate fits several kinds per device
         self.log_metrics({f"twin_nmse/{fit.device}{suffix}": fit.nmse_val,
                           f"noise_floor/{fit.device}": fit.noise_floor}, step=0, now=True)
+        if self.command == "train":
+            state = fit.twin.state_dict() if hasattr(fit.twin, "state_dict") else None
+            self.log_twin_version(
+                {"device": fit.device, "version": self.next_twin_version(fit.device), "step": int(step),
+                 "source": _VERSION_SOURCE.get(fit.source, fit.source), "kind": fit.kind, "nmse": fit.nmse_val,
+                 "noise_floor": fit.noise_floor, "ratio_to_floor": fit.ratio_to_floor,
+                 "samples": {"device_samples": int(fit.device_samples)}, "parent": None, "accepted": True,
+                 "seconds": float(fit.seconds), "state_hash": twin_state_hash(state) if state else None}, state)
         return cid
+
+    # -- twin versions -----------------------------------------------------------------------------------------
+
+    def next_twin_version(self, device: str) -> int:
+        """The number the device's next twin version gets: 0 for its first, one more than its last after."""
+        with self._twin_versions_lock:
+            mine = [int(v["version"]) for v in self.twin_versions if v["device"] == device]
+        return max(mine) + 1 if mine else 0
+
+    def log_twin_version(self, record: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """One version of a device's twin: the calibration (0), a refit swapped in, or one not kept.
+
+        ``record`` holds ``device``, ``version``, ``step`` (the global step it took over at), ``source``,
+        ``kind``, ``nmse``, ``noise_floor``, ``ratio_to_floor``, ``samples``, ``parent``, ``accepted``,
+        ``seconds`` and ``state_hash``; the run's id is added. The run's ``twins/versions.json`` is rewritten
+        with every version so far (one file: the latest upload has them all) and ``state``, the twin's
+        tensors, goes to ``twins/<device>/v<version>.pt``; both are written in the run directory first,
+        atomically, then uploaded by the outbox. An accepted version is also the metrics
+        ``twin/<device>/version`` and ``twin/<device>/ratio_to_floor`` at its step (the twin in use, step
+        by step) and the tag ``pnn.twin_version.<device>``; a version not kept is in the file only.
+        Recording the same device and version again replaces the record.
+        """
+        missing = [k for k in ("device", "version") if record.get(k) is None]
+        if missing:
+            raise ValueError(f"log_twin_version: the record has no {' or '.join(missing)}: {dict(record)}")
+        self.start()
+        rec = _jsonable(dict(record))
+        device, version = str(rec["device"]), int(rec["version"])
+        rec.update(device=device, version=version, step=int(rec.get("step") or 0),
+                   accepted=bool(rec.get("accepted", True)), run_id=self.run_id)
+        if state is not None:
+            tensors = {k: v.detach().cpu() for k, v in state.items()}
+            if not rec.get("state_hash"):
+                rec["state_hash"] = twin_state_hash(tensors)
+            artifact = twin_state_artifact(device, version)
+            path = self._artifact_path(artifact, None)
+            atomic_torch_save(tensors, path)
+            rec["state_file"] = artifact
+            self._log_file(path, artifact, None)
+        with self._twin_versions_lock:  # the file written last holds every record, whichever thread wrote it
+            self.twin_versions = [v for v in self.twin_versions
+                                  if (v["device"], int(v["version"])) != (device, version)] + [rec]
+            active = active_twin_versions(self.twin_versions).get(device)
+            self.log_text(json.dumps(self.twin_versions, indent=2), TWIN_VERSIONS_ARTIFACT)
+        if rec["accepted"]:
+            metrics = {f"twin/{device}/version": float(version)}
+            ratio = rec.get("ratio_to_floor")
+            if isinstance(ratio, int | float) and math.isfinite(ratio):
+                metrics[f"twin/{device}/ratio_to_floor"] = float(ratio)
+            self.log_metrics(metrics, rec["step"], now=True)
+        if active is not None:
+            self.set_tags({f"pnn.twin_version.{device}": active})
+
+    def _load_twin_versions(self) -> None:
+        """A resumed run's twin versions, so its numbering and its file continue: from its directory, else
+        (resumed on another machine) from the server, when it answers."""
+        path = self.dir.file(TWIN_VERSIONS_ARTIFACT)
+        text = path.read_text() if path.is_file() else None
+        if text is None and not is_local_id(self._run_id):
+            text = self._wait(lambda: _download_text(self.client, self._run_id, TWIN_VERSIONS_ARTIFACT))
+            if text is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, text)
+        try:
+            records = json.loads(text) if text else []
+        except ValueError:
+            records = []  # a file this run cannot read is replaced by the versions it records from now on
+        self.twin_versions = [dict(r) for r in records if isinstance(r, Mapping) and "device" in r and "version" in r]
 
     # -- metrics ---------------------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, now: bool = False) -> None:
         """Buffer metrics for the next batched write (``now``: journal them at once)."""
         ts = int(time.time() * 1000)
+        self._metric_keys.update(metrics)
         for k, v in metrics.items():
             self._buffer.append((k, float(v), ts, int(step)))
         if now:
@@ -578,6 +770,7 @@ class MlflowCallback(Callback):
         ts = int(time.time() * 1000)
         step = trainer.global_step
         append = self._buffer.append
+        self._metric_keys.update(metrics)
         for k, v in metrics.items():
             append((k, v, ts, step))
         if time.monotonic() - self._last_flush >= self.flush_every_s:
@@ -607,6 +800,7 @@ class MlflowCallback(Callback):
             return
         self.log_metrics({"device_samples_total": trainer.device_samples}, trainer.global_step, now=True)
         self.log_training_curve()
+        self.log_twin_history()
         if self.log_models:
             self.log_trained_models(trainer)
 
@@ -672,6 +866,17 @@ class MlflowCallback(Callback):
         h = self.metric_history(keys)
         fig = curve_figure({"train_loss": h["train_loss"]}, {k: h[k] for k in keys[1:]})
         self.log_figure(fig, "plots/training_curve.png")
+
+    def log_twin_history(self) -> None:
+        """``plots/twin_drift.png``, when the run measured its twins against their devices
+        (``drift/<device>/ratio``): see :func:`twin_history_figure`."""
+        keys = {k for k in self._metric_keys if _drift_device(k) is not None}
+        keys |= {f"drift/{v['device']}/ratio" for v in self.twin_versions}  # logged before a resume, too
+        if not keys:
+            return
+        history = {k: pts for k, pts in self.metric_history(sorted(keys)).items() if pts}
+        if history:
+            self.log_figure(twin_history_figure(history, self.twin_versions), "plots/twin_drift.png")
 
     def log_trained_models(self, trainer: Trainer) -> list[str]:
         """The trained stack (state_dict, device parameters, configuration) and each twin, as logged models."""
