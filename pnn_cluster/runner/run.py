@@ -335,13 +335,18 @@ class ExperimentRun:
             tc = dc.twin
             for rep, ref in zip(built.executor.pool(layer).replicas, refs):
                 fit = self._replica_fits.get(ref.label)
-                floor = fit.noise_floor if fit is not None else prior.get(ref.label, {}).get("noise_floor")
+                before = prior.get(ref.label, {})
+                floor = fit.noise_floor if fit is not None else before.get("noise_floor")
                 if floor is None or not np.isfinite(floor) or floor <= 0:
-                    self.report(f"   {ref.label}: no noise floor known for its twin; its drift is not watched")
+                    self.report(f"   {ref.label}: its noise floor is {floor} (not measured, or a noise-free device); "
+                                "its twin's drift is not watched")
                     continue
+                var = before.get("output_var")
+                if fit is not None and fit.val is not None:
+                    var = float(np.concatenate([y.reshape(-1) for y in fit.val.y]).var())
                 watched.append(WatchedReplica(
                     ref.label, rep, layer, settings, ref.collect, float(floor),
-                    nmse=fit.nmse_val if fit is not None else prior.get(ref.label, {}).get("nmse"),
+                    nmse=fit.nmse_val if fit is not None else before.get("nmse"), output_var=var,
                     calibration={"groups": tc.groups, "batch": tc.batch, "repeats": tc.repeats,
                                  "holdout": tc.holdout, "epochs": tc.epochs, "lr": tc.lr},
                     kind=getattr(rep.twin, "kind", "")))

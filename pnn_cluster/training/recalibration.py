@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 POLICIES = ("none", "monitor", "refine", "pause")
 #: buffered steps a refinement fits at most (each is one parameter setting: one step of the fit per epoch)
 MAX_GROUPS = 48
+#: steps measured since a change began before a refinement starts from them
+MIN_GROUPS = 8
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,9 @@ class WatchedReplica:
         copy; its ``twins``, if any, the copies elsewhere that take the backward passes).
     layer: the physical layer it serves (its current parameters, its spec's limits).
     collect: measures samples on this replica, next to it (``DeviceRef.collect``).
-    noise_floor, nmse: the first calibration's figures.
+    noise_floor, nmse: the first calibration's figures; output_var: the variance of the outputs it measured,
+        which normalises both (so a step's NMSE is ``residual power / output_var`` whatever the batch's own
+        spread: PAT narrowing a layer's outputs must not read as drift). None: the step's own variance.
     calibration: how the first calibration was made (``groups``, ``batch``, ``repeats``, ``holdout``,
         ``epochs``, ``lr``): a full recalibration repeats it.
     """
@@ -153,6 +157,7 @@ class WatchedReplica:
     collect: Callable[..., Samples]
     noise_floor: float
     nmse: float | None = None
+    output_var: float | None = None
     calibration: Mapping[str, Any] = field(default_factory=dict)
     kind: str = ""
     # what the watch keeps
@@ -163,6 +168,10 @@ class WatchedReplica:
     explore_samples: int = 0
     recalibration_samples: int = 0
     alarm_steps: list[int] = field(default_factory=list)
+    #: the last step at which the CUSUM statistic was zero: the estimate of when a change began, once it alarms
+    zero_step: int = 0
+    #: a refinement waiting for measurements made since the change (the step the change began)
+    refine_due: int | None = None
     history: list[tuple[int, float]] = field(default_factory=list)
     buffer: collections.deque = field(default_factory=collections.deque)
     buffered_rows: int = 0
@@ -183,13 +192,13 @@ class WatchedReplica:
         return {"detector": self.detector.state_dict(), "version": self.version, "versions": self.versions,
                 "trained_rows": self.trained_rows, "explore_samples": self.explore_samples,
                 "recalibration_samples": self.recalibration_samples, "alarm_steps": list(self.alarm_steps),
-                "noise_floor": self.noise_floor, "nmse": self.nmse}
+                "noise_floor": self.noise_floor, "nmse": self.nmse, "output_var": self.output_var}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.detector = CusumDetector.from_state(state["detector"])
         for k in ("version", "versions", "trained_rows", "explore_samples", "recalibration_samples",
-                  "noise_floor", "nmse"):
-            setattr(self, k, state[k])
+                  "noise_floor", "nmse", "output_var"):
+            setattr(self, k, state.get(k))
         self.alarm_steps = list(state["alarm_steps"])
 
 
@@ -244,6 +253,9 @@ class RecalibrationWatch(Callback):
             self._close_step(w, step, metrics)
             if w.pending is not None:
                 self._poll(w, step)
+            elif w.refine_due is not None and sum(e[0] > w.refine_due for e in w.buffer) >= MIN_GROUPS:
+                self._start_refine(w, step, since=w.refine_due)
+                w.refine_due = None
         self.save(trainer)
 
     def on_train_end(self, trainer: Any, metrics: dict[str, float]) -> None:
@@ -282,7 +294,7 @@ class RecalibrationWatch(Callback):
         if not w._ys:
             return  # this replica measured nothing in this step (another replica of its pool did)
         ys = np.concatenate([y.reshape(y.shape[0], -1) for y in w._ys])
-        nmse = w._sq / ys.size / max(float(ys.var()), 1e-30)
+        nmse = w._sq / ys.size / max(w.output_var or float(ys.var()), 1e-30)
         if w._xs:
             # one group per step: the step's micro-batches were measured with the same parameters
             w.buffer.append((step, np.concatenate(w._xs), {k: np.array(v) for k, v in w._params.items()},
@@ -295,6 +307,8 @@ class RecalibrationWatch(Callback):
             return
         ratio = nmse / w.noise_floor
         alarm = w.detector.update(ratio)
+        if w.detector.statistic == 0.0 and not alarm:
+            w.zero_step = step
         w.history.append((step, ratio))
         key = f"drift/{w.label}"
         metrics[f"{key}/twin_nmse"] = nmse
@@ -316,9 +330,9 @@ class RecalibrationWatch(Callback):
                 self.report(f"-- warning: {what}; policy monitor: nothing changed")
                 w.last_warned = step
         elif policy == "refine":
-            if w.pending is None:
-                self.report(f"-- {what}; refining it online")
-                self._start_refine(w, step)
+            if w.pending is None and w.refine_due is None:
+                self.report(f"-- {what}; refining it online from the measurements since step {w.zero_step}")
+                w.refine_due = w.zero_step
         elif policy == "pause":
             self.report(f"-- {what}; pausing {w.label} to recalibrate it in full")
             self._recalibrate(w, step)
@@ -349,12 +363,11 @@ class RecalibrationWatch(Callback):
         w.explore_samples += fresh.device_samples
         return fresh
 
-    def _start_refine(self, w: WatchedReplica, step: int) -> None:
+    def _start_refine(self, w: WatchedReplica, step: int, since: int) -> None:
+        """Refine from what was measured since the change began (what came before describes another device),
+        recency-weighted, and a few exploratory groups."""
         s = w.settings
-        entries = list(w.buffer)
-        if len(entries) < 4:
-            self.report(f"   {w.label}: too few buffered measurements to refine from ({len(entries)} groups)")
-            return
+        entries = [e for e in w.buffer if e[0] > since]
         rows = int(np.median([e[1].shape[0] for e in entries]))
         fresh = self._explore(w, step, s.explore_groups, rows)
         # the newest fifth of the buffer (and one exploratory group) is held out: the refit is accepted only if

@@ -1,0 +1,218 @@
+"""The twin watch during training: what it observes, when it raises an alarm, and what each policy then does.
+
+A small noisy gain device (``y = a tanh(g x) + noise``) stands in for a physical layer; its drift is a
+change of ``a`` made by the test between steps, like a bumped fibre. Steps are driven through the real
+pipeline and the watch's callback, in this process.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from pnn_cluster.config import parse_config
+from pnn_cluster.devices import Device, DeviceSpec, ParamSpec, PhysicsModel, Port
+from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
+from pnn_cluster.training.pipeline import (
+    LocalDeviceHandle,
+    LocalTwinHandle,
+    PipelineConfig,
+    PipelineExecutor,
+    Replica,
+    TwinPool,
+)
+from pnn_cluster.training.recalibration import AroundParams, Recalibration, RecalibrationWatch, WatchedReplica
+from pnn_cluster.training.workers import TwinWorker, twin_payload, twin_version
+from pnn_cluster.twins import build_twin
+from pnn_cluster.twins.collect import collect
+
+NOISE = 0.01
+
+
+class GainModel(PhysicsModel):
+    def __init__(self, a: float = 1.0):
+        super().__init__()
+        self.add_calibration("a", a)
+
+    def forward(self, x, params):
+        return self.cal("a") * torch.tanh(params["g"] * x)
+
+
+class NoisyGain(Device):
+    spec = DeviceSpec("gain", Port(4, -2.0, 2.0), Port(4), (ParamSpec("g", (4,), 0.1, 3.0, init=1.0),))
+
+    def __init__(self, a: float = 1.0, seed: int = 0):
+        super().__init__()
+        self.a, self.rng = a, np.random.default_rng(seed)
+        self.asked: list[np.ndarray] = []
+
+    def measure(self, x, params):
+        self.asked.append(np.array(params["g"]))
+        return self.a * np.tanh(params["g"] * x) + NOISE * self.rng.standard_normal(x.shape)
+
+    def model(self):
+        return GainModel(1.0).double()
+
+
+def twin_of(a: float):
+    return build_twin("physics", NoisyGain.spec, GainModel(a).double()).requires_grad_(False)
+
+
+class Setup:
+    """One gain layer, its pipeline and its watch, stepped by hand."""
+
+    def __init__(self, policy: str, backward: str = "batch", copies: int = 2, **settings):
+        torch.manual_seed(0)
+        self.dev = NoisyGain(1.0)
+        self.twin = twin_of(1.0)
+        self.layer = PhysicalLayer(self.dev, twin=self.twin, name="gain")
+        self.model = Stack(Rescale(4, -1.5, 1.5), self.layer, Affine(4)).double()
+        pool = None
+        if backward == "stream":
+            handles = [LocalTwinHandle(TwinWorker.from_twin(self.twin), name=f"twin{i}") for i in range(copies)]
+            pool = TwinPool(handles, twin_payload(self.twin), twin_version(self.twin.state_dict()))
+        self.rep = Replica(LocalDeviceHandle(self.dev), twin=self.twin, twins=pool, name="gain")
+        s = Recalibration(policy=policy, warmup=20, **settings)
+        ys = np.tanh(np.linspace(-2, 2, 400))
+        floor = NOISE**2 / ys.var()  # the floor a calibration of this device measures (noise over signal variance)
+        self.watched = WatchedReplica("gain", self.rep, self.layer, s,
+                                      lambda **kw: collect(self.dev, progress=False, **kw), floor,
+                                      output_var=float(ys.var()),
+                                      calibration={"groups": 6, "batch": 32, "repeats": 2, "epochs": 20})
+        self.records = []
+        self.watch = RecalibrationWatch([self.watched], report=self.records.append, seed=1,
+                                        on_version=lambda rec, state: self.records.append(rec))
+        self.ex = PipelineExecutor(pools={"gain": [self.rep]}, config=PipelineConfig(backward=backward),
+                                   observer=self.watch)
+        self.trainer = types.SimpleNamespace(global_step=0, extra_state={})
+        self.metrics = []
+        self.rng = torch.Generator().manual_seed(3)
+
+    def step(self):
+        x = torch.rand(32, 4, generator=self.rng, dtype=torch.float64) * 2 - 1
+        y = torch.randint(0, 4, (32,), generator=self.rng)
+        self.model.zero_grad(set_to_none=True)
+        self.ex.forward_backward(self.model, x, y, torch.nn.CrossEntropyLoss(), 8)
+        self.trainer.global_step += 1
+        metrics = {}
+        self.watch.on_step_end(self.trainer, metrics)
+        self.metrics.append(metrics)
+        return metrics
+
+    def close(self):
+        self.watch.close()
+        self.ex.close()
+        if self.rep.twins is not None:
+            for h in self.rep.twins.handles:
+                h.close()
+
+
+@pytest.mark.parametrize("backward", ["batch", "stream"])
+def test_the_watch_sees_the_twin_at_the_measured_points_at_no_extra_device_call(float64, backward):
+    s = Setup("monitor", backward=backward)
+    seen = []
+    observe = s.watch.observe
+
+    def spy(stage, rep, params, x, y, y_twin):
+        seen.append((np.array(x), np.array(y), np.array(y_twin), {k: np.array(v) for k, v in params.items()}))
+        observe(stage, rep, params, x, y, y_twin)
+
+    s.watch.observe = spy
+    calls = s.dev.stats["calls"]
+    m = s.step()
+    assert s.dev.stats["calls"] - calls == 4  # four micro-batches measured, nothing more
+    assert sum(len(x) for x, *_ in seen) == 32
+    for x, y, y_twin, params in seen:
+        with torch.no_grad():
+            expected = s.twin(torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in params.items()}).numpy()
+        np.testing.assert_allclose(y_twin, expected, rtol=1e-12)
+        assert (y - y_twin).std() == pytest.approx(NOISE, rel=0.35)  # a true twin: the residual is the noise
+    assert m["drift/gain/ratio"] == pytest.approx(1.0, rel=0.35)
+    s.close()
+
+
+def test_monitor_raises_no_alarm_without_drift_and_one_soon_after_a_step_change(float64):
+    s = Setup("monitor")
+    for _ in range(80):
+        s.step()
+    assert s.watched.alarm_steps == []
+    state = {k: v.clone() for k, v in s.twin.state_dict().items()}
+    s.dev.a = 1.3  # a bumped fibre: 30 % more light through
+    for _ in range(10):
+        s.step()
+    assert s.watched.alarm_steps and s.watched.alarm_steps[0] <= 83, s.watched.alarm_steps
+    assert any("policy monitor: nothing changed" in r for r in s.records if isinstance(r, str))
+    assert all(torch.equal(v, state[k]) for k, v in s.twin.state_dict().items())  # monitor changes nothing
+    assert s.metrics[-1]["drift/gain/alarms"] >= 1
+    s.close()
+
+
+def test_refine_fits_a_copy_beside_training_and_swaps_it_in_on_every_copy_at_a_step_boundary(float64):
+    s = Setup("refine", backward="stream", explore_fraction=0.1, explore_groups=4, epochs=20)
+    for _ in range(30):
+        s.step()
+    s.dev.a = 1.3
+    for _ in range(200):
+        s.step()
+        if s.watched.version > 0:
+            break
+    assert s.watched.version == 1, s.records
+    rec = [r for r in s.records if isinstance(r, dict)][0]
+    assert rec["source"] == "refine" and rec["accepted"] and rec["parent"] == 0
+    assert rec["nmse"] < rec["nmse_before"] / 3  # the refit predicts the device as it is now
+    # the twin in use, in the trainer and on every copy: the refit, the same state everywhere
+    assert float(s.twin.model.cal("a")) == pytest.approx(1.3, rel=0.05)
+    assert all(h.worker.version == s.rep.twins.version for h in s.rep.twins.handles)
+    assert s.rep.twins.version == twin_version(s.twin.state_dict())
+    # exploration: within the budget, and every setting within the device's limits
+    assert 0 < s.watched.explore_samples <= 0.1 * s.watched.trained_rows
+    assert rec["samples"]["device_samples"] == s.watched.explore_samples
+    assert all(((g >= 0.1) & (g <= 3.0)).all() for g in s.dev.asked)
+    # the error went back down: no alarm long after the swap
+    swapped = s.trainer.global_step
+    for _ in range(40):
+        s.step()
+    assert not [a for a in s.watched.alarm_steps if a > swapped + 5]
+    s.close()
+
+
+def test_pause_recalibrates_in_full_before_the_next_step_and_counts_its_samples(float64):
+    s = Setup("pause")
+    for _ in range(30):
+        s.step()
+    s.dev.a = 0.7
+    for _ in range(20):
+        s.step()
+        if s.watched.version:
+            break
+    assert s.watched.version == 1
+    assert s.watched.recalibration_samples == 6 * 32 * 2  # the first calibration's size, measured again
+    assert float(s.twin.model.cal("a")) == pytest.approx(0.7, rel=0.05)
+    assert s.watch.summary()["gain"]["recalibration_samples"] == s.watched.recalibration_samples
+    s.close()
+
+
+def test_exploratory_settings_stay_within_limits_and_near_the_current_ones():
+    rng = np.random.default_rng(0)
+    around = AroundParams({"g": np.array([0.12, 1.5, 2.95, 3.0])}, NoisyGain.spec, 0.1)
+    draws = np.stack([around(rng)["g"] for _ in range(2000)])
+    assert draws.min() >= 0.1 and draws.max() <= 3.0
+    assert np.abs(draws[:, 1].mean() - 1.5) < 0.02 and draws[:, 1].std() == pytest.approx(0.29, rel=0.1)
+
+
+def test_a_policy_the_configuration_does_not_know_is_refused_naming_the_choices():
+    from pnn_cluster.config import ConfigError
+
+    cfg = {"name": "x", "dataset": {"name": "digits"},
+           "devices": {"c": {"driver": {"kind": "simulated", "system": "circuit"},
+                             "recalibration": {"policy": "sometimes"}}},
+           "stack": [{"kind": "physical", "device": "c"}]}
+    allowed = r"devices\.c\.recalibration\.policy: 'sometimes'.*allowed: none, monitor, refine, pause"
+    with pytest.raises(ConfigError, match=allowed):
+        parse_config(cfg, source="x.yaml")
+    cfg["devices"]["c"]["recalibration"] = {"policy": "refine", "rise": 1.0}
+    with pytest.raises(ConfigError, match=r"recalibration\.rise"):
+        parse_config(cfg, source="x.yaml")
