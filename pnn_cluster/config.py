@@ -48,7 +48,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from pnn_cluster.devices import SYSTEMS, DeviceSpec, LimitError, make_device
-from pnn_cluster.devices.simulated import MAX_SIZE
+from pnn_cluster.devices.simulated import MAX_SIZE, MAX_STEP_SAMPLES, MAX_STEP_SIZE
 
 __all__ = [
     "ConfigError", "Problem", "ExperimentConfig", "DeviceConfig", "LayerConfig", "SimulatedDriver", "VisaDriver",
@@ -58,7 +58,8 @@ __all__ = [
 ]
 
 SYSTEM_NAMES = tuple(sorted(SYSTEMS))
-IMPERFECTION_KEYS = ("noise", "shot", "gap", "drift", "unmodelled", "quant_bits", "latency_call_s", "latency_sample_s")
+IMPERFECTION_KEYS = ("noise", "shot", "gap", "drift", "steps", "unmodelled", "quant_bits", "latency_call_s",
+                     "latency_sample_s")
 
 
 # -- errors --------------------------------------------------------------------------------------------------
@@ -121,6 +122,14 @@ BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
 Resource = Annotated[float, Field(gt=0.0, le=1e12)]
 
 
+class StepChange(Section):
+    """A step change of a simulated device: at ``at_samples`` measured samples every calibration constant jumps
+    by ``size`` of its natural spread times a standard normal draw (a bumped fibre, a re-seated cable)."""
+
+    at_samples: Annotated[int, Field(ge=0, le=MAX_STEP_SAMPLES)]
+    size: Annotated[float, Field(ge=0.0, le=MAX_STEP_SIZE)]
+
+
 class ImperfectionsConfig(Section):
     """Overrides of a simulated system's imperfections (defaults are the system's own)."""
 
@@ -128,6 +137,7 @@ class ImperfectionsConfig(Section):
     shot: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
     gap: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
     drift: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    steps: Annotated[list[StepChange], Field(max_length=1000)] | None = None
     unmodelled: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
     quant_bits: Annotated[int, Field(ge=2, le=24)] | None = None
     latency_call_s: Annotated[float, Field(ge=0.0, le=60.0)] | None = None
@@ -135,7 +145,11 @@ class ImperfectionsConfig(Section):
     ideal: bool = False
 
     def overrides(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in IMPERFECTION_KEYS if getattr(self, k) is not None}
+        """The keys given, as :class:`~pnn_cluster.devices.Imperfections` takes them."""
+        out = {k: getattr(self, k) for k in IMPERFECTION_KEYS if getattr(self, k) is not None}
+        if "steps" in out:
+            out["steps"] = tuple((s.at_samples, s.size) for s in out["steps"])
+        return out
 
 
 def _system_class(system: str) -> type:

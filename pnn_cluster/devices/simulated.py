@@ -12,6 +12,46 @@ latency that is spent waiting, as hardware does, not computing.
 
 Everything random is drawn from generators seeded by ``Imperfections.seed``,
 so a run is reproducible call for call.
+
+Drift. Every system drifts by default, at a rate set from its physics (each
+system's ``lab_drift``, a :class:`LabDrift`), never tuned for a result: the
+calibration constants random-walk as samples are measured, the way a setup
+wanders with the lab's temperature and its source's ageing. A rate is stated
+in lab time, in each constant's natural spread per sqrt(hour), and turned
+into the per-sample rate ``Imperfections.drift`` with the sample rate the
+system measures at:
+
+    ============ ============ ========== ========== ===========================================
+    system       spread per   samples/s  drift (per what walks; what limits the sample rate
+                 sqrt(hour)              10,000)
+    ============ ============ ========== ========== ===========================================
+    shg          0.2          20         0.075      a free-running ultrafast laser's power and
+                                                    centre wavelength; liquid-crystal shaper
+                                                    settling and spectrometer integration
+    plate        0.11         15         0.047      voice-coil resistance, microphone
+                                                    sensitivity, plate modulus; ring-down
+                                                    between waveforms
+    circuit      0.11         1000       0.0058     Schottky saturation current and thermal
+                                                    voltage; AWG sequence and scope readout
+    oscillators  0.02         0.3        0.061      pivot-bearing damping, spring modulus; a
+                                                    2 s swing and a reset per sample
+    ============ ============ ========== ========== ===========================================
+
+with the lab's temperature walking about 1 K per sqrt(hour) (each
+``lab_drift.reason`` has the coefficients). The one rate is that of the
+constants that move most; the walk moves every constant at it, which
+overstates the steadier ones. A run of 70,000 samples on each device
+(hybrid_mnist) moves the constants by 0.1 to 0.2 of a spread on the slow
+systems and 0.015 on the circuit. The walk models runs of hours; over
+days (70,000 samples of the pendula take 65 hours) a lab's air conditioning
+bounds its temperature, which a random walk does not, so there it overstates
+the drift. ``Imperfections.drift`` sets another rate, 0 none.
+
+Step changes (``Imperfections.steps``): at a given measured-sample count
+every calibration constant jumps at once, by ``size`` spreads times a
+standard normal draw, as when a fibre is bumped or a cable re-seated. The
+device records each jump in ``drift_events`` (its identity has the list,
+its health the count).
 """
 
 from __future__ import annotations
@@ -32,7 +72,7 @@ from pnn_cluster.devices.base import Device
 from pnn_cluster.devices.physics import PhysicsModel
 from pnn_cluster.devices.spec import DeviceSpec, LimitError
 
-__all__ = ["Imperfections", "SimulatedDevice", "MAX_SIZE", "MAX_SEED"]
+__all__ = ["Imperfections", "LabDrift", "SimulatedDevice", "MAX_SIZE", "MAX_SEED"]
 
 #: the largest size option a simulated system accepts (``n_in``, ``n_out``, ``n_pixels``...): 2**16 values
 #: per port or parameter vector, wider than any instrument it stands for; the memory a whole run needs at
@@ -40,6 +80,34 @@ __all__ = ["Imperfections", "SimulatedDevice", "MAX_SIZE", "MAX_SEED"]
 MAX_SIZE = 65_536
 #: seeds of simulated devices (derived seeds included) are integers in 0..MAX_SEED (torch takes 64 bits)
 MAX_SEED = 2**63 - 1
+#: the measured-sample count a step change may be set at: far beyond any run (a year at a million samples/s
+#: is 3e13), small enough to stay exact in a float
+MAX_STEP_SAMPLES = 10**15
+#: the largest step change, in spreads (as ``gap``)
+MAX_STEP_SIZE = 100.0
+#: the sample count ``Imperfections.drift`` is stated per
+DRIFT_SAMPLES = 10_000
+
+
+@dataclass(frozen=True)
+class LabDrift:
+    """Where a system's default drift rate comes from: a rate in lab time and the rate samples are measured at.
+
+    per_sqrt_hour: random-walk step of the calibration constants per sqrt(hour) of lab time, in units of each
+        constant's natural spread: the rate of the constants that move most (the walk moves all at it).
+    samples_per_s: how many samples the real setup measures per second.
+    reason: what physically walks, and what limits the sample rate.
+    """
+
+    per_sqrt_hour: float
+    samples_per_s: float
+    reason: str
+
+    @property
+    def drift(self) -> float:
+        """The same walk per :data:`DRIFT_SAMPLES` measured samples (``Imperfections.drift``), two digits."""
+        hours = DRIFT_SAMPLES / self.samples_per_s / 3600.0
+        return float(f"{self.per_sqrt_hour * math.sqrt(hours):.2g}")
 
 
 @dataclass(frozen=True)
@@ -53,19 +121,25 @@ class Imperfections:
     gap: size of the fixed miscalibration, in units of each calibration
         constant's natural spread (0: the ideal model is exact).
     drift: random-walk step of the calibration constants per 10,000 measured
-        samples, in the same units.
+        samples, in the same units (each system's default comes from its
+        ``lab_drift``).
+    steps: step changes, ``(at_samples, size)`` pairs: when the device's
+        measured-sample count reaches ``at_samples`` (0: before the first
+        sample), every calibration constant jumps by ``size`` spreads times a
+        standard normal draw. Given as pairs or as mappings with those keys.
     unmodelled: scale of the physics the model leaves out (each system's
         ``unmodelled_effects``: 1 is the realistic magnitude, 0 turns it off).
     quant_bits: quantise the output to this many bits over the device's output
         range (an 8-bit oscilloscope), or None.
     latency_call_s, latency_sample_s: time a call takes on the hardware.
-    seed: seeds miscalibration, noise and drift.
+    seed: seeds miscalibration, noise, drift and step changes.
     """
 
     noise: float = 0.01
     shot: float = 0.01
     gap: float = 1.0
     drift: float = 0.0
+    steps: tuple[tuple[int, float], ...] = ()
     unmodelled: float = 1.0
     quant_bits: int | None = None
     latency_call_s: float = 0.0
@@ -77,6 +151,7 @@ class Imperfections:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
                 raise ValueError(f"Imperfections.{name} must be a finite number >= 0, got {v!r}")
+        object.__setattr__(self, "steps", _checked_steps(self.steps))
         if self.quant_bits is not None and not (2 <= int(self.quant_bits) <= 24):
             raise ValueError(f"Imperfections.quant_bits must be in 2..24 or None, got {self.quant_bits!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
@@ -85,14 +160,42 @@ class Imperfections:
 
     @classmethod
     def ideal(cls, seed: int = 0) -> Imperfections:
-        """No noise, no gap, no drift, no unmodelled physics: the device is exactly its ideal model."""
-        return cls(noise=0.0, shot=0.0, gap=0.0, drift=0.0, unmodelled=0.0, quant_bits=None, seed=seed)
+        """No noise, no gap, no drift or steps, no unmodelled physics: the device is exactly its ideal model."""
+        return cls(noise=0.0, shot=0.0, gap=0.0, drift=0.0, steps=(), unmodelled=0.0, quant_bits=None, seed=seed)
 
     def with_(self, **kw: Any) -> Imperfections:
         return replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-able; ``Imperfections(**d)`` gives the same imperfections back."""
+        d = asdict(self)
+        d["steps"] = [{"at_samples": at, "size": size} for at, size in self.steps]
+        return d
+
+
+def _checked_steps(steps: Any) -> tuple[tuple[int, float], ...]:
+    """``steps`` as ``((at_samples, size), ...)``, or a ValueError naming the item, the field and what is allowed."""
+    if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, (list, tuple)):
+        raise ValueError(f"Imperfections.steps must be a list of (at_samples, size) pairs, got {_show(steps)}")
+    out = []
+    for i, step in enumerate(steps):
+        where = f"Imperfections.steps[{i}]"
+        if isinstance(step, Mapping):
+            if set(step) != {"at_samples", "size"}:
+                raise ValueError(f"{where} must have the keys at_samples and size, got {_show(dict(step))}")
+            at, size = step["at_samples"], step["size"]
+        elif isinstance(step, (list, tuple)) and len(step) == 2:
+            at, size = step
+        else:
+            raise ValueError(f"{where} must be an (at_samples, size) pair, got {_show(step)}")
+        if isinstance(at, bool) or not isinstance(at, (int, np.integer)) or not 0 <= at <= MAX_STEP_SAMPLES:
+            raise ValueError(f"{where}.at_samples must be an integer from 0 to {MAX_STEP_SAMPLES:,}, "
+                             f"got {_show(at)}")
+        if not _is_number(size) or not (math.isfinite(size) and 0 <= size <= MAX_STEP_SIZE):
+            raise ValueError(f"{where}.size must be a finite number from 0 to {MAX_STEP_SIZE:g} (spreads), "
+                             f"got {_show(size)}")
+        out.append((int(at), float(size)))
+    return tuple(out)
 
 
 class SimulatedDevice(Device):
@@ -106,6 +209,8 @@ class SimulatedDevice(Device):
 
     #: default imperfections of this system when none are given
     default_imperfections = Imperfections()
+    #: the physics and sample rate behind the default drift rate (``default_imperfections.drift``)
+    lab_drift: LabDrift | None = None
     #: realistic strength of each effect the model leaves out (keys of the model's ``UNMODELLED``)
     unmodelled_effects: dict[str, float] = {}
     #: typical magnitude of the output, the unit of ``Imperfections.noise``
@@ -132,6 +237,13 @@ class SimulatedDevice(Device):
                 c.add_(self.imperfections.gap * spread * z)
         self._noise_rng = np.random.default_rng(seed)
         self._drift_rng = torch.Generator().manual_seed(20_011 + seed)
+        # a generator of their own: adding a step change leaves the walk's draws as they were
+        self._step_rng = torch.Generator().manual_seed(30_011 + seed)
+        #: the clock of drift and step changes: samples measured so far
+        self._samples_measured = 0
+        #: each step change applied: {"samples": count at which it applied, "size": spreads, "kind": "step"}
+        self.drift_events: list[dict[str, Any]] = []
+        self._step_changes(0)
 
     # -- options -------------------------------------------------------------------
 
@@ -205,15 +317,24 @@ class SimulatedDevice(Device):
     def measure(self, x: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
         t0 = time.perf_counter()
         dtype = torch.get_default_dtype()
+        start, n = self._samples_measured, x.shape[0]
+        # a step change inside the batch falls between two samples: the ones before see the old constants
+        cuts = sorted({at - start for at, _ in self.imperfections.steps if start < at < start + n})
         with torch.no_grad():
-            xt = torch.from_numpy(x).to(dtype)
             pt = {k: torch.from_numpy(v).to(dtype) for k, v in params.items()}
-            y = self._true(xt, pt).double().numpy()
+            pieces = []
+            for lo, hi in zip([0, *cuts], [*cuts, n]):
+                if lo > 0:
+                    self._step_changes(start + lo)
+                pieces.append(self._true(torch.from_numpy(x[lo:hi]).to(dtype), pt))
+            y = torch.cat(pieces).double().numpy()
         y = self.fluctuate(y, self._noise_rng)
         if self.imperfections.quant_bits:
             y = self._quantise(y, int(self.imperfections.quant_bits))
-        self._drift(x.shape[0])
-        wait = self.imperfections.latency_call_s + self.imperfections.latency_sample_s * x.shape[0]
+        self._samples_measured = start + n
+        self._drift(n)
+        self._step_changes(start + n)
+        wait = self.imperfections.latency_call_s + self.imperfections.latency_sample_s * n
         wait -= time.perf_counter() - t0
         if wait > 0:
             time.sleep(wait)  # the hardware is busy; a real instrument blocks the same way
@@ -235,6 +356,20 @@ class SimulatedDevice(Device):
                 c = self._true.calibration[name]
                 c.add_(scale * spread * torch.randn(c.shape, generator=self._drift_rng, dtype=c.dtype))
 
+    def _step_changes(self, count: int) -> None:
+        """Apply the step changes set at ``count`` measured samples (the count reaches each value once)."""
+        for at, size in self.imperfections.steps:
+            if at != count:
+                continue
+            with torch.no_grad():
+                for name, spread in self._spread.items():
+                    c = self._true.calibration[name]
+                    c.add_(size * spread * torch.randn(c.shape, generator=self._step_rng, dtype=c.dtype))
+            self.drift_events.append({"samples": count, "size": size, "kind": "step"})
+
+    def health(self) -> dict[str, Any]:
+        return {**super().health(), "drift_events": len(self.drift_events)}
+
     def identity(self) -> dict[str, Any]:
         return {
             **super().identity(),
@@ -244,6 +379,7 @@ class SimulatedDevice(Device):
             "imperfections": self.imperfections.to_dict(),
             "true_calibration": self._true.calibration_values(),
             "unmodelled": dict(self._true.unmodelled),
+            "drift_events": [dict(e) for e in self.drift_events],
         }
 
 
