@@ -49,6 +49,7 @@ from pydantic_core import PydanticCustomError
 
 from pnn_cluster.devices import SYSTEMS, DeviceSpec, LimitError, make_device
 from pnn_cluster.devices.simulated import MAX_SIZE, MAX_STEP_SAMPLES, MAX_STEP_SIZE
+from pnn_cluster.training.recalibration import Recalibration
 
 __all__ = [
     "ConfigError", "Problem", "ExperimentConfig", "DeviceConfig", "LayerConfig", "SimulatedDriver", "VisaDriver",
@@ -359,6 +360,33 @@ class PoolMember(Section):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
 
+_RECAL = Recalibration()
+
+
+class RecalibrationConfig(Section):
+    """What the device's twin watch does during training (see :mod:`pnn_cluster.training.recalibration`).
+
+    ``policy``: ``none`` (not watched), ``monitor`` (the twin's error over the noise floor logged each step,
+    a drift reported), ``refine`` (refined online from what training measures, swapped in at a step boundary)
+    or ``pause`` (the device recalibrated in full, training waiting). The rest tune the detector and the
+    refinement; the defaults suit a device measured thousands of times per step.
+    """
+
+    policy: Literal["none", "monitor", "refine", "pause"] = _RECAL.policy
+    arl0: Annotated[float, Field(ge=10.0, le=1e12)] = _RECAL.arl0
+    rise: Annotated[float, Field(ge=1.01, le=100.0)] = _RECAL.rise
+    warmup: Annotated[int, Field(ge=5, le=100_000)] = _RECAL.warmup
+    buffer_rows: Annotated[int, Field(ge=1, le=10**8)] = _RECAL.buffer_rows
+    half_life_steps: Annotated[float, Field(gt=0.0, le=1e9)] = _RECAL.half_life_steps
+    explore_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = _RECAL.explore_fraction
+    explore_groups: Annotated[int, Field(ge=0, le=10_000)] = _RECAL.explore_groups
+    explore_spread: Annotated[float, Field(ge=0.0, le=1.0)] = _RECAL.explore_spread
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = _RECAL.epochs
+
+    def settings(self) -> Recalibration:
+        return Recalibration(**self.model_dump())
+
+
 class DeviceConfig(Section):
     """One physical device of the stack.
 
@@ -368,6 +396,7 @@ class DeviceConfig(Section):
         its own driver and placement (the device's own driver is the first replica).
     timeout_s: the longest one call to the device (a measurement of one micro-batch, a parameter write)
         may take; a call that takes longer counts as a device failure (retried, then a clear error).
+    recalibration: how its twin is watched for drift during training, and what a drift sets off.
     """
 
     driver: Driver
@@ -376,6 +405,7 @@ class DeviceConfig(Section):
     replicas: Annotated[int, Field(ge=1, le=1024)] = 1
     pool: list[PoolMember] = Field(default_factory=list)
     timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
+    recalibration: RecalibrationConfig = Field(default_factory=RecalibrationConfig)
 
     @property
     def n_replicas(self) -> int:

@@ -238,7 +238,7 @@ def test_evaluate_measures_a_method_run_of_the_demo(store, capsys):
              "schedule.batch_size=40", "schedule.eval_batch=60", "devices.circuit.twin.groups=4",
              "devices.circuit.twin.batch=24", "devices.circuit.twin.epochs=4", "tracking.residual_batch=0",
              "tracking.log_models=false", "devices.circuit.driver.imperfections.noise=0",
-             "devices.circuit.driver.imperfections.shot=0"]
+             "devices.circuit.driver.imperfections.shot=0", "devices.circuit.driver.imperfections.drift=0"]
     argv = ["demo", "--in-process", "--task", "circuit_mnist", "--methods", "pat", "--tracking-uri", uri, "--json"]
     assert main([*argv, *(a for kv in small for a in ("--set", kv))]) == 0
     demo = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -18,9 +18,14 @@ fault policy:
   device's limits, and within ``explore_fraction`` of the device samples
   training has used), and a copy of the twin is fitted, warm-started, to a
   recency-weighted draw of the buffer plus those groups, in the twin's actor
-  (or a thread) while training goes on. At the next step boundary where the
-  fit is done, it is swapped in, on every copy of the twin at once, if it
-  predicts the newest measurements better than the twin in use;
+  (or a thread) while training goes on: only what drifts moves (the physics
+  model's calibration constants; all weights of an MLP twin), so a fit to the
+  small region training explores cannot bend the twin away from the rest of
+  its range. At the next step boundary where the fit is done, it is swapped
+  in, on every copy of the twin at once, if it predicts the newest
+  measurements better than the twin in use;
+  Once a refit is taken, the detector sets a new baseline (over ``warmup``
+  steps), so the next alarm means a rise over what the refit achieves;
 - ``pause``: the device gets no more work until it is recalibrated in full
   (fresh samples as many as its first calibration, a warm-started fit), then
   training resumes: Bluesky's suspenders are the model. Training waits at the
@@ -87,7 +92,7 @@ class Recalibration:
     half_life_steps: float = 50.0
     explore_fraction: float = 0.05
     explore_groups: int = 8
-    explore_spread: float = 0.1
+    explore_spread: float = 0.2
     epochs: int = 10
 
     def __post_init__(self) -> None:
@@ -424,6 +429,8 @@ class RecalibrationWatch(Callback):
         if accepted:
             self._swap(w, payload)
             w.version = number
+            # from now on, drift is a rise over what this twin achieves (a warm-up long again: no alarm meanwhile)
+            w.detector.rebaseline()
         fresh_floor = figures.get("noise_floor")
         floor = float(fresh_floor) if fresh_floor is not None and math.isfinite(fresh_floor) and fresh_floor > 0 \
             else w.noise_floor
@@ -459,7 +466,8 @@ class RecalibrationWatch(Callback):
                             seed=seed)
         w.recalibration_samples += samples.device_samples
         fit_on, stop, val = fit_splits(samples, c.get("holdout", 0.2), seed)
-        kw = {"epochs": c.get("epochs"), "lr": c.get("lr"), "seed": seed, "stop": stop}
+        # a full fit, as the first calibration's: fresh samples over the whole range move every weight
+        kw = {"epochs": c.get("epochs"), "lr": c.get("lr"), "seed": seed, "stop": stop, "drifting_only": False}
         call = self._handle(w).submit_refine(fit_on, val, **{k: v for k, v in kw.items() if v is not None})
         while not self._done(call):  # the pause: nothing else is sent to this device meanwhile
             if isinstance(call, concurrent.futures.Future):

@@ -39,6 +39,9 @@ from pnn_cluster.pat import twin_vjp
 
 __all__ = ["DeviceWorker", "TwinWorker", "params_version", "twin_payload", "twin_version"]
 
+#: a twin's parameters that are its physics model's calibration constants (what a device's drift moves)
+CALIBRATION_PREFIX = "model.calibration."
+
 log = logging.getLogger(__name__)
 
 
@@ -330,15 +333,17 @@ class TwinWorker:
         finally:
             self.version = twin_version(self.twin.state_dict())
 
-    def _fit(self, twin: torch.nn.Module, train, val=None, **kw: Any) -> dict[str, Any]:
+    def _fit(self, twin: torch.nn.Module, train, val=None, learn: set[str] | None = None, **kw: Any
+             ) -> dict[str, Any]:
         from pnn_cluster.twins.fit import fit_twin
 
         kw.setdefault("progress", False)
         train, val = _own_samples(train), _own_samples(val)
         if kw.get("stop") is not None:
             kw["stop"] = _own_samples(kw["stop"])
+        learn = self._learnable if learn is None else learn
         for n, p in twin.named_parameters():
-            p.requires_grad_(n in self._learnable)
+            p.requires_grad_(n in learn)
         default = torch.get_default_dtype()
         # fit_twin builds its sample tensors in the default dtype; set for this fit, on this thread's behalf
         # (a refinement runs beside VJPs, which convert their inputs to the twin's dtype themselves)
@@ -350,20 +355,30 @@ class TwinWorker:
             torch.set_default_dtype(default)
             twin.requires_grad_(False)
 
-    def refine(self, train, val, **kw: Any) -> dict[str, Any]:
+    def refine(self, train, val, drifting_only: bool = True, **kw: Any) -> dict[str, Any]:
         """Fit a copy of this twin, warm-started from it, to fresh samples; this copy is left as it is.
 
         The copy in use goes on serving VJPs meanwhile (a twin actor runs this in its own concurrency
         group), and the trainer swaps the result in at a step boundary, if it is better. Returns the fit's
         figures, this twin's NMSE on the same held-out ``val`` (``nmse_before``: the refit is accepted
         only if it is lower), and the refined twin's state (``payload``).
+
+        ``drifting_only``: move only what drifts, the physics model's calibration constants (an MLP twin
+        has none: all its weights move), and keep the output normalisation. Samples measured along
+        training's path cover a small region; fitted to them, a residual twin's couplings and network
+        would bend to that region and lose the rest of the range they were calibrated on.
         """
         from pnn_cluster.twins.fit import evaluate_twin
 
         twin = copy.deepcopy(self.twin)
         val = _own_samples(val)
         before = evaluate_twin(self.twin, val)
-        figures = self._fit(twin, train, val, **kw)
+        learn = None
+        if drifting_only:
+            calibration = {n for n in self._learnable if n.startswith(CALIBRATION_PREFIX)}
+            learn = calibration or None
+            kw["output_stats"] = False
+        figures = self._fit(twin, train, val, learn=learn, **kw)
         return {"figures": figures, "nmse_before": float(before), "payload": twin_payload(twin)}
 
     def payload(self) -> dict[str, Any]:

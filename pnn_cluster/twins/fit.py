@@ -106,7 +106,7 @@ def evaluate_twin(twin: Twin, samples: Samples) -> float:
 
 def fit_twin(twin: Twin, train: Samples, val: Samples | None = None, epochs: int | None = None,
              lr: float | None = None, seed: int = 0, progress: bool = True, stop: Samples | None = None,
-             patience: int = PATIENCE, batch_size: int = BATCH) -> FitResult:
+             patience: int = PATIENCE, batch_size: int = BATCH, output_stats: bool = True) -> FitResult:
     """Adam on the normalised squared error, cosine-decayed.
 
     A twin whose forward takes one parameter setting per sample (``twin.batched_params``: the MLP,
@@ -118,13 +118,17 @@ def fit_twin(twin: Twin, train: Samples, val: Samples | None = None, epochs: int
     every epoch, the best epoch's state is kept, and the fit ends after ``patience`` epochs without
     a better one: a twin with many weights stops before it learns the noise of its samples. ``val``
     is only measured, at the end.
+
+    ``output_stats=False`` keeps the twin's output normalisation as it is (a refinement on a few local
+    samples must not rescale what its couplings and network learned over the whole range).
     """
     cfg = DEFAULT_FIT.get(twin.kind, DEFAULT_FIT["mlp"])
     epochs = int(cfg["epochs"] if epochs is None else epochs)
     lr = float(cfg["lr"] if lr is None else lr)
     dtype = torch.get_default_dtype()
     data = list(_tensors(train, dtype))
-    twin.set_output_stats(torch.cat([y.reshape(-1, y.shape[-1]) for _, _, y in data]))
+    if output_stats:
+        twin.set_output_stats(torch.cat([y.reshape(-1, y.shape[-1]) for _, _, y in data]))
     pooled = _pooled(train, dtype) if getattr(twin, "batched_params", False) else None
     steps = math.ceil(len(pooled[0]) / batch_size) if pooled is not None else len(data)
     trainable = [p for p in twin.parameters() if p.requires_grad]

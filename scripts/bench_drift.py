@@ -1,0 +1,304 @@
+"""Twins that stay true during long runs: each recalibration policy on drifting devices, over seeds.
+
+Prints one JSON line::
+
+    {"scenarios": [{"name": NAME, "steps": S, "seeds": N,
+                    "policy": {"none": {"test_acc": A, "test_acc_sd": SD, "twin_nmse_end": E,
+                                        "twin_nmse_first": E0, "twin_nmse_end_ratio": R,
+                                        "device_samples": N, "recalibration_samples": M, "refits": K,
+                                        "values": [...]},
+                               "monitor": {...}, "refine": {...}, "pause": {...}},
+                    "ablation": {"test_acc": A, "test_acc_sd": SD},
+                    "detection_delay_steps": D, "false_alarms": F}, ...],
+     "targets": {...}, "seconds": S}
+
+Scenarios, all on the shipped ``hybrid_mnist`` (SHG optics feeding the analog circuit), every device
+with the same policy:
+
+- ``slow_drift``: a run ``--slow-factor`` times as long as the shipped one (epochs x 3 by default), both
+  devices drifting at ``--slow-rate`` times their systems' default rates (``Imperfections.drift``, a
+  random walk of every calibration constant; the defaults and their physical reasons are in
+  ``pnn_cluster/devices/simulated.py``);
+- ``step_change``: the shipped run; halfway through training the optics are bumped: every calibration
+  constant jumps by one natural spread (``imperfections.steps``), the size of the miscalibration a twin
+  is fitted to learn in the first place;
+- ``no_drift``: the shipped run with drift off: every alarm is a false one.
+
+Figures. ``test_acc``: the test split, measured once per run on the devices, after training; mean and
+standard deviation over seeds (each seed is another physical copy of every device, initialisation and
+batch order). ``twin_nmse_end``: after the test, each device's twin in use is checked against fresh
+samples of its device (8 groups of 64 inputs, two repeats); the figure is the NMSE of the device whose
+twin lost most since its first calibration, ``twin_nmse_first`` that device's NMSE at calibration and
+``twin_nmse_end_ratio`` the worst end/first ratio (mean over seeds). ``device_samples``: training's
+measurements; ``recalibration_samples``: those spent on the twins during training (exploratory samples of
+refinements, full recalibrations). ``ablation``: the same stack with fixed digital maps in place of the
+devices (what the physical layers add). ``detection_delay_steps``: with ``monitor``, from the step in
+which the change happened (the device's own record of its step change) or, for slow drift, from the
+first step at which the twin's error, averaged over 25 steps, has grown by the detector's ``rise`` over
+its warm-up baseline, to the first alarm (median over seeds and devices; null if never). ``false_alarms``:
+``monitor`` alarms before that step (no drift: all of them), summed over seeds and devices.
+
+``none`` and ``monitor`` make the same device calls (watching measures nothing); both are run.
+
+Runs are Ray tasks, ``--workers`` at a time (one CPU each); ``--workers 0`` runs them in this process.
+``--out FILE`` keeps every finished run (JSON lines) and a rerun with the same file skips them.
+Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_pat import Pool, log
+
+from pnn_cluster.training.trainer import Callback
+
+POLICIES = ("none", "monitor", "refine", "pause")
+SCENARIOS = ("slow_drift", "step_change", "no_drift")
+TASK = "hybrid_mnist"
+#: --quick: the benchmark's shape in minutes, not its figures
+QUICK = ["dataset.train_subset=600", "dataset.test_subset=300", "schedule.epochs=4", "init.samples=64",
+         "devices.optics.twin.groups=60", "devices.circuit.twin.groups=12"]
+
+
+def configuration(scenario: str, policy: str, seed: int, quick: bool, slow_factor: int, slow_rate: float):
+    from pnn_cluster.config import example_config_path, load_config
+    from pnn_cluster.devices import make_device
+
+    cfg = load_config(example_config_path(TASK))
+    over = [f"seed={seed}", "tracking.enabled=false"] + (QUICK if quick else [])
+    cfg = cfg.with_overrides(over)
+    devices = cfg.physical_devices()
+    over = [f"devices.{d}.recalibration.policy={policy}" for d in devices]
+    if quick:
+        over += [f"devices.{d}.recalibration.warmup=10" for d in devices]
+    if scenario == "slow_drift":
+        over.append(f"schedule.epochs={cfg.schedule.epochs * slow_factor}")
+        for d in devices:
+            driver = cfg.devices[d].driver
+            rate = make_device(driver.system, **driver.options).imperfections.drift
+            over.append(f"devices.{d}.driver.imperfections.drift={rate * slow_rate}")
+    elif scenario == "no_drift":
+        over += [f"devices.{d}.driver.imperfections.drift=0" for d in devices]
+    elif scenario == "step_change":
+        # halfway through training, counted in the optics' own samples: calibration and initialisation first
+        tc = cfg.devices["optics"].twin
+        steps = -(-int(len_train(cfg)) // cfg.schedule.batch_size) * cfg.schedule.epochs
+        at = tc.groups * tc.batch * tc.repeats + cfg.init.samples + steps * cfg.schedule.batch_size // 2
+        over.append(f"devices.optics.driver.imperfections.steps=[{{at_samples: {at}, size: 1.0}}]")
+    else:
+        raise ValueError(f"scenario {scenario!r}; allowed: {', '.join(SCENARIOS)}")
+    return cfg.with_overrides(over)
+
+
+def len_train(cfg) -> int:
+    from pnn_cluster.runner import load_data
+
+    return len(load_data(cfg).y_train)
+
+
+class Probe(Callback):
+    """Notes the step in which each device's step change happened; after the test, checks each twin."""
+
+    def __init__(self) -> None:
+        self.changes: dict[str, list[int]] = {}
+        self.end: dict[str, dict[str, float]] = {}
+        self._seen: dict[str, int] = {}
+
+    def on_train_start(self, trainer) -> None:
+        for layer in trainer.model.physical_layers():
+            self._seen[layer.name] = len(getattr(layer.device, "drift_events", []))
+
+    def on_step_end(self, trainer, metrics) -> None:
+        for layer in trainer.model.physical_layers():
+            events = getattr(layer.device, "drift_events", [])
+            if len(events) > self._seen.get(layer.name, 0):
+                self.changes.setdefault(layer.name, []).extend([trainer.global_step] * (len(events)
+                                                                                        - self._seen[layer.name]))
+                self._seen[layer.name] = len(events)
+
+    def on_test_end(self, trainer, result) -> None:
+        from pnn_cluster.twins import collect, evaluate_twin
+
+        for i, layer in enumerate(trainer.model.physical_layers()):
+            fresh = collect(layer.device, groups=8, batch=64, repeats=2, seed=424_242 + i, progress=False)
+            self.end[layer.name] = {"nmse": evaluate_twin(layer.twin, fresh), "noise_floor": fresh.noise_floor()}
+
+
+def run_one(scenario: str, policy: str, seed: int, quick: bool, slow_factor: int, slow_rate: float) -> dict:
+    import torch
+
+    from pnn_cluster.runner import ExperimentRun, InProcessPlacement
+
+    torch.set_num_threads(1)
+    if policy == "ablation":
+        cfg = configuration(scenario, "none", seed, quick, slow_factor, slow_rate).with_overrides(["method=ablation"])
+    else:
+        cfg = configuration(scenario, policy, seed, quick, slow_factor, slow_rate)
+    probe = Probe()
+    r = ExperimentRun(cfg, InProcessPlacement(), echo=False, callbacks=[probe]).run()
+    return {"scenario": scenario, "policy": policy, "seed": seed, "test_acc": r.test_acc, "steps": r.steps,
+            "device_samples": r.device_samples, "recalibration_samples": r.recalibration_samples,
+            "first": {k: v["nmse_val"] for k, v in r.twins.items()}, "end": probe.end, "changes": probe.changes,
+            "recalibration": r.recalibration, "drift_history": r.drift_history, "seconds": r.seconds}
+
+
+def onset(history: list[tuple[int, float]], warmup: int, rise: float, window: int = 25) -> int | None:
+    """The first step at which the twin's error, averaged over ``window`` steps, has grown by ``rise``."""
+    import numpy as np
+
+    if len(history) <= warmup + window:
+        return None
+    steps = [s for s, _ in history]
+    logs = np.log([r for _, r in history])
+    base = logs[:warmup].mean()
+    run = np.convolve(logs, np.ones(window) / window, mode="valid")
+    over = np.nonzero(run[warmup:] > base + np.log(rise))[0]
+    return int(steps[warmup + over[0] + window - 1]) if len(over) else None
+
+
+def summarise(scenario: str, runs: list[dict], warmup: int, rise: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": scenario, "policy": {}}
+    for policy in POLICIES:
+        rs = [r for r in runs if r["policy"] == policy]
+        if not rs:
+            continue
+        accs = [r["test_acc"] for r in rs]
+        worst = []
+        for r in rs:
+            ratios = {d: r["end"][d]["nmse"] / r["first"][d] for d in r["end"] if r["first"].get(d)}
+            d = max(ratios, key=ratios.get)
+            worst.append((r["end"][d]["nmse"], r["first"][d], ratios[d], d))
+        refits = [sum(v["versions"] - 1 for v in (r["recalibration"] or {}).values()) for r in rs]
+        out["policy"][policy] = {
+            "test_acc": statistics.fmean(accs), "test_acc_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "values": accs, "twin_nmse_end": statistics.fmean(w[0] for w in worst),
+            "twin_nmse_first": statistics.fmean(w[1] for w in worst),
+            "twin_nmse_end_ratio": statistics.fmean(w[2] for w in worst), "worst_devices": [w[3] for w in worst],
+            "device_samples": statistics.fmean(r["device_samples"] for r in rs),
+            "recalibration_samples": statistics.fmean(r["recalibration_samples"] for r in rs),
+            "refits": statistics.fmean(refits), "seconds": statistics.fmean(r["seconds"] for r in rs),
+            "seeds": len(rs)}
+        out["steps"] = rs[0]["steps"]
+    ablation = [r["test_acc"] for r in runs if r["policy"] == "ablation"]
+    if ablation:
+        out["ablation"] = {"test_acc": statistics.fmean(ablation),
+                           "test_acc_sd": statistics.stdev(ablation) if len(ablation) > 1 else 0.0}
+    delays, false_alarms = [], 0
+    for r in (r for r in runs if r["policy"] == "monitor"):
+        for device, watch in (r["recalibration"] or {}).items():
+            alarms = watch["alarm_steps"]
+            if scenario == "no_drift":
+                false_alarms += len(alarms)
+                continue
+            if scenario == "step_change":
+                start = (r["changes"].get(device) or [None])[0]
+            else:
+                start = onset(r["drift_history"].get(device, []), warmup, rise)
+            if start is None:
+                false_alarms += len(alarms) if scenario == "step_change" else 0
+                continue
+            false_alarms += sum(a < start for a in alarms)
+            after = [a for a in alarms if a >= start]
+            if after:
+                delays.append(after[0] - start)
+    out["detection_delay_steps"] = statistics.median(delays) if delays else None
+    out["detections"] = len(delays)
+    out["false_alarms"] = false_alarms
+    out["seeds"] = len({r["seed"] for r in runs})
+    return out
+
+
+def targets(scenarios: list[dict]) -> dict[str, Any]:
+    """The issue's targets, each with the figures it was judged on."""
+    out: dict[str, Any] = {}
+    for sc in scenarios:
+        pol = sc["policy"]
+        if sc["name"] == "no_drift":
+            out["no_drift_false_alarms_zero"] = sc["false_alarms"] == 0
+            continue
+        if "refine" in pol:
+            out[f"{sc['name']}_refine_twin_within_2x_of_first"] = pol["refine"]["twin_nmse_end_ratio"] <= 2.0
+            out[f"{sc['name']}_refine_samples_at_most_10pct"] = (
+                pol["refine"]["recalibration_samples"] <= 0.1 * pol["refine"]["device_samples"])
+        if "none" in pol and "refine" in pol:
+            base = next((s for s in scenarios if s["name"] == "no_drift"), None)
+            if base is not None and "none" in base["policy"]:
+                loss = base["policy"]["none"]["test_acc"] - pol["none"]["test_acc"]
+                gain = pol["refine"]["test_acc"] - pol["none"]["test_acc"]
+                out[f"{sc['name']}_none_loses_points"] = round(100 * loss, 2)
+                out[f"{sc['name']}_refine_gains_points"] = round(100 * gain, 2)
+                out[f"{sc['name']}_refine_5_points_above_none_where_none_loses_5"] = \
+                    gain >= 0.05 if loss >= 0.05 else "not applicable (none lost less than 5 points)"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print the one JSON line (always printed; kept for scripts)")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="minutes, not the figures: small data, short runs")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--slow-factor", type=int, default=3, help="slow drift: the run is this many times as long")
+    p.add_argument("--slow-rate", type=float, default=1.0,
+                   help="slow drift: the systems' default drift rates times this")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="keep finished runs here (JSON lines); a rerun skips them")
+    args = p.parse_args(argv)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    policies = [s for s in args.policies.split(",") if s] + ([] if args.no_ablation else ["ablation"])
+    for s in scenarios:
+        if s not in SCENARIOS:
+            p.error(f"--scenarios: {s!r}; allowed: {', '.join(SCENARIOS)}")
+    for s in policies:
+        if s not in POLICIES + ("ablation",):
+            p.error(f"--policies: {s!r}; allowed: {', '.join(POLICIES)}")
+    t0 = time.perf_counter()
+    done: dict[tuple, dict] = {}
+    out_path = Path(args.out) if args.out else None
+    if out_path is not None and out_path.exists():
+        for line in out_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["scenario"], r["policy"], r["seed"], r.get("quick", False))] = r
+
+    def record(key: tuple, result: dict) -> None:
+        result["quick"] = args.quick
+        log(f"{key[0]} {key[1]} seed {key[2]}: test {result['test_acc']:.3f}, "
+            f"{result['recalibration_samples']} recalibration samples, {result['seconds']:.0f} s")
+        if out_path is not None:
+            with out_path.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+
+    pool = Pool(args.workers)
+    jobs = {}
+    for seed in range(args.seeds):
+        for scenario in scenarios:
+            for policy in policies:
+                if policy == "ablation" and seed >= args.seeds:
+                    continue
+                key = (scenario, policy, seed, args.quick)
+                if key not in done:
+                    jobs[key] = pool.submit(run_one, scenario, policy, seed, args.quick, args.slow_factor,
+                                            args.slow_rate)
+    results = pool.gather(jobs, done, record)
+    from pnn_cluster.training.recalibration import Recalibration
+
+    warmup, rise = (10 if args.quick else Recalibration.warmup), Recalibration.rise
+    summary = [summarise(s, [r for k, r in results.items() if k[0] == s and k[3] == args.quick], warmup, rise)
+               for s in scenarios]
+    print(json.dumps({"scenarios": summary, "targets": targets(summary), "quick": args.quick,
+                      "slow_factor": args.slow_factor, "slow_rate": args.slow_rate,
+                      "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
