@@ -395,3 +395,27 @@ def test_a_hung_device_ends_in_a_clear_error_naming_it_never_a_wait_without_end(
         assert ex.stats["timeouts"] == 2
     finally:
         kill_all([actor])
+
+
+def test_on_ray_a_bumped_device_is_refined_in_its_twin_actor_while_training_goes_on(ray_cluster, tmp_path):
+    from actors.launch import RayLauncher
+
+    # two twin copies of the bumped device: the refit runs in the first, beside its VJPs, and both take it;
+    # the bump comes after calibration (6 x 16 x 2 samples), initialisation and 12 steps of 16
+    dev = {"driver": {"kind": "simulated", "system": "shg", "options": OPTS,
+                      "imperfections": {"drift": 0, "steps": [{"at_samples": 192 + 64 + 12 * 16, "size": 2.0}]}},
+           "twin": {"groups": 6, "batch": 16},
+           "placement": {"twins": {"actors": 2}},
+           "recalibration": {"policy": "refine", "warmup": 8, "explore_fraction": 0.2, "epochs": 5}}
+    cfg = toy_config(tmp_path, {"a": dev}, [{"kind": "rescale"}, {"kind": "physical", "device": "a"},
+                                            {"kind": "affine"}],
+                     optimizer={"lr": 0.05}, schedule={"epochs": 12, "batch_size": 16, "micro_batch": 4})
+    result = RayLauncher().run(cfg)
+    assert result.twin_actors == 2
+    watch = result.recalibration["a"]
+    assert watch["alarm_steps"] and watch["alarm_steps"][0] >= 12, watch
+    taken = [r for r in watch["versions_log"] if r["accepted"]]
+    assert taken and taken[0]["source"] == "refine" and taken[0]["fitted_by"] == "a/twin0"
+    assert taken[0]["nmse"] < taken[0]["nmse_before"]
+    assert 0 < result.recalibration_samples <= 0.2 * watch["trained_rows"]
+    assert result.state == "finished"

@@ -390,8 +390,9 @@ class RecalibrationWatch(Callback):
         if fresh is not None:
             val = Samples(val.x + fresh.x[:1], val.params + fresh.params[:1], val.y + fresh.y[:1])
             train = Samples(train.x + fresh.x[1:], train.params + fresh.params[1:], train.y + fresh.y[1:])
-        w.pending = self._handle(w).submit_refine(train, val, epochs=s.epochs, seed=self.seed + step)
-        w.pending_info = {"step": step, "t0": time.perf_counter(), "source": "refine",
+        handle = self._handle(w)
+        w.pending = handle.submit_refine(train, val, epochs=s.epochs, seed=self.seed + step)
+        w.pending_info = {"step": step, "t0": time.perf_counter(), "source": "refine", "fitted_by": handle.name,
                           "samples": {"buffer_rows": int(sum(e[1].shape[0] for e in entries)),
                                       "explore_rows": 0 if fresh is None else fresh.device_samples,
                                       "device_samples": 0 if fresh is None else fresh.device_samples,
@@ -438,7 +439,8 @@ class RecalibrationWatch(Callback):
                   "kind": payload.get("kind", w.kind), "nmse": after, "nmse_before": before, "noise_floor": floor,
                   "ratio_to_floor": after / floor if floor > 0 else None, "samples": dict(info["samples"]),
                   "parent": parent, "accepted": accepted, "seconds": round(time.perf_counter() - info["t0"], 3),
-                  "asked_at_step": info["step"], "state_hash": twin_version(payload["state"])}
+                  "asked_at_step": info["step"], "fitted_by": info["fitted_by"],
+                  "state_hash": twin_version(payload["state"])}
         self.records.append(record)
         self.report(f"   {w.label}: {info['source']} v{number} {'took over' if accepted else 'not taken'} at step "
                     f"{step} (asked at step {info['step']}): NMSE {after:.3e} on the newest measurements, the twin "
@@ -468,13 +470,14 @@ class RecalibrationWatch(Callback):
         fit_on, stop, val = fit_splits(samples, c.get("holdout", 0.2), seed)
         # a full fit, as the first calibration's: fresh samples over the whole range move every weight
         kw = {"epochs": c.get("epochs"), "lr": c.get("lr"), "seed": seed, "stop": stop, "drifting_only": False}
-        call = self._handle(w).submit_refine(fit_on, val, **{k: v for k, v in kw.items() if v is not None})
+        handle = self._handle(w)
+        call = handle.submit_refine(fit_on, val, **{k: v for k, v in kw.items() if v is not None})
         while not self._done(call):  # the pause: nothing else is sent to this device meanwhile
             if isinstance(call, concurrent.futures.Future):
                 concurrent.futures.wait([call])
             else:
                 self.backend.wait([call], timeout=None)
-        info = {"step": step, "t0": t0, "source": "recalibration",
+        info = {"step": step, "t0": t0, "source": "recalibration", "fitted_by": handle.name,
                 "samples": {"buffer_rows": 0, "explore_rows": 0, "device_samples": samples.device_samples,
                             "groups": len(samples)}}
         w.pending, w.pending_info = None, {}
