@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pnn_cluster.devices import Imperfections, make_device
+from pnn_cluster.training.workers import TwinWorker
 from pnn_cluster.twins import (
     build_twin,
     calibrate,
@@ -14,7 +15,6 @@ from pnn_cluster.twins import (
     fit_twin,
     load_twin,
     read_twin_meta,
-    refine,
     save_twin,
 )
 
@@ -149,7 +149,7 @@ def test_physics_kinds_need_a_model():
         build_twin("gp", dev.spec, None)
 
 
-def test_drift_is_detected_and_refine_recovers():
+def test_drift_is_detected_and_a_refinement_of_the_calibration_recovers():
     imp = Imperfections(noise=0.01, shot=0.0, gap=1.0, drift=0.0, seed=3)
     dev = make_device("shg", n_in=8, n_out=8, imperfections=imp)
     cal = calibrate(dev, kinds=("physics",), groups=12, batch=64, progress=False)
@@ -161,7 +161,12 @@ def test_drift_is_detected_and_refine_recovers():
     dev.imperfections = imp.with_(drift=0.0)
     report = check_drift(dev, twin, ref)
     assert report.drifted, report.as_dict()
-    refine(twin, dev, groups=12, epochs=30)
+    # a refinement of what drifts (the calibration constants), as the recalibration watch makes one
+    worker = TwinWorker.from_twin(twin)
+    train, val = collect(dev, groups=12, batch=64, repeats=2, seed=5, progress=False).split(0.25, seed=5)
+    refit = worker.refine(train, val, epochs=30)
+    assert refit["figures"]["nmse_val"] < refit["nmse_before"]
+    twin.load_state_dict(refit["payload"]["state"])
     assert not check_drift(dev, twin, ref, seed=7).drifted
 
 

@@ -1,4 +1,8 @@
-"""The twin after its first fit: check it against the device, detect drift, refine."""
+"""The twin after its first fit, checked offline against fresh measurements of its device.
+
+During training the twin is watched from what PAT measures anyway, and refined online
+(:mod:`pnn_cluster.training.recalibration`); this check is for between runs, or after one.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ from typing import Any
 
 from pnn_cluster.devices.base import Device
 from pnn_cluster.twins.collect import Samples, collect
-from pnn_cluster.twins.fit import FitResult, evaluate_twin, fit_twin
+from pnn_cluster.twins.fit import evaluate_twin
 from pnn_cluster.twins.models import Twin
 
-__all__ = ["DriftReport", "check_drift", "refine"]
+__all__ = ["DriftReport", "check_drift"]
 
 
 @dataclass
@@ -36,17 +40,3 @@ def check_drift(device: Device, twin: Twin, reference_nmse: float, groups: int =
     """Measure fresh samples and compare the twin's NMSE with its validation NMSE."""
     fresh = collect(device, groups=groups, batch=batch, repeats=2, seed=seed, progress=progress)
     return DriftReport(evaluate_twin(twin, fresh), fresh.noise_floor(), reference_nmse, threshold, fresh)
-
-
-def refine(twin: Twin, device: Device, samples: Samples | None = None, groups: int = 20, batch: int = 64,
-           epochs: int = 20, lr: float | None = None, seed: int = 2, progress: bool = False) -> FitResult:
-    """Continue fitting ``twin`` on fresh measurements (a short fit, warm-started)."""
-    fresh = samples if samples is not None else collect(device, groups=groups, batch=batch, repeats=2,
-                                                        seed=seed, progress=progress)
-    train, val = fresh.split(0.25, seed=seed)
-    for p in twin.parameters():
-        p.requires_grad_(True)
-    if hasattr(twin, "model"):
-        twin.model.learn_calibration(True)
-    result = fit_twin(twin, train, val, epochs=epochs, lr=lr, seed=seed, progress=progress)
-    return result
