@@ -95,8 +95,12 @@ def run(args: argparse.Namespace) -> int:
           f"{res['acc']:.3f} measured on the physical devices ({n} samples), loss {res['loss']:.3f}")
     if res["twin_acc"] is not None:
         print(f"twins only (in silico): {res['twin_acc']:.3f}")
+    versions = res.get("twin_versions") or {}
+    if versions:
+        print("twin versions (those in use at the checkpoint): "
+              + ", ".join(f"{name} v{v}" for name, v in sorted(versions.items())))
     result = {"source": args.source, "split": args.split, "acc": res["acc"], "loss": res["loss"],
-              "twin_acc": res["twin_acc"], "n": n, "step": res["step"]}
+              "twin_acc": res["twin_acc"], "n": n, "step": res["step"], "twin_versions": versions}
     if args.log:
         if client is None and local is not None:
             client = tracking_client(resolve_tracking_uri(args.tracking_uri, local.meta().get("tracking_uri")))
