@@ -27,7 +27,7 @@ from pnn_cluster.training.pipeline import (
 from pnn_cluster.training.recalibration import AroundParams, Recalibration, RecalibrationWatch, WatchedReplica
 from pnn_cluster.training.workers import TwinWorker, twin_payload, twin_version
 from pnn_cluster.twins import build_twin
-from pnn_cluster.twins.collect import collect
+from pnn_cluster.twins.collect import Samples, collect
 
 NOISE = 0.01
 
@@ -201,6 +201,21 @@ def test_exploratory_settings_stay_within_limits_and_near_the_current_ones():
     draws = np.stack([around(rng)["g"] for _ in range(2000)])
     assert draws.min() >= 0.1 and draws.max() <= 3.0
     assert np.abs(draws[:, 1].mean() - 1.5) < 0.02 and draws[:, 1].std() == pytest.approx(0.29, rel=0.1)
+
+
+def test_the_noise_model_recovers_additive_and_shot_noise_from_a_calibrations_repeats():
+    from pnn_cluster.training.recalibration import NoiseModel
+
+    rng = np.random.default_rng(0)
+    ys = []
+    for _ in range(40):
+        clean = rng.uniform(-2, 2, size=(64, 4))
+        ys.append(np.stack([clean * (1 + 0.05 * rng.standard_normal((64, 1))) + 0.02 * rng.standard_normal(clean.shape)
+                            for _ in range(2)]))
+    noise = NoiseModel.from_repeats(Samples([None] * 40, [{}] * 40, ys))
+    assert noise.additive == pytest.approx(0.02**2, rel=0.25) and noise.relative == pytest.approx(0.05**2, rel=0.25)
+    y = np.full((10, 4), 2.0)
+    assert noise.power(y) == pytest.approx(40 * (noise.additive + 4 * noise.relative))
 
 
 def test_a_policy_the_configuration_does_not_know_is_refused_naming_the_choices():

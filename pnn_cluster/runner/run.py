@@ -39,7 +39,7 @@ from pnn_cluster.runner.placement import DeviceRef, InProcessPlacement, Placemen
 from pnn_cluster.runner.twins import make_twin, twin_shell
 from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, TrainingAborted
 from pnn_cluster.training.pipeline import PipelineConfig, PipelineExecutor, Replica
-from pnn_cluster.training.recalibration import RecalibrationWatch, WatchedReplica
+from pnn_cluster.training.recalibration import NoiseModel, RecalibrationWatch, WatchedReplica
 from pnn_cluster.training.trainer import Callback, Trainer, TrainerState
 from pnn_cluster.twins import TwinFit
 
@@ -341,12 +341,13 @@ class ExperimentRun:
                     self.report(f"   {ref.label}: its noise floor is {floor} (not measured, or a noise-free device); "
                                 "its twin's drift is not watched")
                     continue
-                var = before.get("output_var")
+                var, noise = before.get("output_var"), None
                 if fit is not None and fit.val is not None:
                     var = float(np.concatenate([y.reshape(-1) for y in fit.val.y]).var())
+                    noise = NoiseModel.from_repeats(fit.val)
                 watched.append(WatchedReplica(
                     ref.label, rep, layer, settings, ref.collect, float(floor),
-                    nmse=fit.nmse_val if fit is not None else before.get("nmse"), output_var=var,
+                    nmse=fit.nmse_val if fit is not None else before.get("nmse"), output_var=var, noise=noise,
                     calibration={"groups": tc.groups, "batch": tc.batch, "repeats": tc.repeats,
                                  "holdout": tc.holdout, "epochs": tc.epochs, "lr": tc.lr},
                     kind=getattr(rep.twin, "kind", "")))

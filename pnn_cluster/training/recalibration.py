@@ -56,7 +56,8 @@ from pnn_cluster.training.workers import TwinWorker, twin_version
 from pnn_cluster.twins.collect import Samples
 from pnn_cluster.twins.drift import CusumDetector
 
-__all__ = ["POLICIES", "Recalibration", "RecalibrationWatch", "WatchedReplica", "AroundParams", "FromRows"]
+__all__ = ["POLICIES", "Recalibration", "RecalibrationWatch", "WatchedReplica", "NoiseModel", "AroundParams",
+           "FromRows"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Recalibration:
     half_life_steps: float = 50.0
     explore_fraction: float = 0.05
     explore_groups: int = 8
-    explore_spread: float = 0.2
+    explore_spread: float = 0.3
     epochs: int = 10
 
     def __post_init__(self) -> None:
@@ -140,6 +141,45 @@ class FromRows:
         return self.rows[rng.integers(0, len(self.rows), size=n)]
 
 
+@dataclass(frozen=True)
+class NoiseModel:
+    """A device's noise power at an output value ``y``: ``additive + relative * y**2``.
+
+    Measurement noise adds a constant power; shot-to-shot fluctuation of a laser's energy or a drive's
+    amplitude scales with the signal. Estimated from a calibration's repeats, it gives the noise floor at
+    the very outputs a training step measured: as PAT makes a layer's outputs larger or smaller, the
+    twin's error is still compared with the noise those outputs carry, not with the calibration's average.
+    """
+
+    additive: float
+    relative: float
+
+    @classmethod
+    def from_repeats(cls, samples: Samples) -> NoiseModel:
+        """Least squares of ``(y1 - y2)**2 / 2`` (the noise power at a point) on ``((y1 + y2) / 2)**2``,
+        both coefficients kept >= 0."""
+        d, m = [], []
+        for y in samples.y:
+            if y.shape[0] < 2:
+                continue
+            d.append(((y[1] - y[0]) ** 2 / 2.0).reshape(-1))
+            m.append((((y[1] + y[0]) / 2.0) ** 2).reshape(-1))
+        if not d:
+            raise ValueError("NoiseModel.from_repeats: needs groups measured at least twice")
+        d_, m_ = np.concatenate(d), np.concatenate(m)
+        design = np.stack([np.ones_like(m_), m_], axis=1)
+        (a, b), *_ = np.linalg.lstsq(design, d_, rcond=None)
+        if b < 0:
+            a, b = float(d_.mean()), 0.0
+        elif a < 0:
+            a, b = 0.0, float((d_ * m_).sum() / max(float((m_ * m_).sum()), 1e-300))
+        return cls(float(a), float(b))
+
+    def power(self, y: np.ndarray) -> float:
+        """Total noise power expected on the outputs ``y`` (summed over every value)."""
+        return float(self.additive * y.size + self.relative * float((y * y).sum()))
+
+
 @dataclass(eq=False)
 class WatchedReplica:
     """One device replica's twin under watch.
@@ -149,8 +189,11 @@ class WatchedReplica:
     layer: the physical layer it serves (its current parameters, its spec's limits).
     collect: measures samples on this replica, next to it (``DeviceRef.collect``).
     noise_floor, nmse: the first calibration's figures; output_var: the variance of the outputs it measured,
-        which normalises both (so a step's NMSE is ``residual power / output_var`` whatever the batch's own
-        spread: PAT narrowing a layer's outputs must not read as drift). None: the step's own variance.
+        which normalises both (a step's ``twin_nmse`` is ``residual power / output_var``, whatever the
+        batch's own spread). None: the step's own variance.
+    noise: the device's noise at an output value (:class:`NoiseModel`, from the calibration's repeats):
+        the ratio watched is the step's residual power over the noise power its outputs carry. None:
+        ``twin_nmse / noise_floor``.
     calibration: how the first calibration was made (``groups``, ``batch``, ``repeats``, ``holdout``,
         ``epochs``, ``lr``): a full recalibration repeats it.
     """
@@ -163,6 +206,7 @@ class WatchedReplica:
     noise_floor: float
     nmse: float | None = None
     output_var: float | None = None
+    noise: NoiseModel | None = None
     calibration: Mapping[str, Any] = field(default_factory=dict)
     kind: str = ""
     # what the watch keeps
@@ -185,6 +229,7 @@ class WatchedReplica:
     last_warned: int | None = None
     # this step's observations: sum of squared residuals, rows, and the measurements for the variance
     _sq: float = 0.0
+    _last_sq: float = 0.0
     _ys: list[np.ndarray] = field(default_factory=list)
     _xs: list[np.ndarray] = field(default_factory=list)
     _params: Mapping[str, np.ndarray] | None = None
@@ -197,13 +242,16 @@ class WatchedReplica:
         return {"detector": self.detector.state_dict(), "version": self.version, "versions": self.versions,
                 "trained_rows": self.trained_rows, "explore_samples": self.explore_samples,
                 "recalibration_samples": self.recalibration_samples, "alarm_steps": list(self.alarm_steps),
-                "noise_floor": self.noise_floor, "nmse": self.nmse, "output_var": self.output_var}
+                "noise_floor": self.noise_floor, "nmse": self.nmse, "output_var": self.output_var,
+                "noise": None if self.noise is None else [self.noise.additive, self.noise.relative]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.detector = CusumDetector.from_state(state["detector"])
         for k in ("version", "versions", "trained_rows", "explore_samples", "recalibration_samples",
                   "noise_floor", "nmse", "output_var"):
             setattr(self, k, state.get(k))
+        if state.get("noise") is not None:
+            self.noise = NoiseModel(*state["noise"])
         self.alarm_steps = list(state["alarm_steps"])
 
 
@@ -300,6 +348,7 @@ class RecalibrationWatch(Callback):
             return  # this replica measured nothing in this step (another replica of its pool did)
         ys = np.concatenate([y.reshape(y.shape[0], -1) for y in w._ys])
         nmse = w._sq / ys.size / max(w.output_var or float(ys.var()), 1e-30)
+        noise = w.noise.power(ys) if w.noise is not None else 0.0
         if w._xs:
             # one group per step: the step's micro-batches were measured with the same parameters
             w.buffer.append((step, np.concatenate(w._xs), {k: np.array(v) for k, v in w._params.items()},
@@ -307,10 +356,11 @@ class RecalibrationWatch(Callback):
             w.buffered_rows += ys.shape[0]
             while w.buffered_rows > w.settings.buffer_rows and len(w.buffer) > 1:
                 w.buffered_rows -= w.buffer.popleft()[3].shape[0]
+        w._last_sq = w._sq
         w._sq, w._ys, w._xs = 0.0, [], []
         if not (math.isfinite(nmse) and nmse > 0 and w.noise_floor > 0):
             return
-        ratio = nmse / w.noise_floor
+        ratio = w._last_sq / noise if noise > 0 else nmse / w.noise_floor
         alarm = w.detector.update(ratio)
         if w.detector.statistic == 0.0 and not alarm:
             w.zero_step = step
@@ -358,11 +408,12 @@ class RecalibrationWatch(Callback):
         """A few groups measured around the current parameters, within the sample budget."""
         s = w.settings
         budget = int(s.explore_fraction * w.trained_rows) - w.explore_samples
-        groups = min(groups, budget // (2 * batch)) if batch > 0 else 0
+        groups = min(groups, budget // batch) if batch > 0 else 0
         if groups < 1:
             return None
         recent = np.concatenate([entry[1] for entry in list(w.buffer)[-8:]])
-        fresh = w.collect(groups=groups, batch=batch, repeats=2, seed=self.seed + 7919 * step + len(w.alarm_steps),
+        # measured once each: the noise floor is the calibration's, and a budget goes further in settings
+        fresh = w.collect(groups=groups, batch=batch, repeats=1, seed=self.seed + 7919 * step + len(w.alarm_steps),
                           sample_params=AroundParams(w.layer.params_numpy(), w.layer.spec, s.explore_spread),
                           sample_inputs=FromRows(recent))
         w.explore_samples += fresh.device_samples
