@@ -104,3 +104,13 @@ def test_a_resumed_detector_goes_on_where_it_was():
     for r in series[40:]:
         assert det.update(r) == twin.update(r)
     assert twin.statistic == det.statistic and twin.steps == det.steps
+
+
+def test_a_lone_spike_raises_no_alarm_but_two_steps_in_a_row_do():
+    rng = np.random.default_rng(5)
+    det = CusumDetector(arl0=10_000, rise=1.5, warmup=100)
+    run_length(det, no_drift(rng, 100, spread=0.1))
+    assert not det.update(3.0 * 50)  # one step 50 times the baseline's error: a glitch
+    assert not det.update(3.0)       # back to normal: the statistic falls back
+    assert det.statistic == 0.0
+    assert not det.update(3.0 * 50) and det.update(3.0 * 50)  # it lasts: an alarm on the second step

@@ -25,7 +25,13 @@ Siegmund's approximation for normal observations::
     ARL0(h, k) ~= (exp(2 k b) - 2 k b - 1) / (2 k^2),   b = h + 1.166
 
 (D. Siegmund, Sequential Analysis, 1985). The false-alarm rate is about
-``1 / arl0`` per step; ``tests/test_drift.py`` checks it by simulation.
+``1 / arl0`` per step; ``tests/test_drift.py`` checks it by simulation. Each
+step's ``z`` is capped at ``k + h``, so that no single step raises an alarm
+on its own (a batch's error has heavier tails than a normal's, and a drift
+lasts): with normal observations that changes the run length very little,
+and only ever lengthens it. ``h`` is at least one baseline standard
+deviation (for a very steady series, where ``k`` is large, Siegmund's ``h``
+falls to about zero).
 """
 
 from __future__ import annotations
@@ -94,6 +100,12 @@ class CusumDetector:
         self.k: float | None = None
         self.h: float | None = None
 
+    def _set_threshold(self) -> None:
+        self.k = math.log(self.rise) / (2.0 * self.sigma0)
+        # at least one standard deviation: for a large k (a very steady series) Siegmund's h falls to about
+        # zero, and with each step's z capped at k + h a lasting rise could then never pass it
+        self.h = max(cusum_threshold(self.arl0, self.k), 1.0)
+
     @property
     def ready(self) -> bool:
         """The baseline is set: alarms can be raised."""
@@ -115,10 +127,11 @@ class CusumDetector:
                 # efficient estimate; a floor keeps a constant series from dividing by zero
                 self.sigma0 = max(float(w.std(ddof=1)), 1e-6)
                 self._window = []
-                self.k = math.log(self.rise) / (2.0 * self.sigma0)
-                self.h = cusum_threshold(self.arl0, self.k)
+                self._set_threshold()
             return False
-        z = (x - self.mu0) / self.sigma0
+        # no single step raises an alarm on its own: a batch's error has heavier tails than a normal's (a
+        # glitch, a cosmic-ray count), and a drift lasts; a lone spike lifts the statistic at most to h
+        z = min((x - self.mu0) / self.sigma0, self.k + self.h)
         self.statistic = max(0.0, self.statistic + z - self.k)
         if self.statistic > self.h:
             self.alarms += 1
@@ -146,6 +159,5 @@ class CusumDetector:
         det.alarm_step, det._window = state["alarm_step"], list(state["window"])
         if state["mu0"] is not None:
             det.mu0, det.sigma0 = state["mu0"], state["sigma0"]
-            det.k = math.log(det.rise) / (2.0 * det.sigma0)
-            det.h = cusum_threshold(det.arl0, det.k)
+            det._set_threshold()
         return det
