@@ -2,7 +2,7 @@
 
 Prints one JSON line::
 
-    {"scenarios": [{"name": NAME, "steps": S, "seeds": N,
+    {"scenarios": [{"name": NAME, "steps": S, "seeds": N, "drift_off": {"test_acc": A, ...} (slow drift),
                     "policy": {"none": {"test_acc": A, "test_acc_sd": SD, "twin_nmse_end": E,
                                         "twin_nmse_first": E0, "twin_nmse_end_ratio": R,
                                         "device_samples": N, "recalibration_samples": M, "refits": K,
@@ -18,10 +18,11 @@ with the same policy:
 - ``slow_drift``: a run ``--slow-factor`` times as long as the shipped one (epochs x 3 by default), both
   devices drifting at ``--slow-rate`` times their systems' default rates (``Imperfections.drift``, a
   random walk of every calibration constant; the defaults and their physical reasons are in
-  ``pnn_cluster/devices/simulated.py``);
-- ``step_change``: the shipped run; halfway through training the optics are bumped: every calibration
-  constant jumps by one natural spread (``imperfections.steps``), the size of the miscalibration a twin
-  is fitted to learn in the first place;
+  ``pnn_cluster/devices/simulated.py``); ``drift_off`` is the same long run on devices that do not
+  drift, the reference for what drift costs (``--slow-seeds`` seeds: these runs are the longest);
+- ``step_change``: the shipped run with no slow drift; halfway through training the optics are bumped:
+  every calibration constant jumps by one natural spread times a normal draw (``imperfections.steps``),
+  the size of the miscalibration a twin is fitted to learn in the first place;
 - ``no_drift``: the shipped run with drift off: every alarm is a false one.
 
 Figures. ``test_acc``: the test split, measured once per run on the devices, after training; mean and
@@ -38,7 +39,10 @@ first step at which the twin's error, averaged over 25 steps, has grown by the d
 its warm-up baseline, to the first alarm (median over seeds and devices; null if never). ``false_alarms``:
 ``monitor`` alarms before that step (no drift: all of them), summed over seeds and devices.
 
-``none`` and ``monitor`` make the same device calls (watching measures nothing); both are run.
+``none`` and ``monitor`` make the same device calls and draw the same noise (watching measures nothing
+and changes no gradient), so their runs are the same: ``none`` is run for the first ``--none-seeds``
+seeds (default 1) and checked equal to ``monitor`` there (``none_equals_monitor``); for the other seeds
+its figures are ``monitor``'s (``none_runs`` says how many were run).
 
 Runs are Ray tasks, ``--workers`` at a time (one CPU each); ``--workers 0`` runs them in this process.
 ``--out FILE`` keeps every finished run (JSON lines) and a rerun with the same file skips them.
@@ -75,19 +79,24 @@ def configuration(scenario: str, policy: str, seed: int, quick: bool, slow_facto
     over = [f"seed={seed}", "tracking.enabled=false"] + (QUICK if quick else [])
     cfg = cfg.with_overrides(over)
     devices = cfg.physical_devices()
-    over = [f"devices.{d}.recalibration.policy={policy}" for d in devices]
+    over = [f"devices.{d}.recalibration.policy={'none' if policy == 'drift_off' else policy}" for d in devices]
     if quick:
         over += [f"devices.{d}.recalibration.warmup=10" for d in devices]
     if scenario == "slow_drift":
         over.append(f"schedule.epochs={cfg.schedule.epochs * slow_factor}")
         for d in devices:
+            if policy == "drift_off":  # the reference: the same long run on devices that do not drift
+                over.append(f"devices.{d}.driver.imperfections.drift=0")
+                continue
             driver = cfg.devices[d].driver
             rate = make_device(driver.system, **driver.options).imperfections.drift
             over.append(f"devices.{d}.driver.imperfections.drift={rate * slow_rate}")
     elif scenario == "no_drift":
         over += [f"devices.{d}.driver.imperfections.drift=0" for d in devices]
     elif scenario == "step_change":
-        # halfway through training, counted in the optics' own samples: calibration and initialisation first
+        # the step alone (no slow drift beside it: an alarm before it is a false one), halfway through
+        # training, counted in the optics' own samples: calibration and initialisation first
+        over += [f"devices.{d}.driver.imperfections.drift=0" for d in devices]
         tc = cfg.devices["optics"].twin
         steps = -(-int(len_train(cfg)) // cfg.schedule.batch_size) * cfg.schedule.epochs
         at = tc.groups * tc.batch * tc.repeats + cfg.init.samples + steps * cfg.schedule.batch_size // 2
@@ -165,6 +174,11 @@ def onset(history: list[tuple[int, float]], warmup: int, rise: float, window: in
 
 def summarise(scenario: str, runs: list[dict], warmup: int, rise: float) -> dict[str, Any]:
     out: dict[str, Any] = {"name": scenario, "policy": {}}
+    ran_none = {r["seed"]: r for r in runs if r["policy"] == "none"}
+    monitor = {r["seed"]: r for r in runs if r["policy"] == "monitor"}
+    same = [ran_none[k]["test_acc"] == monitor[k]["test_acc"] and ran_none[k]["end"] == monitor[k]["end"]
+            for k in ran_none if k in monitor]
+    runs = runs + [{**m, "policy": "none"} for k, m in monitor.items() if k not in ran_none] if ran_none else runs
     for policy in POLICIES:
         rs = [r for r in runs if r["policy"] == policy]
         if not rs:
@@ -186,6 +200,10 @@ def summarise(scenario: str, runs: list[dict], warmup: int, rise: float) -> dict
             "refits": statistics.fmean(refits), "seconds": statistics.fmean(r["seconds"] for r in rs),
             "seeds": len(rs)}
         out["steps"] = rs[0]["steps"]
+    off = [r["test_acc"] for r in runs if r["policy"] == "drift_off"]
+    if off:
+        out["drift_off"] = {"test_acc": statistics.fmean(off),
+                            "test_acc_sd": statistics.stdev(off) if len(off) > 1 else 0.0, "seeds": len(off)}
     ablation = [r["test_acc"] for r in runs if r["policy"] == "ablation"]
     if ablation:
         out["ablation"] = {"test_acc": statistics.fmean(ablation),
@@ -208,6 +226,8 @@ def summarise(scenario: str, runs: list[dict], warmup: int, rise: float) -> dict
             after = [a for a in alarms if a >= start]
             if after:
                 delays.append(after[0] - start)
+    out["none_runs"] = len(ran_none)
+    out["none_equals_monitor"] = all(same) if same else None
     out["detection_delay_steps"] = statistics.median(delays) if delays else None
     out["detections"] = len(delays)
     out["false_alarms"] = false_alarms
@@ -228,9 +248,14 @@ def targets(scenarios: list[dict]) -> dict[str, Any]:
             out[f"{sc['name']}_refine_samples_at_most_10pct"] = (
                 pol["refine"]["recalibration_samples"] <= 0.1 * pol["refine"]["device_samples"])
         if "none" in pol and "refine" in pol:
-            base = next((s for s in scenarios if s["name"] == "no_drift"), None)
-            if base is not None and "none" in base["policy"]:
-                loss = base["policy"]["none"]["test_acc"] - pol["none"]["test_acc"]
+            # what drift costs: against the same run on devices that do not drift (slow drift: its drift_off
+            # runs; the step change: the no-drift scenario, the same run without the bump)
+            base = sc.get("drift_off")
+            if base is None:
+                other = next((s for s in scenarios if s["name"] == "no_drift"), None)
+                base = other["policy"].get("none") if other is not None else None
+            if base is not None:
+                loss = base["test_acc"] - pol["none"]["test_acc"]
                 gain = pol["refine"]["test_acc"] - pol["none"]["test_acc"]
                 out[f"{sc['name']}_none_loses_points"] = round(100 * loss, 2)
                 out[f"{sc['name']}_refine_gains_points"] = round(100 * gain, 2)
@@ -250,11 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-factor", type=int, default=3, help="slow drift: the run is this many times as long")
     p.add_argument("--slow-rate", type=float, default=1.0,
                    help="slow drift: the systems' default drift rates times this")
+    p.add_argument("--slow-seeds", type=int, default=None,
+                   help="seeds of the slow-drift scenario (default: --seeds; its runs are the longest)")
+    p.add_argument("--none-seeds", type=int, default=1,
+                   help="seeds run with policy none (the others report monitor's identical runs)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=None, help="keep finished runs here (JSON lines); a rerun skips them")
     args = p.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     policies = [s for s in args.policies.split(",") if s] + ([] if args.no_ablation else ["ablation"])
+    slow_seeds = args.seeds if args.slow_seeds is None else args.slow_seeds
     for s in scenarios:
         if s not in SCENARIOS:
             p.error(f"--scenarios: {s!r}; allowed: {', '.join(SCENARIOS)}")
@@ -281,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {}
     for seed in range(args.seeds):
         for scenario in scenarios:
-            for policy in policies:
-                if policy == "ablation" and seed >= args.seeds:
+            if scenario == "slow_drift" and seed >= slow_seeds:
+                continue
+            for policy in policies + (["drift_off"] if scenario == "slow_drift" else []):
+                if policy == "none" and seed >= args.none_seeds:
                     continue
                 key = (scenario, policy, seed, args.quick)
                 if key not in done:
