@@ -227,9 +227,8 @@ class WatchedReplica:
     pending: Any = None
     pending_info: dict[str, Any] = field(default_factory=dict)
     last_warned: int | None = None
-    # this step's observations: sum of squared residuals, rows, and the measurements for the variance
+    # this step's observations: the sum of squared residuals, the measurements (and, to refine, the inputs)
     _sq: float = 0.0
-    _last_sq: float = 0.0
     _ys: list[np.ndarray] = field(default_factory=list)
     _xs: list[np.ndarray] = field(default_factory=list)
     _params: Mapping[str, np.ndarray] | None = None
@@ -276,10 +275,6 @@ class RecalibrationWatch(Callback):
         self.seed = seed
         self.records: list[dict[str, Any]] = []
         self._local: list[Any] = []  # twin workers on threads, for replicas with no twin copies elsewhere
-
-    @property
-    def active(self) -> bool:
-        return bool(self.watched)
 
     # -- the pipeline observer ---------------------------------------------------------------------------
 
@@ -347,7 +342,8 @@ class RecalibrationWatch(Callback):
         if not w._ys:
             return  # this replica measured nothing in this step (another replica of its pool did)
         ys = np.concatenate([y.reshape(y.shape[0], -1) for y in w._ys])
-        nmse = w._sq / ys.size / max(w.output_var or float(ys.var()), 1e-30)
+        sq = w._sq
+        nmse = sq / ys.size / max(w.output_var or float(ys.var()), 1e-30)
         noise = w.noise.power(ys) if w.noise is not None else 0.0
         if w._xs:
             # one group per step: the step's micro-batches were measured with the same parameters
@@ -356,11 +352,10 @@ class RecalibrationWatch(Callback):
             w.buffered_rows += ys.shape[0]
             while w.buffered_rows > w.settings.buffer_rows and len(w.buffer) > 1:
                 w.buffered_rows -= w.buffer.popleft()[3].shape[0]
-        w._last_sq = w._sq
         w._sq, w._ys, w._xs = 0.0, [], []
         if not (math.isfinite(nmse) and nmse > 0 and w.noise_floor > 0):
             return
-        ratio = w._last_sq / noise if noise > 0 else nmse / w.noise_floor
+        ratio = sq / noise if noise > 0 else nmse / w.noise_floor
         alarm = w.detector.update(ratio)
         if w.detector.statistic == 0.0 and not alarm:
             w.zero_step = step
