@@ -37,7 +37,11 @@ devices (what the physical layers add). ``detection_delay_steps``: with ``monito
 which the change happened (the device's own record of its step change) or, for slow drift, from the
 first step at which the twin's error, averaged over 25 steps, has grown by the detector's ``rise`` over
 its warm-up baseline, to the first alarm (median over seeds and devices; null if never). ``false_alarms``:
-``monitor`` alarms before that step (no drift: all of them), summed over seeds and devices.
+``monitor`` alarms on a device that did not change (no drift: every device; the step change: the other
+device, and the bumped one before its bump), summed over seeds and devices (``monitor`` raises one every
+few steps while the error stays high), and ``false_alarm_device_runs``: how many of the ``device_runs``
+(seeds x devices) had any. With slow drift every device drifts: none is false, and
+``alarms_before_onset`` counts those before the error had grown by ``rise``.
 
 ``none`` and ``monitor`` make the same device calls and draw the same noise (watching measures nothing
 and changes no gradient), so their runs are the same: ``none`` is run for the first ``--none-seeds``
@@ -208,29 +212,37 @@ def summarise(scenario: str, runs: list[dict], warmup: int, rise: float) -> dict
     if ablation:
         out["ablation"] = {"test_acc": statistics.fmean(ablation),
                            "test_acc_sd": statistics.stdev(ablation) if len(ablation) > 1 else 0.0}
-    delays, false_alarms = [], 0
+    delays, false_alarms, false_runs, early = [], 0, 0, 0
     for r in (r for r in runs if r["policy"] == "monitor"):
         for device, watch in (r["recalibration"] or {}).items():
             alarms = watch["alarm_steps"]
-            if scenario == "no_drift":
-                false_alarms += len(alarms)
-                continue
-            if scenario == "step_change":
-                start = (r["changes"].get(device) or [None])[0]
-            else:
+            changed = r["changes"].get(device)
+            if scenario == "no_drift" or (scenario == "step_change" and not changed):
+                false = alarms  # nothing changed on this device: every alarm is a false one
+            elif scenario == "step_change":
+                false = [a for a in alarms if a < changed[0]]
+                after = [a for a in alarms if a >= changed[0]]
+                if after:
+                    delays.append(after[0] - changed[0])
+            else:  # slow drift: every device drifts; an alarm before the error has grown by `rise` is early
+                false = []
                 start = onset(r["drift_history"].get(device, []), warmup, rise)
-            if start is None:
-                false_alarms += len(alarms) if scenario == "step_change" else 0
-                continue
-            false_alarms += sum(a < start for a in alarms)
-            after = [a for a in alarms if a >= start]
-            if after:
-                delays.append(after[0] - start)
-    out["none_runs"] = len(ran_none)
-    out["none_equals_monitor"] = all(same) if same else None
+                if start is not None:
+                    early += sum(a < start for a in alarms)
+                    after = [a for a in alarms if a >= start]
+                    if after:
+                        delays.append(after[0] - start)
+            false_alarms += len(false)
+            false_runs += bool(false)
     out["detection_delay_steps"] = statistics.median(delays) if delays else None
     out["detections"] = len(delays)
-    out["false_alarms"] = false_alarms
+    out["false_alarms"] = None if scenario == "slow_drift" else false_alarms
+    out["false_alarm_device_runs"] = None if scenario == "slow_drift" else false_runs
+    if scenario == "slow_drift":
+        out["alarms_before_onset"] = early
+    out["device_runs"] = sum(len(r["recalibration"] or {}) for r in runs if r["policy"] == "monitor")
+    out["none_runs"] = len(ran_none)
+    out["none_equals_monitor"] = all(same) if same else None
     out["seeds"] = len({r["seed"] for r in runs})
     return out
 
