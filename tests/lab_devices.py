@@ -12,6 +12,17 @@ import torch
 from pnn_cluster.devices import Device, DeviceSpec, ParamSpec, PhysicsModel, Port
 
 
+class GainModel(PhysicsModel):
+    """y = a tanh(g x): the pipeline's and the recalibration watch's small test device's physics."""
+
+    def __init__(self, a: float = 1.0):
+        super().__init__()
+        self.add_calibration("a", a)
+
+    def forward(self, x, params):
+        return self.cal("a") * torch.tanh(params["g"] * x)
+
+
 class TanhAmpModel(PhysicsModel):
     """What we believe the amplifier does; `gain_scale` is a calibration constant a twin can fit."""
 

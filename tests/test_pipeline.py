@@ -10,8 +10,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from lab_devices import GainModel
 
-from pnn_cluster.devices import Device, DeviceError, DeviceSpec, LimitError, ParamSpec, PhysicsModel, Port
+from pnn_cluster.devices import Device, DeviceError, DeviceSpec, LimitError, ParamSpec, Port
 from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
 from pnn_cluster.training.faults import (
     FaultPolicy,
@@ -30,15 +31,6 @@ from pnn_cluster.training.trainer import SequentialExecutor
 from pnn_cluster.training.workers import DeviceWorker, TwinWorker, params_version, twin_payload, twin_version
 
 WAIT = 10.0  # seconds an event may take before the test fails (it is never slept)
-
-
-class GainModel(PhysicsModel):
-    def __init__(self, a: float = 1.0):
-        super().__init__()
-        self.add_calibration("a", a)
-
-    def forward(self, x, params):
-        return self.cal("a") * torch.tanh(params["g"] * x)
 
 
 class GainDevice(Device):

@@ -12,9 +12,10 @@ import types
 import numpy as np
 import pytest
 import torch
+from lab_devices import GainModel
 
 from pnn_cluster.config import parse_config
-from pnn_cluster.devices import Device, DeviceSpec, ParamSpec, PhysicsModel, Port
+from pnn_cluster.devices import Device, DeviceSpec, ParamSpec, Port
 from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
 from pnn_cluster.training.pipeline import (
     LocalDeviceHandle,
@@ -30,15 +31,6 @@ from pnn_cluster.twins import build_twin
 from pnn_cluster.twins.collect import Samples, collect
 
 NOISE = 0.01
-
-
-class GainModel(PhysicsModel):
-    def __init__(self, a: float = 1.0):
-        super().__init__()
-        self.add_calibration("a", a)
-
-    def forward(self, x, params):
-        return self.cal("a") * torch.tanh(params["g"] * x)
 
 
 class NoisyGain(Device):

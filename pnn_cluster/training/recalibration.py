@@ -86,9 +86,9 @@ class Recalibration:
     """
 
     policy: str = "monitor"
-    arl0: float = 10_000.0
-    rise: float = 1.5
-    warmup: int = 100
+    arl0: float = CusumDetector.arl0
+    rise: float = CusumDetector.rise
+    warmup: int = CusumDetector.warmup
     buffer_rows: int = 8192
     half_life_steps: float = 50.0
     explore_fraction: float = 0.05
