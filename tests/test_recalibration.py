@@ -16,6 +16,7 @@ from lab_devices import GainModel
 
 from pnn_cluster.config import parse_config
 from pnn_cluster.devices import Device, DeviceSpec, ParamSpec, Port
+from pnn_cluster.fsio import atomic_torch_save, torch_load_tensors
 from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
 from pnn_cluster.training.pipeline import (
     LocalDeviceHandle,
@@ -169,6 +170,42 @@ def test_refine_fits_a_copy_beside_training_and_swaps_it_in_on_every_copy_at_a_s
         s.step()
     assert not [a for a in s.watched.alarm_steps if a > swapped + 5]
     s.close()
+
+
+def test_a_resumed_watch_has_its_buffer_and_history_and_asks_again_for_the_refinement_in_flight(float64, tmp_path):
+    s = Setup("refine", explore_fraction=0.1, explore_groups=4, epochs=20)
+    for _ in range(30):
+        s.step()
+    s.dev.a = 1.3
+    for _ in range(100):
+        s.step()
+        if s.watched.pending is not None:
+            break
+    assert s.watched.pending is not None and s.watched.version == 0
+    since = s.watched.pending_info["since"]
+    # through a checkpoint file: tensors and plain containers only
+    path = atomic_torch_save(s.watch.state_dict(), tmp_path / "watch.pt")
+    state = torch_load_tensors(path)
+    before, step = s.watched, s.trainer.global_step
+    s.close()
+
+    r = Setup("refine", explore_fraction=0.1, explore_groups=4, epochs=20)
+    r.dev.a, r.trainer.global_step = 1.3, step
+    r.watch.load_state_dict(state)
+    w = r.watched
+    assert w.pending is None and w.refine_due == since
+    assert w.history == before.history and w.zero_step == before.zero_step
+    assert [e[0] for e in w.buffer] == [e[0] for e in before.buffer] and w.buffered_rows == before.buffered_rows
+    for (_, x0, p0, y0), (_, x1, p1, y1) in zip(before.buffer, w.buffer):
+        np.testing.assert_array_equal(x0, x1)
+        np.testing.assert_array_equal(y0, y1)
+        np.testing.assert_array_equal(p0["g"], p1["g"])
+    for _ in range(50):
+        r.step()
+        if w.version > 0:
+            break
+    assert w.version == 1 and float(r.twin.model.cal("a")) == pytest.approx(1.3, rel=0.05)
+    r.close()
 
 
 def test_pause_recalibrates_in_full_before_the_next_step_and_counts_its_samples(float64):
