@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the one JSON line (always printed; kept for scripts)")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1 (others than the benchmark's choose settings)")
     p.add_argument("--quick", action="store_true", help="minutes, not the figures: small data, short runs")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--policies", default=",".join(POLICIES))
@@ -321,12 +323,13 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = Pool(args.workers)
     jobs = {}
-    for seed in range(args.seeds):
+    for i in range(args.seeds):
+        seed = args.first_seed + i
         for scenario in scenarios:
-            if scenario == "slow_drift" and seed >= slow_seeds:
+            if scenario == "slow_drift" and i >= slow_seeds:
                 continue
             for policy in policies + (["drift_off"] if scenario == "slow_drift" else []):
-                if policy == "none" and seed >= args.none_seeds:
+                if policy == "none" and i >= args.none_seeds:
                     continue
                 key = (scenario, policy, seed, args.quick)
                 if key not in done:
@@ -336,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     from pnn_cluster.training.recalibration import Recalibration
 
     warmup, rise = (10 if args.quick else Recalibration.warmup), Recalibration.rise
-    summary = [summarise(s, [r for k, r in results.items() if k[0] == s and k[3] == args.quick], warmup, rise)
-               for s in scenarios]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    summary = [summarise(s, [r for k, r in results.items() if k[0] == s and k[3] == args.quick and k[2] in seeds],
+                         warmup, rise) for s in scenarios]
     print(json.dumps({"scenarios": summary, "targets": targets(summary), "quick": args.quick,
                       "slow_factor": args.slow_factor, "slow_rate": args.slow_rate,
                       "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
