@@ -7,6 +7,8 @@ pipeline and the watch's callback, in this process.
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import types
 
 import numpy as np
@@ -222,6 +224,64 @@ def test_pause_recalibrates_in_full_before_the_next_step_and_counts_its_samples(
     assert float(s.twin.model.cal("a")) == pytest.approx(0.7, rel=0.05)
     assert s.watch.summary()["gain"]["recalibration_samples"] == s.watched.recalibration_samples
     s.close()
+
+
+def test_pause_takes_only_the_drifted_replica_out_of_its_pool_and_the_other_trains_on_meanwhile(float64):
+    torch.manual_seed(0)
+    devs = [NoisyGain(1.0, seed=i) for i in range(2)]
+    twins = [twin_of(1.0) for _ in devs]
+    layer = PhysicalLayer(devs[0], twin=twins[0], name="gain")
+    model = Stack(Rescale(4, -1.5, 1.5), layer, Affine(4)).double()
+    reps = [Replica(LocalDeviceHandle(d), twin=t, name=f"gain/{i}") for i, (d, t) in enumerate(zip(devs, twins))]
+    ex = PipelineExecutor(pools={"gain": reps}, config=PipelineConfig(backward="batch"))
+    pool = ex.pool(layer)
+    go = threading.Event()
+
+    def held(dev):
+        def measure(**kw):
+            assert go.wait(timeout=60)  # the recalibration waits until the test has seen training go on
+            return collect(dev, progress=False, **kw)
+        return measure
+
+    ys = np.tanh(np.linspace(-2, 2, 400))
+    watched = [WatchedReplica(r.name, r, layer, Recalibration(policy="pause", warmup=20), held(d), NOISE**2 / ys.var(),
+                              output_var=float(ys.var()), calibration={"groups": 6, "batch": 32, "repeats": 2,
+                                                                       "epochs": 20}, pool=pool)
+               for r, d in zip(reps, devs)]
+    watch = RecalibrationWatch(watched, report=lambda line: None, seed=1)
+    ex.observer = watch
+    trainer = types.SimpleNamespace(global_step=0, extra_state={})
+    rng = torch.Generator().manual_seed(3)
+
+    def step():
+        x = torch.rand(32, 4, generator=rng, dtype=torch.float64) * 2 - 1
+        model.zero_grad(set_to_none=True)
+        ex.forward_backward(model, x, torch.randint(0, 4, (32,), generator=rng), torch.nn.CrossEntropyLoss(), 8)
+        trainer.global_step += 1
+        watch.on_step_end(trainer, {})
+
+    for _ in range(30):
+        step()
+    devs[1].a = 0.7
+    for _ in range(20):
+        step()
+        if watched[1].paused:
+            break
+    assert watched[1].paused and pool.active == [reps[0]] and "gain/1" in pool.suspended
+    calls = [d.stats["calls"] for d in devs]
+    for _ in range(3):
+        step()  # training goes on with the other replica alone
+    assert devs[1].stats["calls"] == calls[1] and devs[0].stats["calls"] >= calls[0] + 3 * 4
+    go.set()
+    concurrent.futures.wait([watched[1].pending])
+    step()
+    assert not watched[1].paused and pool.active == reps and not pool.suspended
+    assert watched[1].version == 1 and watched[0].version == 0 and watched[0].alarm_steps == []
+    assert float(twins[1].model.cal("a")) == pytest.approx(0.7, rel=0.05)
+    assert float(twins[0].model.cal("a")) == 1.0
+    assert watched[1].recalibration_samples == 6 * 32 * 2
+    watch.close()
+    ex.close()
 
 
 def test_exploratory_settings_stay_within_limits_and_near_the_current_ones():

@@ -333,7 +333,8 @@ class ExperimentRun:
                 continue
             layer = self._layer(built.stack, name)
             tc = dc.twin
-            for rep, ref in zip(built.executor.pool(layer).replicas, refs):
+            pool = built.executor.pool(layer)
+            for rep, ref in zip(pool.replicas, refs):
                 fit = self._replica_fits.get(ref.label)
                 before = prior.get(ref.label, {})
                 floor = fit.noise_floor if fit is not None else before.get("noise_floor")
@@ -350,7 +351,7 @@ class ExperimentRun:
                     nmse=fit.nmse_val if fit is not None else before.get("nmse"), output_var=var, noise=noise,
                     calibration={"groups": tc.groups, "batch": tc.batch, "repeats": tc.repeats,
                                  "holdout": tc.holdout, "epochs": tc.epochs, "lr": tc.lr},
-                    kind=getattr(rep.twin, "kind", "")))
+                    kind=getattr(rep.twin, "kind", ""), pool=pool))
         if not watched:
             return None
         watch = RecalibrationWatch(watched, report=self.report, backend=self.placement.backend, seed=cfg.seed,

@@ -289,7 +289,8 @@ class Replica:
 
 
 class StagePool:
-    """The replicas of one physical layer; a replica that keeps failing leaves it."""
+    """The replicas of one physical layer; a replica that keeps failing leaves it (``retire``), one that is
+    being recalibrated leaves it for a while (``suspend``, ``readmit``)."""
 
     def __init__(self, layer: PhysicalLayer, replicas: Sequence[Replica]) -> None:
         if not replicas:
@@ -299,6 +300,7 @@ class StagePool:
         self.replicas: list[Replica] = list(replicas)
         self.active: list[Replica] = list(replicas)
         self.retired: dict[str, str] = {}
+        self.suspended: dict[str, str] = {}
         self._turn = itertools.count()
 
     def pick(self, depth: int) -> Replica | None:
@@ -318,6 +320,19 @@ class StagePool:
         if replica in self.active:
             self.active.remove(replica)
             self.retired[replica.name] = describe(exc)
+
+    def suspend(self, replica: Replica, reason: str) -> None:
+        """No more work to ``replica`` until :meth:`readmit` (call at a step boundary: nothing in flight)."""
+        if replica not in self.active:
+            raise ValueError(f"stage {self.name}: replica {replica.name!r} is not active; active: "
+                             f"{[r.name for r in self.active]}")
+        self.active.remove(replica)
+        self.suspended[replica.name] = reason
+
+    def readmit(self, replica: Replica) -> None:
+        """``replica`` takes work again, in its place in the pool."""
+        if self.suspended.pop(replica.name, None) is not None and replica not in self.active:
+            self.active = [r for r in self.replicas if r in self.active or r is replica]
 
 
 @dataclass

@@ -213,6 +213,8 @@ class WatchedReplica:
     noise: NoiseModel | None = None
     calibration: Mapping[str, Any] = field(default_factory=dict)
     kind: str = ""
+    #: the replica's stage pool: with others in it, a pause takes only this replica out
+    pool: Any = None
     # what the watch keeps
     detector: CusumDetector = field(init=False)
     version: int = 0
@@ -231,6 +233,9 @@ class WatchedReplica:
     pending: Any = None
     pending_info: dict[str, Any] = field(default_factory=dict)
     last_warned: int | None = None
+    #: out of its pool, recalibrating (policy pause); ``repause``: it was when the run stopped
+    paused: bool = False
+    repause: bool = False
     # this step's observations: the sum of squared residuals, the measurements (and, to refine, the inputs)
     _sq: float = 0.0
     _ys: list[np.ndarray] = field(default_factory=list)
@@ -254,7 +259,7 @@ class WatchedReplica:
                 "noise_floor": _plain(self.noise_floor), "nmse": _plain(self.nmse),
                 "output_var": _plain(self.output_var),
                 "noise": None if self.noise is None else [float(self.noise.additive), float(self.noise.relative)],
-                "zero_step": self.zero_step, "refine_due": due,
+                "zero_step": self.zero_step, "refine_due": due, "paused": self.paused,
                 "history": [[int(step), float(r)] for step, r in self.history],
                 "buffer": [[step, torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in params.items()},
                             torch.from_numpy(y)] for step, x, params, y in self.buffer]}
@@ -275,6 +280,7 @@ class WatchedReplica:
             (int(step), _array(x), {k: _array(v) for k, v in params.items()}, _array(y))
             for step, x, params, y in state.get("buffer", []))
         self.buffered_rows = sum(e[3].shape[0] for e in self.buffer)
+        self.repause = bool(state.get("paused", False))
 
 
 def _plain(v: float | None) -> float | None:
@@ -306,6 +312,7 @@ class RecalibrationWatch(Callback):
         self.seed = seed
         self.records: list[dict[str, Any]] = []
         self._local: list[Any] = []  # twin workers on threads, for replicas with no twin copies elsewhere
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None  # recalibrations out of the pool
 
     # -- the pipeline observer ---------------------------------------------------------------------------
 
@@ -326,6 +333,13 @@ class RecalibrationWatch(Callback):
 
     # -- the trainer callback ----------------------------------------------------------------------------
 
+    def on_train_start(self, trainer: Any) -> None:
+        # a replica that was out of its pool recalibrating when the run stopped: its recalibration is redone
+        for w in self.watched.values():
+            if w.repause and w.pending is None:
+                w.repause = False
+                self._pause(w, trainer.global_step, f"{w.label} was recalibrating when the run stopped")
+
     def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         step = trainer.global_step
         for w in self.watched.values():
@@ -338,8 +352,13 @@ class RecalibrationWatch(Callback):
         self.save(trainer)
 
     def on_train_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        # a refinement still running when training ends is not taken: the twin at the end is the one in use
+        # a refinement still running when training ends is not taken: the twin at the end is the one in use;
+        # a replica out of its pool for a recalibration is waited for and comes back with it (the test and
+        # the checkpoint see every replica)
         for w in self.watched.values():
+            if w.paused and w.pending is not None:
+                concurrent.futures.wait([w.pending])
+                self._poll(w, trainer.global_step)
             w.pending = None
         self.save(trainer)
 
@@ -363,6 +382,9 @@ class RecalibrationWatch(Callback):
                 for label, w in self.watched.items()}
 
     def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
         for h in self._local:
             h.close()
         self._local.clear()
@@ -414,9 +436,8 @@ class RecalibrationWatch(Callback):
             if w.pending is None and w.refine_due is None:
                 self.report(f"-- {what}; refining it online from the measurements since step {w.zero_step}")
                 w.refine_due = w.zero_step
-        elif policy == "pause":
-            self.report(f"-- {what}; pausing {w.label} to recalibrate it in full")
-            self._recalibrate(w, step)
+        elif policy == "pause" and w.pending is None:
+            self._pause(w, step, what)
 
     # -- refinement ------------------------------------------------------------------------------------
 
@@ -494,9 +515,15 @@ class RecalibrationWatch(Callback):
         try:
             result = self._result(call)
         except Exception as exc:  # a refinement that failed leaves the twin in use as it was
-            self.report(f"   {w.label}: refinement failed ({type(exc).__name__}: {exc}); the twin in use stays")
-            return
-        self._take(w, step, result, info)
+            self.report(f"   {w.label}: {info['source']} failed ({type(exc).__name__}: {exc}); the twin in use stays")
+            result = None
+        if result is not None:
+            self._take(w, step, result, info)
+        if w.paused:
+            w.pool.readmit(w.replica)
+            w.paused = False
+            self.report(f"   {w.label} back in its pool at step {step}, {time.perf_counter() - info['t0']:.1f} s "
+                        f"after it left")
 
     def _take(self, w: WatchedReplica, step: int, result: Mapping[str, Any], info: Mapping[str, Any]) -> None:
         figures, payload = result["figures"], result["payload"]
@@ -536,28 +563,52 @@ class RecalibrationWatch(Callback):
 
     # -- full recalibration (policy pause) ----------------------------------------------------------------------
 
-    def _recalibrate(self, w: WatchedReplica, step: int) -> None:
+    def _pause(self, w: WatchedReplica, step: int, what: str) -> None:
+        """Stop sending work to the device and recalibrate it in full. With other replicas of its pool still
+        active only this one leaves the pool (training goes on with the others) and comes back at the first
+        step boundary after its recalibration; alone, training waits for it (Bluesky's suspender)."""
+        pool = w.pool
+        others = [] if pool is None else [r for r in pool.active if r is not w.replica]
+        if not others or w.replica not in pool.active:
+            self.report(f"-- {what}; pausing {w.label} to recalibrate it in full")
+            info = self._info(w, step)
+            result = self._recalibration(w, step, info)
+            self._take(w, step, result, info)
+            self.report(f"   {w.label} resumed after {time.perf_counter() - info['t0']:.1f} s")
+            return
+        self.report(f"-- {what}; taking {w.label} out of its pool to recalibrate it in full "
+                    f"({len(others)} other replica(s) go on)")
+        pool.suspend(w.replica, "recalibrating its twin")
+        w.paused = True
+        if self._threads is None:
+            self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.watched),
+                                                                  thread_name_prefix="recalibration")
+        w.pending_info = self._info(w, step)
+        w.pending = self._threads.submit(self._recalibration, w, step, w.pending_info)
+
+    @staticmethod
+    def _info(w: WatchedReplica, step: int) -> dict[str, Any]:
+        return {"step": step, "t0": time.perf_counter(), "source": "recalibration", "fitted_by": "",
+                "samples": {"buffer_rows": 0, "explore_rows": 0, "device_samples": 0, "groups": 0}}
+
+    def _recalibration(self, w: WatchedReplica, step: int, info: dict[str, Any]) -> dict[str, Any]:
+        """A full recalibration, as the first one: fresh samples over the whole range and a fit of every
+        weight (in the replica's twin actor, or a thread); ``info`` takes its sample counts. Blocks."""
         from pnn_cluster.twins.fit import fit_splits
 
         c = w.calibration
-        t0 = time.perf_counter()
         seed = self.seed + 104_729 + 31 * step
         samples = w.collect(groups=c.get("groups", 24), batch=c.get("batch", 128), repeats=c.get("repeats", 2),
                             seed=seed)
         w.recalibration_samples += samples.device_samples
+        info["samples"].update(device_samples=samples.device_samples, groups=len(samples))
         fit_on, stop, val = fit_splits(samples, c.get("holdout", 0.2), seed)
-        # a full fit, as the first calibration's: fresh samples over the whole range move every weight
         kw = {"epochs": c.get("epochs"), "lr": c.get("lr"), "seed": seed, "stop": stop, "drifting_only": False}
         handle = self._handle(w)
+        info["fitted_by"] = handle.name
         call = handle.submit_refine(fit_on, val, **{k: v for k, v in kw.items() if v is not None})
-        while not self._done(call):  # the pause: nothing else is sent to this device meanwhile
-            if isinstance(call, concurrent.futures.Future):
-                concurrent.futures.wait([call])
-            else:
-                self.backend.wait([call], timeout=None)
-        info = {"step": step, "t0": t0, "source": "recalibration", "fitted_by": handle.name,
-                "samples": {"buffer_rows": 0, "explore_rows": 0, "device_samples": samples.device_samples,
-                            "groups": len(samples)}}
-        w.pending, w.pending_info = None, {}
-        self._take(w, step, self._result(call), info)
-        self.report(f"   {w.label} resumed after {time.perf_counter() - t0:.1f} s")
+        if isinstance(call, concurrent.futures.Future):
+            concurrent.futures.wait([call])
+        else:
+            self.backend.wait([call], timeout=None)
+        return self._result(call)
