@@ -568,6 +568,9 @@ class RecalibrationWatch(Callback):
         active only this one leaves the pool (training goes on with the others) and comes back at the first
         step boundary after its recalibration; alone, training waits for it (Bluesky's suspender)."""
         pool = w.pool
+        if pool is not None and w.replica.name in pool.retired:
+            self.report(f"-- {what}; {w.label} has left its pool ({pool.retired[w.replica.name]}): not recalibrated")
+            return
         others = [] if pool is None else [r for r in pool.active if r is not w.replica]
         if not others or w.replica not in pool.active:
             self.report(f"-- {what}; pausing {w.label} to recalibrate it in full")
