@@ -363,7 +363,8 @@ class RecalibrationWatch(Callback):
         self.save(trainer)
 
     def save(self, trainer: Any) -> None:
-        trainer.extra_state["recalibration"] = self.state_dict()
+        # taken when a checkpoint is: the buffer and history are not copied every step
+        trainer.extra_state["recalibration"] = self.state_dict
 
     def state_dict(self) -> dict[str, Any]:
         return {label: w.state_dict() for label, w in self.watched.items()}

@@ -182,7 +182,9 @@ class Trainer:
         self.params_projected = 0
         #: steps of the current epoch already done (a run stopped mid-epoch resumes at the next one)
         self.step_in_epoch = 0
-        #: what else a checkpoint carries for whoever made this trainer (a runner's replica twins)
+        #: what else a checkpoint carries for whoever made this trainer (a runner's replica twins); a value
+        #: may be a callable, called when a checkpoint is taken (state that changes every step is not copied
+        #: every step)
         self.extra_state: dict[str, Any] = {}
         #: top-level keys every checkpoint carries as they are (the experiment configuration it came from)
         self.checkpoint_meta: dict[str, Any] = {}
@@ -327,7 +329,8 @@ class Trainer:
         return {**self.checkpoint_meta, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
                 "device_samples": self.device_samples, "config": asdict(self.config),
-                "history": self.history, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state}
+                "history": self.history, "step_in_epoch": self.step_in_epoch,
+                "extra": {k: v() if callable(v) else v for k, v in self.extra_state.items()}}
 
     def check_state_dict(self, state: Any, path: str | os.PathLike | None = None) -> None:
         """Raise :class:`CheckpointError` unless ``state`` is a checkpoint of this very stack.
