@@ -197,6 +197,9 @@ class ActorDevice(Device):
     def model(self):
         return self._get(self.actor.model.remote(), "model()")
 
+    def noise_stream(self, purpose: str) -> None:
+        self._get(self.actor.noise_stream.remote(purpose), "noise_stream()")
+
     def true_model(self):
         return self._get(self.actor.true_model.remote(), "true_model()")
 

@@ -412,26 +412,33 @@ class DeviceConfig(Section):
         return self.replicas + len(self.pool)
 
 
-LAYER_KINDS = ("linear", "rescale", "physical", "affine")
+LAYER_KINDS = ("linear", "rescale", "physical", "affine", "pool")
 
 
 class LayerConfig(Section):
     """One layer: ``{kind: linear, size: 24}``, ``{kind: rescale}``, ``{kind: physical, device: NAME}``,
-    ``{kind: affine}``."""
+    ``{kind: affine}``, ``{kind: pool, size: 7}`` (square images averaged down to 7 x 7, fixed)."""
 
-    kind: Literal["linear", "rescale", "physical", "affine"]
+    kind: Literal["linear", "rescale", "physical", "affine", "pool"]
     size: Width | None = None
     device: str | None = None
 
 
 DATASET_NAMES = ("mnist5k", "digits", "vowels", "npz", "idx")
+#: the most cross-validation folds (leave-one-out of a dataset of this many rows)
+MAX_FOLDS = 10_000
 
 
 class DatasetConfig(Section):
     """The data: ``path`` is the vowels CSV, the ``.npz`` file, or the directory of MNIST/Fashion-MNIST IDX
     files (``idx``). ``train_subset``/``test_subset`` make a smaller run; then ``val_fraction`` of the
     (subset's) train split becomes the validation split that per-epoch accuracy is measured on (0: none).
-    The test split is measured once, after training."""
+    The test split is measured once, after training.
+
+    ``folds``: 0 keeps the dataset's own train/test split; ``k >= 2`` pools train and test and runs fold
+    ``fold`` (0..k-1) of a class-stratified k-fold cross-validation drawn from ``split_seed`` (repeats:
+    other ``split_seed`` values). The fold is taken first, then the subset, then the validation split
+    (carved from the fold's train part)."""
 
     name: Literal["mnist5k", "digits", "vowels", "npz", "idx"]
     path: str | None = None
@@ -439,6 +446,29 @@ class DatasetConfig(Section):
     test_subset: Annotated[int, Field(ge=1, le=100_000_000)] | None = None
     val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
     split_seed: Seed = 0
+    folds: Annotated[int, Field(ge=0, le=MAX_FOLDS)] = 0
+    fold: Annotated[int, Field(ge=0, le=MAX_FOLDS - 1)] = 0
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v: int) -> int:
+        if v == 1:
+            raise _custom("folds 1 is not a cross-validation (one fold leaves nothing to train on)",
+                          f"0 (the dataset's own split) or an integer from 2 to {MAX_FOLDS}")
+        return v
+
+    @field_validator("fold")
+    @classmethod
+    def _fold(cls, v: int, info: ValidationInfo) -> int:
+        folds = info.data.get("folds")
+        if folds is None:  # folds itself was refused, and is reported
+            return v
+        if folds == 0 and v != 0:
+            raise _custom(f"fold {v} without folds (folds 0 keeps the dataset's own split)",
+                          "0, or set folds to 2 or more")
+        if folds and v >= folds:
+            raise _custom(f"fold {v} is not one of the {folds} folds", f"an integer from 0 to {folds - 1}")
+        return v
 
     @field_validator("path")
     @classmethod
@@ -470,6 +500,9 @@ class ScheduleConfig(Section):
     micro_batch: BatchSize | None = None
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     eval_batch: BatchSize = 500
+    #: which weights the test split measures: the last epoch's, or those of the epoch with the best validation
+    #: accuracy (measured on the devices each epoch; needs dataset.val_fraction > 0)
+    keep: Literal["last", "best"] = "last"
 
 
 class TrackingConfig(Section):
@@ -513,15 +546,18 @@ class ClusterConfig(Section):
 
 #: pat: devices forward, twins backward. in_silico: twins both ways, then tested on the devices.
 #: oracle: devices forward, exact autograd through the simulator. ablation: every physical layer replaced by a
-#: fixed digital map of its shape (identity where widths match), the digital layers trained alone.
-METHODS = ("pat", "in_silico", "oracle", "ablation")
+#: fixed random orthogonal map of its shape, the digital layers trained alone. digital: every physical layer
+#: replaced by a trainable MLP with as many parameters as the device has settings (a parameter-matched network).
+METHODS = ("pat", "in_silico", "oracle", "ablation", "digital")
+#: the methods that train no device: their stacks hold digital stand-ins where the physical layers stood
+DIGITAL_METHODS = ("ablation", "digital")
 
 
 class ExperimentConfig(Section):
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
     seed: Seed = 0
-    method: Literal["pat", "in_silico", "oracle", "ablation"] = "pat"
+    method: Literal["pat", "in_silico", "oracle", "ablation", "digital"] = "pat"
     dataset: DatasetConfig
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)
     stack: Annotated[list[LayerConfig], Field(min_length=1)]
@@ -566,17 +602,21 @@ class ExperimentConfig(Section):
                     used[layer.device] = i
             elif layer.device is not None:
                 out.append(Problem(f"{key}.device", f"a {layer.kind} layer has no device", "only kind: physical"))
-            if layer.kind == "linear" and layer.size is None:
-                out.append(Problem(f"{key}.size", "a linear layer needs its output size", "an integer >= 1"))
-            if layer.kind != "linear" and layer.size is not None:
+            if layer.kind in ("linear", "pool") and layer.size is None:
+                out.append(Problem(f"{key}.size", f"a {layer.kind} layer needs its output size",
+                                   "an integer >= 1" + (" (the pooled image's side)" if layer.kind == "pool" else "")))
+            if layer.kind not in ("linear", "pool") and layer.size is not None:
                 out.append(Problem(f"{key}.size", f"a {layer.kind} layer takes its size from its neighbours",
-                                   "size only on kind: linear"))
+                                   "size only on kind: linear or pool"))
             if layer.kind == "rescale" and not any(l.kind == "physical" for l in self.stack[i + 1:]):
                 out.append(Problem(f"{key}.kind", "a rescale maps into the input range of a following physical layer; "
                                    "none follows", "linear, affine"))
         if physical == 0:
             out.append(Problem("stack", "no physical layer: nothing would be trained on a device",
                                "at least one {kind: physical, device: NAME}"))
+        if self.schedule.keep == "best" and self.dataset.val_fraction == 0:
+            out.append(Problem("schedule.keep", "'best' chooses the epoch on the validation split, and "
+                               "dataset.val_fraction is 0", "keep: last, or dataset.val_fraction > 0"))
         unknown_refs = any(l.kind == "physical" and l.device not in self.devices for l in self.stack)
         for name in names:
             if name not in used and not unknown_refs:
@@ -635,6 +675,8 @@ class ExperimentConfig(Section):
                           f"a linear layer of {width} x {layer.size} weights (with gradients and optimizer state)",
                           "outputs")
                 width = layer.size
+            elif layer.kind == "pool":
+                width = layer.size * layer.size
             elif layer.kind == "physical":
                 spec = specs.get(layer.device)
                 width = spec.output.size if spec is not None else None
@@ -668,6 +710,11 @@ class ExperimentConfig(Section):
         return out
 
     # -- conversions -------------------------------------------------------------------------------------
+
+    @property
+    def digital_only(self) -> bool:
+        """The method trains digital stand-ins where the physical layers stood (no device is measured)."""
+        return self.method in DIGITAL_METHODS
 
     def physical_devices(self) -> list[str]:
         """Device names in stack order."""

@@ -9,7 +9,9 @@
 
 Model selection (epochs, learning rates, twins) is judged on the validation split, which
 :meth:`Dataset.with_validation` carves out of train; the test split is measured once, at the end of
-a run, and never feeds back into a choice.
+a run, and never feeds back into a choice. For a small dataset, :meth:`Dataset.fold` replaces the fixed
+split by one fold of a class-stratified k-fold cross-validation of train and test pooled (take the fold
+first, then the subset, then the validation split).
 """
 
 from __future__ import annotations
@@ -93,6 +95,43 @@ class Dataset:
         # train and validation keep the original order of the samples
         return Dataset(self.name, self.x_train[~to_val], self.y_train[~to_val], self.x_test, self.y_test,
                        self.x_train[to_val], self.y_train[to_val])
+
+    def fold(self, k: int, i: int, seed: int) -> Dataset:
+        """Fold ``i`` of a class-stratified ``k``-fold cross-validation of train and test pooled together.
+
+        The pooled rows (train first, then test, in their order) are assigned to ``k`` folds: each
+        class is shuffled with ``seed`` and dealt out round-robin, starting where the previous class
+        stopped, so every class is spread over the folds within one row of even and the folds' sizes
+        differ by at most one. Fold ``i`` becomes the test split, the other ``k - 1`` folds the train
+        split (both keep the pooled order). Over ``i = 0..k-1`` every row is tested exactly once; the
+        same ``seed`` gives the same folds. Needs a dataset without a validation split: carve it
+        afterwards with :meth:`with_validation` (from the fold's train split).
+        """
+        if len(self.y_val):
+            raise ValueError(f"dataset {self.name}: has a validation split of {len(self.y_val)} samples; "
+                             "take the fold first, then with_validation")
+        n = len(self.y_train) + len(self.y_test)
+        if not 2 <= k <= n:
+            raise ValueError(f"dataset {self.name}: {k} folds; allowed: 2 to {n} (the pooled rows)")
+        if not 0 <= i < k:
+            raise ValueError(f"dataset {self.name}: fold {i} of {k}; allowed: 0 to {k - 1}")
+        assignment = self.fold_assignment(k, seed)
+        x = np.concatenate([self.x_train, self.x_test])
+        y = np.concatenate([self.y_train, self.y_test])
+        test = assignment == i
+        return Dataset(self.name, x[~test], y[~test], x[test], y[test])
+
+    def fold_assignment(self, k: int, seed: int) -> np.ndarray:
+        """The fold (0..k-1) of each pooled row (train, then test) for :meth:`fold`."""
+        y = np.concatenate([self.y_train, self.y_test])
+        rng = np.random.default_rng(seed)
+        assignment = np.empty(len(y), dtype=np.int64)
+        start = 0
+        for c in np.unique(y):
+            members = rng.permutation(np.flatnonzero(y == c))
+            assignment[members] = (start + np.arange(len(members))) % k
+            start = (start + len(members)) % k
+        return assignment
 
     def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Dataset:
         """A class-stratified random subset of train and test, for quick runs; validation is kept as it is

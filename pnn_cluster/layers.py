@@ -13,7 +13,8 @@ from torch import nn
 from pnn_cluster.devices.base import Device
 from pnn_cluster.pat import pat_apply
 
-__all__ = ["PhysicalLayer", "FixedMap", "Affine", "Rescale", "Stack", "MODES", "init_rescales_"]
+__all__ = ["PhysicalLayer", "FixedMap", "DigitalStandIn", "Pool", "Affine", "Rescale", "Stack", "MODES",
+           "init_rescales_"]
 
 #: pat: physical forward, twin backward. in_silico: twin both ways.
 #: oracle: physical forward, exact autograd through the simulator (simulated devices only).
@@ -155,29 +156,86 @@ class PhysicalLayer(nn.Module):
         return f"device={self.name!r}, mode={self.mode!r}, params={list(self.theta)}"
 
 
-class FixedMap(nn.Module):
-    """A physical layer's digital stand-in for an ablation: the identity where the widths match, else a
-    fixed random linear map of the same shape (drawn once from ``seed``, never trained).
+def _random_orthogonal(n_out: int, n_in: int, generator: torch.Generator) -> torch.Tensor:
+    """An ``n_out x n_in`` matrix with orthonormal rows or columns (whichever are fewer), Haar-distributed."""
+    q, r = torch.linalg.qr(torch.randn(max(n_out, n_in), min(n_out, n_in), generator=generator,
+                                       dtype=torch.get_default_dtype()))
+    q = q * torch.sign(torch.diagonal(r))  # the sign fix that makes QR's Q Haar-distributed
+    return q if n_out >= n_in else q.T
 
-    A stack whose physical layers are all replaced so has exactly the same trainable digital
-    parameters; what it reaches is what the digital part reaches on its own.
+
+class FixedMap(nn.Module):
+    """A physical layer's digital stand-in for the ablation: a fixed random orthogonal map of its shape
+    (drawn once from ``seed``, never trained).
+
+    Orthogonal rather than the identity: a physical layer mixes its channels, and a fixed random mixing
+    alone already helps the digital layers around it. What the physics adds is measured against that, not
+    against no mixing at all. A stack whose physical layers are all replaced so keeps exactly the same
+    trainable digital parameters.
     """
 
     def __init__(self, n_in: int, n_out: int, name: str = "", seed: int = 0) -> None:
         super().__init__()
         self.name, self.n_in, self.n_out = name, int(n_in), int(n_out)
-        if n_in == n_out:
-            self.register_buffer("weight", None)
-        else:
-            g = torch.Generator().manual_seed(seed)
-            self.register_buffer("weight", torch.randn(n_out, n_in, generator=g) / math.sqrt(n_in))
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", _random_orthogonal(self.n_out, self.n_in, g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.weight is None else x @ self.weight.T
+        return x @ self.weight.T
 
     def extra_repr(self) -> str:
-        return f"stands for {self.name!r}, {self.n_in} -> {self.n_out}, " + \
-            ("identity" if self.weight is None else "fixed random")
+        return f"stands for {self.name!r}, {self.n_in} -> {self.n_out}, fixed random orthogonal"
+
+
+class DigitalStandIn(nn.Module):
+    """A physical layer's trainable digital stand-in with as many parameters: an MLP ``n_in -> h -> n_out``.
+
+    ``h`` is the smallest hidden width whose parameter count reaches ``n_params`` (the device's trainable
+    settings), so the digital network it belongs to is matched in parameter count to the physical one. It
+    starts from a random orthogonal-like map (PyTorch's default init) and its inputs are centred on the
+    device's input range, as the physical layer's are.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_params: int, name: str = "", center: float = 0.0) -> None:
+        super().__init__()
+        self.name, self.n_in, self.n_out, self.n_params = name, int(n_in), int(n_out), int(n_params)
+        self.hidden = max(1, math.ceil((n_params - n_out) / (n_in + n_out + 1)))
+        self.center = float(center)
+        self.net = nn.Sequential(nn.Linear(n_in, self.hidden), nn.Tanh(), nn.Linear(self.hidden, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x - self.center)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return (f"stands for {self.name!r}, {self.n_in} -> {self.hidden} -> {self.n_out}, "
+                f"{self.parameter_count()} parameters for the device's {self.n_params}")
+
+
+class Pool(nn.Module):
+    """Fixed average pooling of square images to ``side x side`` (e.g. MNIST's 28 x 28 to 7 x 7 = 49 features).
+
+    How the paper fed MNIST to its mechanical and electronic networks: a downsampled image written straight
+    into the drive waveform, with no trainable digital layer before the device.
+    """
+
+    def __init__(self, n_in: int, side: int) -> None:
+        super().__init__()
+        full = math.isqrt(int(n_in))
+        if full * full != n_in:
+            raise ValueError(f"Pool: {n_in} features are not a square image")
+        if not 1 <= side <= full:
+            raise ValueError(f"Pool: size {side} must be from 1 to the image side {full}")
+        self.full, self.side = full, int(side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        img = x.reshape(x.shape[0], 1, self.full, self.full)
+        return nn.functional.adaptive_avg_pool2d(img, self.side).reshape(x.shape[0], -1)
+
+    def extra_repr(self) -> str:
+        return f"{self.full}x{self.full} -> {self.side}x{self.side}"
 
 
 class Affine(nn.Module):

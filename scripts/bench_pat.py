@@ -1,29 +1,46 @@
-"""PAT against in silico, the oracle, a digital ablation and logistic regression, over seeds; the twins.
+"""PAT against in silico, the oracle, two digital controls and logistic regression, over paired runs; the twins.
 
 Prints one JSON line::
 
     {"seeds": N, "quick": bool,
-     "tasks": [{"task": NAME, "methods": {"oracle": {"mean", "sd", "values", "val_mean"}, "pat": {...},
-                                         "in_silico": {...}, "ablation": {...}},
-                "logistic": A, "logistic_val": A, "device_samples": {"pat": N, ...}}, ...],
-     "sweep": [{"gap": G, "twin_nmse": E, "oracle": A, "pat": A, "in_silico": A, "seeds": N}, ...],
+     "tasks": [{"task": NAME, "runs": N, "paper": A | null,
+                "methods": {"oracle" | "pat" | "in_silico" | "ablation" | "digital":
+                            {"mean", "sd", "n", "values", "val_mean", "seconds"}},
+                "logistic": A, "logistic_sd": SD, "logistic_val": A, "logistic_C": [C, ...],
+                "logistic_at_edge": K, "device_samples": {"pat": N, ...}, "targets": {...}}, ...],
+     "sweep": [{"gap": G, "control": bool, "twin_nmse": E, "grad_cosine": C, "oracle": A, "pat": A,
+                "in_silico": A, "seeds": N, ...}, ...],
      "twins": [{"system": NAME, "noise_floor": F, "physics": E, "residual": E, "mlp": E,
                 "device_samples": N, "best": KIND}, ...],
      "seconds": S}
 
 Protocol. Every task is its shipped configuration (``pnn_cluster/configs/NAME.yaml``; ``--quick``: its
-``quick`` section) run through the same runner as ``pnn-cluster train``. Each seed is a different
-physical copy of every device (its own miscalibration and noise), initialisation and batch order.
-Training reads the validation split carved from train (``dataset.val_fraction``); the test split is
-measured once per run, on the (simulated) physical devices, after training. ``ablation`` is the same
-stack with every physical layer replaced by a fixed digital map of its shape (identity where widths
-match), trained the same way; ``logistic`` is logistic regression on the raw features, its
-regularisation chosen on the same validation split. ``device_samples`` counts every measurement a
-method cost (twin calibration, initialisation, training), mean over seeds.
+``quick`` section) run through the same runner as ``pnn-cluster train``, on the simulated systems' default
+imperfections (drift included). Run ``r`` of a task is one pairing: all its methods (arms) share the device
+copies (miscalibration), the devices' noise streams (one per purpose: calibration, initialisation, training,
+test; so an arm that spent samples on a twin sees the same training noise as one that did not), the
+initialisation and batch order (``seed=r``) and the data split (``dataset.split_seed=r``; vowels: the 259
+rows pooled into 5 stratified folds, run ``r`` testing on fold ``r % 5`` of split seed ``r // 5``, 20 runs by
+default; the file has no speaker column, so folds cannot be grouped by speaker). Training reads the
+validation split carved from train (``dataset.val_fraction``) and, where the configuration says
+``schedule.keep: best``, tests the epoch with the best validation accuracy; the test split is measured once
+per run, on the (simulated) physical devices, after training.
 
-The sweep runs ``hybrid_mnist`` with a twin that does not learn the gap (the uncalibrated ideal model,
-``twin.kind: ideal``) at several sizes of the devices' miscalibration; ``twin_nmse`` is measured on
-the devices, averaged over the stack's layers and seeds.
+The controls, each trained the same way on the same splits: ``ablation`` replaces every physical layer by a
+fixed random orthogonal map of its shape (what channel mixing alone gives the digital layers); ``digital``
+replaces it by a trainable MLP with at least as many parameters as the device has settings (a network matched
+in parameter count); ``logistic`` is logistic regression on the raw features of the run's split, its
+regularisation chosen on its validation split from a grid of 1e-4..1e4. ``paper`` is the paper's figure
+for the task. ``device_samples`` counts every measurement a method cost (twin calibration, initialisation,
+training), mean over runs.
+
+The sweep runs ``hybrid_mnist`` on its shipped schedule with a twin that does not learn the gap (the
+uncalibrated ideal model, ``twin.kind: ideal``) at several sizes of the devices' miscalibration, and a
+control row (``"control": true``: no miscalibration, no unmodelled physics, no drift; the ideal twin is the
+exact physics and PAT must equal the oracle). ``twin_nmse`` is measured on the devices, averaged over the
+stack's layers and seeds; ``grad_cosine`` is the cosine between PAT's gradient and the exact one on a
+validation batch (:func:`pnn_cluster.gradients.gradient_agreement`), at the start and after each epoch of the
+PAT runs.
 
 The twins section collects ``--twin-samples`` device samples (two repeats of each input, so the
 noise floor is measured) from each simulated system with its unmodelled physics on, fits the
@@ -43,11 +60,17 @@ import sys
 import time
 from typing import Any
 
-TASKS = ("hybrid_mnist", "shg_vowels", "oscillators_mnist")
-METHODS = ("oracle", "pat", "in_silico", "ablation")
+TASKS = ("hybrid_mnist", "shg_vowels", "plate_mnist", "circuit_mnist", "oscillators_mnist")
+METHODS = ("oracle", "pat", "in_silico", "ablation", "digital")
 SWEEP_METHODS = ("oracle", "pat", "in_silico")
 FULL_GAPS = (0.5, 1.5, 2.5, 3.5, 4.5)
 QUICK_GAPS = (0.5, 2.5, 4.5)
+#: the paper's accuracy for the task (Wright, Onodera et al., Nature 601, 549 (2022)): SHG vowels 93 %,
+#: mechanical (plate) MNIST 87 %, electronic (circuit) MNIST 93 %, hybrid SHG + digital MNIST 97 %
+PAPER = {"hybrid_mnist": 0.97, "shg_vowels": 0.93, "plate_mnist": 0.87, "circuit_mnist": 0.93,
+         "oscillators_mnist": None}
+#: vowels: the 259 rows pooled and split into stratified folds; each run tests on one fold
+VOWEL_FOLDS = 5
 #: --quick: the benchmark's shape in minutes, not its figures (on top of each task's own quick section)
 QUICK = ["dataset.train_subset=300", "dataset.test_subset=200", "schedule.epochs=1", "init.samples=64"]
 QUICK_TWIN = {"groups": 24, "batch": 16, "epochs": 5}
@@ -79,21 +102,73 @@ def configuration(name: str, quick: bool, overrides: list[str]):
     return cfg.with_overrides([*mine, "tracking.enabled=false"])
 
 
-def run_task(name: str, quick: bool, overrides: list[str]) -> dict[str, Any]:
-    """One training run (one task, method and seed) in this process; what the benchmark keeps of it."""
+def paired_run(name: str, run: int) -> list[str]:
+    """What run ``run`` of a task varies, the same for all of its methods (its arms): the device copies and
+    noise streams, the initialisation and batch order (``seed``) and the data split. Vowels: run ``r`` tests on
+    fold ``r % VOWEL_FOLDS`` of the folds drawn with split seed ``r // VOWEL_FOLDS``."""
+    if name == "shg_vowels":
+        return [f"seed={run}", f"dataset.folds={VOWEL_FOLDS}", f"dataset.fold={run % VOWEL_FOLDS}",
+                f"dataset.split_seed={run // VOWEL_FOLDS}"]
+    return [f"seed={run}", f"dataset.split_seed={run}"]
+
+
+class GradientWatch:
+    """A trainer callback: PAT's gradient against the exact one on a fixed validation batch, at the start of
+    training and after each epoch (:func:`pnn_cluster.gradients.gradient_agreement`)."""
+
+    def __init__(self, batch: int = 256) -> None:
+        self.batch = batch
+        self.cosines: list[float] = []
+        self.relative_errors: list[float] = []
+
+    def _measure(self, trainer) -> None:
+        import torch
+
+        from pnn_cluster.gradients import gradient_agreement
+
+        data = trainer.data
+        x = torch.as_tensor(data.x_val[: self.batch], dtype=torch.get_default_dtype())
+        y = torch.as_tensor(data.y_val[: self.batch])
+        g = gradient_agreement(trainer.model, x, y)
+        self.cosines.append(g["cosine"])
+        self.relative_errors.append(g["relative_error"])
+
+    def on_train_start(self, trainer) -> None:
+        self._measure(trainer)
+
+    def on_step_end(self, trainer, metrics) -> None: ...
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        self._measure(trainer)
+
+    def on_train_end(self, trainer, metrics) -> None: ...
+
+    def on_test_end(self, trainer, result) -> None: ...
+
+
+def run_task(name: str, quick: bool, overrides: list[str], gradients: bool = False) -> dict[str, Any]:
+    """One training run (one task, method and seed) in this process; what the benchmark keeps of it.
+    ``gradients``: PAT's gradient compared with the exact one along the run (``grad_cosine``)."""
     import torch
 
     from pnn_cluster.runner import InProcessPlacement, run_experiment
 
     torch.set_num_threads(1)
     cfg = configuration(name, quick, overrides)
-    r = run_experiment(cfg, InProcessPlacement(), echo=False)
-    return {"test_acc": r.test_acc, "val_acc": r.val_acc, "device_samples": r.device_samples_total,
-            "seconds": r.seconds, "twin_nmse": r.twin_nmse,
-            "twins": {k: {"kind": v["kind"], "ratio_to_floor": v.get("ratio_to_floor")} for k, v in r.twins.items()}}
+    watch = GradientWatch() if gradients and cfg.method == "pat" else None
+    r = run_experiment(cfg, InProcessPlacement(), echo=False, callbacks=[watch] if watch else ())
+    out = {"test_acc": r.test_acc, "val_acc": r.val_acc, "device_samples": r.device_samples_total,
+           "seconds": r.seconds, "twin_nmse": r.twin_nmse,
+           "twins": {k: {"kind": v["kind"], "ratio_to_floor": v.get("ratio_to_floor")} for k, v in r.twins.items()}}
+    if watch is not None:
+        out["grad_cosine"] = statistics.fmean(watch.cosines)
+        out["grad_cosines"] = watch.cosines
+        out["grad_relative_error"] = statistics.fmean(watch.relative_errors)
+    return out
 
 
 def logistic(name: str, quick: bool, overrides: list[str]) -> dict[str, Any]:
+    """Logistic regression on the run's own split (its regularisation chosen on its validation split)."""
     from pnn_cluster.baselines import logistic_baseline
     from pnn_cluster.runner import load_data
 
@@ -169,7 +244,7 @@ class Pool:
 
 def mean_sd(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+            "n": len(values), "values": values}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--sections", default="tasks,sweep,twins", help="any of tasks, sweep, twins")
     p.add_argument("--gaps", default=None, help="comma-separated miscalibration sizes for the sweep")
-    p.add_argument("--sweep-seeds", type=int, default=None, help="seeds per sweep point (default 3; 1 with --quick)")
+    p.add_argument("--sweep-seeds", type=int, default=None, help="seeds per sweep point (default 5; 1 with --quick)")
+    p.add_argument("--vowel-runs", type=int, default=None,
+                   help=f"paired runs of shg_vowels, each testing on one of {VOWEL_FOLDS} stratified folds "
+                        "(default 20; 2 with --quick)")
     p.add_argument("--twin-samples", type=int, default=None,
                    help="device samples per system in the twins section (default 20000; 4000 with --quick)")
     p.add_argument("--workers", type=int, default=2, help="runs at once as Ray tasks (0: in this process)")
@@ -195,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t_all = time.perf_counter()
     seeds = args.seeds or (2 if args.quick else 5)
+    args.vowel_runs = args.vowel_runs or (2 if args.quick else 20)
     sections = set(args.sections.split(","))
     methods = [m for m in args.methods.split(",") if m]
     done: dict[tuple, Any] = {}
@@ -224,28 +303,34 @@ def main(argv: list[str] | None = None) -> int:
             jobs[key] = pool.submit(fn, *fn_args)
 
     tasks = [t for t in args.tasks.split(",") if t] if "tasks" in sections else []
+    runs_of = {name: args.vowel_runs if name == "shg_vowels" else seeds for name in tasks}
     for name in tasks:
-        submit(("logistic", name), logistic, name, args.quick, args.overrides)
-        for seed in range(seeds):
+        for run in range(runs_of[name]):
+            pair = paired_run(name, run)
+            submit(("logistic", name, run), logistic, name, args.quick, [*args.overrides, *pair])
             for m in methods:
-                submit(("task", name, m, seed), run_task, name, args.quick,
-                       [*args.overrides, f"seed={seed}", f"method={m}"])
+                submit(("task", name, m, run), run_task, name, args.quick, [*args.overrides, *pair, f"method={m}"])
     gaps = [float(g) for g in args.gaps.split(",")] if args.gaps else list(QUICK_GAPS if args.quick else FULL_GAPS)
-    sweep_seeds = args.sweep_seeds or (1 if args.quick else min(seeds, 3))
+    sweep_seeds = args.sweep_seeds or (1 if args.quick else min(seeds, 5))
+    # the control: no miscalibration, no unmodelled physics, no drift; the ideal twin is then the exact
+    # physics, and PAT must train exactly as the oracle does
+    points = [(0.0, True), *((g, False) for g in gaps)]
     if "sweep" in sections:
         from pnn_cluster.config import example_config_path, load_config
 
         names = load_config(example_config_path("hybrid_mnist")).physical_devices()
-        # the sweep's shape, not its polish: a smaller subset and fewer epochs per point
-        small = QUICK if args.quick else ["dataset.train_subset=1500", "schedule.epochs=4"]
-        for g in gaps:
+        # the shipped schedule (or the quick one): the sweep measures a stack that trains
+        small = QUICK if args.quick else []
+        for g, control in points:
             # the ideal twin is measured against the devices, not fitted: a few groups are enough
-            twin = [f"devices.{d}.{key}" for d in names for key in (
-                f"driver.imperfections.gap={g}", "twin.kind=ideal", "twin.groups=8", "twin.batch=64")]
+            keys = [f"driver.imperfections.gap={g}", "twin.kind=ideal", "twin.groups=8", "twin.batch=64"]
+            if control:
+                keys += ["driver.imperfections.unmodelled=0", "driver.imperfections.drift=0"]
+            twin = [f"devices.{d}.{key}" for d in names for key in keys]
             for seed in range(sweep_seeds):
                 for m in SWEEP_METHODS:
-                    submit(("sweep", g, m, seed), run_task, "hybrid_mnist", False,
-                           [*small, *twin, f"seed={seed}", f"method={m}"])
+                    submit(("sweep", "control" if control else g, m, seed), run_task, "hybrid_mnist", args.quick,
+                           [*small, *twin, *paired_run("hybrid_mnist", seed), f"method={m}"], m == "pat")
     if "twins" in sections:
         budget = args.twin_samples or (600 if args.quick else 20000)
         for system, options in TWIN_SYSTEMS.items():
@@ -254,35 +339,54 @@ def main(argv: list[str] | None = None) -> int:
     results = pool.gather(jobs, done, record)
 
     for name in tasks:
-        row: dict[str, Any] = {"task": name, "methods": {}, "device_samples": {}}
+        n = runs_of[name]
+        row: dict[str, Any] = {"task": name, "runs": n, "methods": {}, "device_samples": {}, "paper": PAPER.get(name)}
         for m in methods:
-            runs = [results[("task", name, m, s)] for s in range(seeds)]
+            runs = [results[("task", name, m, s)] for s in range(n)]
+            vals = [r["val_acc"] for r in runs if r["val_acc"] is not None]
             row["methods"][m] = {**mean_sd([r["test_acc"] for r in runs]),
-                                 "val_mean": statistics.fmean(r["val_acc"] for r in runs if r["val_acc"] is not None)
-                                 if any(r["val_acc"] is not None for r in runs) else None,
+                                 "val_mean": statistics.fmean(vals) if vals else None,
                                  "seconds": statistics.fmean(r["seconds"] for r in runs)}
             row["device_samples"][m] = int(statistics.fmean(r["device_samples"] for r in runs))
             if m == "pat":
                 row["twins"] = runs[0]["twins"]
             acc = row["methods"][m]
-            log(f"{name:18s} {m:10s} test {acc['mean']:.3f} +- {acc['sd']:.3f} over {seeds} seeds; "
+            log(f"{name:18s} {m:10s} test {acc['mean']:.3f} +- {acc['sd']:.3f} over {n} runs; "
                 f"{row['device_samples'][m]} device samples")
-        lr = results[("logistic", name)]
-        row["logistic"], row["logistic_val"], row["logistic_C"] = lr["test_acc"], lr["val_acc"], lr["C"]
-        log(f"{name:18s} logistic   test {lr['test_acc']:.3f} (C={lr['C']:g} chosen on validation)")
+        lrs = [results[("logistic", name, s)] for s in range(n)]
+        lr = mean_sd([r["test_acc"] for r in lrs])
+        row["logistic"], row["logistic_sd"] = lr["mean"], lr["sd"]
+        row["logistic_val"] = statistics.fmean(r["val_acc"] for r in lrs)
+        row["logistic_C"] = [r["C"] for r in lrs]
+        row["logistic_at_edge"] = sum(bool(r.get("at_edge")) for r in lrs)
+        log(f"{name:18s} logistic   test {lr['mean']:.3f} +- {lr['sd']:.3f} (C chosen on validation: "
+            f"{sorted(set(row['logistic_C']))}, at the grid's edge in {row['logistic_at_edge']} of {n})")
+        if "pat" in row["methods"]:
+            pat = row["methods"]["pat"]["mean"]
+            row["targets"] = {
+                "pat_over_ablation": pat - row["methods"]["ablation"]["mean"] if "ablation" in row["methods"] else None,
+                "pat_over_digital": pat - row["methods"]["digital"]["mean"] if "digital" in row["methods"] else None,
+                "pat_over_logistic": pat - row["logistic"],
+                "oracle_minus_pat": row["methods"]["oracle"]["mean"] - pat if "oracle" in row["methods"] else None,
+                "pat_minus_paper": pat - row["paper"] if row["paper"] is not None else None,
+            }
         out["tasks"].append(row)
     if "sweep" in sections:
-        for g in gaps:
-            point: dict[str, Any] = {"gap": g, "seeds": sweep_seeds}
-            nmses = []
+        for g, control in points:
+            point: dict[str, Any] = {"gap": g, "control": control, "seeds": sweep_seeds}
+            nmses, cosines = [], []
             for m in SWEEP_METHODS:
-                runs = [results[("sweep", g, m, s)] for s in range(sweep_seeds)]
+                runs = [results[("sweep", "control" if control else g, m, s)] for s in range(sweep_seeds)]
                 point[m] = statistics.fmean(r["test_acc"] for r in runs)
                 point[f"{m}_sd"] = statistics.stdev(r["test_acc"] for r in runs) if sweep_seeds > 1 else 0.0
+                point[f"{m}_values"] = [r["test_acc"] for r in runs]
                 nmses += [r["twin_nmse"] for r in runs if r["twin_nmse"] is not None]
+                cosines += [r["grad_cosine"] for r in runs if r.get("grad_cosine") is not None]
             point["twin_nmse"] = statistics.fmean(nmses) if nmses else None
-            log(f"sweep gap {g:4.2f}  twin NMSE {point['twin_nmse']:.4f}  oracle {point['oracle']:.3f}  "
-                f"pat {point['pat']:.3f}  in_silico {point['in_silico']:.3f}")
+            point["grad_cosine"] = statistics.fmean(cosines) if cosines else None
+            log(f"sweep gap {g:4.2f}{' (control)' if control else ''}  twin NMSE {point['twin_nmse']:.4f}  "
+                f"gradient cosine {point['grad_cosine']:.3f}  oracle {point['oracle']:.3f}  pat {point['pat']:.3f}  "
+                f"in_silico {point['in_silico']:.3f}")
             out["sweep"].append(point)
         out["sweep"].sort(key=lambda r: r["twin_nmse"] if r["twin_nmse"] is not None else 0.0)
     if "twins" in sections:

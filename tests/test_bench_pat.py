@@ -51,4 +51,13 @@ def test_every_finished_run_is_logged_and_a_rerun_skips_it(bench, tmp_path):
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [tuple(x["key"]) for x in lines] == list(jobs)
     assert bench.mean_sd([0.5, 0.7]) == {"mean": pytest.approx(0.6), "sd": pytest.approx(0.1414, abs=1e-4),
-                                         "values": [0.5, 0.7]}
+                                         "n": 2, "values": [0.5, 0.7]}
+
+
+def test_a_pairing_varies_seed_and_split_together_and_vowel_runs_cover_every_fold(bench):
+    assert bench.paired_run("hybrid_mnist", 3) == ["seed=3", "dataset.split_seed=3"]
+    runs = [bench.configuration("shg_vowels", False, bench.paired_run("shg_vowels", r)) for r in range(10)]
+    assert all(c.dataset.folds == bench.VOWEL_FOLDS for c in runs)
+    assert {(c.dataset.split_seed, c.dataset.fold) for c in runs} == {(s, f) for s in (0, 1) for f in range(5)}
+    assert len({c.seed for c in runs}) == 10
+    assert set(bench.PAPER) >= set(bench.TASKS)

@@ -96,7 +96,7 @@ def mistake(tmp_path: Path, change) -> ConfigError:
     (lambda d: d["devices"]["circuit"].update(replicas=0), "devices.circuit.replicas", ["out of range: 0", ">= 1"]),
     (lambda d: d["devices"]["circuit"]["driver"].update(imperfections={"unmodelled": -1}),
      "devices.circuit.driver.imperfections.unmodelled", ["out of range: -1", ">= 0"]),
-    (lambda d: d.update(method="digital"), "method", ["'digital'", "pat, in_silico, oracle, ablation"]),
+    (lambda d: d.update(method="digitl"), "method", ["'digitl'", "pat, in_silico, oracle, ablation, digital"]),
     (lambda d: d["devices"]["circuit"]["twin"].update(kind="gp"), "devices.circuit.twin.kind",
      ["'gp'", "physics, residual, mlp, ideal, best"]),
     # every number is bounded: the message gives both ends of the range

@@ -172,3 +172,125 @@ def test_idx_loader_says_which_file_is_missing_or_short(tmp_path):
         load_idx(tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         load_idx(tmp_path / "nowhere")
+
+
+# -- k-fold cross-validation --------------------------------------------------------------------------------
+
+
+def pooled_ids(d: Dataset) -> list[float]:
+    return sorted(np.concatenate([d.x_train[:, 0], d.x_test[:, 0], d.x_val[:, 0]]).tolist())
+
+
+def test_folds_partition_the_pooled_rows_exactly_and_never_share_a_row_with_train():
+    before = imbalanced()
+    before.x_test[:, 0] = np.arange(1000, 1000 + len(before.y_test))  # test rows get names of their own too
+    k = 5
+    tested: list[float] = []
+    for i in range(k):
+        f = before.fold(k, i, seed=0)
+        train, test = set(f.x_train[:, 0].tolist()), set(f.x_test[:, 0].tolist())
+        assert not train & test
+        assert pooled_ids(f) == pooled_ids(before)  # train and test of the fold are all the rows, once
+        assert len(f.y_val) == 0
+        tested += f.x_test[:, 0].tolist()
+    assert sorted(tested) == pooled_ids(before)  # every row is tested in exactly one fold
+
+
+def test_folds_keep_each_row_with_its_label():
+    before = imbalanced()
+    before.x_test[:, 0] = np.arange(1000, 1000 + len(before.y_test))
+    label = dict(zip(np.concatenate([before.x_train[:, 0], before.x_test[:, 0]]).tolist(),
+                     np.concatenate([before.y_train, before.y_test]).tolist()))
+    f = before.fold(4, 1, seed=2)
+    assert [label[v] for v in f.x_test[:, 0].tolist()] == f.y_test.tolist()
+    assert [label[v] for v in f.x_train[:, 0].tolist()] == f.y_train.tolist()
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 7])
+def test_each_class_is_spread_over_the_folds_within_one_row_of_even(k):
+    d = imbalanced()
+    y = np.concatenate([d.y_train, d.y_test])
+    per_fold = np.array([np.bincount(d.fold(k, i, seed=1).y_test, minlength=4) for i in range(k)])
+    total = np.bincount(y, minlength=4)
+    np.testing.assert_array_equal(per_fold.sum(axis=0), total)
+    assert (per_fold >= total // k).all() and (per_fold <= -(-total // k)).all()
+    sizes = per_fold.sum(axis=1)
+    assert sizes.max() - sizes.min() <= 1
+
+
+def test_the_same_seed_gives_the_same_folds_and_another_seed_others():
+    d = imbalanced()
+    np.testing.assert_array_equal(d.fold_assignment(5, 3), d.fold_assignment(5, 3))
+    a, b = d.fold(5, 0, seed=3), d.fold(5, 0, seed=3)
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert not np.array_equal(d.fold_assignment(5, 3), d.fold_assignment(5, 4))
+
+
+def test_fold_refuses_bad_arguments_and_a_dataset_already_split_for_validation():
+    d = imbalanced()
+    with pytest.raises(ValueError, match="fold 5 of 5"):
+        d.fold(5, 5, seed=0)
+    with pytest.raises(ValueError, match="1 folds"):
+        d.fold(1, 0, seed=0)
+    with pytest.raises(ValueError, match="fold first, then with_validation"):
+        d.with_validation(0.1, seed=0).fold(5, 0, seed=0)
+
+
+def test_vowel_folds_stratified(vowels_path):
+    v = vowels(vowels_path)
+    folds = [v.fold(5, i, seed=0) for i in range(5)]
+    assert sorted(len(f.y_test) for f in folds) == [51, 52, 52, 52, 52]
+    for f in folds:
+        assert len(f.y_train) + len(f.y_test) == 259
+        assert set(np.bincount(f.y_test, minlength=7).tolist()) <= {7, 8}  # 37 per class over 5 folds
+
+
+def fold_config(tmp_path, **dataset):
+    import yaml
+
+    from pnn_cluster.config import load_config
+
+    data = {"name": "folds", "dataset": {"name": "digits", **dataset},
+            "devices": {"circuit": {"driver": {"kind": "simulated", "system": "circuit",
+                                               "options": {"n_in": 8, "n_out": 8}}}},
+            "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "circuit"},
+                      {"kind": "linear", "size": 10}]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_config(path)
+
+
+@pytest.mark.parametrize("dataset, words", [
+    ({"folds": 5, "fold": 5}, ["dataset.fold: fold 5 is not one of the 5 folds", "allowed: an integer from 0 to 4"]),
+    ({"folds": 5, "fold": 7}, ["dataset.fold: fold 7", "allowed: an integer from 0 to 4"]),
+    ({"folds": 1}, ["dataset.folds: folds 1 is not a cross-validation",
+                    "allowed: 0 (the dataset's own split) or an integer from 2 to"]),
+    ({"fold": 2}, ["dataset.fold: fold 2 without folds", "allowed: 0, or set folds"]),
+    ({"folds": -1}, ["dataset.folds: out of range: -1"]),
+])
+def test_config_refuses_a_fold_outside_its_folds_naming_the_field(tmp_path, dataset, words):
+    from pnn_cluster.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        fold_config(tmp_path, **dataset)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+def test_load_data_takes_the_fold_before_the_subset_and_the_validation_split(tmp_path):
+    from pnn_cluster.runner.build import load_data
+
+    cfg = fold_config(tmp_path, folds=4, fold=1, split_seed=3, val_fraction=0.1)
+    assert (cfg.dataset.folds, cfg.dataset.fold) == (4, 1)
+    data = load_data(cfg)
+    expected = digits(seed=3).fold(4, 1, seed=3)
+    np.testing.assert_array_equal(data.x_test, expected.x_test)
+    assert len(data.y_train) + len(data.y_val) == len(expected.y_train)  # validation carved from the fold's train
+    assert len(data.y_val) > 0 and len(data.y_test) in (449, 450)
+    small = load_data(fold_config(tmp_path, folds=4, fold=1, split_seed=3, train_subset=100, test_subset=40))
+    assert len(small.y_train) + len(small.y_val) == 100 and len(small.y_test) == 40
+    assert {row.tobytes() for row in small.x_test} <= {row.tobytes() for row in expected.x_test}
+    assert cfg.dataset.model_dump()["folds"] == 4
+    default = fold_config(tmp_path)
+    assert (default.dataset.folds, default.dataset.fold) == (0, 0)

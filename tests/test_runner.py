@@ -179,7 +179,29 @@ def test_the_digital_ablation_trains_the_same_digital_layers_with_fixed_maps_for
     finally:
         pat.placement.close()
     assert {k: v.shape for k, v in ablation.trainer.model.named_parameters()} == digital
-    assert torch.equal(FixedMap(6, 6)(torch.ones(2, 6)), torch.ones(2, 6))  # identity where widths match
+    # a random orthogonal map, not the identity: the ablation keeps the channel mixing a device gives
+    square, wide = FixedMap(6, 6, seed=1).weight, FixedMap(8, 4, seed=1).weight
+    assert torch.allclose(square @ square.T, torch.eye(6), atol=1e-5)
+    assert torch.allclose(wide @ wide.T, torch.eye(4), atol=1e-5)  # orthonormal rows when it narrows
+    assert not torch.allclose(square, torch.eye(6))
+    assert torch.equal(FixedMap(6, 6, seed=2).weight, FixedMap(6, 6, seed=2).weight)
+
+
+def test_the_digital_network_replaces_each_device_by_a_trainable_mlp_with_at_least_its_parameter_count():
+    from pnn_cluster.layers import DigitalStandIn, PhysicalLayer
+
+    run = ExperimentRun(parse_config({**SHG_TINY, "method": "digital"}), echo=False)
+    result = run.run()
+    assert result.test_acc is not None and result.device_samples_total == 0
+    model = run.trainer.model
+    stand_in = model[2]
+    assert isinstance(stand_in, DigitalStandIn) and not any(isinstance(m, PhysicalLayer) for m in model)
+    n_settings = stand_in.n_params
+    count = stand_in.parameter_count()
+    assert count >= n_settings and all(p.requires_grad for p in stand_in.parameters())
+    # the smallest hidden width that reaches the device's count: one less would not
+    smaller = (stand_in.hidden - 1) * (stand_in.n_in + stand_in.n_out + 1) + stand_in.n_out
+    assert stand_in.hidden == 1 or smaller < n_settings
 
 
 def test_twin_kind_best_fits_every_kind_chooses_on_held_out_settings_and_a_checkpoint_rebuilds_it():
@@ -197,11 +219,41 @@ def test_twin_kind_best_fits_every_kind_chooses_on_held_out_settings_and_a_check
 
 
 def test_logistic_baseline_chooses_its_regularisation_on_validation_and_needs_that_split():
-    from pnn_cluster.baselines import logistic_baseline
+    from pnn_cluster.baselines import LOGISTIC_CS, logistic_baseline
     from pnn_cluster.data import load_dataset
 
     data = load_dataset("digits")
     with pytest.raises(ValueError, match="validation"):
         logistic_baseline(data)
     res = logistic_baseline(data.with_validation(0.1, seed=0))
-    assert res["test_acc"] > 0.9 and 0 < res["val_acc"] <= 1 and res["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+    assert res["test_acc"] > 0.9 and 0 < res["val_acc"] <= 1 and res["C"] in LOGISTIC_CS
+
+
+def test_keep_best_tests_the_weights_of_the_epoch_with_the_best_validation_accuracy():
+    cfg = parse_config({**TINY, "schedule": {**TINY["schedule"], "epochs": 4, "keep": "best"},
+                        "tracking": {"enabled": False}})
+    import copy
+
+    class Weights(Callback):
+        def __init__(self):
+            self.by_epoch = []
+
+        def on_epoch_end(self, trainer, metrics):
+            self.by_epoch.append((metrics["val_acc"], copy.deepcopy(trainer.model.state_dict())))
+
+    seen = Weights()
+    run = ExperimentRun(cfg, echo=False, callbacks=[seen])
+    result = run.run()
+    vals = [acc for acc, _ in seen.by_epoch]
+    assert result.val_acc == max(vals) and len(vals) == 4
+    chosen = seen.by_epoch[vals.index(max(vals))][1]  # the first epoch that reached it
+    final = run.trainer.model.state_dict()
+    assert all(torch.equal(final[k], chosen[k]) for k in chosen)
+
+
+def test_keep_best_without_a_validation_split_is_refused_naming_the_field():
+    from pnn_cluster.config import ConfigError
+
+    with pytest.raises(ConfigError, match="schedule.keep"):
+        parse_config({**TINY, "schedule": {**TINY["schedule"], "keep": "best"},
+                      "dataset": {**TINY["dataset"], "val_fraction": 0.0}})

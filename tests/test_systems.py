@@ -353,3 +353,20 @@ def test_bad_inputs_and_params_are_refused_naming_field_and_limit(system):
         assert "non-finite" in refused(good, {p.name: value})
     assert device.stats["calls"] == 0  # nothing refused ever reached the device
     assert device.forward(good).shape == (3, device.spec.output.size)
+
+
+def test_a_noise_stream_per_purpose_gives_two_copies_the_same_noise_whatever_each_measured_before():
+    import numpy as np
+
+    from pnn_cluster.devices import Imperfections, make_device
+
+    imp = Imperfections(noise=0.05, shot=0.05, gap=1.0, drift=0.0, latency_call_s=0.0, latency_sample_s=0.0, seed=7)
+    a, b = (make_device("shg", imperfections=imp, n_in=6, n_out=6) for _ in range(2))
+    x = np.random.default_rng(0).uniform(size=(16, 6))
+    a.forward(x)  # a spent samples on a calibration, b did not
+    a.noise_stream("training")
+    b.noise_stream("training")
+    ya, yb = a.forward(x), b.forward(x)
+    np.testing.assert_array_equal(ya, yb)
+    b.noise_stream("test")  # another purpose: another stream
+    assert not np.array_equal(a.forward(x), b.forward(x))

@@ -137,6 +137,12 @@ class Device:
     def write_params(self, params: Mapping[str, np.ndarray]) -> None:
         """Push validated parameters to hardware (override when the hardware holds them)."""
 
+    def noise_stream(self, purpose: str) -> None:
+        """Draw the measurement noise from here on from a stream of its own for ``purpose`` ("calibration",
+        "init", "training", "test"). A simulation seeds it from its seed and the purpose, so that methods
+        compared on one device copy see the same noise in training whatever each spent on calibration;
+        real hardware has the noise it has (this does nothing)."""
+
     def identity(self) -> dict[str, Any]:
         """Who this device is: driver, resource, serial, calibration. Logged with every run."""
         return {"driver": type(self).__module__ + "." + type(self).__qualname__}

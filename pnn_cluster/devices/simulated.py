@@ -57,6 +57,7 @@ its health the count).
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import math
 import time
@@ -339,6 +340,11 @@ class SimulatedDevice(Device):
         if wait > 0:
             time.sleep(wait)  # the hardware is busy; a real instrument blocks the same way
         return y
+
+    def noise_stream(self, purpose: str) -> None:
+        # a stable key per purpose (str hashes vary between processes): the stream is (seed, purpose)'s alone
+        key = int.from_bytes(hashlib.blake2b(purpose.encode(), digest_size=8).digest(), "big")
+        self._noise_rng = np.random.default_rng(np.random.SeedSequence([self.imperfections.seed, key]))
 
     def _quantise(self, y: np.ndarray, bits: int) -> np.ndarray:
         lo, hi = self.output_range

@@ -99,17 +99,19 @@ def device_recipes(cfg: ExperimentConfig) -> dict[str, list[DeviceRecipe]]:
     return out
 
 
-def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features: int, ablate: bool = False):
+def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features: int):
     """The stack of ``cfg`` on ``devices`` (one per physical layer); widths are checked against each spec.
 
-    ``ablate``: every physical layer becomes a :class:`~pnn_cluster.layers.FixedMap` of its device's shape
-    (the digital ablation: the same digital layers, initialised alike, with no physics between them).
+    For the digital methods every physical layer becomes a stand-in of its device's shape, initialised
+    alike around it: ``ablation`` a fixed random orthogonal map (:class:`~pnn_cluster.layers.FixedMap`),
+    ``digital`` a trainable MLP with as many parameters as the device has settings
+    (:class:`~pnn_cluster.layers.DigitalStandIn`).
     """
     import numpy as np
     import torch
     from torch import nn
 
-    from pnn_cluster.layers import Affine, FixedMap, PhysicalLayer, Rescale, Stack
+    from pnn_cluster.layers import Affine, DigitalStandIn, FixedMap, PhysicalLayer, Pool, Rescale, Stack
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # parameters initialised "uniform" break symmetry the same every run
@@ -123,14 +125,26 @@ def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features
                 raise ConfigError(cfg.source, [Problem(f"stack.{i}", f"device {l.device!r} takes {n_in} inputs but "
                                                        f"the layers before it give {width}",
                                                        f"a linear layer of size {n_in} before it, or n_in: {width}")])
-            if ablate:
-                layers.append(FixedMap(n_in, dev.spec.output.size, name=l.device, seed=cfg.seed * 100 + i))
+            n_out = dev.spec.output.size
+            if cfg.method == "ablation":
+                layers.append(FixedMap(n_in, n_out, name=l.device, seed=cfg.seed * 100 + i))
+            elif cfg.method == "digital":
+                port = dev.spec.input
+                n_params = sum(int(np.prod(p.shape)) for p in dev.spec.params)
+                layers.append(DigitalStandIn(n_in, n_out, n_params, name=l.device, center=(port.low + port.high) / 2))
             else:
                 layers.append(PhysicalLayer(dev, name=l.device, rng=rng))  # a layer is named after its device
-            width = dev.spec.output.size
+            width = n_out
         elif l.kind == "linear":
             layers.append(nn.Linear(width, int(l.size)))
             width = int(l.size)
+        elif l.kind == "pool":
+            try:
+                layers.append(Pool(width, int(l.size)))
+            except ValueError as exc:
+                raise ConfigError(cfg.source, [Problem(f"stack.{i}.size", str(exc),
+                                                       "a pool layer right after a square image's features")]) from None
+            width = int(l.size) ** 2
         elif l.kind == "affine":
             layers.append(Affine(width))
         else:  # rescale into the input range of the next physical layer
@@ -168,6 +182,14 @@ def load_data(cfg: ExperimentConfig):
                                                "t10k-labels-idx1-ubyte (each optionally .gz)")])
     data = load_dataset(ds.name, path, seed=ds.split_seed) if ds.name in ("vowels", "npz", "idx") else \
         load_dataset(ds.name, seed=ds.split_seed)
+    if ds.folds:
+        # k-fold cross-validation: train and test pooled, fold ds.fold is the test split; before the subset
+        # and the validation split, which are then taken from this fold's train part
+        n = len(data.y_train) + len(data.y_test)
+        if ds.folds > n:
+            raise ConfigError(cfg.source, [Problem("dataset.folds", f"{ds.folds} folds of {n} rows",
+                                                   f"0 or an integer from 2 to {n}")])
+        data = data.fold(ds.folds, ds.fold, seed=ds.split_seed)
     if ds.train_subset or ds.test_subset:
         data = data.subset(ds.train_subset, ds.test_subset, seed=ds.split_seed)
     # after the subset: a quick run selects on a validation split of its own smaller train split

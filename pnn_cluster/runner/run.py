@@ -40,6 +40,7 @@ from pnn_cluster.runner.twins import make_twin, twin_shell
 from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, TrainingAborted
 from pnn_cluster.training.pipeline import PipelineConfig, PipelineExecutor, Replica
 from pnn_cluster.training.recalibration import NoiseModel, RecalibrationWatch, WatchedReplica
+from pnn_cluster.training.selection import BestOnValidation
 from pnn_cluster.training.trainer import Callback, Trainer, TrainerState
 from pnn_cluster.twins import TwinFit
 
@@ -140,6 +141,8 @@ class ExperimentRun:
     report: where progress lines go (default: kept for :meth:`events`, and printed when ``echo``).
     checkpoint_path: where the checkpoint is saved if the run stops on a fault it cannot work around
         (besides the MLflow run's), on the machine the run executes on.
+    measure_test: False leaves the test split unmeasured (``test_acc`` None): a search for settings reads the
+        validation split alone.
     callbacks: further trainer callbacks (after the run's own: progress, twin watch, MLflow).
     """
 
@@ -147,8 +150,10 @@ class ExperimentRun:
                  tracking: Mapping[str, Any] | None = None, resume: Mapping[str, Any] | None = None,
                  progress: bool = False, echo: bool = True, keep_checkpoint: bool = False,
                  pipeline: PipelineConfig | None = None, policy: FaultPolicy | None = None,
-                 checkpoint_path: str | None = None, callbacks: Sequence[Callback] = ()) -> None:
+                 checkpoint_path: str | None = None, callbacks: Sequence[Callback] = (),
+                 measure_test: bool = True) -> None:
         self.config = config
+        self.measure_test = measure_test
         self.callbacks = list(callbacks)
         self.watch: RecalibrationWatch | None = None
         self.checkpoint_path = checkpoint_path
@@ -204,11 +209,19 @@ class ExperimentRun:
         refs: dict[str, list[DeviceRef]] = {name: [] for name in recipes}
         for ref in started:
             refs[ref.recipe.name].append(ref)
-        stack = build_stack(cfg, {name: rs[0].device for name, rs in refs.items()}, data.n_features,
-                            ablate=cfg.method == "ablation")
-        stack.set_mode(cfg.method)
+        stack = build_stack(cfg, {name: rs[0].device for name, rs in refs.items()}, data.n_features)
+        if not cfg.digital_only:
+            stack.set_mode(cfg.method)
         executor = PipelineExecutor(self.placement.backend, config=self.pipeline, policy=self.policy)
         return _Built(data, refs, stack, executor)
+
+    @staticmethod
+    def _noise_streams(built: _Built, purpose: str) -> None:
+        """Every device's noise from here on from its stream for ``purpose``: the methods compared on one
+        device copy then see the same noise in training and test, whatever each spent on calibration."""
+        for refs in built.refs.values():
+            for ref in refs:
+                ref.device.noise_stream(purpose)
 
     def _layer(self, stack: Stack, name: str):
         return next(l for l in stack.physical_layers() if l.name == name)
@@ -220,7 +233,7 @@ class ExperimentRun:
         devices and fit in parallel); in this process one after the other.
         """
         cfg = self.config
-        if cfg.method == "ablation":
+        if cfg.digital_only:
             return {}, 0  # no physical layer: nothing to describe
         jobs = []  # (index, ref, wanted, shell twin or None, twin pool or None)
         for index, (name, refs) in enumerate(built.refs.items()):
@@ -280,7 +293,7 @@ class ExperimentRun:
     def _restore_twins(self, built: _Built, state: Mapping[str, Any]) -> None:
         """A resumed or evaluated run: twins come from the checkpoint, not from new measurements."""
         cfg = self.config
-        if cfg.method == "ablation":
+        if cfg.digital_only:
             return
         replica_twins = (state.get("extra") or {}).get("replica_twins", {})
         kinds = (state.get("extra") or {}).get("twin_kinds", {})
@@ -300,7 +313,7 @@ class ExperimentRun:
             built.executor.set_pool(name, replicas)
 
     def _twin_kinds(self, built: _Built) -> dict[str, str]:
-        if self.config.method == "ablation":
+        if self.config.digital_only:
             return {}
         return {rep.name: rep.twin.kind for name in built.refs
                 for rep in built.executor.pool(self._layer(built.stack, name)).replicas
@@ -418,30 +431,37 @@ class ExperimentRun:
         if self.resume is not None:
             self._restore_twins(built, self.resume)
         else:
+            self._noise_streams(built, "calibration")
             fits, cal_samples = self._twins(built, tracker)
+            self._noise_streams(built, "init")
             init_samples = self._initialise(built)
         progress = ProgressReport(self.report)
-        progress.where = "digital" if cfg.method == "ablation" else "physical"
+        progress.where = "digital" if cfg.digital_only else "physical"
         callbacks: list[Callback] = [progress]
         watch = self.watch = self._watch(built, tracker)
         if watch is not None:
             callbacks.append(watch)  # before the MLflow callback: it adds its figures to each step's metrics
         if tracker is not None:
             callbacks.append(tracker)
+        best = None
+        if cfg.schedule.keep == "best":
+            best = BestOnValidation()
+            best.load_state_dict(((self.resume or {}).get("extra") or {}).get(BestOnValidation.state_key))
+            callbacks.insert(1, best)  # before the MLflow callback: its last checkpoint holds the chosen weights
         callbacks += self.callbacks
         trainer = Trainer(built.stack, built.data, train_config(cfg), callbacks=callbacks, executor=built.executor,
                           progress=self.progress)
         trainer.checkpoint_meta["experiment"] = cfg.resolved()
         # which kind each twin is (kind best chose one): a resumed or evaluated run rebuilds the same
         trainer.extra_state["twin_kinds"] = self._twin_kinds(built)
-        trainer.extra_state["replica_twins"] = {} if cfg.method == "ablation" else {
+        trainer.extra_state["replica_twins"] = {} if cfg.digital_only else {
             rep.name: rep.twin.state_dict() for name in built.refs
             for rep in built.executor.pool(self._layer(built.stack, name)).replicas[1:] if rep.twin is not None}
         if self.resume is not None:
             trainer.load_state_dict(self.resume)
             self._start_twin_pools(built)
             self.report(f"-- resuming at epoch {trainer.epoch}, step {trainer.global_step}")
-        elif tracker is not None and cfg.method != "ablation":
+        elif tracker is not None and not cfg.digital_only:
             dev = cfg.devices
             names = list(built.refs)
             tracker.log_devices({n: built.refs[n][0].device for n in names},
@@ -454,6 +474,7 @@ class ExperimentRun:
         counts = self.placement.counts()
         self.report(f"-- training {cfg.schedule.epochs} epochs of {trainer.steps_per_epoch} steps"
                     + (f" ({counts['twin_actors']} twin actor(s))" if counts["twin_actors"] else "") + " ...")
+        self._noise_streams(built, "training")
         try:
             try:
                 history = trainer.fit()
@@ -465,7 +486,11 @@ class ExperimentRun:
             # a repaired lab resumes from it and repeats nothing
             raise self._aborted(trainer, tracker, exc) from exc
         stopped = trainer.state == TrainerState.STOPPED
-        if stopped:
+        if not self.measure_test and not stopped:
+            acc = None
+            self.report(f"validation accuracy {history[-1].get('val_acc') if history else None} after "
+                        f"{trainer.global_step} steps; the test split is not measured (a search)")
+        elif stopped:
             acc = None
             self.report(f"stopped at epoch {trainer.epoch}, step {trainer.global_step}"
                         + (f"; `pnn-cluster train --resume {tracker.resume_hint}` continues it" if tracker else ""))
@@ -473,13 +498,14 @@ class ExperimentRun:
                 tracker.end("KILLED")
         else:
             # the one measurement of the test split in this run
+            self._noise_streams(built, "test")
             try:
                 acc = trainer.test()["acc"]
             except NoReplicaLeft as exc:  # training is complete and kept: `evaluate` measures it later
                 raise self._aborted(trainer, tracker, exc, "test split not measured") from exc
         seconds = time.perf_counter() - t0
-        if not stopped:
-            where = "digitally (the ablation)" if cfg.method == "ablation" else "on the physical devices"
+        if acc is not None:
+            where = f"digitally (the {cfg.method} stand-ins)" if cfg.digital_only else "on the physical devices"
             self.report(f"test accuracy {acc:.3f} {where} after {trainer.global_step} steps; "
                         f"{trainer.device_samples} training device samples; {seconds:.1f} s")
         nodes = {ref.label: ref.node for refs in built.refs.values() for ref in refs if ref.node}
@@ -489,7 +515,8 @@ class ExperimentRun:
         return RunResult(config=cfg.name, method=cfg.method, state=trainer.state, test_acc=acc,
                          steps=trainer.global_step, epochs=trainer.epoch, device_samples=trainer.device_samples,
                          calibration_samples=cal_samples, init_samples=init_samples, seconds=seconds,
-                         val_acc=history[-1].get("val_acc") if history else None,
+                         val_acc=best.val_acc if best is not None and best.val_acc is not None
+                         else history[-1].get("val_acc") if history else None,
                          twins={k: f.as_dict() for k, f in fits.items()}, history=list(trainer.history),
                          run_id=tracker.run_id if tracker is not None else None,
                          run_dir=str(tracker.run_dir) if tracker is not None else None,

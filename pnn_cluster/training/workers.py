@@ -194,6 +194,10 @@ class DeviceWorker:
         with self._lock:
             return true_model()
 
+    def noise_stream(self, purpose: str) -> None:
+        with self._lock:
+            self.device.noise_stream(purpose)
+
     def health(self) -> dict[str, Any]:
         return {**self.device.health(), "device": self.name, "incarnation": self.incarnation,
                 "pid": os.getpid(), "host": socket.gethostname(), "params_version": self.version}
