@@ -553,9 +553,17 @@ METHODS = ("pat", "in_silico", "oracle", "ablation", "digital")
 DIGITAL_METHODS = ("ablation", "digital")
 
 
+class ReferenceConfig(Section):
+    """A published result of the same task, shown beside this one's (``pnn-cluster demo``, the benchmark)."""
+
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)]
+    source: Annotated[str, Field(min_length=1)]
+
+
 class ExperimentConfig(Section):
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
+    reference: ReferenceConfig | None = None
     seed: Seed = 0
     method: Literal["pat", "in_silico", "oracle", "ablation", "digital"] = "pat"
     dataset: DatasetConfig

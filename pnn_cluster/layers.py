@@ -238,38 +238,67 @@ class Pool(nn.Module):
         return f"{self.full}x{self.full} -> {self.side}x{self.side}"
 
 
-class Affine(nn.Module):
-    """Element-wise ``y = w * x + b``: the digital rescaling between physical layers."""
+class _Standardised(nn.Module):
+    """Element-wise ``weight * (x - shift) / scale + bias``, ``shift`` and ``scale`` fixed buffers.
+
+    The data-dependent initialisation sets ``shift`` and ``scale`` to its inputs' mean and spread, so the
+    trainable ``weight`` and ``bias`` act in standard units and stay O(1): Adam's steps, about ``lr`` in
+    each parameter whatever its gradient's size, are then the same relative change for a feature of
+    spread 1e-3 (a device's output, a pooled pixel) as for one of spread 1. Without it a readout weight of
+    3 / 1e-3 moves 1e-5 of itself per step and never trains.
+    """
 
     def __init__(self, size: int, weight: float = 1.0, bias: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.full((size,), float(weight)))
         self.bias = nn.Parameter(torch.full((size,), float(bias)))
+        self.register_buffer("shift", torch.zeros(size))
+        self.register_buffer("scale", torch.ones(size))
+
+    def standardise_(self, mean: torch.Tensor, sd: torch.Tensor, weight: float) -> None:
+        """Inputs of this ``mean`` and spread ``sd`` map to ``weight`` x their standard score."""
+        with torch.no_grad():
+            self.shift.copy_(mean)
+            self.scale.copy_(sd)
+            self.weight.fill_(weight)
+            self.bias.zero_()
+
+    def _standard(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) / self.scale * self.weight + self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the buffers existed: the identity standardisation they implied
+        for name, fill in (("shift", 0.0), ("scale", 1.0)):
+            state_dict.setdefault(prefix + name, torch.full_like(getattr(self, name), fill))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Affine(_Standardised):
+    """Element-wise ``y = w * (x - shift) / scale + b``: the digital rescaling between physical layers, and a
+    readout of the last one (``shift``, ``scale``: see :class:`_Standardised`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight + self.bias
+        return self._standard(x)
 
 
-class Rescale(nn.Module):
+class Rescale(_Standardised):
     """Element-wise affine map squashed into ``[low, high]``, so a device input is never out of range.
 
-    ``y = low + (high - low) * sigmoid(w * x + b)``. The bound holds by
+    ``y = low + (high - low) * sigmoid(w * (x - shift) / scale + b)``. The bound holds by
     construction, without clipping, so gradients stay informative.
     """
 
     def __init__(self, size: int, low: float, high: float, weight: float = 1.0, bias: float = 0.0,
                  margin: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(size, weight, bias)
         if not np.isfinite(low) or not np.isfinite(high) or not low < high:
             raise ValueError(f"Rescale needs finite low < high, got [{low}, {high}]")
         span = high - low
         self.low = float(low + margin * span)
         self.high = float(high - margin * span)
-        self.weight = nn.Parameter(torch.full((size,), float(weight)))
-        self.bias = nn.Parameter(torch.full((size,), float(bias)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.low + (self.high - self.low) * torch.sigmoid(x * self.weight + self.bias)
+        return self.low + (self.high - self.low) * torch.sigmoid(self._standard(x))
 
     @classmethod
     def for_device(cls, device: Device, margin: float = 0.0, **kw) -> Rescale:
@@ -311,6 +340,13 @@ class Stack(nn.Sequential):
         return {layer.name: layer.params_numpy() for layer in self.physical_layers()}
 
 
+def _spread(h: torch.Tensor) -> torch.Tensor:
+    """Each feature's standard deviation; a feature that never varies (a pooled corner pixel) keeps 1, so
+    it stays at the middle of the range instead of being blown up by 1 / 0."""
+    sd = h.std(0)
+    return torch.where(sd > 1e-6, sd, torch.ones_like(sd))
+
+
 @torch.no_grad()
 def init_rescales_(stack: Stack, x: torch.Tensor, spread: float = 1.5, logit_scale: float = 3.0) -> None:
     """Data-dependent initialisation: each rescale sees standardised inputs, the final affine sane logits.
@@ -321,11 +357,7 @@ def init_rescales_(stack: Stack, x: torch.Tensor, spread: float = 1.5, logit_sca
     mods = list(stack)
     for i, m in enumerate(mods):
         if isinstance(m, Rescale):
-            mu, sd = h.mean(0), h.std(0).clamp_min(1e-6)
-            m.weight.copy_(spread / sd)
-            m.bias.copy_(-mu * spread / sd)
+            m.standardise_(h.mean(0), _spread(h), spread)
         elif isinstance(m, Affine) and i == len(mods) - 1:
-            mu, sd = h.mean(0), h.std(0).clamp_min(1e-6)
-            m.weight.copy_(logit_scale / sd)
-            m.bias.copy_(-mu * logit_scale / sd)
+            m.standardise_(h.mean(0), _spread(h), logit_scale)
         h = m(h)

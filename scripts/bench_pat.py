@@ -65,10 +65,6 @@ METHODS = ("oracle", "pat", "in_silico", "ablation", "digital")
 SWEEP_METHODS = ("oracle", "pat", "in_silico")
 FULL_GAPS = (0.5, 1.5, 2.5, 3.5, 4.5)
 QUICK_GAPS = (0.5, 2.5, 4.5)
-#: the paper's accuracy for the task (Wright, Onodera et al., Nature 601, 549 (2022)): SHG vowels 93 %,
-#: mechanical (plate) MNIST 87 %, electronic (circuit) MNIST 93 %, hybrid SHG + digital MNIST 97 %
-PAPER = {"hybrid_mnist": 0.97, "shg_vowels": 0.93, "plate_mnist": 0.87, "circuit_mnist": 0.93,
-         "oscillators_mnist": None}
 #: vowels: the 259 rows pooled and split into stratified folds; each run tests on one fold
 VOWEL_FOLDS = 5
 #: --quick: the benchmark's shape in minutes, not its figures (on top of each task's own quick section)
@@ -100,6 +96,12 @@ def configuration(name: str, quick: bool, overrides: list[str]):
     mine = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in overrides
             if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == name]
     return cfg.with_overrides([*mine, "tracking.enabled=false"])
+
+
+def paper(name: str) -> float | None:
+    """The paper's accuracy on the task, from its configuration's ``reference`` (None: the paper has none)."""
+    ref = configuration(name, False, []).reference
+    return ref.accuracy if ref is not None else None
 
 
 def paired_run(name: str, run: int) -> list[str]:
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in tasks:
         n = runs_of[name]
-        row: dict[str, Any] = {"task": name, "runs": n, "methods": {}, "device_samples": {}, "paper": PAPER.get(name)}
+        row: dict[str, Any] = {"task": name, "runs": n, "methods": {}, "device_samples": {}, "paper": paper(name)}
         for m in methods:
             runs = [results[("task", name, m, s)] for s in range(n)]
             vals = [r["val_acc"] for r in runs if r["val_acc"] is not None]

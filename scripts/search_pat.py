@@ -9,11 +9,13 @@ Protocol. Each candidate is a set of ``KEY=VALUE`` overrides of the task's shipp
 ``stack`` and ``devices`` section where the candidate is another encoding), run with PAT on the simulated
 devices' default imperfections on search seeds that the benchmark never uses (100 and up: other device
 copies, splits and initialisations). Training selects its epoch on the validation split and the test split is
-never measured (``measure_test=False``). The candidate with the best mean validation accuracy is chosen; the
+never measured (``measure_test=False``; vowels: the rows pooled into 5 stratified folds, the seed's fold held
+out and never looked at). The candidate with the best mean validation accuracy is chosen; the
 chosen settings are then written into ``pnn_cluster/configs/NAME.yaml`` by hand, and this log
 (``--log docs/search/NAME.jsonl``) is kept beside it.
 
     python scripts/search_pat.py --task plate_mnist --log docs/search/plate_mnist.jsonl
+    python scripts/search_pat.py --task shg_vowels --epochs 60 --log docs/search/shg_vowels.jsonl
 """
 
 from __future__ import annotations
@@ -31,12 +33,20 @@ from bench_pat import Pool, configuration, log
 SEARCH_SEED = 100
 
 
-def _mnist_waveform(system: str, widths: list[int], twin: dict[str, Any], lr: float, spread: float,
-                    epochs: int) -> list[str]:
-    """The paper's electronic and mechanical networks: a 7 x 7 image written straight into the drive
-    waveform of the first device, ``len(widths)`` devices in sequence (data and parameters interleaved in
-    each drive), element-wise rescaling between them and an element-wise affine readout of the last."""
-    devices, stack, n_in = {}, [{"kind": "pool", "size": 7}], 49
+def _stack_overrides(devices: dict, stack: list, lr: float, spread: float, epochs: int) -> list[str]:
+    return [f"devices={json.dumps(devices)}", f"stack={json.dumps(stack)}", f"optimizer.lr={lr}",
+            f"init.spread={spread}", f"schedule.epochs={epochs}", "schedule.keep=best", "quick={}"]
+
+
+def _waveform(system: str, widths: list[int], front: int | None, lr: float, spread: float,
+              epochs: int) -> list[str]:
+    """Devices of one system in sequence, data and parameters interleaved in each drive waveform, element-wise
+    rescaling between them and an element-wise affine readout of the last. ``front``: a trainable digital
+    layer 784 -> front before the first; None: the paper's way, a 7 x 7 image written straight into the
+    first drive."""
+    twin = {"kind": "physics", "groups": 24, "batch": 128}
+    stack = [{"kind": "pool", "size": 7}] if front is None else [{"kind": "linear", "size": front}]
+    devices, n_in = {}, 49 if front is None else front
     for k, n_out in enumerate(widths, start=1):
         name = f"{system}{k}"
         devices[name] = {"driver": {"kind": "simulated", "system": system, "options": {"n_in": n_in, "n_out": n_out}},
@@ -44,14 +54,12 @@ def _mnist_waveform(system: str, widths: list[int], twin: dict[str, Any], lr: fl
         stack += [{"kind": "rescale"}, {"kind": "physical", "device": name}]
         n_in = n_out
     stack.append({"kind": "affine"})
-    return [f"devices={json.dumps(devices)}", f"stack={json.dumps(stack)}", f"optimizer.lr={lr}",
-            f"init.spread={spread}", f"schedule.epochs={epochs}", "schedule.keep=best", "quick={}"]
+    return _stack_overrides(devices, stack, lr, spread, epochs)
 
 
-def _hybrid(widths: list[int], passes: int, lr: float, spread: float, epochs: int) -> list[str]:
+def _hybrid(width: int, passes: int, lr: float, spread: float, epochs: int) -> list[str]:
     """The paper's hybrid network: a trainable digital input layer, ``passes`` SHG transformations in sequence
     whose data fill the whole shaped spectrum (data and parameter phases on every pixel), a digital readout."""
-    width = widths[0]
     devices, stack = {}, [{"kind": "linear", "size": width}]
     for k in range(1, passes + 1):
         name = f"shg{k}"
@@ -60,30 +68,28 @@ def _hybrid(widths: list[int], passes: int, lr: float, spread: float, epochs: in
                          "twin": {"kind": "residual", "groups": 313, "batch": 32}}
         stack += [{"kind": "rescale"}, {"kind": "physical", "device": name}]
     stack.append({"kind": "linear", "size": 10})
-    return [f"devices={json.dumps(devices)}", f"stack={json.dumps(stack)}", f"optimizer.lr={lr}",
-            f"init.spread={spread}", f"schedule.epochs={epochs}", "schedule.keep=best", "quick={}"]
+    return _stack_overrides(devices, stack, lr, spread, epochs)
 
 
 def candidates(task: str, epochs: int) -> list[tuple[str, list[str]]]:
     """Every candidate of a task's search, labelled."""
+    keep = ["schedule.keep=best", f"schedule.epochs={epochs}"]
     if task in ("plate_mnist", "circuit_mnist"):
         system = task.split("_")[0]
-        twin = {"kind": "physics", "groups": 24, "batch": 128}
-        out = []
-        for widths in ([10], [30, 10], [30, 30, 10]):
-            for lr in (0.01, 0.03):
-                for spread in (0.3, 1.0):
-                    out.append((f"layers {'-'.join(map(str, [49, *widths]))} lr {lr} spread {spread}",
-                                _mnist_waveform(system, widths, twin, lr, spread, epochs)))
+        out = [(f"shipped lr {lr}", [f"optimizer.lr={lr}", *keep]) for lr in (0.01, 0.03)]
+        out += [(f"784-24 then {system} 24-24-10 lr {lr} spread {s}", _waveform(system, [24, 10], 24, lr, s, epochs))
+                for lr in (0.01, 0.03) for s in (0.3, 1.0)]
+        out.append((f"7x7 image into {system} 49-30-30-10 lr 0.01 spread 1.0",
+                    _waveform(system, [30, 30, 10], None, 0.01, 1.0, epochs)))
         return out
     if task == "hybrid_mnist":
-        return [(f"width {w} passes {p} lr {lr} spread {s}", _hybrid([w], p, lr, s, epochs))
-                for w in (24, 48) for p in (1, 2) for lr in (0.01,) for s in (0.3, 1.0)]
+        out = [("shipped (SHG 24 of 48 pixels, circuit)", keep)]
+        out += [(f"784-{w} then SHG on all {w} pixels x{p} lr 0.01 spread {s}", _hybrid(w, p, 0.01, s, epochs))
+                for w, p in ((48, 1), (48, 2)) for s in (0.3, 1.0)]
+        return out
     if task == "shg_vowels":
-        return [(f"lr {lr} spread {s} batch {b}", [f"optimizer.lr={lr}", f"init.spread={s}",
-                                                   f"schedule.batch_size={b}", f"schedule.epochs={epochs}",
-                                                   "schedule.keep=best"])
-                for lr in (0.01, 0.02, 0.05) for s in (0.5, 1.5) for b in (10, 32)]
+        return [(f"lr {lr} spread {s}", [f"optimizer.lr={lr}", f"init.spread={s}", *keep])
+                for lr in (0.01, 0.02) for s in (0.5, 1.5)]
     raise SystemExit(f"search_pat: no search for task {task!r} (plate_mnist, circuit_mnist, hybrid_mnist, "
                      "shg_vowels)")
 
@@ -134,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         for s in seeds:
             key = (args.task, label, s)
             if key not in done:
+                split = ["dataset.folds=5", f"dataset.fold={s % 5}"] if args.task == "shg_vowels" else []
                 jobs[key] = pool.submit(run_candidate, args.task,
-                                        [*ov, *args.overrides, f"seed={s}", f"dataset.split_seed={s}"])
+                                        [*ov, *args.overrides, f"seed={s}", f"dataset.split_seed={s}", *split])
 
     def record(key: tuple, result: Any) -> None:
         log(f"done {' | '.join(map(str, key))}: validation {result['val_acc']}")

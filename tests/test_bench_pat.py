@@ -60,4 +60,5 @@ def test_a_pairing_varies_seed_and_split_together_and_vowel_runs_cover_every_fol
     assert all(c.dataset.folds == bench.VOWEL_FOLDS for c in runs)
     assert {(c.dataset.split_seed, c.dataset.fold) for c in runs} == {(s, f) for s in (0, 1) for f in range(5)}
     assert len({c.seed for c in runs}) == 10
-    assert set(bench.PAPER) >= set(bench.TASKS)
+    assert [bench.paper(t) for t in ("shg_vowels", "plate_mnist", "circuit_mnist", "oscillators_mnist")] == \
+        [0.93, 0.87, 0.93, None]

@@ -29,10 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="the configuration's quick version (about 2 minutes)")
     p.add_argument("--task", default="hybrid_mnist", choices=example_configs(),
                    help="shipped configuration to run (pnn_cluster/configs/NAME.yaml)")
-    p.add_argument("--methods", default="pat,in_silico,ablation",
-                   help=f"comma-separated methods from {', '.join(METHODS)} (default: pat,in_silico,ablation: the "
-                        "digital ablation trains the same digital layers with the physical ones replaced by fixed "
-                        "maps, so the table shows what the physics adds)")
+    p.add_argument("--methods", default="pat,in_silico,ablation,digital",
+                   help=f"comma-separated methods from {', '.join(METHODS)} (default: pat,in_silico,ablation,digital: "
+                        "the ablation trains the same digital layers with the physical ones replaced by fixed random "
+                        "orthogonal maps, digital with trainable MLPs of as many parameters as the devices have "
+                        "settings, so the table shows what the physics adds; logistic regression on the raw "
+                        "features and the paper's figure are printed beside them)")
     p.add_argument("--seed", type=int, default=0, help="seed of devices, data order and initialisation")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration key, e.g. --set dataset.path=vowels.csv (repeatable)")
@@ -76,8 +78,9 @@ def _run(args: argparse.Namespace, base, configs, tracking) -> int:
     launcher = launcher_for(args)
     results = []
     for method, cfg in configs.items():
-        doing = {"oracle": "training", "ablation": "training the digital layers alone (fixed maps for the physical "
-                 "ones)"}.get(method, "calibrating twins, training")
+        doing = {"oracle": "training", "ablation": "training the digital layers alone (fixed random maps for the "
+                 "physical ones)", "digital": "training the digital layers with parameter-matched MLPs for the "
+                 "physical ones"}.get(method, "calibrating twins, training")
         print(f"-- {method}: {doing} ...", flush=True)
         child = tracking.child(method)
         track = tracking_for(cfg, args, **child) if child is not None else None
@@ -87,23 +90,43 @@ def _run(args: argparse.Namespace, base, configs, tracking) -> int:
         if r.state == "stopped":
             print("stopped", flush=True)
             return 130
-        where = "digitally, no device" if method == "ablation" else "on the physical devices"
+        where = "digitally, no device" if cfg.digital_only else "on the physical devices"
         print(f"   {method}: test accuracy {r.test_acc:.3f} {where}, {r.device_samples_total} device "
               f"samples, {r.seconds:.1f} s", flush=True)
+    logistic = _logistic(base)
     print()
-    print(results_table(results))
+    print(results_table(results, logistic, base.reference))
     print(f"\ntotal wall time {time.perf_counter() - t0:.1f} s")
     if args.json:
-        print(json.dumps({"task": base.name, "methods": {
+        print(json.dumps({"task": base.name, "logistic": logistic and logistic["test_acc"],
+                          "paper": base.reference.accuracy if base.reference else None, "methods": {
             r.method: {"test_acc": r.test_acc, "device_samples": r.device_samples_total, "seconds": r.seconds,
                        "run_id": r.run_id, "device_actors": r.device_actors, "twin_actors": r.twin_actors,
                        "trainer_actor": r.trainer_actor} for r in results}}))
     return 0
 
 
-def results_table(results) -> str:
+def _logistic(cfg) -> dict | None:
+    """Logistic regression on the run's raw features and split (regularisation chosen on validation)."""
+    from pnn_cluster.baselines import logistic_baseline
+    from pnn_cluster.runner import load_data
+
+    data = load_data(cfg)
+    if len(data.y_val) == 0:
+        return None
+    return logistic_baseline(data)
+
+
+def results_table(results, logistic: dict | None = None, reference=None) -> str:
     rows = [("method", "test accuracy", "device samples", "twin NMSE", "wall time (s)")]
     for r in results:
         rows.append((r.method, f"{r.test_acc:.3f}", f"{r.device_samples_total:,}",
                      "-" if r.twin_nmse is None else f"{r.twin_nmse:.2e}", f"{r.seconds:.1f}"))
-    return format_table(rows)
+    if logistic is not None:
+        rows.append(("logistic regression", f"{logistic['test_acc']:.3f}", "0", "-", "-"))
+    if reference is not None:
+        rows.append(("the paper", f"{reference.accuracy:.3f}", "-", "-", "-"))
+    table = format_table(rows)
+    if reference is not None:
+        table += f"\n(the paper: {reference.source})"
+    return table
