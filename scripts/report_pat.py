@@ -1,4 +1,4 @@
-"""Turn the PAT benchmark's JSON into the README's results: two markdown tables and a plot.
+"""Turn the PAT benchmark's JSON into the README's results: markdown tables and a plot.
 
 Usage::
 
@@ -7,18 +7,32 @@ Usage::
 
 The input is the file bench_pat.py printed to; other lines (progress, warnings)
 may come before the result, so the last line that is a JSON object with a
-``"tasks"`` key is taken. Its shape::
+``"tasks"`` key is taken. Its shape (what is read here; see bench_pat.py)::
 
     {"seeds": 5, "quick": false,
-     "tasks": [{"task": NAME, "methods": {"oracle" | "pat" | "in_silico" | "ablation":
-                                              {"mean": A, "sd": S, "values": [...]}},
-                "logistic": A, "device_samples": {"pat": N, ...}}, ...],
-     "sweep": [{"gap": G, "twin_nmse": E, "oracle": A, "pat": A, "in_silico": A, "seeds": K}, ...],
+     "tasks": [{"task": NAME, "runs": N, "paper": A | null,
+                "methods": {"pat" | "in_silico" | "oracle" | "ablation" | "digital":
+                            {"mean": A, "sd": S, "n": N, "values": [...], "val_mean": A, "seconds": T}},
+                "logistic": A, "logistic_sd": S, "logistic_at_edge": K, "device_samples": {"pat": N, ...},
+                "targets": {"pat_over_ablation": D, "pat_over_digital": D, "pat_over_logistic": D,
+                            "oracle_minus_pat": D, "pat_minus_paper": D}}, ...],
+     "sweep": [{"gap": G, "control": bool, "twin_nmse": E, "grad_cosine": C | null, "seeds": K,
+                "oracle": A, "oracle_sd": S, "pat": A, "pat_sd": S, "in_silico": A, "in_silico_sd": S}, ...],
      "twins": [{"system": NAME, "noise_floor": E, "physics": E, "residual": E, "mlp": E,
                 "device_samples": N, "best": KIND}, ...]}
 
+``ablation`` is a fixed random orthogonal map in place of each physical layer
+("random-map ablation"), ``digital`` a trainable MLP with as many parameters as
+the device has settings ("digital (matched)"); ``paper`` is the paper's
+accuracy on the task; ``targets`` are differences of mean accuracy (fractions,
+shown in signed percentage points; any may be null); ``logistic_at_edge``
+counts the runs whose regularisation was chosen at the grid's edge. The sweep's
+control row (gap 0, no unmodelled physics, no drift) is where PAT must match
+the oracle; ``grad_cosine`` is the cosine between PAT's gradient and the exact one.
+
 Accuracies are fractions; they are shown in percent. Anything missing (a task
-run without the oracle, no sweep, no twins) shows as a dash or an empty
+run without the oracle, no sweep, no twins, an older result without the
+digital control, the paper, runs, targets or sds) shows as a dash or an empty
 panel rather than failing, and keys not listed here are ignored.
 
 What is written: the tables and an image link replace whatever lies between
@@ -42,12 +56,18 @@ START_MARKER = "<!-- pat-results:start -->"
 END_MARKER = "<!-- pat-results:end -->"
 
 # table and plot order: the method under test first, then what it is measured against
-METHODS = ("pat", "in_silico", "oracle", "ablation")
-METHOD_LABELS = {"pat": "PAT", "in_silico": "in silico", "oracle": "oracle", "ablation": "digital ablation"}
+METHODS = ("pat", "in_silico", "oracle", "ablation", "digital")
+METHOD_LABELS = {"pat": "PAT", "in_silico": "in silico", "oracle": "oracle", "ablation": "random-map ablation",
+                 "digital": "digital (matched)"}
 SWEEP_METHODS = ("oracle", "pat", "in_silico")
+# the targets table: each difference's key in the result and its column
+TARGETS = (("pat_over_ablation", "PAT − ablation"), ("pat_over_digital", "PAT − digital"),
+           ("pat_over_logistic", "PAT − logistic"), ("oracle_minus_pat", "oracle − PAT"),
+           ("pat_minus_paper", "PAT − paper"))
 TWIN_KINDS = ("physics", "residual", "mlp")
 TWIN_LABELS = {"physics": "physics", "residual": "residual", "mlp": "MLP"}
 DASH = "—"
+MINUS = "−"
 
 
 class ReportError(Exception):
@@ -102,6 +122,17 @@ def mean_sd(entry) -> str:
     return mean if sd is None else f"{mean} ± {100 * sd:.1f}"
 
 
+def points(difference) -> str:
+    """A difference of fractions in signed percentage points ("+2.1", "−3.4"); "0.0" when it rounds to zero."""
+    x = number(difference)
+    if x is None:
+        return DASH
+    text = f"{abs(100 * x):.1f}"
+    if text.strip("0.") == "":
+        return text
+    return ("+" if x > 0 else MINUS) + text
+
+
 def count(value) -> str:
     n = number(value)
     return DASH if n is None else f"{int(n):,}"
@@ -112,27 +143,96 @@ def nmse(value) -> str:
     return DASH if x is None else f"{x:.1e}"
 
 
+def dicts(items) -> list[dict]:
+    """The entries of a JSON list that are objects (a missing list or a malformed entry is skipped)."""
+    return [x for x in items if isinstance(x, dict)] if isinstance(items, list) else []
+
+
 def seeds_line(result: dict) -> str:
-    seeds = number(result.get("seeds"))
-    over = f"over {int(seeds)} seed{'s' if seeds != 1 else ''}" if seeds is not None else "over the seeds run"
+    tasks = dicts(result.get("tasks"))
+    if any(number(t.get("runs")) is not None for t in tasks):
+        # paired runs: their number differs by task (vowels runs one per fold), so the table gives it
+        over = ("over each task's paired runs (column runs: all methods of a run share its device copies, "
+                "noise streams, seed and data split)")
+    else:
+        seeds = number(result.get("seeds"))
+        over = f"over {int(seeds)} seed{'s' if seeds != 1 else ''}" if seeds is not None else "over the seeds run"
     run = "a `--quick` run (smaller data, fewer epochs)" if result.get("quick") else "a full run (not `--quick`)"
-    return (f"Test accuracy on the simulated physical devices in percent, mean ± sd {over}; {run}. "
-            "Device samples: every measurement PAT cost (calibration, initialisation and training).")
+    line = (f"Test accuracy on the simulated physical devices in percent, mean ± sd {over}; {run}. "
+            "Random-map ablation: a fixed random orthogonal map in place of each physical layer; digital "
+            "(matched): a trainable MLP with as many parameters as the device has settings; paper: the paper's "
+            "figure. Device samples: every measurement PAT cost (calibration, initialisation and training).")
+    edges = []
+    for t in tasks:
+        k, n = number(t.get("logistic_at_edge")), number(t.get("runs"))
+        if k:
+            edges.append(f"`{t.get('task', '?')}` {int(k)}" + (f" of {int(n)}" if n is not None else ""))
+    if edges:
+        line += (" Logistic regression's regularisation was chosen at its grid's edge in "
+                 + ", ".join(edges) + " runs.")
+    return line
 
 
 def task_table(result: dict) -> str:
-    header = [*(METHOD_LABELS[m] for m in METHODS), "logistic regression", "device samples (PAT)"]
+    header = [*(METHOD_LABELS[m] for m in METHODS), "logistic regression", "paper", "runs", "device samples (PAT)"]
     rows = ["| task | " + " | ".join(header) + " |",
             "|---|" + "---:|" * len(header)]
-    for task in result.get("tasks", []):
-        if not isinstance(task, dict):
-            continue
+    for task in dicts(result.get("tasks")):
         methods = task.get("methods") if isinstance(task.get("methods"), dict) else {}
         samples = task.get("device_samples") if isinstance(task.get("device_samples"), dict) else {}
+        # an older result has a bare logistic mean and no sd: mean_sd shows the mean alone
+        logistic = {"mean": task.get("logistic"), "sd": task.get("logistic_sd")}
         cells = [f"`{task.get('task', '?')}`", *(mean_sd(methods.get(m)) for m in METHODS),
-                 percent(task.get("logistic")), count(samples.get("pat"))]
+                 mean_sd(logistic), percent(task.get("paper")), count(task.get("runs")), count(samples.get("pat"))]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def targets_table(result: dict) -> str:
+    rows = ["| task | " + " | ".join(label for _, label in TARGETS) + " |",
+            "|---|" + "---:|" * len(TARGETS)]
+    for task in dicts(result.get("tasks")):
+        targets = task.get("targets") if isinstance(task.get("targets"), dict) else {}
+        cells = [f"`{task.get('task', '?')}`", *(points(targets.get(k)) for k, _ in TARGETS)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+TARGETS_LINE = ("Targets: differences of mean test accuracy in percentage points. PAT − ablation, − digital and "
+                "− logistic: what the physical layers trained with PAT add over each control (positive: PAT is "
+                "ahead); oracle − PAT: what training through the twin instead of the exact physics costs; "
+                "PAT − paper: against the paper's figure (a dash where the paper has none).")
+
+
+def gap_cell(point: dict) -> str:
+    if point.get("control") is True:
+        return "0 (control)"
+    gap = number(point.get("gap"))
+    return DASH if gap is None else f"{gap:g}"
+
+
+def cosine(value) -> str:
+    x = number(value)
+    return DASH if x is None else f"{x:.3f}"
+
+
+def sweep_table(result: dict) -> str:
+    header = ["gap", "twin NMSE", "gradient cosine", *(METHOD_LABELS[m] for m in SWEEP_METHODS), "seeds"]
+    rows = ["| " + " | ".join(header) + " |",
+            "|---|" + "---:|" * (len(header) - 1)]
+    for point in dicts(result.get("sweep")):
+        cells = [gap_cell(point), nmse(point.get("twin_nmse")), cosine(point.get("grad_cosine")),
+                 *(mean_sd({"mean": point.get(m), "sd": point.get(f"{m}_sd")}) for m in SWEEP_METHODS),
+                 count(point.get("seeds"))]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+SWEEP_LINE = ("Sweep: `hybrid_mnist` trained through the uncalibrated ideal twin while the devices' miscalibration "
+              "(gap) grows; twin NMSE measured on the devices; gradient cosine: between PAT's gradient and the "
+              "exact one on a validation batch (1: exact). Test accuracy in percent, mean ± sd over the seeds. The "
+              "control row has no miscalibration, unmodelled physics or drift: the twin is the exact physics "
+              "there, and PAT should match the oracle.")
 
 
 def best_twin(twin: dict) -> str | None:
@@ -153,9 +253,7 @@ def twin_table(result: dict) -> str:
     header = ["system", "noise floor", *(TWIN_LABELS[k] for k in TWIN_KINDS), "best / floor", "device samples"]
     rows = ["| " + " | ".join(header) + " |",
             "|---|" + "---:|" * (len(header) - 1)]
-    for twin in result.get("twins") or []:
-        if not isinstance(twin, dict):
-            continue
+    for twin in dicts(result.get("twins")):
         best = best_twin(twin)
         cells = [f"`{twin.get('system', '?')}`", nmse(twin.get("noise_floor"))]
         # bold marks the best twin, so the ratio column needs no name
@@ -177,7 +275,11 @@ TWINS_LINE = ("Twin NMSE on held-out device measurements, next to the device's n
 def results_block(result: dict, image_link: str) -> str:
     """The markdown that goes between the README's markers."""
     parts = [task_table(result), "", seeds_line(result)]
-    if result.get("twins"):
+    if any(isinstance(t.get("targets"), dict) for t in dicts(result.get("tasks"))):
+        parts += ["", targets_table(result), "", TARGETS_LINE]
+    if dicts(result.get("sweep")):
+        parts += ["", sweep_table(result), "", SWEEP_LINE]
+    if dicts(result.get("twins")):
         parts += ["", twin_table(result), "", TWINS_LINE]
     parts += ["", f"![PAT results]({image_link})"]
     return "\n".join(parts)
@@ -200,20 +302,22 @@ def image_link(plot: Path, readme: Path) -> str:
 
 
 def plot_results(result: dict, path: Path) -> None:
-    """Left: each task's accuracy by method, logistic regression as a bar-wide line; right: the gap sweep."""
+    """Left: each task's accuracy by method, logistic regression as a bar-wide line, the paper's figure as a
+    black dash; right: accuracy against twin NMSE across the gap sweep, the control as stars."""
     import matplotlib
 
     matplotlib.use("Agg")  # a file, never a window: this runs in CI and over ssh
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in result.get("tasks", []) if isinstance(t, dict)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    colors = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:gray")))
+    tasks = dicts(result.get("tasks"))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": (3, 2)})
+    colors = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:gray", "tab:purple")))
     width = 0.8 / len(METHODS)
     for j, m in enumerate(METHODS):
         xs, ys, errs = [], [], []
         for i, task in enumerate(tasks):
-            entry = (task.get("methods") or {}).get(m)
+            methods = task.get("methods") if isinstance(task.get("methods"), dict) else {}
+            entry = methods.get(m)
             mean = number(entry.get("mean")) if isinstance(entry, dict) else None
             if mean is None:
                 continue  # not run for this task: a gap in the group, not a zero bar
@@ -221,26 +325,53 @@ def plot_results(result: dict, path: Path) -> None:
             ys.append(100 * mean)
             errs.append(100 * (number(entry.get("sd")) or 0.0))
         if xs:
-            left.bar(xs, ys, width, yerr=errs, capsize=3, color=colors[m], label=METHOD_LABELS[m])
+            left.bar(xs, ys, width, yerr=errs, capsize=2, color=colors[m], label=METHOD_LABELS[m])
     logistic = [(i, number(t.get("logistic"))) for i, t in enumerate(tasks)]
     logistic = [(i, v) for i, v in logistic if v is not None]
     for k, (i, v) in enumerate(logistic):
-        left.hlines(100 * v, i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1.5,
+        left.hlines(100 * v, i - 0.45, i + 0.45, colors="tab:red", linestyles="--", linewidth=1.5,
                     label="logistic regression" if k == 0 else None)
-    left.set_xticks(range(len(tasks)), [str(t.get("task", "?")) for t in tasks])
+    paper = [(i, number(t.get("paper"))) for i, t in enumerate(tasks)]
+    paper = [(i, 100 * v) for i, v in paper if v is not None]
+    if paper:
+        # a thick black dash at the group's centre, distinct from logistic regression's dashed line
+        left.plot(*zip(*paper), linestyle="none", marker="_", markersize=22, markeredgewidth=3,
+                  color="black", label="paper")
+    left.set_xticks(range(len(tasks)), [str(t.get("task", "?")) for t in tasks], fontsize=8)
     left.set_ylabel("test accuracy (%)")
     left.set_title("Accuracy by method")
 
-    sweep = [p for p in result.get("sweep") or [] if isinstance(p, dict)]
+    sweep = dicts(result.get("sweep"))
     # a log axis cannot show a zero NMSE (a perfect twin)
     sweep = sorted((p for p in sweep if (number(p.get("twin_nmse")) or 0) > 0), key=lambda p: p["twin_nmse"])
+    control = [p for p in sweep if p.get("control") is True]
+    gaps = [p for p in sweep if p.get("control") is not True]
     markers = dict(zip(SWEEP_METHODS, ("s", "o", "^")))
     for m in SWEEP_METHODS:
-        points = [(p["twin_nmse"], 100 * number(p[m])) for p in sweep if number(p.get(m)) is not None]
-        if points:
-            right.plot(*zip(*points), marker=markers[m], color=colors[m], label=METHOD_LABELS[m])
+        line = [(p["twin_nmse"], 100 * number(p[m])) for p in gaps if number(p.get(m)) is not None]
+        if line:
+            right.plot(*zip(*line), marker=markers[m], color=colors[m], label=METHOD_LABELS[m])
+        stars = [(p["twin_nmse"], 100 * number(p[m])) for p in control if number(p.get(m)) is not None]
+        if stars:
+            # the control (no gap, no unmodelled physics, no drift) is no point on the gap's curve
+            right.plot(*zip(*stars), linestyle="none", marker="*", markersize=13, color=colors[m],
+                       markeredgecolor="black", label="control (no gap)" if m == "pat" else None)
+    for p in control:
+        y = number(p.get("pat"))
+        if y is not None:
+            right.annotate("control", (p["twin_nmse"], 100 * y), textcoords="offset points", xytext=(8, 6),
+                           fontsize=8)
+    with_cosine = bool(sweep) and all(number(p.get("grad_cosine")) is not None for p in sweep)
+    if with_cosine:
+        # each point's gradient cosine, under its PAT marker
+        for p in sweep:
+            y = number(p.get("pat"))
+            if y is not None:
+                right.annotate(f"{number(p['grad_cosine']):.3g}", (p["twin_nmse"], 100 * y),
+                               textcoords="offset points", xytext=(0, -13), ha="center", fontsize=7,
+                               color=colors["pat"])
     right.set_xscale("log")
-    right.set_xlabel("twin NMSE (log scale)")
+    right.set_xlabel("twin NMSE (log scale)" + ("; under PAT: its gradient cosine" if with_cosine else ""))
     right.set_ylabel("test accuracy (%)")
     right.set_title("Across the sim-reality gap")
     if not sweep:
@@ -249,10 +380,12 @@ def plot_results(result: dict, path: Path) -> None:
     fig.suptitle("Physics-aware training against in silico training" + (" (--quick)" if result.get("quick") else ""))
     # one legend under both panels (a method has one colour in both): inside the bar panel it would hide bars
     handles, labels = left.get_legend_handles_labels()
-    if not handles:
-        handles, labels = right.get_legend_handles_labels()
+    for h, label in zip(*right.get_legend_handles_labels()):
+        if label not in labels:
+            handles.append(h)
+            labels.append(label)
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 9), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
