@@ -547,7 +547,8 @@ class ClusterConfig(Section):
 #: pat: devices forward, twins backward. in_silico: twins both ways, then tested on the devices.
 #: oracle: devices forward, exact autograd through the simulator. ablation: every physical layer replaced by a
 #: fixed random orthogonal map of its shape, the digital layers trained alone. digital: every physical layer
-#: replaced by a trainable MLP with as many parameters as the device has settings (a parameter-matched network).
+#: replaced by the same fixed map plus a trainable MLP with as many parameters as the device has settings (a
+#: network matched in parameter count).
 METHODS = ("pat", "in_silico", "oracle", "ablation", "digital")
 #: the methods that train no device: their stacks hold digital stand-ins where the physical layers stood
 DIGITAL_METHODS = ("ablation", "digital")

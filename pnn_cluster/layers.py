@@ -188,30 +188,34 @@ class FixedMap(nn.Module):
 
 
 class DigitalStandIn(nn.Module):
-    """A physical layer's trainable digital stand-in with as many parameters: an MLP ``n_in -> h -> n_out``.
+    """A physical layer's trainable digital stand-in with as many trainable parameters as the device has
+    settings: the ablation's fixed random orthogonal map plus a trainable MLP ``n_in -> h -> n_out``.
 
-    ``h`` is the smallest hidden width whose parameter count reaches ``n_params`` (the device's trainable
-    settings), so the digital network it belongs to is matched in parameter count to the physical one. It
-    starts from a random orthogonal-like map (PyTorch's default init) and its inputs are centred on the
-    device's input range, as the physical layer's are.
+    Like the device, it is a fixed transformation of its shape steered by ``n_params`` trainable numbers:
+    ``h`` is the smallest hidden width whose parameter count reaches ``n_params``, so the network it belongs
+    to is matched in parameter count to the physical one. The fixed map keeps a small ``h`` (one, for a
+    device of a few dozen settings) from becoming a bottleneck that no training could get through.
     """
 
-    def __init__(self, n_in: int, n_out: int, n_params: int, name: str = "", center: float = 0.0) -> None:
+    def __init__(self, n_in: int, n_out: int, n_params: int, name: str = "", center: float = 0.0,
+                 seed: int = 0) -> None:
         super().__init__()
         self.name, self.n_in, self.n_out, self.n_params = name, int(n_in), int(n_out), int(n_params)
         self.hidden = max(1, math.ceil((n_params - n_out) / (n_in + n_out + 1)))
         self.center = float(center)
+        self.fixed = FixedMap(n_in, n_out, name=name, seed=seed)
         self.net = nn.Sequential(nn.Linear(n_in, self.hidden), nn.Tanh(), nn.Linear(self.hidden, n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x - self.center)
+        x = x - self.center
+        return self.fixed(x) + self.net(x)
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def extra_repr(self) -> str:
-        return (f"stands for {self.name!r}, {self.n_in} -> {self.hidden} -> {self.n_out}, "
-                f"{self.parameter_count()} parameters for the device's {self.n_params}")
+        return (f"stands for {self.name!r}, fixed {self.n_in} -> {self.n_out} plus {self.n_in} -> {self.hidden} -> "
+                f"{self.n_out}, {self.parameter_count()} parameters for the device's {self.n_params}")
 
 
 class Pool(nn.Module):

@@ -28,11 +28,11 @@ per run, on the (simulated) physical devices, after training.
 
 The controls, each trained the same way on the same splits: ``ablation`` replaces every physical layer by a
 fixed random orthogonal map of its shape (what channel mixing alone gives the digital layers); ``digital``
-replaces it by a trainable MLP with at least as many parameters as the device has settings (a network matched
-in parameter count); ``logistic`` is logistic regression on the raw features of the run's split, its
-regularisation chosen on its validation split from a grid of 1e-4..1e4. ``paper`` is the paper's figure
-for the task. ``device_samples`` counts every measurement a method cost (twin calibration, initialisation,
-training), mean over runs.
+replaces it by the same fixed map plus a trainable MLP with at least as many parameters as the device has
+settings (a network matched in parameter count); ``logistic`` is logistic regression on the raw features of
+the run's split, its regularisation chosen on its validation split from a grid of 1e-4..1e4. ``paper`` is the
+paper's figure for the task. ``device_samples`` counts every measurement a method cost (twin calibration,
+initialisation, training), mean over runs.
 
 The sweep runs ``hybrid_mnist`` on its shipped schedule with a twin that does not learn the gap (the
 uncalibrated ideal model, ``twin.kind: ideal``) at several sizes of the devices' miscalibration, and a
@@ -131,7 +131,15 @@ class GradientWatch:
         data = trainer.data
         x = torch.as_tensor(data.x_val[: self.batch], dtype=torch.get_default_dtype())
         y = torch.as_tensor(data.y_val[: self.batch])
-        g = gradient_agreement(trainer.model, x, y)
+        devices = [layer.device for layer in trainer.model.physical_layers()]
+        # the check's measurements draw noise of their own: training's stream stays the oracle arm's
+        for d in devices:
+            d.noise_stream("gradient check")
+        try:
+            g = gradient_agreement(trainer.model, x, y)
+        finally:
+            for d in devices:
+                d.noise_stream("training")
         self.cosines.append(g["cosine"])
         self.relative_errors.append(g["relative_error"])
 

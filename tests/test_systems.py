@@ -368,5 +368,8 @@ def test_a_noise_stream_per_purpose_gives_two_copies_the_same_noise_whatever_eac
     b.noise_stream("training")
     ya, yb = a.forward(x), b.forward(x)
     np.testing.assert_array_equal(ya, yb)
-    b.noise_stream("test")  # another purpose: another stream
+    b.noise_stream("check")  # another purpose: another stream
     assert not np.array_equal(a.forward(x), b.forward(x))
+    b.noise_stream("training")  # taken up again: b's training stream continues where it stopped, as a's did
+    b.forward(x)
+    np.testing.assert_array_equal(a.forward(x), b.forward(x))

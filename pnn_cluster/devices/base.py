@@ -139,9 +139,10 @@ class Device:
 
     def noise_stream(self, purpose: str) -> None:
         """Draw the measurement noise from here on from a stream of its own for ``purpose`` ("calibration",
-        "init", "training", "test"). A simulation seeds it from its seed and the purpose, so that methods
-        compared on one device copy see the same noise in training whatever each spent on calibration;
-        real hardware has the noise it has (this does nothing)."""
+        "init", "training", "test"); a purpose taken up again continues its stream. A simulation seeds each
+        from its seed and the purpose, so that methods compared on one device copy see the same noise in
+        training whatever each spent on calibration or on checks between steps; real hardware has the
+        noise it has (this does nothing)."""
 
     def identity(self) -> dict[str, Any]:
         """Who this device is: driver, resource, serial, calibration. Logged with every run."""

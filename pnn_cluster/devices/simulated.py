@@ -237,6 +237,7 @@ class SimulatedDevice(Device):
                 z = torch.randn(c.shape, generator=gap_rng, dtype=c.dtype)
                 c.add_(self.imperfections.gap * spread * z)
         self._noise_rng = np.random.default_rng(seed)
+        self._noise_streams: dict[str, np.random.Generator] = {}
         self._drift_rng = torch.Generator().manual_seed(20_011 + seed)
         # a generator of their own: adding a step change leaves the walk's draws as they were
         self._step_rng = torch.Generator().manual_seed(30_011 + seed)
@@ -342,9 +343,13 @@ class SimulatedDevice(Device):
         return y
 
     def noise_stream(self, purpose: str) -> None:
-        # a stable key per purpose (str hashes vary between processes): the stream is (seed, purpose)'s alone
-        key = int.from_bytes(hashlib.blake2b(purpose.encode(), digest_size=8).digest(), "big")
-        self._noise_rng = np.random.default_rng(np.random.SeedSequence([self.imperfections.seed, key]))
+        stream = self._noise_streams.get(purpose)
+        if stream is None:
+            # a stable key per purpose (str hashes vary between processes): the stream is (seed, purpose)'s alone
+            key = int.from_bytes(hashlib.blake2b(purpose.encode(), digest_size=8).digest(), "big")
+            stream = self._noise_streams[purpose] = np.random.default_rng(
+                np.random.SeedSequence([self.imperfections.seed, key]))
+        self._noise_rng = stream  # a purpose taken up again continues its stream where it stopped
 
     def _quantise(self, y: np.ndarray, bits: int) -> np.ndarray:
         lo, hi = self.output_range

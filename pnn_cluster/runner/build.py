@@ -104,7 +104,7 @@ def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features
 
     For the digital methods every physical layer becomes a stand-in of its device's shape, initialised
     alike around it: ``ablation`` a fixed random orthogonal map (:class:`~pnn_cluster.layers.FixedMap`),
-    ``digital`` a trainable MLP with as many parameters as the device has settings
+    ``digital`` the same map plus a trainable MLP with as many parameters as the device has settings
     (:class:`~pnn_cluster.layers.DigitalStandIn`).
     """
     import numpy as np
@@ -131,7 +131,8 @@ def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features
             elif cfg.method == "digital":
                 port = dev.spec.input
                 n_params = sum(int(np.prod(p.shape)) for p in dev.spec.params)
-                layers.append(DigitalStandIn(n_in, n_out, n_params, name=l.device, center=(port.low + port.high) / 2))
+                layers.append(DigitalStandIn(n_in, n_out, n_params, name=l.device, center=(port.low + port.high) / 2,
+                                             seed=cfg.seed * 100 + i))
             else:
                 layers.append(PhysicalLayer(dev, name=l.device, rng=rng))  # a layer is named after its device
             width = n_out
