@@ -252,6 +252,20 @@ class Pool:
         return out
 
 
+def read_log(path: str | None) -> dict[tuple, Any]:
+    """The finished runs a ``--log`` file holds, by key (none when there is no file yet)."""
+    done: dict[tuple, Any] = {}
+    if path:
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    entry = json.loads(line)
+                    done[tuple(entry["key"])] = entry["result"]
+        except FileNotFoundError:
+            pass
+    return done
+
+
 def mean_sd(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}
@@ -286,15 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args.vowel_runs = args.vowel_runs or (2 if args.quick else 20)
     sections = set(args.sections.split(","))
     methods = [m for m in args.methods.split(",") if m]
-    done: dict[tuple, Any] = {}
-    if args.log:
-        try:
-            with open(args.log) as fh:
-                for line in fh:
-                    entry = json.loads(line)
-                    done[tuple(entry["key"])] = entry["result"]
-        except FileNotFoundError:
-            pass
+    done = read_log(args.log)
 
     def record(key: tuple, result: Any) -> None:
         log(f"done {' '.join(map(str, key))}")

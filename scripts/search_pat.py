@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from bench_pat import Pool, configuration, log
+from bench_pat import Pool, configuration, log, read_log
 
 #: the benchmark uses seeds 0..; the search never does
 SEARCH_SEED = 100
@@ -124,15 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         keep = {int(i) for i in args.only.split(",")}
         cands = [c for i, c in enumerate(cands) if i in keep]
-    done: dict[tuple, Any] = {}
-    if args.log:
-        try:
-            with open(args.log) as fh:
-                for line in fh:
-                    e = json.loads(line)
-                    done[tuple(e["key"])] = e["result"]
-        except FileNotFoundError:
-            pass
+    done = read_log(args.log)
     seeds = [SEARCH_SEED + i for i in range(args.seeds)]
     pool = Pool(args.workers)
     jobs = {}
