@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vowel-runs", type=int, default=None,
                    help=f"paired runs of shg_vowels, each testing on one of {VOWEL_FOLDS} stratified folds "
                         "(default 20; 2 with --quick)")
+    p.add_argument("--runs", action="append", default=[], metavar="TASK=N",
+                   help="paired runs of one task, instead of --seeds or --vowel-runs (repeatable)")
     p.add_argument("--twin-samples", type=int, default=None,
                    help="device samples per system in the twins section (default 20000; 4000 with --quick)")
     p.add_argument("--workers", type=int, default=2, help="runs at once as Ray tasks (0: in this process)")
@@ -320,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks = [t for t in args.tasks.split(",") if t] if "tasks" in sections else []
     runs_of = {name: args.vowel_runs if name == "shg_vowels" else seeds for name in tasks}
+    for item in args.runs:
+        name, _, n = item.partition("=")
+        if name not in runs_of or not n.isdigit() or int(n) < 1:
+            p.error(f"--runs {item}: expected TASK=N with TASK one of {', '.join(tasks)} and N >= 1")
+        runs_of[name] = int(n)
     for name in tasks:
         for run in range(runs_of[name]):
             pair = paired_run(name, run)

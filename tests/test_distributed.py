@@ -310,8 +310,9 @@ def test_the_runner_on_ray_trains_like_the_runner_in_process(ray_cluster, tmp_pa
     assert remote.executor["twin_calls"] > 0 and "twin_calls" not in local.executor
     assert remote.device_samples_total == local.device_samples_total
     assert remote.twin_nmse == pytest.approx(local.twin_nmse, rel=1e-6)
-    assert remote.history[-1]["train_loss"] == pytest.approx(local.history[-1]["train_loss"], rel=1e-6)
-    assert remote.history[-1]["val_loss"] == pytest.approx(local.history[-1]["val_loss"], rel=1e-6)
+    # float32, summed in another order in the twin actors: agreement to rounding, a few ulps per step
+    assert remote.history[-1]["train_loss"] == pytest.approx(local.history[-1]["train_loss"], rel=1e-5)
+    assert remote.history[-1]["val_loss"] == pytest.approx(local.history[-1]["val_loss"], rel=1e-5)
     assert remote.test_acc == local.test_acc
 
 
