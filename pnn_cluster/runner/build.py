@@ -111,10 +111,12 @@ def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features
     import torch
     from torch import nn
 
-    from pnn_cluster.layers import Affine, DigitalStandIn, FixedMap, PhysicalLayer, Pool, Rescale, Stack
+    from pnn_cluster.layers import Affine, PhysicalLayer, Pool, Rescale, Stack
+    from pnn_cluster.runner.methods import method_for
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # parameters initialised "uniform" break symmetry the same every run
+    method = method_for(cfg.method)
     layers: list[nn.Module] = []
     width = n_features
     for i, l in enumerate(cfg.stack):
@@ -126,13 +128,8 @@ def build_stack(cfg: ExperimentConfig, devices: Mapping[str, Device], n_features
                                                        f"the layers before it give {width}",
                                                        f"a linear layer of size {n_in} before it, or n_in: {width}")])
             n_out = dev.spec.output.size
-            if cfg.method == "ablation":
-                layers.append(FixedMap(n_in, n_out, name=l.device, seed=cfg.seed * 100 + i))
-            elif cfg.method == "digital":
-                port = dev.spec.input
-                n_params = sum(int(np.prod(p.shape)) for p in dev.spec.params)
-                layers.append(DigitalStandIn(n_in, n_out, n_params, name=l.device, center=(port.low + port.high) / 2,
-                                             seed=cfg.seed * 100 + i))
+            if method.digital:
+                layers.append(method.stand_in(dev.spec, name=l.device, seed=cfg.seed * 100 + i))
             else:
                 layers.append(PhysicalLayer(dev, name=l.device, rng=rng))  # a layer is named after its device
             width = n_out

@@ -26,17 +26,9 @@ from pnn_cluster.config import ExperimentConfig
 from pnn_cluster.runner.placement import InProcessPlacement
 from pnn_cluster.runner.run import ExperimentRun, RunResult
 
-__all__ = ["Launcher", "InProcessLauncher", "get_launcher", "LAUNCHER_GROUP", "RunStopped", "stop_on_signals"]
+__all__ = ["Launcher", "InProcessLauncher", "get_launcher", "LAUNCHER_GROUP", "stop_on_signals"]
 
 LAUNCHER_GROUP = "pnn_cluster.launchers"
-
-
-class RunStopped(RuntimeError):
-    """The run was asked to stop; it kept its checkpoint (``result``) and can be resumed."""
-
-    def __init__(self, result: RunResult) -> None:
-        self.result = result
-        super().__init__(f"stopped at step {result.steps}")
 
 
 class Launcher(Protocol):

@@ -35,8 +35,9 @@ import torch
 from pnn_cluster.config import ExperimentConfig
 from pnn_cluster.layers import Stack, init_rescales_
 from pnn_cluster.runner.build import build_stack, device_recipes, load_data, train_config
+from pnn_cluster.runner.methods import method_for
 from pnn_cluster.runner.placement import DeviceRef, InProcessPlacement, Placement
-from pnn_cluster.runner.twins import make_twin, twin_shell
+from pnn_cluster.runner.twins import ReplicaTwins, make_twin, twin_shell
 from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, TrainingAborted
 from pnn_cluster.training.pipeline import PipelineConfig, PipelineExecutor, Replica
 from pnn_cluster.training.recalibration import NoiseModel, RecalibrationWatch, WatchedReplica
@@ -153,6 +154,7 @@ class ExperimentRun:
                  checkpoint_path: str | None = None, callbacks: Sequence[Callback] = (),
                  measure_test: bool = True) -> None:
         self.config = config
+        self.method = method_for(config.method)
         self.measure_test = measure_test
         self.callbacks = list(callbacks)
         self.watch: RecalibrationWatch | None = None
@@ -205,13 +207,13 @@ class ExperimentRun:
         recipes = device_recipes(cfg)
         flat = [r for rs in recipes.values() for r in rs]
         # all at once: connections open in parallel on a cluster (and twin actors boot meanwhile, for PAT)
-        started = self.placement.start_devices(flat, twins=cfg.method == "pat" and self.resume is None)
+        started = self.placement.start_devices(flat, twins=self.method.twin_copies and self.resume is None)
         refs: dict[str, list[DeviceRef]] = {name: [] for name in recipes}
         for ref in started:
             refs[ref.recipe.name].append(ref)
         stack = build_stack(cfg, {name: rs[0].device for name, rs in refs.items()}, data.n_features)
-        if not cfg.digital_only:
-            stack.set_mode(cfg.method)
+        if not self.method.digital:
+            stack.set_mode(self.method.mode)
         executor = PipelineExecutor(self.placement.backend, config=self.pipeline, policy=self.policy)
         return _Built(data, refs, stack, executor)
 
@@ -233,16 +235,16 @@ class ExperimentRun:
         devices and fit in parallel); in this process one after the other.
         """
         cfg = self.config
-        if cfg.digital_only:
+        method = self.method
+        if method.digital:
             return {}, 0  # no physical layer: nothing to describe
         jobs = []  # (index, ref, wanted, shell twin or None, twin pool or None)
         for index, (name, refs) in enumerate(built.refs.items()):
             tc = cfg.devices[name].twin
             for ref in refs:
-                # oracle differentiates the simulator; in silico trains on replica 0's twin alone
-                wanted = cfg.method == "pat" or (cfg.method == "in_silico" and ref.recipe.replica == 0)
+                wanted = method.needs_twin(ref.recipe.replica)
                 twin = twin_shell(tc, ref) if wanted else None  # None too for kind best: the fit chooses
-                pool = self.placement.start_twins(twin, ref.recipe) if twin is not None and cfg.method == "pat" \
+                pool = self.placement.start_twins(twin, ref.recipe) if twin is not None and method.twin_copies \
                     else None
                 jobs.append((index, ref, wanted, twin, pool))
         names = ", ".join(ref.label for _, ref, wanted, _, _ in jobs if wanted)
@@ -277,7 +279,7 @@ class ExperimentRun:
                 self.report(f"   twin {fit.device} ({fit.kind}): NMSE {fit.nmse_val:.3e}, noise floor "
                             f"{fit.noise_floor:.3e} ({fit.ratio_to_floor:.2f} x), {fit.device_samples} device samples"
                             + chosen)
-                if pool is None and cfg.method == "pat" and fit.candidates:
+                if pool is None and method.twin_copies and fit.candidates:
                     pool = self.placement.start_twins(fit.twin, ref.recipe)  # copies of the kind chosen
                 if ref.recipe.replica == 0:
                     fits[name] = fit
@@ -293,16 +295,16 @@ class ExperimentRun:
     def _restore_twins(self, built: _Built, state: Mapping[str, Any]) -> None:
         """A resumed or evaluated run: twins come from the checkpoint, not from new measurements."""
         cfg = self.config
-        if cfg.digital_only:
+        if self.method.digital:
             return
-        replica_twins = (state.get("extra") or {}).get("replica_twins", {})
-        kinds = (state.get("extra") or {}).get("twin_kinds", {})
+        saved = ReplicaTwins.saved(state)
+        kinds, replica_twins = saved["kinds"], saved["weights"]
         for name, refs in built.refs.items():
             tc = cfg.devices[name].twin
             replicas = []
             for ref in refs:
                 twin, pool = None, None
-                if cfg.method != "oracle":
+                if self.method.needs_twin(ref.recipe.replica):
                     twin = twin_shell(tc, ref, kind=kinds.get(ref.label))
                     if ref.recipe.replica == 0:
                         self._layer(built.stack, name).twin = twin
@@ -312,16 +314,21 @@ class ExperimentRun:
                                         timeout_s=cfg.devices[name].timeout_s))
             built.executor.set_pool(name, replicas)
 
-    def _twin_kinds(self, built: _Built) -> dict[str, str]:
-        if self.config.digital_only:
-            return {}
-        return {rep.name: rep.twin.kind for name in built.refs
-                for rep in built.executor.pool(self._layer(built.stack, name)).replicas
-                if getattr(rep.twin, "kind", None)}
+    def _replica_twins(self, built: _Built) -> ReplicaTwins:
+        """The run's twins, every replica's (none for the digital controls)."""
+        twins = ReplicaTwins()
+        if self.method.digital:
+            return twins
+        for name, refs in built.refs.items():
+            layer = self._layer(built.stack, name)
+            for rep, ref in zip(built.executor.pool(layer).replicas, refs):
+                primary = ref.recipe.replica == 0
+                twins.add(rep.name, layer.twin if primary else rep.twin, primary)
+        return twins
 
     def _start_twin_pools(self, built: _Built) -> None:
         """After a restore: twin copies elsewhere start from the restored twins."""
-        if self.config.method != "pat":
+        if not self.method.twin_copies:
             return
         for name in built.refs:
             pool = built.executor.pool(self._layer(built.stack, name))
@@ -335,7 +342,7 @@ class ExperimentRun:
         """Each device replica's twin watch, as its ``recalibration`` section says (PAT only: the other
         methods have no twin in the backward pass to watch)."""
         cfg = self.config
-        if cfg.method != "pat":
+        if not self.method.watches_twins:
             return None
         prior = ((self.resume or {}).get("extra") or {}).get("recalibration") or {}
         watched = []
@@ -369,7 +376,6 @@ class ExperimentRun:
             return None
         watch = RecalibrationWatch(watched, report=self.report, backend=self.placement.backend, seed=cfg.seed,
                                    on_version=getattr(tracker, "log_twin_version", None))
-        watch.load_state_dict(prior)
         built.executor.observer = watch
         return watch
 
@@ -377,7 +383,7 @@ class ExperimentRun:
         cfg = self.config
         xs = torch.as_tensor(built.data.x_train[: cfg.init.samples], dtype=torch.get_default_dtype())
         before = built.stack.samples_measured()
-        with built.stack.mode_as("in_silico" if cfg.method == "in_silico" else "pat"):
+        with built.stack.mode_as(self.method.init_mode):
             init_rescales_(built.stack, xs, spread=cfg.init.spread, logit_scale=cfg.init.logit_scale)
         return built.stack.samples_measured() - before
 
@@ -436,7 +442,7 @@ class ExperimentRun:
             self._noise_streams(built, "init")
             init_samples = self._initialise(built)
         progress = ProgressReport(self.report)
-        progress.where = "digital" if cfg.digital_only else "physical"
+        progress.where = "digital" if self.method.digital else "physical"
         callbacks: list[Callback] = [progress]
         watch = self.watch = self._watch(built, tracker)
         if watch is not None:
@@ -445,23 +451,18 @@ class ExperimentRun:
             callbacks.append(tracker)
         best = None
         if cfg.schedule.keep == "best":
-            best = BestOnValidation()
-            best.load_state_dict(((self.resume or {}).get("extra") or {}).get(BestOnValidation.state_key))
+            best = BestOnValidation()  # Stateful: a resumed run's checkpoint restores it
             callbacks.insert(1, best)  # before the MLflow callback: its last checkpoint holds the chosen weights
         callbacks += self.callbacks
         trainer = Trainer(built.stack, built.data, train_config(cfg), callbacks=callbacks, executor=built.executor,
                           progress=self.progress)
         trainer.checkpoint_meta["experiment"] = cfg.resolved()
-        # which kind each twin is (kind best chose one): a resumed or evaluated run rebuilds the same
-        trainer.extra_state["twin_kinds"] = self._twin_kinds(built)
-        trainer.extra_state["replica_twins"] = {} if cfg.digital_only else {
-            rep.name: rep.twin.state_dict() for name in built.refs
-            for rep in built.executor.pool(self._layer(built.stack, name)).replicas[1:] if rep.twin is not None}
+        trainer.add_stateful(self._replica_twins(built))
         if self.resume is not None:
             trainer.load_state_dict(self.resume)
             self._start_twin_pools(built)
             self.report(f"-- resuming at epoch {trainer.epoch}, step {trainer.global_step}")
-        elif tracker is not None and not cfg.digital_only:
+        elif tracker is not None and not self.method.digital:
             dev = cfg.devices
             names = list(built.refs)
             tracker.log_devices({n: built.refs[n][0].device for n in names},
@@ -505,7 +506,7 @@ class ExperimentRun:
                 raise self._aborted(trainer, tracker, exc, "test split not measured") from exc
         seconds = time.perf_counter() - t0
         if acc is not None:
-            where = f"digitally (the {cfg.method} stand-ins)" if cfg.digital_only else "on the physical devices"
+            where = f"digitally (the {cfg.method} stand-ins)" if self.method.digital else "on the physical devices"
             self.report(f"test accuracy {acc:.3f} {where} after {trainer.global_step} steps; "
                         f"{trainer.device_samples} training device samples; {seconds:.1f} s")
         nodes = {ref.label: ref.node for refs in built.refs.values() for ref in refs if ref.node}
@@ -559,7 +560,7 @@ class ExperimentRun:
                               progress=False)
             trainer.load_state_dict(self.resume)
             physical = trainer.evaluate(split, physical=True)
-            twin_only = trainer.evaluate(split, physical=False) if self.config.method != "oracle" else None
+            twin_only = trainer.evaluate(split, physical=False) if self.method.twin_only_evaluation else None
         finally:
             self.placement.close()
         # the twins are those the checkpoint holds: the versions in use when it was taken

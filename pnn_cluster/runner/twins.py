@@ -8,6 +8,7 @@ on which its NMSE is reported next to the noise floor, measured once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pnn_cluster.config import TwinConfig
@@ -16,7 +17,7 @@ from pnn_cluster.training.pipeline import TwinPool
 from pnn_cluster.twins import TwinFit, build_twin, evaluate_twin, fit_twin, load_twin
 from pnn_cluster.twins.fit import fit_splits
 
-__all__ = ["make_twin", "twin_shell", "candidate_kinds"]
+__all__ = ["make_twin", "twin_shell", "candidate_kinds", "ReplicaTwins"]
 
 
 def _options(tc: TwinConfig, kind: str) -> dict[str, Any]:
@@ -106,3 +107,48 @@ def make_twin(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed:
         nmse_val, floor, nmse_train, history = res.nmse_val, res.noise_floor, res.nmse_train, list(res.history)
     return TwinFit(ref.label, twin, kind, nmse_val, floor, nmse_train, ideal, samples.device_samples,
                    time.perf_counter() - t0, history, val, "fit", candidates)
+
+
+class ReplicaTwins:
+    """Every device replica's twin, by replica label: the one place a run's twins are kept and checkpointed.
+
+    Replica 0's twin is also its layer's ``twin`` (the in-process backward pass uses it) and each replica's
+    is its pipeline :class:`~pnn_cluster.training.pipeline.Replica`'s; both point at the objects held here.
+    :class:`~pnn_cluster.training.trainer.Stateful`: a checkpoint holds each twin's kind (the one ``kind: best``
+    chose, so a resumed or evaluated run rebuilds the same) and the weights of replicas other than 0 (replica
+    0's are in the model's own state_dict), taken when the checkpoint is, refinements included.
+    """
+
+    state_key = "twins"
+
+    def __init__(self, twins: Mapping[str, Callable | None] | None = None) -> None:
+        self.twins: dict[str, Callable | None] = dict(twins or {})
+        self.primary: set[str] = set()  # labels of replica 0 of each device
+
+    def add(self, label: str, twin: Callable | None, primary: bool) -> None:
+        self.twins[label] = twin
+        if primary:
+            self.primary.add(label)
+
+    def kinds(self) -> dict[str, str]:
+        return {label: twin.kind for label, twin in self.twins.items() if getattr(twin, "kind", None)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kinds": self.kinds(),
+                "weights": {label: twin.state_dict() for label, twin in self.twins.items()
+                            if label not in self.primary and twin is not None}}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        for label, weights in ((state or {}).get("weights") or {}).items():
+            twin = self.twins.get(label)
+            if twin is not None and label not in self.primary:
+                twin.load_state_dict(weights)
+
+    @classmethod
+    def saved(cls, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        """What a checkpoint holds of the twins, ``{"kinds": ..., "weights": ...}``; checkpoints written before
+        this component existed kept them under ``twin_kinds`` and ``replica_twins``."""
+        extra = checkpoint.get("extra") or {}
+        if cls.state_key in extra:
+            return dict(extra[cls.state_key])
+        return {"kinds": extra.get("twin_kinds") or {}, "weights": extra.get("replica_twins") or {}}

@@ -20,8 +20,9 @@ __all__ = ["BestOnValidation"]
 class BestOnValidation(Callback):
     """Keeps the weights of the best validation epoch and restores them at the end of training.
 
-    Its state (the best epoch, its accuracy and weights) is saved with the checkpoint under
-    :attr:`state_key`, so a resumed run still ends on the best epoch of the whole run.
+    It is :class:`~pnn_cluster.training.trainer.Stateful`: its state (the best epoch, its accuracy and weights)
+    is saved with the checkpoint under :attr:`state_key`, so a resumed run still ends on the best epoch of the
+    whole run.
     """
 
     state_key = "best_on_validation"
@@ -37,9 +38,6 @@ class BestOnValidation(Callback):
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {}
         self.epoch, self.val_acc, self._weights = state.get("epoch"), state.get("val_acc"), state.get("model")
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        trainer.extra_state[self.state_key] = self.state_dict  # taken when a checkpoint is
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         acc = metrics.get("val_acc")

@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ from pnn_cluster.data import Dataset
 from pnn_cluster.fsio import NotATorchFile, atomic_torch_save, torch_load_tensors
 from pnn_cluster.layers import Stack
 
-__all__ = ["TrainConfig", "Callback", "CheckpointError", "Executor", "SequentialExecutor", "Trainer", "TrainerState",
-           "StepResult", "read_checkpoint"]
+__all__ = ["TrainConfig", "Callback", "CheckpointError", "Executor", "SequentialExecutor", "Stateful", "Trainer",
+           "TrainerState", "StepResult", "read_checkpoint"]
 
 #: what every checkpoint :meth:`Trainer.state_dict` writes holds
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "device_samples")
@@ -145,8 +145,29 @@ class SequentialExecutor:
         return model(x)
 
 
+@runtime_checkable
+class Stateful(Protocol):
+    """A component whose state a checkpoint carries: a callback, or anything given to :meth:`Trainer.add_stateful`.
+
+    It saves and loads its own state, under its own :attr:`state_key` of the checkpoint's ``extra`` section;
+    nobody else writes there. :meth:`state_dict` is called when a checkpoint is taken (state that changes every
+    step is not copied every step); :meth:`load_state_dict` gets what the checkpoint holds under the key, or None
+    when it holds nothing there (a fresh run, or a checkpoint from before the component existed).
+    """
+
+    state_key: str
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
 class Callback:
-    """Hooks the trainer calls; override what you need. MLflow tracking is one of these."""
+    """Hooks the trainer calls; override what you need. MLflow tracking is one of these.
+
+    A callback with a ``state_key`` and ``state_dict`` / ``load_state_dict`` is :class:`Stateful`: the trainer
+    saves and restores its state with every checkpoint.
+    """
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
@@ -182,10 +203,15 @@ class Trainer:
         self.params_projected = 0
         #: steps of the current epoch already done (a run stopped mid-epoch resumes at the next one)
         self.step_in_epoch = 0
-        #: what else a checkpoint carries for whoever made this trainer (a runner's replica twins); a value
-        #: may be a callable, called when a checkpoint is taken (state that changes every step is not copied
-        #: every step)
-        self.extra_state: dict[str, Any] = {}
+        #: the components whose state checkpoints carry, by key (stateful callbacks, and what
+        #: :meth:`add_stateful` was given)
+        self._stateful: dict[str, Stateful] = {}
+        #: a loaded checkpoint's ``extra`` section: what no component claimed yet is handed to one added later,
+        #: and written back unchanged (nothing a checkpoint holds is dropped by a run that does not use it)
+        self._extra_loaded: dict[str, Any] = {}
+        for cb in self.callbacks:
+            if isinstance(cb, Stateful):
+                self.add_stateful(cb)
         #: top-level keys every checkpoint carries as they are (the experiment configuration it came from)
         self.checkpoint_meta: dict[str, Any] = {}
         self._stop = False
@@ -325,12 +351,31 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    def add_stateful(self, component: Stateful) -> None:
+        """Carry ``component``'s state in every checkpoint, under its ``state_key``. Added after a checkpoint was
+        loaded, it gets its part of that checkpoint at once."""
+        if not isinstance(component, Stateful):
+            raise TypeError(f"{type(component).__name__} is not Stateful: it needs state_key, state_dict() and "
+                            "load_state_dict(state)")
+        key = component.state_key
+        held = self._stateful.get(key)
+        if held is not None and held is not component:
+            raise ValueError(f"two components save their state under {key!r}: {type(held).__name__} and "
+                             f"{type(component).__name__}")
+        self._stateful[key] = component
+        if key in self._extra_loaded:
+            component.load_state_dict(self._extra_loaded[key])
+
+    def stateful(self, key: str) -> Stateful | None:
+        """The component saving its state under ``key``, if any."""
+        return self._stateful.get(key)
+
     def state_dict(self) -> dict[str, Any]:
         return {**self.checkpoint_meta, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
                 "device_samples": self.device_samples, "config": asdict(self.config),
                 "history": self.history, "step_in_epoch": self.step_in_epoch,
-                "extra": {k: v() if callable(v) else v for k, v in self.extra_state.items()}}
+                "extra": {**self._extra_loaded, **{k: c.state_dict() for k, c in self._stateful.items()}}}
 
     def check_state_dict(self, state: Any, path: str | os.PathLike | None = None) -> None:
         """Raise :class:`CheckpointError` unless ``state`` is a checkpoint of this very stack.
@@ -379,7 +424,9 @@ class Trainer:
         self.epoch, self.global_step, self.device_samples = epoch, step, samples
         self.history = list(state.get("history", []))
         self.step_in_epoch = step_in_epoch
-        self.extra_state = dict(state.get("extra") or {})
+        self._extra_loaded = dict(state.get("extra") or {})
+        for key, component in self._stateful.items():
+            component.load_state_dict(self._extra_loaded.get(key))
         for layer in self.model.physical_layers():
             layer.sync_params(force=True)
 
