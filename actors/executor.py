@@ -26,6 +26,10 @@ _LOST = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "Acto
 class RayBackend:
     """Pending calls are ObjectRefs; one ``ray.wait`` covers every stage's calls at once."""
 
+    def done(self, call: Any) -> bool:
+        ready, _ = ray.wait([call], num_returns=1, timeout=0)
+        return bool(ready)
+
     def wait(self, calls: Sequence[Any], timeout: float | None = None) -> list[Any]:
         calls = list(calls)
         # every reply already here, in one look; only when there is none, block for the first

@@ -16,7 +16,8 @@ from pnn_cluster.devices.base import DeviceError
 from pnn_cluster.runner.build import DeviceRecipe
 from pnn_cluster.runner.placement import DeviceRef
 from pnn_cluster.training.pipeline import TwinPool
-from pnn_cluster.training.workers import twin_payload, twin_version
+from pnn_cluster.training.workers import twin_payload
+from pnn_cluster.twins.versions import twin_digest
 
 __all__ = ["RayPlacement"]
 
@@ -84,7 +85,7 @@ class RayPlacement:
             actors = [start_twin(twin, num_cpus=tp.num_cpus, num_gpus=tp.num_gpus) for _ in range(tp.actors)]
             self._twins += actors
         handles = [RayTwinHandle(a, f"{recipe.label}/twin{j}") for j, a in enumerate(actors)]
-        return TwinPool(handles, payload, twin_version(payload["state"]))
+        return TwinPool(handles, payload, twin_digest(payload["state"]))
 
     def counts(self) -> dict[str, Any]:
         in_actor = ray.get_runtime_context().get_actor_id() is not None

@@ -56,8 +56,9 @@ from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
 from pnn_cluster.runner import DeviceRecipe
 from pnn_cluster.training.pipeline import PipelineConfig, Replica, TwinPool
 from pnn_cluster.training.trainer import SequentialExecutor, TrainConfig, Trainer
-from pnn_cluster.training.workers import twin_payload, twin_version
+from pnn_cluster.training.workers import twin_payload
 from pnn_cluster.twins import build_twin
+from pnn_cluster.twins.versions import twin_digest
 
 STAGES_MS = (20, 40, 10)
 WIDTH = 16
@@ -192,7 +193,7 @@ def twin_offload_figures(steps: int, batch: int = 64, micro: int = 8, per_micro_
         in_trainer = seconds_per_step(trainer_for(model, RayExecutor(), batch, micro), steps)
         twins = [start_twin(layer.twin) for _ in range(copies)]
         payload = twin_payload(layer.twin)
-        pool = TwinPool([RayTwinHandle(t) for t in twins], payload, twin_version(payload["state"]))
+        pool = TwinPool([RayTwinHandle(t) for t in twins], payload, twin_digest(payload["state"]))
         ex = RayExecutor(pools={layer.name: [Replica(device.handle(), twins=pool, name=layer.name)]})
         offloaded = seconds_per_step(trainer_for(model, ex, batch, micro), steps)
         assert ex.stats["twin_calls"] > 0

@@ -7,7 +7,8 @@ gives, per device replica and per step, the twin's NMSE on the batch; divided
 by the device's noise floor (from its calibration) it is watched by a
 :class:`~pnn_cluster.twins.drift.CusumDetector` with a stated false-alarm
 rate. What an alarm does is a policy, chosen per device, injected like the
-fault policy:
+fault policy (:mod:`~pnn_cluster.training.recalibration_policies`: one class
+each, which decides; the watch carries the decision out):
 
 - ``none``: nothing is watched (no twin outputs are even asked for);
 - ``monitor``: the figures are logged each step (``drift/<device>/...``) and
@@ -51,21 +52,32 @@ from typing import Any
 
 import numpy as np
 
+from pnn_cluster.training.backends import Backend, LocalTwinHandle, ThreadBackend
+from pnn_cluster.training.explore import AroundParams, FromRows
+from pnn_cluster.training.recalibration_policies import POLICIES, Action, RecalibrationPolicy, policy_for
 from pnn_cluster.training.trainer import Callback
-from pnn_cluster.training.workers import TwinWorker, twin_version
+from pnn_cluster.training.workers import TwinWorker
 from pnn_cluster.twins.collect import Samples
 from pnn_cluster.twins.drift import CusumDetector
+from pnn_cluster.twins.versions import next_version, twin_digest
 
 __all__ = ["POLICIES", "Recalibration", "RecalibrationWatch", "WatchedReplica", "NoiseModel", "AroundParams",
            "FromRows"]
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("none", "monitor", "refine", "pause")
 #: buffered steps a refinement fits at most (each is one parameter setting: one step of the fit per epoch)
 MAX_GROUPS = 48
 #: steps measured since a change began before a refinement starts from them
 MIN_GROUPS = 8
+#: each setting's range, stated once (the configuration's schema takes its bounds from here), in pydantic's terms:
+#: ``ge``/``le`` inclusive, ``gt`` exclusive
+BOUNDS: dict[str, dict[str, float]] = {
+    "arl0": {"ge": 10.0, "le": 1e12}, "rise": {"ge": 1.01, "le": 100.0}, "warmup": {"ge": 5, "le": 100_000},
+    "buffer_rows": {"ge": 1, "le": 10**8}, "half_life_steps": {"gt": 0.0, "le": 1e9},
+    "explore_fraction": {"ge": 0.0, "le": 1.0}, "explore_groups": {"ge": 0, "le": 10_000},
+    "explore_spread": {"ge": 0.0, "le": 1.0}, "epochs": {"ge": 1, "le": 100_000},
+}
 
 
 @dataclass(frozen=True)
@@ -103,46 +115,13 @@ class Recalibration:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"recalibration.policy: {self.policy!r} is not allowed; allowed: {', '.join(POLICIES)}")
-        CusumDetector(arl0=self.arl0, rise=self.rise, warmup=self.warmup)  # checks those three
-        for name, low, high in (("buffer_rows", 1, 10**8), ("half_life_steps", 1e-3, 1e9),
-                                ("explore_fraction", 0.0, 1.0), ("explore_groups", 0, 10_000),
-                                ("explore_spread", 0.0, 1.0), ("epochs", 1, 100_000)):
+        CusumDetector(arl0=self.arl0, rise=self.rise, warmup=self.warmup)  # those three, in the detector's words
+        for name, b in BOUNDS.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
-                raise ValueError(f"recalibration.{name}: {v!r}; allowed: {low}..{high}")
-
-
-class AroundParams:
-    """Exploratory parameter settings: the current ones plus normal steps of ``spread`` x each range,
-    reflected back into the limits (so no value the device refuses is ever asked for)."""
-
-    def __init__(self, center: Mapping[str, np.ndarray], spec: Any, spread: float) -> None:
-        self.center = {k: np.asarray(v, dtype=np.float64) for k, v in center.items()}
-        self.limits = {p.name: (float(p.low), float(p.high)) for p in spec.params}
-        self.spread = spread
-
-    def __call__(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        out = {}
-        for name, c in self.center.items():
-            lo, hi = self.limits[name]
-            width = hi - lo if math.isfinite(hi - lo) else max(1.0, float(np.abs(c).max(initial=0.0)))
-            v = c + self.spread * width * rng.standard_normal(c.shape)
-            if math.isfinite(lo):
-                v = np.where(v < lo, 2 * lo - v, v)
-            if math.isfinite(hi):
-                v = np.where(v > hi, 2 * hi - v, v)
-            out[name] = np.clip(v, lo, hi)  # a second reflection's remainder; spread <= 1 keeps it rare
-        return out
-
-
-class FromRows:
-    """Exploratory inputs: rows training sent to the device lately (the data's own distribution)."""
-
-    def __init__(self, rows: np.ndarray) -> None:
-        self.rows = np.asarray(rows, dtype=np.float64)
-
-    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return self.rows[rng.integers(0, len(self.rows), size=n)]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not (
+                    b.get("ge", -math.inf) <= v <= b.get("le", math.inf) and v > b.get("gt", -math.inf)):
+                allowed = " and ".join(f"{op} {b[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("le", "<=")) if k in b)
+                raise ValueError(f"recalibration.{name}: {v!r}; allowed: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -217,6 +196,8 @@ class WatchedReplica:
     pool: Any = None
     # what the watch keeps
     detector: CusumDetector = field(init=False)
+    #: what ``settings.policy`` names (it decides what an alarm leads to)
+    policy: RecalibrationPolicy = field(init=False)
     version: int = 0
     versions: int = 1
     trained_rows: int = 0
@@ -231,6 +212,8 @@ class WatchedReplica:
     buffer: collections.deque = field(default_factory=collections.deque)
     buffered_rows: int = 0
     pending: Any = None
+    #: the backend that waits on ``pending`` (the pipeline's for a twin copy's call, the watch's own for a thread's)
+    waits_on: Backend | None = None
     pending_info: dict[str, Any] = field(default_factory=dict)
     last_warned: int | None = None
     #: out of its pool, recalibrating (policy pause); ``repause``: it was when the run stopped
@@ -245,6 +228,7 @@ class WatchedReplica:
     def __post_init__(self) -> None:
         s = self.settings
         self.detector = CusumDetector(arl0=s.arl0, rise=s.rise, warmup=s.warmup)
+        self.policy = policy_for(s.policy)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on watching: the detector, the counts, the error's history and the
@@ -299,16 +283,19 @@ class RecalibrationWatch(Callback):
     to the step's metrics) it closes each step: detector, buffer, refinements, swaps.
 
     report: where progress lines go. on_version: called with each new version's record and twin state.
-    backend: the pipeline's backend (waits on a twin actor's refinement); None for threads.
+    backend: the pipeline's backend (waits on a refinement in a replica's twin copy); None: twins on threads.
+    What runs on the watch's own threads (a twin worker here, a recalibration out of its pool) is waited on
+    through a :class:`~pnn_cluster.training.backends.ThreadBackend` of its own.
     """
 
     def __init__(self, watched: Sequence[WatchedReplica], report: Callable[[str], None] | None = None,
                  on_version: Callable[[Mapping[str, Any], Mapping[str, Any] | None], None] | None = None,
                  backend: Any = None, seed: int = 0) -> None:
-        self.watched = {w.label: w for w in watched if w.settings.policy != "none"}
+        self.watched = {w.label: w for w in watched if w.policy.watches}
         self.report = report or (lambda line: log.info("%s", line))
         self.on_version = on_version
-        self.backend = backend
+        self._here = ThreadBackend()
+        self.backend = backend if backend is not None else self._here
         self.seed = seed
         self.records: list[dict[str, Any]] = []
         self._local: list[Any] = []  # twin workers on threads, for replicas with no twin copies elsewhere
@@ -327,7 +314,7 @@ class RecalibrationWatch(Callback):
         w._sq += float((r * r).sum())
         w._ys.append(y)
         w.trained_rows += y.shape[0]
-        if w.settings.policy == "refine":
+        if w.policy.keeps_inputs:
             w._xs.append(np.array(x, dtype=np.float64))
             w._params = params
 
@@ -349,7 +336,6 @@ class RecalibrationWatch(Callback):
             elif w.refine_due is not None and sum(e[0] > w.refine_due for e in w.buffer) >= MIN_GROUPS:
                 self._start_refine(w, step, since=w.refine_due)
                 w.refine_due = None
-        self.save(trainer)
 
     def on_train_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         # a refinement still running when training ends is not taken: the twin at the end is the one in use;
@@ -357,14 +343,13 @@ class RecalibrationWatch(Callback):
         # the checkpoint see every replica)
         for w in self.watched.values():
             if w.paused and w.pending is not None:
-                concurrent.futures.wait([w.pending])
+                w.waits_on.wait([w.pending])
                 self._poll(w, trainer.global_step)
-            w.pending = None
-        self.save(trainer)
+            w.pending, w.waits_on = None, None
 
-    def save(self, trainer: Any) -> None:
-        # taken when a checkpoint is: the buffer and history are not copied every step
-        trainer.extra_state["recalibration"] = self.state_dict
+    # -- its state in checkpoints (Stateful: taken when a checkpoint is, not copied every step) --------------
+
+    state_key = "recalibration"
 
     def state_dict(self) -> dict[str, Any]:
         return {label: w.state_dict() for label, w in self.watched.items()}
@@ -428,29 +413,29 @@ class RecalibrationWatch(Callback):
         base = math.exp(w.detector.mu0) if w.detector.mu0 is not None else float("nan")
         what = (f"twin of {w.label} has drifted from its device at step {step}: its error is {ratio:.2f} x the "
                 f"noise floor, {ratio / base:.2f} x its baseline of {base:.2f} (CUSUM alarm {len(w.alarm_steps)})")
-        policy = w.settings.policy
-        if policy == "monitor":
-            if w.last_warned is None or step - w.last_warned >= max(100, w.settings.warmup):
-                self.report(f"-- warning: {what}; policy monitor: nothing changed")
-                w.last_warned = step
-        elif policy == "refine":
-            if w.pending is None and w.refine_due is None:
-                self.report(f"-- {what}; refining it online from the measurements since step {w.zero_step}")
-                w.refine_due = w.zero_step
-        elif policy == "pause" and w.pending is None:
+        decision = w.policy.on_alarm(w, step)
+        if decision.action is Action.WARN:
+            self.report(f"-- warning: {what}; {decision.reason}")
+            w.last_warned = step
+        elif decision.action is Action.REFINE:
+            self.report(f"-- {what}; refining it online from the measurements since step {decision.since}")
+            w.refine_due = decision.since
+        elif decision.action is Action.PAUSE:
             self._pause(w, step, what)
+        else:
+            log.debug("%s: alarm at step %d, nothing done: %s", w.label, step, decision.reason)
 
     # -- refinement ------------------------------------------------------------------------------------
 
-    def _handle(self, w: WatchedReplica) -> Any:
+    def _handle(self, w: WatchedReplica) -> tuple[Any, Backend]:
+        """The twin copy that fits for ``w``, and the backend that waits on its calls: the replica's first
+        twin copy and the pipeline's backend, or (no copies elsewhere) a twin worker on a thread here."""
         pool = w.replica.twins
         if pool is not None:
-            return pool.handles[0]
-        from pnn_cluster.training.pipeline import LocalTwinHandle
-
+            return pool.handles[0], self.backend
         handle = LocalTwinHandle(TwinWorker.from_twin(w.replica.twin), name=w.label)
         self._local.append(handle)
-        return handle
+        return handle, self._here
 
     def _explore(self, w: WatchedReplica, step: int, groups: int, batch: int) -> Samples | None:
         """A few groups measured around the current parameters, within the sample budget."""
@@ -489,7 +474,7 @@ class RecalibrationWatch(Callback):
         if fresh is not None:
             val = Samples(val.x + fresh.x[:1], val.params + fresh.params[:1], val.y + fresh.y[:1])
             train = Samples(train.x + fresh.x[1:], train.params + fresh.params[1:], train.y + fresh.y[1:])
-        handle = self._handle(w)
+        handle, w.waits_on = self._handle(w)
         w.pending = handle.submit_refine(train, val, epochs=s.epochs, seed=self.seed + step)
         w.pending_info = {"step": step, "since": since, "t0": time.perf_counter(), "source": "refine",
                           "fitted_by": handle.name,
@@ -498,23 +483,13 @@ class RecalibrationWatch(Callback):
                                       "device_samples": 0 if fresh is None else fresh.device_samples,
                                       "groups": len(train) + len(val)}}
 
-    def _done(self, call: Any) -> bool:
-        if isinstance(call, concurrent.futures.Future):
-            return call.done()
-        return bool(self.backend.wait([call], timeout=0))
-
-    def _result(self, call: Any) -> dict[str, Any]:
-        if isinstance(call, concurrent.futures.Future):
-            return call.result()
-        return self.backend.result(call)
-
     def _poll(self, w: WatchedReplica, step: int) -> None:
-        if not self._done(w.pending):
+        if not w.waits_on.done(w.pending):
             return
-        call, info = w.pending, w.pending_info
-        w.pending, w.pending_info = None, {}
+        call, backend, info = w.pending, w.waits_on, w.pending_info
+        w.pending, w.waits_on, w.pending_info = None, None, {}
         try:
-            result = self._result(call)
+            result = backend.result(call)
         except Exception as exc:  # a refinement that failed leaves the twin in use as it was
             self.report(f"   {w.label}: {info['source']} failed ({type(exc).__name__}: {exc}); the twin in use stays")
             result = None
@@ -530,8 +505,8 @@ class RecalibrationWatch(Callback):
         figures, payload = result["figures"], result["payload"]
         after, before = float(figures["nmse_val"]), float(result["nmse_before"])
         accepted = after < before
-        number = w.versions
-        w.versions += 1
+        number = next_version(range(w.versions))  # versions 0 .. w.versions - 1 exist
+        w.versions = number + 1
         parent = w.version
         if accepted:
             self._swap(w, payload)
@@ -546,7 +521,7 @@ class RecalibrationWatch(Callback):
                   "ratio_to_floor": after / floor if floor > 0 else None, "samples": dict(info["samples"]),
                   "parent": parent, "accepted": accepted, "seconds": round(time.perf_counter() - info["t0"], 3),
                   "asked_at_step": info["step"], "fitted_by": info["fitted_by"],
-                  "state_hash": twin_version(payload["state"])}
+                  "state_hash": twin_digest(payload["state"])}
         self.records.append(record)
         self.report(f"   {w.label}: {info['source']} v{number} {'took over' if accepted else 'not taken'} at step "
                     f"{step} (asked at step {info['step']}): NMSE {after:.3e} on the newest measurements, the twin "
@@ -560,7 +535,7 @@ class RecalibrationWatch(Callback):
         w.replica.twin.load_state_dict(dict(payload["state"]))
         w.replica.twin.requires_grad_(False)
         if w.replica.twins is not None:
-            w.replica.twins.update(payload, twin_version(payload["state"]))
+            w.replica.twins.update(payload, twin_digest(payload["state"]))
 
     # -- full recalibration (policy pause) ----------------------------------------------------------------------
 
@@ -588,7 +563,7 @@ class RecalibrationWatch(Callback):
             self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.watched),
                                                                   thread_name_prefix="recalibration")
         w.pending_info = self._info(w, step)
-        w.pending = self._threads.submit(self._recalibration, w, step, w.pending_info)
+        w.pending, w.waits_on = self._threads.submit(self._recalibration, w, step, w.pending_info), self._here
 
     @staticmethod
     def _info(w: WatchedReplica, step: int) -> dict[str, Any]:
@@ -608,11 +583,8 @@ class RecalibrationWatch(Callback):
         info["samples"].update(device_samples=samples.device_samples, groups=len(samples))
         fit_on, stop, val = fit_splits(samples, c.get("holdout", 0.2), seed)
         kw = {"epochs": c.get("epochs"), "lr": c.get("lr"), "seed": seed, "stop": stop, "drifting_only": False}
-        handle = self._handle(w)
+        handle, backend = self._handle(w)
         info["fitted_by"] = handle.name
         call = handle.submit_refine(fit_on, val, **{k: v for k, v in kw.items() if v is not None})
-        if isinstance(call, concurrent.futures.Future):
-            concurrent.futures.wait([call])
-        else:
-            self.backend.wait([call], timeout=None)
-        return self._result(call)
+        backend.wait([call], timeout=None)
+        return backend.result(call)

@@ -36,8 +36,9 @@ import torch
 
 from pnn_cluster.devices import Device, DeviceSpec
 from pnn_cluster.pat import twin_vjp
+from pnn_cluster.twins.versions import twin_digest
 
-__all__ = ["DeviceWorker", "TwinWorker", "params_version", "twin_payload", "twin_version"]
+__all__ = ["DeviceWorker", "TwinWorker", "params_version", "twin_payload"]
 
 #: a twin's parameters that are its physics model's calibration constants (what a device's drift moves)
 CALIBRATION_PREFIX = "model.calibration."
@@ -226,17 +227,6 @@ def _own_samples(samples: Any) -> Any:
                          [_writable(y) for y in samples.y])
 
 
-def twin_version(state: Mapping[str, torch.Tensor]) -> str:
-    """A content hash of a twin's state: which twin a copy holds, whoever loaded it."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
 def twin_payload(twin: torch.nn.Module) -> dict[str, Any]:
     """What rebuilds ``twin`` elsewhere: kind, config, spec, physics model and tensors (never the object)."""
     model = getattr(twin, "model", None)
@@ -264,7 +254,7 @@ class TwinWorker:
             self._build(kind, spec, model, config, dtype)
             if state is not None:
                 self.twin.load_state_dict(dict(state))
-            self.version = twin_version(self.twin.state_dict())
+            self.version = twin_digest(self.twin.state_dict())
 
     def _build(self, kind: str, spec: DeviceSpec, model, config: Mapping[str, Any] | None, dtype: str | None):
         from pnn_cluster.twins.models import build_twin
@@ -292,7 +282,7 @@ class TwinWorker:
             self._build(payload["kind"], payload["spec"], payload.get("model"), payload.get("config"),
                         payload.get("dtype"))
         self.twin.load_state_dict(dict(payload["state"]))
-        self.version = twin_version(self.twin.state_dict())
+        self.version = twin_digest(self.twin.state_dict())
         return self.version
 
     def _dtype(self) -> torch.dtype:
@@ -335,7 +325,7 @@ class TwinWorker:
         try:
             return self._fit(self.twin, train, val, **kw)
         finally:
-            self.version = twin_version(self.twin.state_dict())
+            self.version = twin_digest(self.twin.state_dict())
 
     def _fit(self, twin: torch.nn.Module, train, val=None, learn: set[str] | None = None, **kw: Any
              ) -> dict[str, Any]:

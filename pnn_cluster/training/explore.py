@@ -1,0 +1,45 @@
+"""Where a refinement's exploratory device samples are drawn: parameters around the current ones, within the
+device's limits, and inputs from the rows training sent (see :mod:`~pnn_cluster.training.recalibration`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AroundParams", "FromRows"]
+
+
+class AroundParams:
+    """Exploratory parameter settings: the current ones plus normal steps of ``spread`` x each range,
+    reflected back into the limits (so no value the device refuses is ever asked for)."""
+
+    def __init__(self, center: Mapping[str, np.ndarray], spec: Any, spread: float) -> None:
+        self.center = {k: np.asarray(v, dtype=np.float64) for k, v in center.items()}
+        self.limits = {p.name: (float(p.low), float(p.high)) for p in spec.params}
+        self.spread = spread
+
+    def __call__(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = {}
+        for name, c in self.center.items():
+            lo, hi = self.limits[name]
+            width = hi - lo if math.isfinite(hi - lo) else max(1.0, float(np.abs(c).max(initial=0.0)))
+            v = c + self.spread * width * rng.standard_normal(c.shape)
+            if math.isfinite(lo):
+                v = np.where(v < lo, 2 * lo - v, v)
+            if math.isfinite(hi):
+                v = np.where(v > hi, 2 * hi - v, v)
+            out[name] = np.clip(v, lo, hi)  # a second reflection's remainder; spread <= 1 keeps it rare
+        return out
+
+
+class FromRows:
+    """Exploratory inputs: rows training sent to the device lately (the data's own distribution)."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = np.asarray(rows, dtype=np.float64)
+
+    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return self.rows[rng.integers(0, len(self.rows), size=n)]
