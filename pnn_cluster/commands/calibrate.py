@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from pnn_cluster.commands._table import format_table
+from pnn_cluster.commands._tracking import add_tracking_args
 from pnn_cluster.devices import SYSTEMS, make_device
-from pnn_cluster.tracking import add_tracking_args
 from pnn_cluster.twins import TWIN_KINDS, calibrate, save_twin
 
 
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pnn_cluster.commands import UsageError
-    from pnn_cluster.tracking import log_calibration
+    from pnn_cluster.commands._tracking import log_calibration
 
     kinds = [k.strip() for k in args.twins.split(",") if k.strip()]
     bad = [k for k in kinds if k not in TWIN_KINDS]

@@ -12,9 +12,9 @@ import json
 import time
 
 from pnn_cluster.commands._table import format_table
+from pnn_cluster.commands._tracking import add_tracking_args, demo_tracking
 from pnn_cluster.commands.train import add_placement_args, launcher_for, tracking_for
 from pnn_cluster.config import METHODS, example_config_path, example_configs
-from pnn_cluster.tracking import add_tracking_args, demo_tracking
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

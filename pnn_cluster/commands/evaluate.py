@@ -8,8 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pnn_cluster.commands._tracking import add_tracking_args
 from pnn_cluster.commands.train import add_placement_args, launcher_for
-from pnn_cluster.tracking import add_tracking_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,42 +40,41 @@ def run(args: argparse.Namespace) -> int:
     from pnn_cluster.commands import UsageError
     from pnn_cluster.config import ConfigError, parse_config
     from pnn_cluster.tracking import load_run_checkpoint, resolve_tracking_uri, tracking_client
-    from pnn_cluster.tracking.outbox import RunDir, find_run_dir, is_local_id, is_outage, short_reason
+    from pnn_cluster.tracking.outbox import is_local_id, short_reason
+    from pnn_cluster.tracking.runs import NoSuchRun, NotARunDir, RunUnreachable, find_run
 
     with tempfile.TemporaryDirectory(prefix="pnn-eval-") as tmp:
-        path = Path(args.source)
         client = None
         local = None
-        if path.is_file():
-            ckpt_path = path
-        elif RunDir.is_run_dir(path) or (not path.exists() and (local := find_run_dir(args.source)) is not None):
-            local = local or RunDir.open(path)  # this machine's record of the run: no server needed
-            ckpt_path = local.checkpoint
-            if not ckpt_path.is_file():
-                raise UsageError(f"{args.source}: run directory {local.path} has no checkpoint yet "
-                                 "(checkpoints/last.pt)")
-        elif path.exists():
-            raise UsageError(f"{args.source}: neither a checkpoint file nor a run directory (no run.json)")
+        if Path(args.source).is_file():
+            ckpt_path = Path(args.source)
         else:
-            if args.no_track:
-                raise UsageError(f"{args.source}: no such checkpoint file (a run id needs tracking, not --no-track)")
-            from mlflow.exceptions import MlflowException
-
-            uri = resolve_tracking_uri(args.tracking_uri)
-            client = tracking_client(uri)
             try:
-                client.get_run(args.source)
-            except MlflowException as exc:
-                if is_outage(exc):
-                    print(f"pnn-cluster evaluate: error: tracking server {uri} unreachable ({short_reason(exc)}); "
-                          f"cannot look up run {args.source} (no run directory of it here either: evaluate a "
-                          "checkpoint file or a run directory instead)", file=sys.stderr, flush=True)
-                    return 1
+                found = find_run(args.source, None if args.no_track else tracking_client, args.tracking_uri)
+            except NotARunDir:
+                raise UsageError(f"{args.source}: neither a checkpoint file nor a run directory "
+                                 "(no run.json)") from None
+            except NoSuchRun as exc:
+                if exc.uri is None:
+                    raise UsageError(f"{args.source}: no such checkpoint file (a run id needs tracking, not "
+                                     "--no-track)") from None
                 raise UsageError(f"{args.source}: neither a checkpoint file, a run directory, nor a run in "
-                                 f"tracking URI {uri}") from None
-            ckpt_path = load_run_checkpoint(client, args.source, tmp)
-            if ckpt_path is None:
-                raise UsageError(f"run {args.source} has no checkpoint yet (checkpoints/last.pt)")
+                                 f"tracking URI {exc.uri}") from None
+            except RunUnreachable as exc:
+                print(f"pnn-cluster evaluate: error: tracking server {exc.uri} unreachable ({exc.reason}); "
+                      f"cannot look up run {args.source} (no run directory of it here either: evaluate a "
+                      "checkpoint file or a run directory instead)", file=sys.stderr, flush=True)
+                return 1
+            local, client = found.local, found.client
+            if local is not None:  # this machine's record of the run: no server needed
+                ckpt_path = local.checkpoint
+                if not ckpt_path.is_file():
+                    raise UsageError(f"{args.source}: run directory {local.path} has no checkpoint yet "
+                                     "(checkpoints/last.pt)")
+            else:
+                ckpt_path = load_run_checkpoint(client, args.source, tmp)
+                if ckpt_path is None:
+                    raise UsageError(f"run {args.source} has no checkpoint yet (checkpoints/last.pt)")
         try:
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pnn_cluster.tracking import add_tracking_args
+from pnn_cluster.commands._tracking import add_tracking_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -74,20 +74,25 @@ def load_resume(args: argparse.Namespace, workdir: Path):
 
     from pnn_cluster.config import parse_config
     from pnn_cluster.tracking import CONFIG_ARTIFACT, load_run_checkpoint, resolve_tracking_uri, tracking_client
-    from pnn_cluster.tracking.outbox import RunDir, RunDirError, find_run_dir, is_outage, short_reason
+    from pnn_cluster.tracking.outbox import RunDirError
+    from pnn_cluster.tracking.runs import NoSuchRun, NotARunDir, RunUnreachable, find_run
 
     if args.no_track:
         raise _usage("--resume continues a tracked run; it cannot be combined with --no-track")
     if args.overrides:
         raise _usage("--resume continues a run with its own configuration; --set cannot change it")
-    local = None
-    if RunDir.is_run_dir(args.resume):
-        local = RunDir.open(args.resume)
-    elif Path(args.resume).exists():
+    try:
+        found = find_run(args.resume, tracking_client, args.tracking_uri)
+    except NotARunDir:
         raise _usage(f"--resume {args.resume}: not a run directory (no run.json); give a run directory "
-                     "under pnn-runs/ or an MLflow run id")
-    else:
-        local = find_run_dir(args.resume)
+                     "under pnn-runs/ or an MLflow run id") from None
+    except RunUnreachable as exc:
+        raise TrackingError(f"--resume {args.resume}: tracking server {exc.uri} unreachable ({exc.reason}); no run "
+                            "directory of this run here either (resume from one with --resume pnn-runs/DIR)") from None
+    except NoSuchRun as exc:
+        raise _usage(f"--resume {args.resume}: no such run in tracking URI {exc.uri}, and no run directory of it "
+                     "under pnn-runs/") from None
+    local = found.local
     if local is not None:
         try:
             meta = local.meta()
@@ -112,19 +117,9 @@ def load_resume(args: argparse.Namespace, workdir: Path):
         return cfg, ckpt, uri, local.path
     from mlflow.exceptions import MlflowException
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    client = tracking_client(uri)
-    try:
-        run = client.get_run(args.resume)
-    except MlflowException as exc:
-        if is_outage(exc):
-            raise TrackingError(f"--resume {args.resume}: tracking server {uri} unreachable "
-                                f"({short_reason(exc)}); no run directory of this run here either "
-                                "(resume from one with --resume pnn-runs/DIR)") from None
-        raise _usage(f"--resume {args.resume}: no such run in tracking URI {uri}, and no run directory of it "
-                     "under pnn-runs/") from None
-    if run.data.tags.get("pnn.command") != "train":
-        raise _usage(f"--resume {args.resume}: run is a {run.data.tags.get('pnn.command', 'foreign')!r} run, "
+    client = found.client
+    if found.tags.get("pnn.command") != "train":
+        raise _usage(f"--resume {args.resume}: run is a {found.tags.get('pnn.command', 'foreign')!r} run, "
                      "only train runs can be resumed")
     try:
         logged = Path(client.download_artifacts(args.resume, CONFIG_ARTIFACT, str(workdir)))
@@ -134,7 +129,7 @@ def load_resume(args: argparse.Namespace, workdir: Path):
     cfg = parse_config(data, source=f"run {args.resume}:{CONFIG_ARTIFACT}")
     _check_same_config(args, cfg)
     ckpt = load_run_checkpoint(client, args.resume, workdir)
-    return cfg, ckpt, uri, None
+    return cfg, ckpt, found.uri, None
 
 
 def _check_same_config(args: argparse.Namespace, cfg) -> None:

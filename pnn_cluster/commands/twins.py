@@ -8,10 +8,13 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pnn_cluster.commands import UsageError
 from pnn_cluster.commands._table import format_table
+
+if TYPE_CHECKING:
+    from pnn_cluster.tracking.runs import FoundRun
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,28 +39,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pnn_cluster.tracking import TWIN_VERSIONS_ARTIFACT, active_twin_versions
-    from pnn_cluster.tracking.outbox import RunDir, default_runs_root, find_run_dir
+    from pnn_cluster.tracking import TWIN_VERSIONS_ARTIFACT, active_twin_versions, tracking_client
+    from pnn_cluster.tracking.outbox import RunDir, default_runs_root
+    from pnn_cluster.tracking.runs import NoSuchRun, NotARunDir, RunUnreachable, find_run
 
-    path = Path(args.source)
     root = Path(args.runs_dir).resolve() if args.runs_dir else default_runs_root()
-    local = None
-    if RunDir.is_run_dir(path):
-        local = RunDir.open(path)
-    elif path.exists():
-        raise UsageError(f"{args.source}: not a run directory (no {RunDir.META})")
-    else:
-        local = find_run_dir(args.source, root)
+    try:
+        found = find_run(args.source, tracking_client, args.tracking_uri, root)
+    except NotARunDir:
+        raise UsageError(f"{args.source}: not a run directory (no {RunDir.META})") from None
+    except RunUnreachable as exc:
+        _unreachable(args.source, exc.uri, exc.reason)
+        return 1
+    except NoSuchRun as exc:
+        raise UsageError(f"{args.source}: neither a run directory nor a run in tracking URI {exc.uri}") from None
+    local, run_id = found.local, found.run_id
     if local is not None:
-        run_id = local.run_id
         file = local.file(TWIN_VERSIONS_ARTIFACT)
         if not file.is_file():
             raise UsageError(f"{args.source}: run directory {local.path} has no twin versions "
                              f"({TWIN_VERSIONS_ARTIFACT}: the run has not fitted a twin, or predates them)")
         text, where = file.read_text(), str(file)
     else:
-        run_id = args.source
-        text = _from_server(args)
+        text = _from_server(found)
         if text is None:
             return 1
         where = f"run {run_id}: {TWIN_VERSIONS_ARTIFACT}"
@@ -77,32 +81,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _from_server(args: argparse.Namespace) -> str | None:
-    """``twins/versions.json`` of a run on the tracking server; None (reported) when the server is away."""
+def _from_server(found: FoundRun) -> str | None:
+    """``twins/versions.json`` of a run found on the tracking server; None (reported) when the server is away."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
 
-    from pnn_cluster.tracking import TWIN_VERSIONS_ARTIFACT, resolve_tracking_uri, tracking_client
+    from pnn_cluster.tracking import TWIN_VERSIONS_ARTIFACT
     from pnn_cluster.tracking.outbox import is_outage, short_reason
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    client = tracking_client(uri)
+    client, run_id = found.client, found.run_id
     try:
-        client.get_run(args.source)
-        names = {f.path for f in client.list_artifacts(args.source, "twins")}
+        names = {f.path for f in client.list_artifacts(run_id, "twins")}
         if TWIN_VERSIONS_ARTIFACT not in names:
-            raise UsageError(f"run {args.source} has no twin versions ({TWIN_VERSIONS_ARTIFACT}: the run has not "
+            raise UsageError(f"run {run_id} has no twin versions ({TWIN_VERSIONS_ARTIFACT}: the run has not "
                              "fitted a twin, or predates them)")
         with tempfile.TemporaryDirectory(prefix="pnn-twins-") as tmp:
-            return Path(client.download_artifacts(args.source, TWIN_VERSIONS_ARTIFACT, tmp)).read_text()
+            return Path(client.download_artifacts(run_id, TWIN_VERSIONS_ARTIFACT, tmp)).read_text()
     except MlflowException as exc:
         if is_outage(exc):
-            print(f"pnn-cluster twins: error: tracking server {uri} unreachable ({short_reason(exc)}); cannot look "
-                  f"up run {args.source} (no run directory of it here either: give the run directory instead)",
-                  file=sys.stderr, flush=True)
+            _unreachable(run_id, found.uri, short_reason(exc))
             return None
-        raise UsageError(f"{args.source}: neither a run directory nor a run in tracking URI {uri}") from None
+        raise UsageError(f"{run_id}: neither a run directory nor a run in tracking URI {found.uri}") from None
+
+
+def _unreachable(source: str, uri: str, reason: str) -> None:
+    print(f"pnn-cluster twins: error: tracking server {uri} unreachable ({reason}); cannot look up run {source} "
+          "(no run directory of it here either: give the run directory instead)", file=sys.stderr, flush=True)
 
 
 def _number(x: Any, fmt: str) -> str:

@@ -52,7 +52,7 @@ from typing import Any
 
 from pnn_cluster.fsio import atomic_write_text, fsync_dir
 
-__all__ = ["Outbox", "RunDir", "RunDirError", "TrackingUnreachable", "bound_http", "default_runs_root",
+__all__ = ["Outbox", "RunDir", "RunDirError", "bound_http", "default_runs_root",
            "find_run_dir", "is_outage", "is_local_id", "new_local_id"]
 
 #: bounded calls to a tracking server (MLflow's defaults are a 120 s timeout and 7 retries with backoff)
@@ -64,10 +64,6 @@ _REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOE
 
 class RunDirError(RuntimeError):
     """A run directory that cannot be used (missing, not a run directory, held by another process)."""
-
-
-class TrackingUnreachable(RuntimeError):
-    """The tracking server could not be reached (as opposed to a run it does not have)."""
 
 
 def bound_http(timeout_s: float = HTTP_TIMEOUT_S, max_retries: int = HTTP_MAX_RETRIES) -> None:
