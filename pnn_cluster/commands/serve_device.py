@@ -14,13 +14,21 @@ from typing import Any
 
 from pnn_cluster.devices import SYSTEMS, UserDeviceError, make_device, make_user_device
 from pnn_cluster.devices.base import Device, DeviceError
+from pnn_cluster.servers.limits import (  # the servers' limits, stated there; no server is imported for --help
+    DAY_S,
+    MIB,
+    ZMQ_IDLE_TIMEOUT_S,
+    ZMQ_MAX_CONNECTIONS,
+    ZMQ_MAX_MESSAGE_BYTES,
+    ZMQ_MAX_PENDING_REPLY_BYTES,
+    ZMQ_REQUEST_TIMEOUT_S,
+    Limit,
+)
 
-MIB = 1 << 20
-# the DeviceServer defaults (pnn_cluster.servers.zmq_server.DEFAULT_*), here so that --help needs no server import
-DEFAULT_MAX_CONNECTIONS = 16
-DEFAULT_IDLE_TIMEOUT_S = 300.0
-DEFAULT_REQUEST_TIMEOUT_S = 30.0
-DEFAULT_MAX_PENDING_REPLY_BYTES = 16 * MIB
+DEFAULT_MAX_CONNECTIONS = ZMQ_MAX_CONNECTIONS.default
+DEFAULT_IDLE_TIMEOUT_S = ZMQ_IDLE_TIMEOUT_S.default
+DEFAULT_REQUEST_TIMEOUT_S = ZMQ_REQUEST_TIMEOUT_S.default
+DEFAULT_MAX_PENDING_REPLY_BYTES = ZMQ_MAX_PENDING_REPLY_BYTES.default
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="with --allow-remote: serve without CURVE, so anyone who reaches the port may drive the "
                         "device and read its measurements (a closed test network only)")
-    p.add_argument("--max-message-mb", default=256.0, metavar="MB",
+    p.add_argument("--max-message-mb", default=ZMQ_MAX_MESSAGE_BYTES.default / MIB, metavar="MB",
                    help="largest request, all frames together, in MiB (default %(default)s); a larger request is "
                         "cut off as its frame headers arrive: the connection is closed and there is no reply")
     p.add_argument("--max-connections", default=DEFAULT_MAX_CONNECTIONS, metavar="N",
@@ -243,6 +251,12 @@ def _parse(value: Any, integer: bool) -> int | float | None:
     return number if math.isfinite(number) else None
 
 
+def mib_range(limit: Limit) -> tuple[float, int]:
+    """A byte limit's range as a flag in MiB takes it: rounded inwards, to thousandths at the low end, whole MiB at
+    the top (so that every value the flag takes, the server takes too)."""
+    return math.ceil(limit.low * 1000 / MIB) / 1000, int(limit.high // MIB)
+
+
 def int_flag(flag: str, value: Any, low: int, high: int) -> int:
     """``--max-connections 4`` -> 4; UsageError outside ``low..high`` or not an integer."""
     from pnn_cluster.commands import UsageError
@@ -253,7 +267,7 @@ def int_flag(flag: str, value: Any, low: int, high: int) -> int:
     return int(number)
 
 
-def seconds_flag(flag: str, value: Any, high: float = 86400.0) -> float:
+def seconds_flag(flag: str, value: Any, high: float = DAY_S) -> float:
     """Seconds, ``0 < S <= high``."""
     from pnn_cluster.commands import UsageError
 
@@ -263,7 +277,7 @@ def seconds_flag(flag: str, value: Any, high: float = 86400.0) -> float:
     return float(number)
 
 
-def seconds_or_never_flag(flag: str, value: Any, high: float = 86400.0) -> float | None:
+def seconds_or_never_flag(flag: str, value: Any, high: float = DAY_S) -> float | None:
     """Seconds, ``0 < S <= high``, or 0 for never (None)."""
     from pnn_cluster.commands import UsageError
 
@@ -292,11 +306,13 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.curve_secret is None) != (args.curve_allow is None):
         raise UsageError("--curve-secret and --curve-allow go together")
-    max_message_bytes = mib_flag("--max-message-mb", args.max_message_mb, 0.001, 1 << 20)
-    max_connections = int_flag("--max-connections", args.max_connections, 1, 4096)
-    idle_timeout_s = seconds_flag("--idle-timeout-s", args.idle_timeout_s)
-    request_timeout_s = seconds_flag("--request-timeout-s", args.request_timeout_s)
-    max_pending_reply_bytes = mib_flag("--max-pending-reply-mb", args.max_pending_reply_mb, 0, 1 << 20)
+    max_message_bytes = mib_flag("--max-message-mb", args.max_message_mb, *mib_range(ZMQ_MAX_MESSAGE_BYTES))
+    max_connections = int_flag("--max-connections", args.max_connections, ZMQ_MAX_CONNECTIONS.low,
+                               ZMQ_MAX_CONNECTIONS.high)
+    idle_timeout_s = seconds_flag("--idle-timeout-s", args.idle_timeout_s, ZMQ_IDLE_TIMEOUT_S.high)
+    request_timeout_s = seconds_flag("--request-timeout-s", args.request_timeout_s, ZMQ_REQUEST_TIMEOUT_S.high)
+    max_pending_reply_bytes = mib_flag("--max-pending-reply-mb", args.max_pending_reply_mb,
+                                       *mib_range(ZMQ_MAX_PENDING_REPLY_BYTES))
     curve = CurveServerConfig(args.curve_secret, args.curve_allow) if args.curve_secret else None
     check_remote(args.allow_remote, curve is not None, args.insecure)
     device, what = served_device(args)

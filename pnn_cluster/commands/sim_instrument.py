@@ -6,24 +6,33 @@ import argparse
 import sys
 
 from pnn_cluster.commands.serve_device import (
-    MIB,
     StopSignals,
     add_device_options,
     int_flag,
     mib_flag,
+    mib_range,
     seconds_flag,
     seconds_or_never_flag,
     simulated_device,
 )
 from pnn_cluster.devices import SYSTEMS
+from pnn_cluster.servers.limits import (  # the bench's limits, stated there; no server is imported for --help
+    MIB,
+    SCPI_BLOCK_CAP_MAX,
+    SCPI_BLOCK_CAP_MIN,
+    SCPI_COMMAND_TIMEOUT_S,
+    SCPI_IDLE_TIMEOUT_S,
+    SCPI_MAX_BLOCK_BYTES,
+    SCPI_MAX_CONNECTIONS,
+    SCPI_MAX_UNREAD_BYTES,
+)
 
-# the SimBench defaults (pnn_cluster.servers.scpi_bench), here so that --help needs no server import
-MAX_CONNECTIONS = 8
-IDLE_TIMEOUT_S = 3600.0
-COMMAND_TIMEOUT_S = 60.0
-MAX_UNREAD_BYTES = 8 * MIB
-#: the longest block a header can declare (9 digits: 999999999 bytes), in whole MiB
-MAX_BLOCK_MB = 953
+MAX_CONNECTIONS = SCPI_MAX_CONNECTIONS.default
+IDLE_TIMEOUT_S = SCPI_IDLE_TIMEOUT_S.default
+COMMAND_TIMEOUT_S = SCPI_COMMAND_TIMEOUT_S.default
+MAX_UNREAD_BYTES = SCPI_MAX_UNREAD_BYTES.default
+#: the longest block a header can declare, in whole MiB
+MAX_BLOCK_MB = mib_range(SCPI_MAX_BLOCK_BYTES)[1]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "has no authentication or encryption; a closed test network only)")
     p.add_argument("--max-block-mb", default=None, metavar="MB",
                    help="longest data block a header may declare, in MiB (default: the device's largest "
-                        "legitimate block, max_batch x input_size float64 or its largest parameter, 1 .. 256 "
+                        "legitimate block, max_batch x input_size float64 or its largest parameter, "
+                        f"{SCPI_BLOCK_CAP_MIN // MIB} .. {SCPI_BLOCK_CAP_MAX // MIB} "
                         "MiB); a header declaring more closes the connection before anything is allocated")
     p.add_argument("--max-connections", default=MAX_CONNECTIONS, metavar="N",
                    help="clients per instrument (default %(default)s); one more is closed at once")
@@ -71,12 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from pnn_cluster.servers.scpi_bench import SimBench
 
     max_block_bytes = (None if args.max_block_mb is None else
-                       mib_flag("--max-block-mb", args.max_block_mb, 0.001, MAX_BLOCK_MB,
-                                " (a block header declares at most 999999999 bytes)"))
-    max_connections = int_flag("--max-connections", args.max_connections, 1, 1 << 16)
+                       mib_flag("--max-block-mb", args.max_block_mb, *mib_range(SCPI_MAX_BLOCK_BYTES),
+                                f" (a block header declares at most {SCPI_MAX_BLOCK_BYTES.high} bytes)"))
+    max_connections = int_flag("--max-connections", args.max_connections, SCPI_MAX_CONNECTIONS.low,
+                               SCPI_MAX_CONNECTIONS.high)
+    # the bench takes any finite timeout; a flag takes at most a day (seconds_flag's bound)
     idle_timeout_s = seconds_or_never_flag("--idle-timeout-s", args.idle_timeout_s)
     command_timeout_s = seconds_flag("--command-timeout-s", args.command_timeout_s)
-    max_unread_bytes = mib_flag("--max-unread-mb", args.max_unread_mb, 0.001, 1 << 20)
+    max_unread_bytes = mib_flag("--max-unread-mb", args.max_unread_mb, *mib_range(SCPI_MAX_UNREAD_BYTES))
     if args.allow_remote and not args.insecure:
         raise UsageError("--allow-remote: the SCPI bench has no authentication or encryption, so anyone who reaches "
                          "its ports could drive it; keep it on loopback (device actors run on the PC that has the "

@@ -6,9 +6,10 @@ of PyMeasure's ``Instrument.control`` and QCoDeS' ``Parameter(vals=...)``. The
 command sets (:class:`WaveformGeneratorCommands`, ...) group the settings and
 data headers of one kind of instrument. The pyvisa drivers
 (:mod:`pnn_cluster.drivers.visa`) are these command sets plus a transport; the
-simulated bench (:mod:`pnn_cluster.servers.scpi_bench`) builds its command
-table from the same declarations, so driver and bench cannot disagree about a
-header, a range or a default.
+simulated bench (:mod:`pnn_cluster.servers.scpi_bench`, its tables in
+:mod:`pnn_cluster.servers.scpi_instruments`) builds its command table from
+the same declarations, so driver and bench cannot disagree about a header, a
+range or a default.
 
 Header syntax (SCPI manuals' notation): upper case is the short form, the
 whole word the long form, ``[NODE]`` is optional. Drivers write the short
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -226,25 +228,35 @@ def _real(value: Any, allowed: str) -> float:
 
 
 @dataclass(frozen=True)
-class Range(Validator):
-    """A finite real number in ``[low, high]``."""
+class _Bounded(Validator):
+    """A real number in ``[low, high]``, with a unit for the messages; subclasses say which numbers."""
 
     low: float
     high: float
     unit: str = ""
 
-    @property
-    def allowed(self) -> str:  # type: ignore[override]
-        u = f" {self.unit}" if self.unit else ""
-        return f"[{self.low:.6g}, {self.high:.6g}]{u}"
+    def _unit(self, text: str) -> str:
+        return f"{text} {self.unit}" if self.unit else text
 
-    def check(self, value: Any) -> float:
+    def _within(self, value: Any, kind_ok: Callable[[float], bool], not_kind: str) -> float:
         v = _real(value, self.allowed)
-        if not math.isfinite(v):
-            raise Refused("not finite", self.allowed)
+        if not kind_ok(v):
+            raise Refused(not_kind, self.allowed)
         if not self.low <= v <= self.high:
             raise Refused("out of range", self.allowed)
         return v
+
+
+@dataclass(frozen=True)
+class Range(_Bounded):
+    """A finite real number in ``[low, high]``."""
+
+    @property
+    def allowed(self) -> str:  # type: ignore[override]
+        return self._unit(f"[{self.low:.6g}, {self.high:.6g}]")
+
+    def check(self, value: Any) -> float:
+        return self._within(value, math.isfinite, "not finite")
 
     def to_scpi(self, value: float) -> str:
         return repr(float(value))
@@ -253,30 +265,24 @@ class Range(Validator):
         return parse_decimal(text)
 
 
-@dataclass(frozen=True)
-class Ints(Validator):
-    """An integer in ``[low, high]``."""
+def _is_integer(v: float) -> bool:
+    return math.isfinite(v) and v == int(v)
 
-    low: int
-    high: int
-    unit: str = ""
+
+@dataclass(frozen=True)
+class Ints(_Bounded):
+    """An integer in ``[low, high]``."""
 
     @property
     def allowed(self) -> str:  # type: ignore[override]
-        u = f" {self.unit}" if self.unit else ""
-        return f"integers {self.low}..{self.high}{u}"
+        return self._unit(f"integers {self.low}..{self.high}")
 
     def check(self, value: Any) -> int:
-        v = _real(value, self.allowed)
-        if not math.isfinite(v) or v != int(v):
-            raise Refused("not an integer", self.allowed)
-        if not self.low <= v <= self.high:
-            raise Refused("out of range", self.allowed)
-        return int(v)
+        return int(self._within(value, _is_integer, "not an integer"))
 
     def from_scpi(self, text: str) -> int:
         v = parse_decimal(text)
-        if not math.isfinite(v) or v != int(v):
+        if not _is_integer(v):
             raise ValueError(f"not an integer: {text!r}")
         return int(v)
 

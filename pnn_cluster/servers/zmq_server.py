@@ -52,7 +52,16 @@ from pnn_cluster.protocol.zmq import (
     short_repr,
 )
 from pnn_cluster.servers import BindError, is_loopback_host
-from pnn_cluster.servers.zmtp import CurveKeyError, CurveKeys, Limits, RouterServer, listen, load_curve_keys
+from pnn_cluster.servers.curve_keys import CurveKeyError, CurveKeys, load_curve_keys
+from pnn_cluster.servers.limits import (
+    ZMQ_IDLE_TIMEOUT_S,
+    ZMQ_MAX_CONNECTIONS,
+    ZMQ_MAX_MESSAGE_BYTES,
+    ZMQ_MAX_PENDING_REPLY_BYTES,
+    ZMQ_REQUEST_TIMEOUT_S,
+)
+from pnn_cluster.servers.listeners import listen
+from pnn_cluster.servers.zmtp import Limits, RouterServer
 
 __all__ = [
     "CurveKeyError", "CurveServerConfig", "DEFAULT_IDLE_TIMEOUT_S", "DEFAULT_MAX_CONNECTIONS",
@@ -60,11 +69,12 @@ __all__ = [
     "check_bind",
 ]
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-DEFAULT_MAX_CONNECTIONS = 16
-DEFAULT_IDLE_TIMEOUT_S = 300.0
-DEFAULT_REQUEST_TIMEOUT_S = 30.0
-DEFAULT_MAX_PENDING_REPLY_BYTES = 16 * 1024 * 1024
+# the defaults under the names this module has always had (stated in .limits)
+DEFAULT_MAX_MESSAGE_BYTES = ZMQ_MAX_MESSAGE_BYTES.default
+DEFAULT_MAX_CONNECTIONS = ZMQ_MAX_CONNECTIONS.default
+DEFAULT_IDLE_TIMEOUT_S = ZMQ_IDLE_TIMEOUT_S.default
+DEFAULT_REQUEST_TIMEOUT_S = ZMQ_REQUEST_TIMEOUT_S.default
+DEFAULT_MAX_PENDING_REPLY_BYTES = ZMQ_MAX_PENDING_REPLY_BYTES.default
 #: frames of one request: the empty delimiter, the header and at most MAX_ARRAYS arrays
 MAX_REQUEST_FRAMES = MAX_ARRAYS + 2
 
@@ -99,7 +109,7 @@ class CurveServerConfig:
     ``zmq.auth.create_certificates``; every ``*.key`` file in
     ``allowed_clients_dir`` is a client allowed to connect. The keys are read
     when the server starts (:meth:`load`); a file that cannot be parsed stops
-    the start with a :class:`~pnn_cluster.servers.zmtp.CurveKeyError` naming it.
+    the start with a :class:`~pnn_cluster.servers.curve_keys.CurveKeyError` naming it.
     """
 
     secret_key_file: Path
@@ -129,7 +139,8 @@ class DeviceServer:
     (it is connected there: that thread owns the instrument). :meth:`stop`
     shuts down cleanly.
 
-    Limits (see ``docs/wire_protocol.md``): ``max_message_bytes`` for a whole
+    Limits (see ``docs/wire_protocol.md``; defaults and ranges in
+    :mod:`pnn_cluster.servers.limits`): ``max_message_bytes`` for a whole
     request (all frames), at most ``MAX_ARRAYS + 2`` frames, ``max_connections``
     connections, ``idle_timeout_s`` of silence before a connection is closed,
     ``request_timeout_s`` from a request's first byte to its last (and for a
@@ -143,8 +154,10 @@ class DeviceServer:
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_pending_reply_bytes: int = DEFAULT_MAX_PENDING_REPLY_BYTES) -> None:
-        if not (isinstance(max_message_bytes, int) and 1024 <= max_message_bytes <= 2**40):
-            raise BindError(f"max_message_bytes: {max_message_bytes!r}; allowed: integers 1024..2**40")
+        low, high = ZMQ_MAX_MESSAGE_BYTES.low, ZMQ_MAX_MESSAGE_BYTES.high
+        if not (isinstance(max_message_bytes, int) and low <= max_message_bytes <= high):
+            raise BindError(f"max_message_bytes: {max_message_bytes!r}; allowed: integers "
+                            f"{low}..2**{high.bit_length() - 1}")  # the most is a power of two
         self.limits = Limits(max_message_bytes=max_message_bytes, max_frames=MAX_REQUEST_FRAMES,
                              max_connections=max_connections, idle_timeout_s=idle_timeout_s,
                              request_timeout_s=request_timeout_s, max_pending_reply_bytes=max_pending_reply_bytes)

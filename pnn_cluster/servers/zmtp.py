@@ -36,6 +36,11 @@ Threads: one I/O thread runs every connection (non-blocking sockets, one
 selector, a state machine per connection). Complete requests go into
 :attr:`RouterServer.requests` in the order they complete; whoever handles
 them answers with :meth:`RouterServer.reply` from any thread.
+
+Pieces: this module is the I/O thread, the connections' states and the
+limits; the wire format is :mod:`.zmtp_codec`, the NULL and CURVE handshakes
+and per-frame encryption :mod:`.zmtp_security`, key files
+:mod:`.curve_keys`, binding :mod:`.listeners`.
 """
 
 from __future__ import annotations
@@ -43,29 +48,42 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import queue
-import re
 import selectors
-import shutil
 import socket
-import stat
-import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import nacl.bindings
-import nacl.exceptions
-import nacl.public
-import nacl.secret
-import nacl.utils
-import zmq.utils.z85
-
 from pnn_cluster.servers import BindError
+from pnn_cluster.servers.curve_keys import CurveKeyError, CurveKeys, load_curve_keys, read_key_file
+from pnn_cluster.servers.limits import (
+    ZMQ_IDLE_TIMEOUT_S,
+    ZMQ_MAX_CONNECTIONS,
+    ZMQ_MAX_FRAMES,
+    ZMQ_MAX_MESSAGE_BYTES,
+    ZMQ_MAX_PENDING_REPLY_BYTES,
+    ZMQ_REQUEST_TIMEOUT_S,
+)
+from pnn_cluster.servers.listeners import Listener, listen
+from pnn_cluster.servers.zmtp_codec import (
+    DROP_REASONS,
+    FLAG_COMMAND,
+    FLAG_LONG,
+    FLAG_MORE,
+    GREETING,
+    GREETING_LEN,
+    HANDSHAKE_FRAME_MAX,
+    READY,
+    Drop,
+    as_bytes_view,
+    check_greeting,
+    command,
+    greeting,
+)
+from pnn_cluster.servers.zmtp_security import mechanism_for
 
 __all__ = [
     "CurveKeyError", "CurveKeys", "DROP_REASONS", "Limits", "Listener", "Request", "RouterServer", "listen",
@@ -74,248 +92,38 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MIB = 1 << 20
-GREETING_LEN = 64
-FLAG_MORE, FLAG_LONG, FLAG_COMMAND = 0x01, 0x02, 0x04
-#: largest command frame accepted during a handshake (HELLO is 200 bytes, INITIATE 257 + metadata)
-HANDSHAKE_FRAME_MAX = 16 * 1024
-#: largest command frame accepted after it (PING is at most 24 bytes)
-COMMAND_FRAME_MAX = 4 * 1024
-#: what CURVE adds to each frame: "\x07MESSAGE", the short nonce, the MAC and the flags byte
-CURVE_OVERHEAD = 8 + 8 + 16 + 1
-PEER_SOCKET_TYPES = frozenset({b"DEALER", b"REQ", b"ROUTER"})
 READ_CHUNK = 64 * 1024
 #: bytes read from one connection before the others get their turn
-READ_BUDGET = 4 * MIB
+READ_BUDGET = 4 << 20
 SEND_IOV = 64
-LISTEN_BACKLOG = 64
-
-#: why connections were closed by the server (keys of ``stats["dropped"]``)
-DROP_REASONS = (
-    "message_too_large", "too_many_frames", "request_timeout", "reply_timeout", "idle_timeout",
-    "connection_cap", "handshake", "unauthorized", "protocol",
-)
-
-
-class CurveKeyError(BindError):
-    """A CURVE key file that cannot be used: the server refuses to start rather than lock clients out."""
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one peer may cost the server; see the module docstring for what each bounds."""
+    """What one peer may cost the server; see the module docstring for what each bounds, :mod:`.limits` for the
+    defaults and ranges. The frame count has no default: it is the wire protocol's."""
 
-    max_message_bytes: int = 256 * MIB
-    max_frames: int = 258
-    max_connections: int = 16
-    idle_timeout_s: float = 300.0
-    request_timeout_s: float = 30.0
-    max_pending_reply_bytes: int = 16 * MIB
+    max_message_bytes: int = ZMQ_MAX_MESSAGE_BYTES.default
+    max_frames: int = field(kw_only=True)
+    max_connections: int = ZMQ_MAX_CONNECTIONS.default
+    idle_timeout_s: float = ZMQ_IDLE_TIMEOUT_S.default
+    request_timeout_s: float = ZMQ_REQUEST_TIMEOUT_S.default
+    max_pending_reply_bytes: int = ZMQ_MAX_PENDING_REPLY_BYTES.default
 
     def __post_init__(self) -> None:
-        ints = {"max_message_bytes": (1, 2**40), "max_frames": (1, 1 << 20), "max_connections": (1, 4096),
-                "max_pending_reply_bytes": (0, 2**40)}
-        for name, (lo, hi) in ints.items():
-            v = getattr(self, name)
+        ints = {"max_message_bytes": ZMQ_MAX_MESSAGE_BYTES, "max_frames": ZMQ_MAX_FRAMES,
+                "max_connections": ZMQ_MAX_CONNECTIONS, "max_pending_reply_bytes": ZMQ_MAX_PENDING_REPLY_BYTES}
+        for name, limit in ints.items():
+            v, lo, hi = getattr(self, name), limit.low, limit.high
             if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
                 raise BindError(f"{name}: {v!r}; allowed: integers {lo}..{hi}")
-        for name in ("idle_timeout_s", "request_timeout_s"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 86400):
-                raise BindError(f"{name}: {v!r}; allowed: seconds, 0 < s <= 86400")
+        for name, limit in (("idle_timeout_s", ZMQ_IDLE_TIMEOUT_S), ("request_timeout_s", ZMQ_REQUEST_TIMEOUT_S)):
+            v, lo, hi = getattr(self, name), limit.low, limit.high
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v <= hi):
+                raise BindError(f"{name}: {v!r}; allowed: seconds, {lo:g} < s <= {hi:g}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# -- CURVE keys ---------------------------------------------------------------------------------------
-
-_Z85_ALPHABET = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
-_KEY_LINE = re.compile(r'(public-key|secret-key)\s*=\s*"([^"]*)"')
-
-
-def _z85_key(path: Path, what: str, lineno: int, text: str) -> bytes:
-    where = f"curve: key file {path} line {lineno}: {what}"
-    if len(text) != 40:
-        raise CurveKeyError(f"{where} has {len(text)} characters; allowed: a 40-character Z85 key "
-                            "(as written by zmq.auth.create_certificates)")
-    bad = sorted(set(text) - _Z85_ALPHABET)
-    if bad:
-        raise CurveKeyError(f"{where} has character(s) {''.join(bad)!r} outside Z85; allowed: a 40-character Z85 key")
-    try:
-        key = zmq.utils.z85.decode(text)
-    except Exception as exc:  # an out-of-range group
-        raise CurveKeyError(f"{where} is not valid Z85 ({exc}); allowed: a 40-character Z85 key") from None
-    return key
-
-
-def read_key_file(path: str | Path, *, secret: bool = False) -> tuple[bytes, bytes | None]:
-    """A ``zmq.auth`` certificate file -> (public key, secret key or None), 32 raw bytes each.
-
-    Anything wrong (unreadable, no key, a key that is not 40 Z85 characters,
-    a key given twice, a secret that does not match the public key) raises
-    :class:`CurveKeyError` naming the file, the line and the problem.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CurveKeyError(f"curve: key file {path}: cannot read it ({exc})") from None
-    found: dict[str, tuple[int, str]] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        m = _KEY_LINE.fullmatch(s)
-        if m is None:
-            if s.startswith(("public-key", "secret-key")):
-                raise CurveKeyError(f"curve: key file {path} line {lineno}: cannot parse {s[:60]!r}; "
-                                    'allowed: public-key = "<40 Z85 characters>"')
-            continue
-        if m[1] in found:
-            raise CurveKeyError(f"curve: key file {path} line {lineno}: a second {m[1]} "
-                                f"(the first is on line {found[m[1]][0]}); allowed: one")
-        found[m[1]] = (lineno, m[2])
-    if "public-key" not in found:
-        raise CurveKeyError(f'curve: key file {path}: no public-key = "..." line; allowed: a certificate file '
-                            "written by zmq.auth.create_certificates")
-    public = _z85_key(path, "public-key", *found["public-key"])
-    if not secret:
-        return public, None
-    if "secret-key" not in found:
-        raise CurveKeyError(f'curve: key file {path}: no secret-key = "..." line; allowed: the <name>.key_secret '
-                            "file written by zmq.auth.create_certificates")
-    secret_key = _z85_key(path, "secret-key", *found["secret-key"])
-    if bytes(nacl.public.PrivateKey(secret_key).public_key) != public:
-        raise CurveKeyError(f"curve: key file {path}: its secret-key does not belong to its public-key")
-    return public, secret_key
-
-
-@dataclass(frozen=True)
-class CurveKeys:
-    """The server's long-term key pair and the long-term public keys of the clients it admits."""
-
-    public: bytes
-    secret: bytes
-    allowed: frozenset[bytes]
-    sources: tuple[str, ...] = field(default=(), compare=False)
-
-
-def load_curve_keys(secret_key_file: str | Path, allowed_clients_dir: str | Path) -> CurveKeys:
-    """Read the server's key pair and every ``*.key`` file of the allow-list; a bad file is an error, not a skip."""
-    public, secret = read_key_file(secret_key_file, secret=True)
-    assert secret is not None
-    directory = Path(allowed_clients_dir)
-    if not directory.is_dir():
-        raise CurveKeyError(f"curve: allowed clients directory {directory} does not exist")
-    files = sorted(p for p in directory.glob("*.key") if p.is_file())
-    if not files:
-        raise CurveKeyError(f"curve: no client public keys (*.key) in {directory}")
-    allowed = frozenset(read_key_file(p)[0] for p in files)
-    return CurveKeys(public, secret, allowed, tuple(str(p) for p in files))
-
-
-# -- listening -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Listener:
-    """A bound, listening socket and the endpoint a client connects to."""
-
-    sock: socket.socket
-    endpoint: str
-    path: str | None = None  # an ipc socket file, removed on close
-    tempdir: str | None = None
-    closed: bool = False
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.sock.close()
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                    os.unlink(self.path)
-        if self.tempdir is not None:
-            shutil.rmtree(self.tempdir, ignore_errors=True)
-
-
-def listen(endpoint: str) -> Listener:
-    """Bind and listen: ``tcp://HOST:PORT`` (PORT ``*`` or 0: any free port; HOST ``*``: every IPv4
-    interface) or ``ipc://PATH`` (a Unix socket; ``ipc://*``: a fresh temporary path; ``ipc://@NAME``:
-    Linux abstract namespace). The returned endpoint names the port or path actually bound."""
-    scheme, sep, addr = endpoint.partition("://")
-    try:
-        if sep and scheme == "tcp":
-            return _listen_tcp(endpoint, addr)
-        if sep and scheme == "ipc":
-            return _listen_ipc(endpoint, addr)
-    except OSError as exc:
-        raise BindError(f"bind: cannot bind {endpoint}: {exc}") from None
-    raise BindError(f"bind: {endpoint!r}: transport not served; allowed: tcp://HOST:PORT, ipc://PATH")
-
-
-def _listen_tcp(endpoint: str, addr: str) -> Listener:
-    host, sep, port_s = addr.rpartition(":")
-    if not sep or not host:
-        raise BindError(f"bind: {endpoint!r} has no port; allowed: tcp://HOST:PORT (PORT 0 or * for any)")
-    port = 0 if port_s in ("*", "0") else int(port_s) if port_s.isdigit() else -1
-    if not 0 <= port < 65536:
-        raise BindError(f"bind: port {port_s!r}; allowed: 1..65535, 0 or *")
-    h = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if h == "*":
-        family, sockaddr = socket.AF_INET, ("0.0.0.0", port)
-    else:
-        infos = socket.getaddrinfo(h, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-        # like libzmq without ZMQ_IPV6: a name resolves to IPv4 where it can; an IPv6 literal stays IPv6
-        infos.sort(key=lambda i: i[0] != socket.AF_INET)
-        family, sockaddr = infos[0][0], infos[0][4]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # rebind at once after a restart
-        sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    ip, bound = sock.getsockname()[:2]
-    return Listener(sock, f"tcp://[{ip}]:{bound}" if family == socket.AF_INET6 else f"tcp://{ip}:{bound}")
-
-
-def _listen_ipc(endpoint: str, path: str) -> Listener:
-    tempdir = None
-    if path == "*":
-        tempdir = tempfile.mkdtemp(prefix="pnn-zmtp-")
-        path = os.path.join(tempdir, "socket")
-    if not path:
-        raise BindError(f"bind: {endpoint!r} has no path; allowed: ipc://PATH, ipc://*")
-    abstract = path.startswith("@")
-    if not abstract and os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise BindError(f"bind: cannot bind {endpoint}: {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # a socket file left behind by a server that is gone
-        else:
-            raise BindError(f"bind: cannot bind {endpoint}: another server is listening on {path}")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind("\0" + path[1:] if abstract else path)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        if tempdir is not None:
-            shutil.rmtree(tempdir, ignore_errors=True)
-        raise
-    return Listener(sock, f"ipc://{path}", None if abstract else path, tempdir)
 
 
 # -- connections -------------------------------------------------------------------------------------------
@@ -332,22 +140,13 @@ class Request:
         self.cancelled = False  # set when its connection closes before the reply is sent
 
 
-class _Drop(Exception):
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-_GREETING, _HELLO, _INITIATE, _NULL_READY, _READY = "greeting", "hello", "initiate", "ready-cmd", "ready"
-
-
 class _Conn:
     """One peer: its socket, what has been read of its current frame and message, what waits to be sent."""
 
     def __init__(self, cid: int, sock: socket.socket, now: float) -> None:
         self.id = cid
         self.sock = sock
-        self.state = _GREETING
+        self.state = GREETING
         self.closed = False
         self.events = 0
         self.rbuf = bytearray()
@@ -361,53 +160,7 @@ class _Conn:
         self.out: deque[memoryview] = deque()
         self.out_bytes = 0
         self.created = self.last_activity = self.last_write = now
-        # CURVE
-        self.client_transient: bytes = b""
-        self.transient: nacl.public.PrivateKey | None = None
-        self.cookie_key = b""
-        self.shared = b""  # precomputed Box(s', C') key for MESSAGE
-        self.send_nonce = 1
-        self.peer_nonce = 0
-
-
-def _frame_header(flags: int, size: int) -> bytes:
-    if size > 255:
-        return bytes((flags | FLAG_LONG,)) + size.to_bytes(8, "big")
-    return bytes((flags, size))
-
-
-def _command(name: bytes, data: bytes = b"") -> bytes:
-    body = bytes((len(name),)) + name + data
-    return _frame_header(FLAG_COMMAND, len(body)) + body
-
-
-def _metadata(props: dict[bytes, bytes]) -> bytes:
-    return b"".join(bytes((len(k),)) + k + len(v).to_bytes(4, "big") + v for k, v in props.items())
-
-
-def _parse_metadata(data: bytes) -> dict[bytes, bytes]:
-    props, i = {}, 0
-    while i < len(data):
-        n = data[i]
-        if n == 0 or i + 1 + n + 4 > len(data):
-            raise _Drop("handshake", "malformed metadata")
-        name = data[i + 1:i + 1 + n]
-        i += 1 + n
-        size = int.from_bytes(data[i:i + 4], "big")
-        i += 4
-        if i + size > len(data):
-            raise _Drop("handshake", "malformed metadata")
-        props[name.lower()] = data[i:i + size]
-        i += size
-    return props
-
-
-def _as_bytes_view(frame: Any) -> memoryview:
-    mv = memoryview(frame)
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
-
-
-_READY_METADATA = _metadata({b"Socket-Type": b"ROUTER"})
+        self.security: Any = None  # the security mechanism's own state for this connection
 
 
 class RouterServer:
@@ -430,11 +183,8 @@ class RouterServer:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._sel: selectors.BaseSelector | None = None
-        self._greeting = (b"\xff" + bytes(8) + b"\x7f" + bytes((3, 1))
-                          + (b"CURVE" if curve else b"NULL").ljust(20, b"\0")
-                          + bytes((1 if curve else 0,)) + bytes(31))
-        if curve is not None:
-            self._long_term = nacl.public.PrivateKey(curve.secret)
+        self.mechanism = mechanism_for(curve)
+        self._greeting = greeting(self.mechanism.name, as_server=curve is not None)
 
     # -- threads ------------------------------------------------------------------------------------
 
@@ -500,7 +250,10 @@ class RouterServer:
     def _guard(self, conn: _Conn, fn: Any, *args: Any) -> None:
         try:
             fn(*args)
-        except _Drop as exc:
+        except Drop as exc:
+            if exc.farewell:
+                with contextlib.suppress(OSError):
+                    conn.sock.send(exc.farewell)
             self._drop(conn, exc.reason)
         except OSError:
             self._close(conn)  # reset by the peer, broken pipe
@@ -583,7 +336,7 @@ class RouterServer:
 
     def _deadline(self, conn: _Conn) -> float:
         lim = self.limits
-        if conn.state != _READY:
+        if conn.state != READY:
             return conn.created + lim.request_timeout_s
         if conn.out:
             return conn.last_write + lim.request_timeout_s
@@ -597,7 +350,7 @@ class RouterServer:
         for conn in list(self._conns.values()):
             if now < self._deadline(conn):
                 continue
-            if conn.state != _READY:
+            if conn.state != READY:
                 self._drop(conn, "handshake")
             elif conn.out:
                 self._drop(conn, "reply_timeout")
@@ -610,7 +363,7 @@ class RouterServer:
 
     def _queue(self, conn: _Conn, buffers: list[Any]) -> None:
         for b in buffers:
-            mv = _as_bytes_view(b)
+            mv = as_bytes_view(b)
             if mv.nbytes:
                 conn.out.append(mv)
                 conn.out_bytes += mv.nbytes
@@ -647,29 +400,20 @@ class RouterServer:
                 self._interest(conn)
 
     def _send_message(self, conn: _Conn, frames: list[Any], now: float) -> None:
-        views = [_as_bytes_view(f) for f in frames] or [memoryview(b"")]
+        views = [as_bytes_view(f) for f in frames] or [memoryview(b"")]
         last = len(views) - 1
         for i, mv in enumerate(views):
-            more = FLAG_MORE if i < last else 0
-            if self.curve is None:
-                self._queue(conn, [_frame_header(more, mv.nbytes), mv])
-            else:
-                self._queue(conn, self._encrypt(conn, b"".join((bytes((more,)), mv))))
+            self._queue(conn, self.mechanism.seal(conn, FLAG_MORE if i < last else 0, mv))
         self._flush(conn, now)
 
-    def _encrypt(self, conn: _Conn, plaintext: bytes) -> list[Any]:
-        """One CURVE MESSAGE frame; ``plaintext`` starts with the flags byte (0x01 MORE, 0x02 COMMAND)."""
-        short = conn.send_nonce.to_bytes(8, "big")
-        conn.send_nonce += 1
-        box = nacl.bindings.crypto_box_easy_afternm(plaintext, b"CurveZMQMESSAGES" + short, conn.shared)
-        head = b"\x07MESSAGE" + short
-        return [_frame_header(0, len(head) + len(box)), head, box]
-
     def _send_command(self, conn: _Conn, name: bytes, data: bytes) -> None:
-        if self.curve is None or conn.state != _READY:
-            self._queue(conn, [_command(name, data)])
-        else:
-            self._queue(conn, self._encrypt(conn, b"\x02" + bytes((len(name),)) + name + data))
+        frames = self.mechanism.seal_command(conn, name, data) if conn.state == READY else [command(name, data)]
+        self._queue(conn, frames)
+
+    def _send_handshake(self, conn: _Conn, frames: list[bytes]) -> None:
+        if frames:
+            self._queue(conn, frames)
+            self._flush(conn, time.monotonic())
 
     # -- receiving ----------------------------------------------------------------------------------
 
@@ -705,14 +449,15 @@ class RouterServer:
         rbuf = conn.rbuf
         cap = self.limits.max_pending_reply_bytes
         while not conn.closed and conn.request is None and conn.body is None and conn.out_bytes <= cap:
-            if conn.state == _GREETING:
+            if conn.state == GREETING:
                 if rbuf and rbuf[0] != 0xFF:
-                    raise _Drop("handshake", "not a ZMTP greeting")
+                    raise Drop("handshake", "not a ZMTP greeting")
                 if len(rbuf) < GREETING_LEN:
                     return
-                greeting = bytes(rbuf[:GREETING_LEN])
+                peer_greeting = bytes(rbuf[:GREETING_LEN])
                 del rbuf[:GREETING_LEN]
-                self._on_greeting(conn, greeting)
+                check_greeting(peer_greeting, self.mechanism.name)
+                self._send_handshake(conn, self.mechanism.start(conn))
                 continue
             if len(rbuf) < 2:
                 return
@@ -739,49 +484,34 @@ class RouterServer:
     def _check_frame(self, conn: _Conn, flags: int, size: int, now: float) -> None:
         """The limits, from a frame's header alone: nothing of its body is read or allocated if it breaks one."""
         if flags & ~(FLAG_MORE | FLAG_LONG | FLAG_COMMAND):
-            raise _Drop("protocol", f"reserved flag bits {flags:#04x}")
-        if conn.state != _READY:
+            raise Drop("protocol", f"reserved flag bits {flags:#04x}")
+        if conn.state != READY:
             if not flags & FLAG_COMMAND or size > HANDSHAKE_FRAME_MAX:
-                raise _Drop("handshake", "expected a handshake command")
+                raise Drop("handshake", "expected a handshake command")
             return
         lim = self.limits
-        if self.curve is not None:
-            if size < CURVE_OVERHEAD:
-                raise _Drop("protocol", "CURVE frame shorter than a MESSAGE")
-            payload = size - CURVE_OVERHEAD
-        elif flags & FLAG_COMMAND:
-            if conn.parts or size > COMMAND_FRAME_MAX:
-                raise _Drop("protocol", "command inside a message, or too large")
+        payload = self.mechanism.payload_size(conn, flags, size)
+        if payload is None:  # a command: no part of a message
             return
-        else:
-            payload = size
         if len(conn.parts) + 1 > lim.max_frames:
-            raise _Drop("too_many_frames", f"more than {lim.max_frames} frames")
+            raise Drop("too_many_frames", f"more than {lim.max_frames} frames")
         if conn.parts_bytes + payload > lim.max_message_bytes:
-            raise _Drop("message_too_large", f"more than {lim.max_message_bytes} bytes")
+            raise Drop("message_too_large", f"more than {lim.max_message_bytes} bytes")
         if conn.msg_started is None:
             conn.msg_started = now
 
     def _on_frame(self, conn: _Conn, flags: int, body: bytes | bytearray, now: float) -> None:
-        if conn.state == _HELLO:
-            self._on_hello(conn, bytes(body))
-        elif conn.state == _INITIATE:
-            self._on_initiate(conn, bytes(body))
-        elif conn.state == _NULL_READY:
-            self._on_null_ready(conn, bytes(body))
-        elif self.curve is not None:
-            inner, payload = self._decrypt(conn, body)
-            if inner & 0x02:
-                if conn.parts:
-                    raise _Drop("protocol", "command inside a message")
-                conn.msg_started = None
-                self._on_command(conn, bytes(payload))
-            else:
-                self._on_data(conn, bool(inner & FLAG_MORE), payload)
-        elif flags & FLAG_COMMAND:
-            self._on_command(conn, bytes(body))
+        if conn.state != READY:
+            self._send_handshake(conn, self.mechanism.handshake(conn, bytes(body)))
+            return
+        is_command, more, payload = self.mechanism.open(conn, flags, body)
+        if is_command:
+            if conn.parts:
+                raise Drop("protocol", "command inside a message")
+            conn.msg_started = None
+            self._on_command(conn, bytes(payload))
         else:
-            self._on_data(conn, bool(flags & FLAG_MORE), body)
+            self._on_data(conn, more, payload)
 
     def _on_data(self, conn: _Conn, more: bool, payload: Any) -> None:
         conn.parts.append(payload)
@@ -795,114 +525,13 @@ class RouterServer:
 
     def _on_command(self, conn: _Conn, body: bytes) -> None:
         if not body or len(body) < 1 + body[0]:
-            raise _Drop("protocol", "malformed command")
+            raise Drop("protocol", "malformed command")
         name, data = body[1:1 + body[0]], body[1 + body[0]:]
         if name == b"PING":
             if len(data) < 2 or len(data) > 18:
-                raise _Drop("protocol", "malformed PING")
+                raise Drop("protocol", "malformed PING")
             self._send_command(conn, b"PONG", data[2:])
             self._flush(conn, time.monotonic())
         elif name == b"ERROR":
             self._close(conn)
         # PONG, SUBSCRIBE, CANCEL and commands of later versions: nothing to do
-
-    # -- handshakes ---------------------------------------------------------------------------------
-
-    def _on_greeting(self, conn: _Conn, g: bytes) -> None:
-        if not g[9] & 0x01 or g[10] < 3:
-            raise _Drop("handshake", f"ZMTP version {g[10]}; allowed: 3.x")
-        mechanism = g[12:32].rstrip(b"\0")
-        if mechanism != (b"CURVE" if self.curve else b"NULL"):
-            raise _Drop("handshake" if self.curve is None or mechanism != b"NULL" else "unauthorized",
-                        f"mechanism {mechanism!r}")
-        if self.curve is None:
-            self._queue(conn, [_command(b"READY", _READY_METADATA)])
-            self._flush(conn, time.monotonic())
-            conn.state = _NULL_READY
-        else:
-            conn.state = _HELLO
-
-    def _check_peer(self, props: dict[bytes, bytes]) -> None:
-        kind = props.get(b"socket-type")
-        if kind not in PEER_SOCKET_TYPES:
-            raise _Drop("handshake", f"Socket-Type {kind!r}; allowed: DEALER, REQ, ROUTER")
-
-    def _on_null_ready(self, conn: _Conn, body: bytes) -> None:
-        if not body.startswith(b"\x05READY"):
-            raise _Drop("handshake", "expected READY")
-        self._check_peer(_parse_metadata(body[6:]))
-        conn.state = _READY
-
-    def _on_hello(self, conn: _Conn, body: bytes) -> None:
-        assert self.curve is not None
-        if len(body) != 200 or not body.startswith(b"\x05HELLO") or body[6:8] != b"\x01\x00":
-            raise _Drop("handshake", "malformed HELLO")
-        conn.client_transient = body[80:112]
-        try:
-            nacl.public.Box(self._long_term, nacl.public.PublicKey(conn.client_transient)).decrypt(
-                body[120:200], b"CurveZMQHELLO---" + body[112:120])
-        except nacl.exceptions.CryptoError:
-            raise _Drop("handshake", "HELLO box does not open (wrong server key?)") from None
-        conn.peer_nonce = int.from_bytes(body[112:120], "big")
-        conn.transient = nacl.public.PrivateKey.generate()
-        conn.cookie_key = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
-        cookie_nonce = nacl.utils.random(16)
-        cookie = cookie_nonce + nacl.secret.SecretBox(conn.cookie_key).encrypt(
-            conn.client_transient + bytes(conn.transient), b"COOKIE--" + cookie_nonce).ciphertext
-        welcome_nonce = nacl.utils.random(16)
-        box = nacl.public.Box(self._long_term, nacl.public.PublicKey(conn.client_transient)).encrypt(
-            bytes(conn.transient.public_key) + cookie, b"WELCOME-" + welcome_nonce).ciphertext
-        self._queue(conn, [_command(b"WELCOME", welcome_nonce + box)])
-        self._flush(conn, time.monotonic())
-        conn.state = _INITIATE
-
-    def _on_initiate(self, conn: _Conn, body: bytes) -> None:
-        assert self.curve is not None and conn.transient is not None
-        if len(body) < 257 or not body.startswith(b"\x08INITIATE"):
-            raise _Drop("handshake", "malformed INITIATE")
-        try:
-            cookie = nacl.secret.SecretBox(conn.cookie_key).decrypt(body[25:105], b"COOKIE--" + body[9:25])
-            if cookie != conn.client_transient + bytes(conn.transient):
-                raise _Drop("handshake", "INITIATE cookie is not ours")
-            session = nacl.public.Box(conn.transient, nacl.public.PublicKey(conn.client_transient))
-            plain = session.decrypt(body[113:], b"CurveZMQINITIATE" + body[105:113])
-            client_key = plain[:32]
-            vouch = nacl.public.Box(conn.transient, nacl.public.PublicKey(client_key)).decrypt(
-                plain[48:128], b"VOUCH---" + plain[32:48])
-        except nacl.exceptions.CryptoError:
-            raise _Drop("handshake", "INITIATE box does not open") from None
-        if vouch != conn.client_transient + self.curve.public:
-            raise _Drop("handshake", "INITIATE vouch does not match")
-        if client_key not in self.curve.allowed:
-            # the client learns why (ZAP status 400) before it is disconnected
-            with contextlib.suppress(OSError):
-                conn.sock.send(_command(b"ERROR", b"\x03400"))
-            raise _Drop("unauthorized", "client key not on the allow-list")
-        self._check_peer(_parse_metadata(plain[128:]))
-        conn.peer_nonce = int.from_bytes(body[105:113], "big")
-        conn.shared = session.shared_key()
-        short = conn.send_nonce.to_bytes(8, "big")
-        conn.send_nonce += 1
-        ready = session.encrypt(_READY_METADATA, b"CurveZMQREADY---" + short).ciphertext
-        self._queue(conn, [_command(b"READY", short + ready)])
-        self._flush(conn, time.monotonic())
-        conn.state = _READY
-        conn.cookie_key = b""
-        conn.transient = None
-
-    def _decrypt(self, conn: _Conn, body: bytes | bytearray) -> tuple[int, memoryview]:
-        if body[:8] != b"\x07MESSAGE":
-            raise _Drop("protocol", "expected a CURVE MESSAGE")
-        short = bytes(body[8:16])
-        nonce = int.from_bytes(short, "big")
-        if nonce <= conn.peer_nonce:
-            raise _Drop("protocol", "CURVE nonce reused")
-        try:
-            plain = nacl.bindings.crypto_box_open_easy_afternm(bytes(memoryview(body)[16:]),
-                                                               b"CurveZMQMESSAGEC" + short, conn.shared)
-        except nacl.exceptions.CryptoError:
-            raise _Drop("protocol", "CURVE MESSAGE box does not open") from None
-        conn.peer_nonce = nonce
-        if not plain or plain[0] & ~0x03:
-            raise _Drop("protocol", "CURVE MESSAGE flags")
-        return plain[0], memoryview(plain)[1:]
