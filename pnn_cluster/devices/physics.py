@@ -76,11 +76,6 @@ class PhysicsModel(nn.Module):
     def calibration_values(self) -> dict[str, list]:
         return {k: v.detach().cpu().tolist() for k, v in self.calibration.items()}
 
-    def set_calibration(self, values: Mapping[str, object]) -> None:
-        with torch.no_grad():
-            for k, v in values.items():
-                self.calibration[k].copy_(torch.as_tensor(v, dtype=self.calibration[k].dtype))
-
     def clone(self) -> PhysicsModel:
         return copy.deepcopy(self)
 

@@ -276,9 +276,6 @@ class ZmqDevice(Device):
     def model(self) -> Any:
         return self._model
 
-    def remote_health(self) -> dict[str, Any]:
-        return self.client.health()
-
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "endpoint": self.client.endpoint, "remote": self._remote_identity}
 
