@@ -1,10 +1,50 @@
+"""Fixtures of every tier, and the tiers themselves: each test is marked by the directory it lives in.
+
+``tests/unit`` (marker ``unit``): no socket, no subprocess, no Ray; ``unit_timeout`` seconds a test (pyproject).
+``tests/system`` (``system``): loopback servers, Ray (``ray_cluster``), command-line subprocesses, whole
+trainings end to end.
+``tests/deploy`` (``deploy``): the files of ``deploy/``, and the documented deployment brought up on loopback.
+``tests/chaos`` (``chaos``): servers and trainings killed, frozen and restarted on purpose.
+A test file anywhere else is a collection error. Shared helpers: ``tests/helpers.py``.
+"""
+
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+TESTS = Path(__file__).resolve().parent
+#: the tier directories under tests/, each also the name of its marker
+TIERS = ("unit", "system", "deploy", "chaos")
+
+
+def pytest_addoption(parser):
+    parser.addini("unit_timeout", "seconds a test of tests/unit may take (setup and teardown included), unless it "
+                                  "has a timeout marker of its own", default="30")
+
+
+def pytest_collection_modifyitems(config, items):
+    unit_timeout = float(config.getini("unit_timeout"))
+    for item in items:
+        try:
+            tier = item.path.relative_to(TESTS).parts[0]
+        except ValueError:
+            continue  # not a test of this suite
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.path}: a test belongs in a tier directory: "
+                                    f"{', '.join(f'tests/{t}/' for t in TIERS)} (see tests/conftest.py)")
+        item.add_marker(tier)
+        if tier == "unit":
+            if "ray_cluster" in getattr(item, "fixturenames", ()):  # refused before the session's cluster starts
+                raise pytest.UsageError(f"{item.nodeid}: a unit test may not use the ray_cluster fixture: a test "
+                                        "that needs Ray belongs in tests/system/")
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(unit_timeout))
+
 
 VOWELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vowels_hillenbrand_7class.csv"
 
@@ -30,6 +70,25 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its tables made, once a session: MLflow's migrations take seconds for
+    every new store, a copy of this file milliseconds. Copy it where a test's store goes, before MLflow opens it."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts")).engine.dispose()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, mlflow_template) -> str:
+    """The test's own MLflow store, where MLFLOW_TRACKING_URI points (``tmp_path/mlflow.db``), its tables
+    already made (a copy of ``mlflow_template``); its URI."""
+    shutil.copyfile(mlflow_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 #: the two simulated lab PCs of the shared test cluster and the instruments each declares
@@ -59,10 +118,9 @@ def ray_cluster():
     for instruments in LAB_PCS.values():
         node = cluster.add_node(num_cpus=1, resources={INSTRUMENT_PREFIX + i: 1 for i in instruments})
         labs.update({i: node.node_id for i in instruments})
-    tests_dir = str(Path(__file__).resolve().parent)
-    # workers import device classes defined in test modules by name, as a lab's own driver module would be
+    # workers import device classes by name from tests/ (lab_devices), as from a lab's own driver module
     ray.init(address=cluster.address, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": tests_dir, "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}})
     try:
         yield types.SimpleNamespace(cluster=cluster, address=cluster.address, lab_nodes=labs,
                                     head_node=cluster.head_node.node_id)

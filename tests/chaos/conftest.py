@@ -4,13 +4,9 @@ Everything here waits on something observable (a line a process printed, a
 reply to ``health``, a process exit), each wait bounded by a deadline; nothing
 sleeps a fixed time.
 
-Fixture API (all processes started through a fixture are killed at teardown):
+Fixture API (all processes started through a fixture are killed at teardown; ``free_port``, ``wait_until``
+and ``write_config`` come from ``tests/helpers.py``, shared by every tier):
 
-``free_port()``
-    A TCP port on 127.0.0.1 that nothing listens on right now.
-``wait_until(predicate, timeout, what, interval=0.02)``
-    Poll ``predicate()`` until it returns something truthy (returned) or
-    ``timeout`` seconds pass (``pytest.fail`` naming ``what``).
 ``Proc``
     A subprocess whose stdout and stderr are read line by line on threads:
     ``wait_for_line(regex, timeout, stream="stdout")`` returns the match,
@@ -35,8 +31,6 @@ Fixture API (all processes started through a fixture are killed at teardown):
     The local ports of TCP connections to 127.0.0.1:``port`` (from ``/proc``),
     of process ``pid`` or of any process but the test's own: a new one means
     a client gave up on a socket and reconnected.
-``write_config(path, raw)``
-    Write an experiment configuration (a dict) as YAML; returns the path.
 ``chaos_config(endpoint, **schedule)``
     The small configuration these tests train: a digits subset, one circuit
     device (8 in, 8 out) reached over ZeroMQ at ``endpoint``, an ideal twin.
@@ -48,7 +42,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -58,27 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from helpers import free_port, wait_until
 
 #: the command line, run as a module of the interpreter running the tests (the same environment)
 CLI = [sys.executable, "-m", "pnn_cluster.cli"]
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Proc:
@@ -291,12 +267,6 @@ class ServedDevice:
             self._client = None
         if self.proc is not None:
             self.proc.kill()
-
-
-def write_config(path: Path | str, raw: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def chaos_config(endpoint: str, *, epochs: int = 2, batch_size: int = 8, timeout_s: float = 2.0, retries: int = 10,

@@ -23,6 +23,7 @@ import re
 import time
 
 import pytest
+from helpers import wait_until, write_config
 
 from .conftest import (
     TRAIN_SAMPLES,
@@ -31,11 +32,7 @@ from .conftest import (
     connections_to,
     steps_per_epoch,
     train_result,
-    wait_until,
-    write_config,
 )
-
-pytestmark = pytest.mark.system
 
 EPOCHS, BATCH = 2, 8
 STEPS = EPOCHS * steps_per_epoch(BATCH)  # 2 x 14

@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
+from helpers import free_port, wait_until, write_config
 
-from .conftest import CLI, Proc, assert_no_traceback, free_port, train_result, wait_until, write_config
-
-pytestmark = pytest.mark.system
+from .conftest import CLI, Proc, assert_no_traceback, train_result
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -116,7 +116,8 @@ class MlflowServer:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, mlflow_template):
+    shutil.copyfile(mlflow_template, tmp_path / "server.db")  # the server's store, its tables made already
     servers: list[MlflowServer] = []
 
     def make(port: int | None = None) -> MlflowServer:
@@ -241,11 +242,11 @@ def test_tracking_server_killed_mid_run_and_restarted_loses_nothing(tmp_path, ml
     assert epochs_logged == [STEPS_PER_EPOCH * (e + 1) for e in range(epochs)]
 
 
-def test_trainer_killed_mid_epoch_resumes_at_its_checkpoint(tmp_path):
+def test_trainer_killed_mid_epoch_resumes_at_its_checkpoint(tmp_path, mlflow_store):
     import torch
 
     epochs = 3
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store
     proc = run_train(tmp_path, slow_config(epochs), "--tracking-uri", uri)
     proc.wait_for_line(r"MLflow run \S+ \(new\)", 240)
     run_dir = Path(proc.wait_for_line(r"kept locally in (\S+)", 10).group(1))

@@ -13,13 +13,10 @@ import threading
 import numpy as np
 import pytest
 import zmq
+from helpers import free_port
 
 from pnn_cluster.devices.base import DeviceError
 from pnn_cluster.drivers.zmq_client import DeviceClient
-
-from .conftest import free_port
-
-pytestmark = pytest.mark.system
 
 RECV_TIMEOUT_MS = 10_000  # a bound on each wait of the stand-in server, never a pause
 

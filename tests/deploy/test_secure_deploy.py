@@ -39,8 +39,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
 PNN = str(BIN / "pnn-cluster")
@@ -61,12 +61,6 @@ def env_file(path: Path) -> dict[str, str]:
 
 def exec_start(path: Path) -> str:
     return next(line.partition("=")[2] for line in path.read_text().splitlines() if line.startswith("ExecStart="))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Service:
@@ -164,7 +158,7 @@ def _https(url: str, ca: Path | None, user: str | None = None, password: str | N
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, mlflow_template):
     """Every documented piece, up on loopback; yields their addresses and credentials, stops them after."""
     pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth] (Flask-WTF)")
     if not (BIN / "ray").exists() or not shutil.which("openssl"):
@@ -190,7 +184,8 @@ def lab(tmp_path_factory):
                {**env, "PNN_ETC": str(etc)})
         (home / ".pnn-cluster").mkdir()
         shutil.copy(etc / "mlflow/tls.crt", home / ".pnn-cluster/mlflow.crt")  # every node trusts it
-        mlflow_port = _free_port()
+        mlflow_port = free_port()
+        shutil.copyfile(mlflow_template, base / "mlflow.db")  # its store with the tables made (migrations take seconds)
         service = DEPLOY / "mlflow/mlflow-server.service"
         auth_ini = etc / "basic_auth.ini"
         auth_ini.write_text(re.sub(r"database_uri = \S+", f"database_uri = sqlite:///{base / 'auth.db'}",
@@ -213,7 +208,7 @@ def lab(tmp_path_factory):
 
         # -- the head, with token authentication and the environment cluster.yaml starts it with, declaring both
         # instruments (this one machine is the whole lab)
-        dash = _free_port()
+        dash = free_port()
         cluster = yaml.safe_load((DEPLOY / "ray/cluster.yaml").read_text())
         head_env = dict(env)
         for m in re.finditer(r"\b([A-Z_]+)=(\S+)", " ".join(cluster["head_start_ray_commands"])):
@@ -221,13 +216,13 @@ def lab(tmp_path_factory):
         assert head_env["RAY_AUTH_MODE"] == "token"
         resources = json.dumps({"instrument:shg-bench": 1, "instrument:circuit-bench": 1})
         services.append(head := Service("ray head", [
-            str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--include-dashboard=true",
+            str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--include-dashboard=true",
             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--resources={resources}",
             f"--temp-dir={ray_temp}", "--disable-usage-stats",
             # the session's own test cluster may run beside it: no port of Ray's defaults is shared
-            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}"], head_env))
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}"], head_env))
 
         # -- step 3: the cluster's CURVE key pair; the lab PC's server key pair, the cluster allowed; the server
         # and the SCPI bench as their units run them
@@ -237,7 +232,7 @@ def lab(tmp_path_factory):
         (curve / "clients").mkdir()
         shutil.copy(home / ".pnn-cluster/curve/cluster.key", curve / "clients")
         shutil.copy(curve / "optics.key", home / ".pnn-cluster/curve")
-        zmq_port = _free_port()
+        zmq_port = free_port()
         args = _localize(env_file(DEPLOY / "systemd/serve-device-optics.env")["PNN_SERVE_DEVICE_ARGS"], etc, home)
         args = args.replace("tcp://0.0.0.0:5555", f"tcp://127.0.0.1:{zmq_port}")
         services.append(optics := Service("serve-device", [PNN, "serve-device", *shlex.split(args),
@@ -262,12 +257,12 @@ def lab(tmp_path_factory):
     finally:
         for s in services:  # all at once: each takes a while to shut down
             s.terminate()
+        grace_until = time.monotonic() + 5  # throwaway instances: what a graceful shutdown keeps is not needed
         for s in services:
-            s.stop(grace_s=5)  # throwaway instances: what a graceful shutdown would keep is not needed
+            s.stop(grace_s=max(0.0, grace_until - time.monotonic()))
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
-@pytest.mark.system
 def test_device_server_answers_the_cluster_key_only(lab):
     from pnn_cluster.devices import DeviceError
     from pnn_cluster.drivers.zmq_client import ClientCurve, DeviceClient
@@ -316,7 +311,6 @@ def test_a_secrets_file_others_may_read_is_refused_in_one_line(tmp_path, capsys)
     assert "line 2: not KEY=VALUE" in err and password not in err
 
 
-@pytest.mark.system
 def test_scpi_bench_listens_on_loopback_only(lab):
     port = int(lab["source"].split("::")[2])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -331,7 +325,6 @@ def test_scpi_bench_listens_on_loopback_only(lab):
         socket.create_connection((address, port), timeout=5).close()
 
 
-@pytest.mark.system
 def test_mlflow_refuses_anonymous_clients_plain_http_and_unknown_certificates(lab):
     url = f"{lab['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
     assert _https(url, lab["ca"], "admin", lab["admin"])[0] == 200
@@ -344,7 +337,6 @@ def test_mlflow_refuses_anonymous_clients_plain_http_and_unknown_certificates(la
         urllib.request.urlopen(f"{plain}/health", timeout=30).read()
 
 
-@pytest.mark.system
 def test_ray_refuses_requests_without_the_token(lab):
     jobs = f"{lab['dash']}/api/jobs/"
     for headers, status in (({}, 401), ({"Authorization": "Bearer " + secrets.token_hex(16)}, 403)):
@@ -356,7 +348,6 @@ def test_ray_refuses_requests_without_the_token(lab):
         assert r.status == 200
 
 
-@pytest.mark.system
 def test_a_training_submitted_with_the_secrets_file_is_recorded_in_mlflow(lab):
     env, home = lab["env"], lab["home"]
     # the admin makes an account; its owner keeps the credentials in a file only they can read

@@ -2,7 +2,8 @@
 
 A small noisy gain device (``y = a tanh(g x) + noise``) stands in for a physical layer; its drift is a
 change of ``a`` made by the test between steps, like a bumped fibre. Steps are driven through the real
-pipeline and the watch's callback, in this process.
+pipeline and the watch's callback, in this process (a whole run with a bumped device:
+``tests/system/test_recalibration.py``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from pnn_cluster.training.pipeline import (
     TwinPool,
 )
 from pnn_cluster.training.recalibration import AroundParams, Recalibration, RecalibrationWatch, WatchedReplica
-from pnn_cluster.training.workers import TwinWorker, twin_payload, twin_version
+from pnn_cluster.training.workers import TwinWorker, twin_payload
 from pnn_cluster.twins import build_twin
 from pnn_cluster.twins.collect import Samples, collect
+from pnn_cluster.twins.versions import twin_digest
 
 NOISE = 0.01
 
@@ -68,7 +70,7 @@ class Setup:
         pool = None
         if backward == "stream":
             handles = [LocalTwinHandle(TwinWorker.from_twin(self.twin), name=f"twin{i}") for i in range(copies)]
-            pool = TwinPool(handles, twin_payload(self.twin), twin_version(self.twin.state_dict()))
+            pool = TwinPool(handles, twin_payload(self.twin), twin_digest(self.twin.state_dict()))
         self.rep = Replica(LocalDeviceHandle(self.dev), twin=self.twin, twins=pool, name="gain")
         s = Recalibration(policy=policy, warmup=20, **settings)
         ys = np.tanh(np.linspace(-2, 2, 400))
@@ -161,7 +163,7 @@ def test_refine_fits_a_copy_beside_training_and_swaps_it_in_on_every_copy_at_a_s
     # the twin in use, in the trainer and on every copy: the refit, the same state everywhere
     assert float(s.twin.model.cal("a")) == pytest.approx(1.3, rel=0.05)
     assert all(h.worker.version == s.rep.twins.version for h in s.rep.twins.handles)
-    assert s.rep.twins.version == twin_version(s.twin.state_dict())
+    assert s.rep.twins.version == twin_digest(s.twin.state_dict())
     # exploration: within the budget, and every setting within the device's limits
     assert 0 < s.watched.explore_samples <= 0.1 * s.watched.trained_rows
     assert rec["samples"]["device_samples"] == s.watched.explore_samples
@@ -324,40 +326,3 @@ def test_a_policy_the_configuration_does_not_know_is_refused_naming_the_choices(
         parse_config(cfg, source="x.yaml")
 
 
-def test_a_run_refines_its_bumped_device_and_its_checkpoint_resumes_and_evaluates_with_the_twin_in_use(tmp_path):
-    from pnn_cluster.runner import ExperimentRun
-    from pnn_cluster.training.workers import twin_version as version_of
-
-    # the circuit is bumped after its calibration (6 x 32 x 2), initialisation (64) and 30 steps of 20
-    cfg = parse_config({
-        "name": "bumped", "seed": 0, "dataset": {"name": "digits", "train_subset": 330, "test_subset": 100},
-        "devices": {"circuit": {
-            "driver": {"kind": "simulated", "system": "circuit", "options": {"n_in": 8, "n_out": 8},
-                       "imperfections": {"drift": 0, "steps": [{"at_samples": 384 + 64 + 600, "size": 2.0}]}},
-            "twin": {"kind": "physics", "groups": 6, "batch": 32, "epochs": 10},
-            "recalibration": {"policy": "refine", "warmup": 10, "explore_fraction": 0.1, "epochs": 10}}},
-        "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "circuit"},
-                  {"kind": "linear", "size": 10}],
-        "init": {"samples": 64},
-        "optimizer": {"lr": 0.05}, "schedule": {"epochs": 6, "batch_size": 20, "eval_batch": 100},
-        "tracking": {"enabled": False}}, source="bumped.yaml")
-    result = ExperimentRun(cfg, keep_checkpoint=True, echo=False).run()
-    watch = result.recalibration["circuit"]
-    assert watch["alarm_steps"] and watch["alarm_steps"][0] >= 29, watch["alarm_steps"]  # none before the bump
-    assert watch["version"] >= 1 and any(r["accepted"] for r in watch["versions_log"])
-    assert 0 < result.recalibration_samples <= 0.1 * watch["trained_rows"]
-    assert result.device_samples_total == (result.device_samples + result.calibration_samples
-                                           + result.init_samples + result.recalibration_samples)
-    assert "drift_history" not in result.summary() and len(result.drift_history["circuit"]) == result.steps
-    state = result.checkpoint
-    kept = state["extra"]["recalibration"]["circuit"]
-    assert kept["version"] == watch["version"] and kept["detector"]["steps"] == result.steps
-    twin_state = {k.split("twin.", 1)[1]: v for k, v in state["model"].items() if ".twin." in k}
-    taken = [r for r in watch["versions_log"] if r["accepted"]][-1]
-    assert version_of(twin_state) == taken["state_hash"]  # the checkpoint holds the version in use
-    evaluated = ExperimentRun(cfg, resume=state, echo=False).evaluate()
-    assert evaluated["twin_versions"] == {"circuit": watch["version"]}
-    # resumed for two more epochs: the detector goes on from where it was
-    more = cfg.with_overrides(["schedule.epochs=8"])
-    resumed = ExperimentRun(more, resume=state, keep_checkpoint=True, echo=False).run()
-    assert resumed.checkpoint["extra"]["recalibration"]["circuit"]["detector"]["steps"] == resumed.steps

@@ -1,13 +1,18 @@
-"""MLflow tracking: `pnn-cluster train` on a small configuration, read back through MlflowClient, resumed."""
+"""MLflow tracking: `pnn-cluster train` on a small configuration, read back through MlflowClient, resumed.
+
+Whole trainings in this process against a SQLite store, and a tracking server that does not answer.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import free_port, tiny_config
 
 from pnn_cluster.cli import main
 
@@ -16,25 +21,18 @@ from mlflow import MlflowClient  # noqa: E402
 
 STEPS_PER_EPOCH = 3  # 110 training digits (10 of the 120 are the validation split) in batches of 40
 
-TINY = {
-    "name": "tiny",
-    "dataset": {"name": "digits", "train_subset": 120, "test_subset": 60},
-    "devices": {"circuit": {
-        "driver": {"kind": "simulated", "system": "circuit", "options": {"n_in": 8, "n_out": 8},
-                   "imperfections": {"latency_call_s": 0, "latency_sample_s": 0}},
-        "twin": {"kind": "physics", "groups": 5, "batch": 24, "epochs": 4}}},
-    "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "circuit"},
-              {"kind": "linear", "size": 10}],
-    "optimizer": {"lr": 0.05},
-    "schedule": {"epochs": 2, "batch_size": 40, "eval_batch": 60},
-    "tracking": {"experiment": "tests", "residual_batch": 32},
-}
+TINY = tiny_config(dataset={"train_subset": 120, "test_subset": 60},
+                   imperfections={"latency_call_s": 0, "latency_sample_s": 0},
+                   twin={"kind": "physics", "groups": 5, "batch": 24, "epochs": 4}, optimizer={"lr": 0.05},
+                   schedule={"epochs": 2, "batch_size": 40, "eval_batch": 60},
+                   tracking={"experiment": "tests", "residual_batch": 32})
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One MLflow store for the module (creating its tables costs seconds)."""
+def store(tmp_path_factory, mlflow_template):
+    """One MLflow store for the module (a copy of the session's empty one: creating tables costs seconds)."""
     root = tmp_path_factory.mktemp("mlflow")
+    shutil.copyfile(mlflow_template, root / "mlflow.db")
     return root, f"sqlite:///{root / 'mlflow.db'}"
 
 
@@ -153,15 +151,7 @@ def test_evaluate_measures_a_run_on_the_devices(resumed_run, capsys):
     assert MlflowClient(uri).get_run(run_id).data.metrics["evaluate/test_acc"] == pytest.approx(out["acc"])
     assert main(["evaluate", "no-such-run", "--tracking-uri", uri, "--in-process"]) == 2
     assert "neither a checkpoint file, a run directory, nor a run in tracking URI" in capsys.readouterr().err
-    # a server that does not answer is not a run that does not exist: exit 1, and it says which
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{s.getsockname()[1]}"
-    assert main(["evaluate", run_id, "--tracking-uri", down, "--in-process"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"tracking server {down} unreachable" in err[0]
+    # a server that does not answer is not a run that does not exist: test_evaluate_says_when_the_tracking_...
 
 
 def test_resume_refuses_what_it_cannot_continue(resumed_run, store, capsys):
@@ -175,19 +165,6 @@ def test_resume_refuses_what_it_cannot_continue(resumed_run, store, capsys):
     other.write_text(yaml.safe_dump(changed))
     assert main(["train", str(other), "--resume", run_id, "--tracking-uri", uri, "--in-process"]) == 2
     assert "schedule.epochs: differs from the configuration of the run being resumed" in capsys.readouterr().err
-
-
-def test_no_track_writes_no_store_and_the_checkpoint_evaluates(tmp_path, capsys):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(dict(TINY, schedule={**TINY["schedule"], "epochs": 1})))
-    ckpt = tmp_path / "out" / "last.pt"
-    assert main(["train", str(config), "--no-track", "--no-progress", "--checkpoint", str(ckpt), "--json",
-                 "--in-process"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["run_id"] is None and result["steps"] == STEPS_PER_EPOCH
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
-    assert main(["evaluate", str(ckpt), "--no-track", "--json", "--in-process"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == STEPS_PER_EPOCH
 
 
 def test_calibrate_command_is_a_run_with_a_nested_run_per_twin(store, capsys):
@@ -207,9 +184,9 @@ def test_calibrate_command_is_a_run_with_a_nested_run_per_twin(store, capsys):
 def test_demo_tracking_gives_each_method_a_child_run(store):
     import argparse
 
+    from pnn_cluster.commands._tracking import demo_tracking
     from pnn_cluster.config import parse_config
     from pnn_cluster.runner import ExperimentRun, InProcessPlacement
-    from pnn_cluster.tracking import demo_tracking
 
     _, uri = store
     cfg = parse_config(dict(TINY, schedule={**TINY["schedule"], "epochs": 1}))
@@ -252,34 +229,17 @@ def test_evaluate_measures_a_method_run_of_the_demo(store, capsys):
     assert out["loss"] == pytest.approx(test_loss.value, rel=1e-5) and out["acc"] == pytest.approx(pat["test_acc"])
 
 
-def test_a_training_step_never_touches_the_store(tmp_path):
-    from types import SimpleNamespace
-
-    from pnn_cluster.tracking import MlflowCallback
-
-    cb = MlflowCallback("sqlite:///unused.db", flush_every_s=3600, runs_root=tmp_path / "runs")
-    cb.start()
-    cb.outbox.close()  # nothing reaches a store: what a step does is all in the journal, or not
-    journaled = len(cb.dir.read_journal())
-    trainer = SimpleNamespace(global_step=0)
-    for step in range(1, 201):
-        trainer.global_step = step
-        cb.on_step_end(trainer, {"train_loss": 1.0, "train_acc": 0.5, "lr": 0.01})
-    assert len(cb.dir.read_journal()) == journaled  # 200 steps: list appends only, not even the journal
-    cb.flush()
-    (batch,) = cb.dir.read_journal()[journaled:]  # then one batch of 600 metrics, for the outbox to send
-    assert batch["op"] == "log_batch" and len(batch["metrics"]) == 600
-    assert cb.dir.metric_history(cb._run_id, ["train_loss"])["train_loss"][-1] == (200, 1.0)
-
-
-def test_tracking_uri_precedence(tmp_path):
-    from pnn_cluster.tracking import resolve_tracking_uri
-
-    env = {"MLFLOW_TRACKING_URI": "http://env:5000"}
-    assert resolve_tracking_uri("http://cli:5000", "http://cfg:5000", env) == "http://cli:5000"
-    assert resolve_tracking_uri(None, "http://cfg:5000", env) == "http://cfg:5000"
-    assert resolve_tracking_uri(None, None, env) == "http://env:5000"
-    assert resolve_tracking_uri(None, None, {}, cwd=tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+def test_no_track_writes_no_store_and_the_checkpoint_evaluates(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(dict(TINY, schedule={**TINY["schedule"], "epochs": 1})))
+    ckpt = tmp_path / "out" / "last.pt"
+    assert main(["train", str(config), "--no-track", "--no-progress", "--checkpoint", str(ckpt), "--json",
+                 "--in-process"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["run_id"] is None and result["steps"] == STEPS_PER_EPOCH
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert main(["evaluate", str(ckpt), "--no-track", "--json", "--in-process"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == STEPS_PER_EPOCH
 
 
 def test_twin_kind_best_logs_every_kind_tried_and_the_one_chosen(store, tmp_path, monkeypatch):
@@ -300,3 +260,12 @@ def test_twin_kind_best_logs_every_kind_tried_and_the_one_chosen(store, tmp_path
              if k.startswith("candidate/") and k.endswith("/nmse_stop")}
     assert set(tried) == {"physics", "residual", "mlp"}
     assert fit.data.tags["pnn.twin"] == min(tried, key=tried.get)
+
+
+def test_evaluate_says_when_the_tracking_server_does_not_answer(capsys):
+    # a server that does not answer is not a run that does not exist (exit 2): exit 1, and it says which
+    down = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on
+    run_id = "0123456789abcdef0123456789abcdef"  # no run directory of it here: only the server could say
+    assert main(["evaluate", run_id, "--tracking-uri", down, "--in-process"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"tracking server {down} unreachable" in err[0]

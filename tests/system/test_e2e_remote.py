@@ -4,7 +4,6 @@ circuit layer is served over ZeroMQ trains to the accuracy of the same stack in 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from pnn_cluster.data import Dataset
@@ -15,8 +14,6 @@ from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
 from pnn_cluster.servers.scpi_bench import SimBench
 from pnn_cluster.servers.zmq_server import DeviceServer
 from pnn_cluster.training import TrainConfig, Trainer
-
-pytestmark = pytest.mark.system
 
 
 def toy(seed=0):

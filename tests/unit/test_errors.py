@@ -1,59 +1,31 @@
 """Every failure a user can cause or meet is one line on stderr, naming the thing, with the documented exit code.
 
 The command line runs in this process (``pnn_cluster.cli.main``); exit codes: 0 done, 1 the job failed,
-2 bad usage or configuration, 130 interrupted.
+2 bad usage or configuration, 130 interrupted. A device server that does not answer (exit 1):
+``tests/system/test_errors.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import one_line, tiny_config, train_checkpoint, write_config
 
 from pnn_cluster.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, explain, main
 
 #: the smallest training: 60 digits, one epoch of two steps, the ideal twin (nothing to fit)
-TINY = {
-    "name": "tiny",
-    "dataset": {"name": "digits", "train_subset": 60, "test_subset": 30, "val_fraction": 0.0},
-    "devices": {"dev": {"driver": {"kind": "simulated", "system": "shg", "options": {"n_in": 6, "n_out": 6}},
-                        "twin": {"kind": "ideal"}}},
-    "stack": [{"kind": "linear", "size": 6}, {"kind": "rescale"}, {"kind": "physical", "device": "dev"},
-              {"kind": "linear", "size": 10}],
-    "schedule": {"epochs": 1, "batch_size": 30},
-    "tracking": {"enabled": False},
-}
-
-
-def write(path: Path, data) -> Path:
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def one_line(capsys, command: str) -> str:
-    """The one line a failed command writes to stderr."""
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"pnn-cluster {command}: "), err
-    return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TINY = tiny_config(system="shg", width=6, device="dev", twin={"kind": "ideal"}, dataset={"val_fraction": 0.0},
+                   tracking={"enabled": False})
 
 
 # -- configuration: exit 2, the key, the value and what is allowed ---------------------------------------------
 
 
 def test_a_seed_of_2_to_the_70_is_a_config_error(tmp_path, capsys):
-    cfg = write(tmp_path / "exp.yaml", TINY)
+    cfg = write_config(tmp_path / "exp.yaml", TINY)
     assert main(["train", str(cfg), "--in-process", "--no-track", "--set", f"seed={2**70}"]) == EXIT_USAGE
     line = one_line(capsys, "train")
     assert line == (f"pnn-cluster train: error: {cfg}: seed: out of range: {2**70} "
@@ -65,7 +37,7 @@ def test_a_seed_of_2_to_the_70_is_a_config_error(tmp_path, capsys):
                                             ("100000000000", "out of range: 100000000000")])
 def test_a_device_option_n_in_of_1e11_is_a_config_error(tmp_path, capsys, written, shown):
     text = yaml.safe_dump(TINY, sort_keys=False).replace("n_in: 6", f"n_in: {written}")
-    cfg = write(tmp_path / "exp.yaml", text)
+    cfg = write_config(tmp_path / "exp.yaml", text)
     assert main(["train", str(cfg), "--in-process", "--no-track"]) == EXIT_USAGE
     line = one_line(capsys, "train")
     assert line == (f"pnn-cluster train: error: {cfg}: devices.dev.driver.options.n_in: {shown} "
@@ -74,7 +46,7 @@ def test_a_device_option_n_in_of_1e11_is_a_config_error(tmp_path, capsys, writte
 
 @pytest.mark.parametrize("value", [0, -4])
 def test_a_batch_size_below_one_is_a_config_error(tmp_path, capsys, value):
-    cfg = write(tmp_path / "exp.yaml", TINY)
+    cfg = write_config(tmp_path / "exp.yaml", TINY)
     assert main(["train", str(cfg), "--in-process", "--no-track", "--set", f"schedule.batch_size={value}"]) == 2
     assert one_line(capsys, "train").endswith(
         f"schedule.batch_size: out of range: {value} (allowed: >= 1 and <= 1000000)")
@@ -88,7 +60,7 @@ def test_sizes_beyond_this_machines_memory_are_a_config_error(tmp_path, capsys, 
     data["stack"][0]["size"] = 65536  # 64 x 65536 weights, their gradients and Adam's moments: 128 MiB
     data["stack"].insert(1, {"kind": "linear", "size": 6})
     data["schedule"]["eval_batch"] = 30
-    cfg = write(tmp_path / "exp.yaml", data)
+    cfg = write_config(tmp_path / "exp.yaml", data)
     assert main(["train", str(cfg), "--in-process", "--no-track"]) == EXIT_USAGE
     assert one_line(capsys, "train") == (
         f"pnn-cluster train: error: {cfg}: stack.0.size: a linear layer of 64 x 65536 weights (with gradients and "
@@ -102,11 +74,7 @@ def test_sizes_beyond_this_machines_memory_are_a_config_error(tmp_path, capsys, 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> dict:
     """A real checkpoint of TINY, written by `pnn-cluster train --checkpoint`."""
-    root = tmp_path_factory.mktemp("ckpt")
-    cfg = write(root / "tiny.yaml", TINY)
-    path = root / "tiny.pt"
-    assert main(["train", str(cfg), "--in-process", "--no-track", "--no-progress", "--checkpoint", str(path)]) == 0
-    return torch.load(path, weights_only=True)
+    return train_checkpoint(tmp_path_factory.mktemp("ckpt"), TINY)
 
 
 def test_evaluating_a_checkpoint_without_its_model_names_the_keys(tmp_path, capsys, checkpoint):
@@ -129,36 +97,6 @@ def test_evaluating_a_checkpoint_of_another_configuration_names_the_mismatch(tmp
                     "shape of 3.weight (10x6 in the checkpoint, 7x6 here), 3.bias (10 in the checkpoint, 7 here); "
                     "it comes from another configuration (evaluate or resume it with the configuration it was "
                     "trained with)")
-
-
-# -- devices: exit 1, the device and what to do ------------------------------------------------------------
-
-
-def zmq_config(port: int) -> dict:
-    data = copy.deepcopy(TINY)
-    data["devices"]["dev"]["driver"] = {"kind": "zmq", "address": f"tcp://127.0.0.1:{port}", "timeout_s": 0.2,
-                                        "retries": 0, "model": {"system": "shg", "options": {"n_in": 6, "n_out": 6}}}
-    return data
-
-
-def test_a_device_server_that_does_not_answer_fails_train_in_one_line(tmp_path, capsys):
-    port = free_port()
-    cfg = write(tmp_path / "exp.yaml", zmq_config(port))
-    assert main(["train", str(cfg), "--in-process", "--no-track", "--no-progress"]) == EXIT_FAILED
-    line = one_line(capsys, "train")
-    assert f"tcp://127.0.0.1:{port}: no reply to 'spec' after 1 try of 0.2 s" in line
-
-
-def test_a_device_that_fails_during_evaluate_is_one_line_saying_what_to_check(tmp_path, capsys, checkpoint):
-    port = free_port()
-    state = copy.deepcopy(checkpoint)
-    state["experiment"]["devices"] = zmq_config(port)["devices"]
-    path = tmp_path / "remote.pt"
-    torch.save(state, path)
-    assert main(["evaluate", str(path), "--in-process", "--no-track"]) == EXIT_FAILED
-    line = one_line(capsys, "evaluate")
-    assert line.startswith(f"pnn-cluster evaluate: error: device failure: tcp://127.0.0.1:{port}: no reply")
-    assert "is running and reachable at the address in the configuration" in line
 
 
 # -- anything else: exit 1, one line, the traceback on request -------------------------------------------

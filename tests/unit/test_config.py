@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tiny_config
 
 from pnn_cluster.cli import main
 from pnn_cluster.config import (
@@ -20,15 +21,7 @@ from pnn_cluster.config import (
 )
 from pnn_cluster.runner.build import build_stack, device_recipes, load_data, train_config
 
-TINY = {
-    "name": "tiny",
-    "dataset": {"name": "digits", "train_subset": 60, "test_subset": 30},
-    "devices": {"circuit": {"driver": {"kind": "simulated", "system": "circuit", "options": {"n_in": 8, "n_out": 8}},
-                            "twin": {"kind": "physics", "groups": 4, "batch": 16, "epochs": 2}}},
-    "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "circuit"},
-              {"kind": "linear", "size": 10}],
-    "schedule": {"epochs": 1, "batch_size": 30},
-}
+TINY = tiny_config()
 
 
 def write(tmp_path: Path, data, name: str = "exp.yaml") -> Path:

@@ -20,8 +20,6 @@ from pnn_cluster.devices import make_device
 from pnn_cluster.servers.scpi_bench import SimBench
 from pnn_cluster.servers.zmq_server import DeviceServer
 
-pytestmark = pytest.mark.system
-
 OPTS = {"n_in": 8, "n_out": 8}
 
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_servers.py"
-
-pytestmark = pytest.mark.system
+SCRIPT = ROOT / "scripts" / "bench_servers.py"
 
 #: 1 MiB frames in each ZeroMQ flood message, and the RSS growth allowed to either server (MiB)
 FRAMES = 64

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import json
-import types
 
-import pytest
 import yaml
+from helpers import tiny_config
 
 from pnn_cluster.cli import main
 
-pytestmark = pytest.mark.system
-
-CONFIG = {
-    "name": "tiny-cluster",
-    "dataset": {"name": "digits", "train_subset": 120, "test_subset": 60},
-    "devices": {"circuit": {
-        "driver": {"kind": "simulated", "system": "circuit", "options": {"n_in": 8, "n_out": 8},
-                   "imperfections": {"latency_call_s": 0, "latency_sample_s": 0}},
-        "placement": {"instrument": "circuit-bench-2"},
-        "twin": {"kind": "physics", "groups": 5, "batch": 24, "epochs": 4}}},
-    "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "circuit"},
-              {"kind": "linear", "size": 10}],
-    "optimizer": {"lr": 0.05},
-    "schedule": {"epochs": 2, "batch_size": 40, "eval_batch": 60},
-}
+CONFIG = tiny_config(name="tiny-cluster", dataset={"train_subset": 120, "test_subset": 60},
+                     imperfections={"latency_call_s": 0, "latency_sample_s": 0},
+                     placement={"instrument": "circuit-bench-2"},
+                     twin={"kind": "physics", "groups": 5, "batch": 24, "epochs": 4}, optimizer={"lr": 0.05},
+                     schedule={"epochs": 2, "batch_size": 40, "eval_batch": 60})
 
 
 def _run(tmp_path, capsys, *extra):
@@ -49,32 +38,8 @@ def test_train_runs_devices_in_actors_and_matches_in_process(ray_cluster, tmp_pa
     assert abs(dist["test_acc"] - local["test_acc"]) <= 0.1, (dist, local)
 
 
-def test_placement_labels_and_resources_reach_the_device_actor(monkeypatch, tmp_path):
-    """Without a cluster: what a device actor asks Ray for, for a device placed by instrument, labels, resources."""
-    import actors.device
-    from pnn_cluster.config import parse_config
-    from pnn_cluster.runner import device_recipes
-
-    raw = {**CONFIG, "devices": {"circuit": {**CONFIG["devices"]["circuit"], "placement": {
-        "instrument": "circuit-bench-2", "labels": {"lab": "optics-room"}, "resources": {"scope": 1}}}}}
-    cfg = parse_config(raw, source=str(tmp_path / "inline.yaml"))
-    asked = []
-
-    class FakeActorClass:
-        def options(self, **opts):
-            asked.append(opts)
-            return types.SimpleNamespace(remote=lambda recipe: ("actor", recipe))
-
-    monkeypatch.setattr(actors.device, "DeviceActor", FakeActorClass())
-    recipe, = device_recipes(cfg)["circuit"]
-    assert actors.device.start_device(recipe) == ("actor", recipe)
-    opts, = asked
-    assert opts["resources"] == {"scope": 1.0, "instrument:circuit-bench-2": 1.0}
-    assert opts["label_selector"] == {"lab": "optics-room"}
-    assert opts["num_cpus"] == 0 and opts["max_concurrency"] == 2
-
-
-def test_ctrl_c_stops_the_trainer_actor_after_its_step_keeps_the_checkpoint_and_marks_the_run(ray_cluster, tmp_path):
+def test_ctrl_c_stops_the_trainer_actor_after_its_step_keeps_the_checkpoint_and_marks_the_run(ray_cluster, tmp_path,
+                                                                                              mlflow_store):
     """`pnn-cluster train` as a person runs it, joined to the cluster; Ctrl-C once the first epoch is reported."""
     import os
     import signal
@@ -85,7 +50,7 @@ def test_ctrl_c_stops_the_trainer_actor_after_its_step_keeps_the_checkpoint_and_
 
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({**CONFIG, "schedule": {**CONFIG["schedule"], "epochs": 50}}))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pnn_cluster.cli", "train", str(path), "--tracking-uri", uri,
                              "--no-progress", "--address", ray_cluster.address],

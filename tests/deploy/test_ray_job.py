@@ -7,33 +7,27 @@ loopback; the job points the configuration at them with `--set` and runs on the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, free_port
 
 from pnn_cluster.devices import make_device
 from pnn_cluster.servers.scpi_bench import SimBench
 from pnn_cluster.servers.zmq_server import DeviceServer
 
-pytestmark = [pytest.mark.system, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 OPTS = {"n_in": 24, "n_out": 24}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -43,38 +37,45 @@ def lab_head():
     if not ray_exe.exists():
         pytest.skip("the ray command line is not installed")
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
-    dash = _free_port()
+    dash = free_port()
     # token authentication, as deploy/ documents it: the head, the job's driver and `ray job submit` share it
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": str(ROOT / "tests"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     resources = json.dumps({"instrument:shg-bench": 1, "instrument:circuit-bench": 1})
     head = subprocess.Popen(
-        [str(ray_exe), "start", "--head", "--block", f"--port={_free_port()}", "--include-dashboard=true",
+        [str(ray_exe), "start", "--head", "--block", f"--port={free_port()}", "--include-dashboard=true",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--resources={resources}",
          f"--temp-dir={temp}", "--disable-usage-stats",
          # a second Ray on this machine (the session's test cluster): none of its fixed ports may be shared
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-         f"--ray-client-server-port={_free_port()}"],
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    said = []
     try:
         for line in head.stdout:  # the head says when it is up; no polling
+            said.append(line)
             if "Ray runtime started" in line:
                 break
         else:
-            pytest.fail(f"ray start --head ended with {head.wait()}")
+            pytest.fail(f"ray start --head ended with {head.wait()}:\n{''.join(said)[-4000:]}")
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        # a throwaway head: what a graceful shutdown would keep is not needed, so SIGKILL after a short grace
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # also whatever the leader started and left behind
+        head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_trains_the_lab_configuration_on_the_cluster(lab_head, tmp_path):
+def test_ray_job_submit_trains_the_lab_configuration_on_the_cluster(lab_head, tmp_path, mlflow_store):
     address, env = lab_head
     shg = make_device("shg", **OPTS).imperfections.with_(seed=31, latency_call_s=0, latency_sample_s=0)
     circ = make_device("circuit", **OPTS).imperfections.with_(seed=32, latency_call_s=0, latency_sample_s=0)
@@ -82,10 +83,13 @@ def test_ray_job_submit_trains_the_lab_configuration_on_the_cluster(lab_head, tm
             SimBench("circuit", port=0, imperfections=circ, **OPTS) as bench:
         visa = bench.visa_config()
         entry = ["pnn-cluster", "train", "pnn_cluster/configs/lab_cluster.yaml", "--quick", "--json",
-                 "--no-progress", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "--no-progress", "--tracking-uri", mlflow_store,
                  "--set", f"devices.optics.driver.address={server.endpoint}",
-                 # a loopback server without CURVE here (tests/test_secure_deploy.py runs the keys as shipped)
+                 # a loopback server without CURVE here (tests/deploy/test_secure_deploy.py runs the keys as shipped)
                  "--set", "devices.optics.driver.curve=null",
+                 # small: what is tested is the way through the cluster, not the training or the twins' fit
+                 "--set", "dataset.train_subset=300", "--set", "dataset.test_subset=100",
+                 "--set", "devices.optics.twin.batch=32", "--set", "devices.circuit.twin.batch=32",
                  "--set", f"tracking.runs_dir={tmp_path / 'runs'}",
                  "--set", f"devices.circuit.driver.source.resource={visa['source']['resource']}",
                  "--set", f"devices.circuit.driver.sink.resource={visa['sink']['resource']}"]

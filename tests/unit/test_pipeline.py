@@ -28,7 +28,8 @@ from pnn_cluster.training.pipeline import (
     TwinPool,
 )
 from pnn_cluster.training.trainer import SequentialExecutor
-from pnn_cluster.training.workers import DeviceWorker, TwinWorker, params_version, twin_payload, twin_version
+from pnn_cluster.training.workers import DeviceWorker, TwinWorker, params_version, twin_payload
+from pnn_cluster.twins.versions import twin_digest
 
 WAIT = 10.0  # seconds an event may take before the test fails (it is never slept)
 
@@ -428,7 +429,7 @@ def twin_pool(twin, copies=1, state_of=None):
     """Twin copies on threads, as twin actors hold them; ``state_of`` starts them from another twin's state."""
     start = state_of or twin
     handles = [LocalTwinHandle(TwinWorker.from_twin(start), name=f"twin{i}") for i in range(copies)]
-    return TwinPool(handles, twin_payload(twin), twin_version(twin.state_dict()))
+    return TwinPool(handles, twin_payload(twin), twin_digest(twin.state_dict()))
 
 
 def test_streamed_backward_gives_the_batch_gradients(float64):
@@ -456,7 +457,7 @@ def test_a_twin_copy_restarted_from_older_state_is_restored_before_it_differenti
     x, y = batch(16)
     old, new = physics_twin(0.5), physics_twin(1.0)
     stale = TwinWorker.from_twin(old)
-    pool = TwinPool([LocalTwinHandle(stale)], twin_payload(new), twin_version(new.state_dict()))
+    pool = TwinPool([LocalTwinHandle(stale)], twin_payload(new), twin_digest(new.state_dict()))
     # asked directly, the stale copy refuses rather than differentiate with the wrong twin
     p = {"g": np.ones(3)}
     assert stale.vjp(np.zeros((2, 3)), p, np.ones((2, 3)), version=pool.version) is None

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 
 from pnn_cluster.cli import COMMANDS, build_parser
 from pnn_cluster.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 TEXT_FILES = sorted(p for p in DEPLOY.rglob("*") if p.is_file())
 UNITS = sorted(DEPLOY.rglob("*.service"))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_pat.py"
+SCRIPT = ROOT / "scripts" / "bench_pat.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,37 +1,9 @@
+"""The shipped demo stack trained end to end in this process, one run per method (a few seconds each)."""
+
 import pytest
 
-from pnn_cluster.cli import COMMANDS, main
 from pnn_cluster.config import example_config_path, load_config
 from pnn_cluster.runner import InProcessPlacement, run_experiment
-
-
-def test_every_command_has_help(capsys):
-    for name in COMMANDS:
-        with pytest.raises(SystemExit) as e:
-            main([name.replace("_", "-"), "--help"])
-        assert e.value.code == 0
-        assert "usage: pnn-cluster" in capsys.readouterr().out
-
-
-def test_bad_method_is_a_usage_error(capsys):
-    assert main(["demo", "--methods", "pat,magic"]) == 2
-    err = capsys.readouterr().err
-    assert "--methods" in err and "magic" in err and "oracle" in err
-
-
-def test_calibrate_prints_the_table_and_saves_the_best_twin(tmp_path, capsys):
-    rc = main(["calibrate", "--system", "shg", "--twins", "physics", "--groups", "8", "--batch", "32",
-               "--save", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert rc == 0
-    assert "noise floor" in out and "physics" in out and "best: physics" in out
-    assert (tmp_path / "shg_physics.pt").is_file() and (tmp_path / "shg_physics.json").is_file()
-
-
-def test_calibrate_rejects_unknown_twin_kind(capsys):
-    assert main(["calibrate", "--system", "shg", "--twins", "gp"]) == 2
-    assert "gp" in capsys.readouterr().err
-
 
 #: the shipped demo stack (hybrid_mnist.yaml) on 560 small digits, 60 of them (dataset.val_fraction 0.1,
 #: six of each class) the validation split: 500 train, 32 steps of 16 an epoch, seconds per method

@@ -1,7 +1,8 @@
-"""The simulated SCPI bench's bounds on memory and time (issue #10), and its strict SCPI numbers.
+"""The simulated SCPI bench's bounds on memory and time (issue #10), and its strict SCPI numbers, on a bench.
 
 Every test here starts a bench in process on 127.0.0.1 with OS-chosen ports and short limits, talks to it over
-raw sockets, and waits on sockets or polls a condition with a deadline (no fixed sleeps).
+raw sockets, and waits on sockets or polls a condition with a deadline (no fixed sleeps). The numbers and limits
+checked without a bench: ``tests/unit/test_scpi_bounds.py``.
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ import logging
 import socket
 import time
 import tracemalloc
-from collections.abc import Callable
 
 import numpy as np
 import pytest
+from helpers import wait_until
 
 from pnn_cluster.devices import Imperfections, make_device
-from pnn_cluster.protocol.scpi import Ints, Range, block_header, is_decimal_number, parse_decimal
-from pnn_cluster.servers import BindError
-from pnn_cluster.servers.scpi_bench import BLOCK_CHUNK, MAX_BLOCK_BYTES, SimBench, default_max_block_bytes
+from pnn_cluster.protocol.scpi import block_header
+from pnn_cluster.servers.scpi_bench import BLOCK_CHUNK, SimBench
 
 IDEAL = Imperfections.ideal(seed=3)
 FLOOD_HEADER = b"SOUR:MASK:DATA #9268435456"  # a block declaring 256 MiB
@@ -64,13 +64,6 @@ def closed_after(sock: socket.socket, timeout_s: float = 10.0) -> float:
     return time.monotonic() - t0
 
 
-def poll(condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout_s} s"
-        time.sleep(0.01)
-
-
 def load(sock: socket.socket, x: np.ndarray) -> None:
     data = np.ascontiguousarray(x, dtype="<f8").tobytes()
     sock.sendall(b"SOUR:MASK:DATA " + block_header(len(data)) + data + b"\n")
@@ -88,50 +81,9 @@ def read_block(sock: socket.socket, query: bytes) -> np.ndarray:
     return np.frombuffer(payload, dtype="<f8")
 
 
-# -- numbers (no server) -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text", ["1", "-1.5", "+2.0E-3", ".5", "5.", "0", "007", "1e3", "-.25e+2", "1E999"])
-def test_decimal_numeric_data_accepted(text):
-    assert is_decimal_number(text)
-    assert parse_decimal(text) == float(text)
-
-
-@pytest.mark.parametrize("text", ["1_0", "0x10", "1e", "1E+", " 1", "1 ", "1 0", "inf", "nan", "infinity",
-                                  "-inf", "+", "-", ".", "", "1.2.3", "--1", "#H10", "1,0", "١", "1e1_0",
-                                  "0x1p3", "1d3"])
-def test_not_decimal_numeric_data_refused(text):
-    assert not is_decimal_number(text)
-    with pytest.raises(ValueError, match="not SCPI decimal numeric data"):
-        parse_decimal(text)
-    with pytest.raises(ValueError):
-        Range(-10, 10).from_scpi(text)
-    with pytest.raises(ValueError):
-        Ints(-10, 10).from_scpi(text)
-
-
-def test_default_block_cap_is_the_largest_legitimate_block():
-    spec = make_device("shg", imperfections=IDEAL).spec
-    assert default_max_block_bytes(spec) == spec.max_batch * spec.input.size * 8 == 96_000_000
-    assert default_max_block_bytes(spec.__class__.from_dict({**spec.to_dict(), "max_batch": 10**8})) \
-        == MAX_BLOCK_BYTES
-    assert default_max_block_bytes(spec.__class__.from_dict({**spec.to_dict(), "max_batch": 1})) == 1 << 20
-    assert SimBench("shg", port=0, imperfections=IDEAL).max_block_bytes == 96_000_000
-    assert SimBench("shg", port=0, imperfections=IDEAL, max_block_bytes=5000).max_block_bytes == 5000
-
-
-@pytest.mark.parametrize("option", [{"max_connections": 0}, {"max_block_bytes": 10**9}, {"max_block_bytes": 1.5},
-                                    {"idle_timeout_s": 0}, {"command_timeout_s": float("nan")},
-                                    {"command_timeout_s": None}, {"max_unread_bytes": True}])
-def test_bench_refuses_nonsense_limits(option):
-    with pytest.raises(BindError, match=next(iter(option))):
-        SimBench("shg", port=0, imperfections=IDEAL, **option)
-
-
 # -- servers -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.system
 @pytest.mark.timeout(60)
 def test_strict_numbers_on_the_bench():
     with SimBench("circuit", port=0, imperfections=IDEAL) as bench:
@@ -166,7 +118,6 @@ def test_strict_numbers_on_the_bench():
             scope.close()
 
 
-@pytest.mark.system
 @pytest.mark.timeout(60)
 def test_oversized_block_is_refused_before_allocation(caplog):
     caplog.set_level(logging.WARNING, logger="pnn_cluster.servers.scpi_bench")
@@ -198,7 +149,6 @@ def test_oversized_block_is_refused_before_allocation(caplog):
         other.close()
 
 
-@pytest.mark.system
 @pytest.mark.timeout(60)
 def test_declared_block_costs_only_the_bytes_that_arrive_and_a_stalled_one_is_dropped():
     timeout_s = 0.5
@@ -212,7 +162,8 @@ def test_declared_block_costs_only_the_bytes_that_arrive_and_a_stalled_one_is_dr
             t0 = time.monotonic()
             for sock in flood:
                 sock.sendall(FLOOD_HEADER + bytes(1000))  # accepted (within the cap), then nothing more
-            poll(lambda: sum(s._block is not None for s in list(bench._sessions)) == 4, what="4 blocks in progress")
+            wait_until(lambda: sum(s._block is not None for s in list(bench._sessions)) == 4, 10,
+                       "4 blocks in progress")
             held = [len(s._block) for s in list(bench._sessions) if s._block is not None]
             # while they stall, other connections are served
             assert ask(other, b"*IDN?").startswith(b"PNN-Cluster,SIM-SPECTROMETER")
@@ -240,7 +191,6 @@ def test_declared_block_costs_only_the_bytes_that_arrive_and_a_stalled_one_is_dr
         assert bench.stats["timed_out"] == 5
 
 
-@pytest.mark.system
 @pytest.mark.timeout(60)
 def test_block_arriving_in_pieces_grows_its_buffer_and_loads():
     ref = make_device("shg", imperfections=IDEAL)
@@ -251,8 +201,8 @@ def test_block_arriving_in_pieces_grows_its_buffer_and_loads():
         message = b"OUTP ON;:SOUR:MASK:DATA " + block_header(len(data)) + data + b"\n"
         cut = message.index(b"#") + 100_000
         src.sendall(message[:cut])
-        poll(lambda: any(s._block is not None and s._block_fill >= 100_000 - 8 for s in list(bench._sessions)),
-             what="the first piece received")
+        wait_until(lambda: any(s._block is not None and s._block_fill >= 100_000 - 8 for s in list(bench._sessions)),
+                   10, "the first piece received")
         sizes = [len(s._block) for s in list(bench._sessions) if s._block is not None]
         # room for what has arrived and at most as much again (or 64 KiB): not the 288000 bytes declared
         assert len(sizes) == 1 and 99_992 <= sizes[0] <= 2 * 99_992 < len(data), sizes
@@ -264,7 +214,6 @@ def test_block_arriving_in_pieces_grows_its_buffer_and_loads():
         snk.close()
 
 
-@pytest.mark.system
 @pytest.mark.timeout(60)
 def test_connection_cap_per_instrument(caplog):
     caplog.set_level(logging.WARNING, logger="pnn_cluster.servers.scpi_bench")
@@ -283,14 +232,13 @@ def test_connection_cap_per_instrument(caplog):
         for s in (a, b):
             assert ask(s, b"*IDN?").startswith(b"PNN-Cluster")  # the admitted ones are untouched
         a.close()
-        poll(lambda: len(bench.source.sessions) == 1, what="the bench noticing a closed connection")
+        wait_until(lambda: len(bench.source.sessions) == 1, 10, "the bench noticing a closed connection")
         c = connect(bench)
         assert ask(c, b"*OPC?") == b"1"
         for s in (b, c, *sinks):
             s.close()
 
 
-@pytest.mark.system
 @pytest.mark.timeout(60)
 def test_idle_connection_is_closed_an_active_one_is_not():
     idle_s = 0.5
@@ -317,7 +265,6 @@ def test_idle_connection_is_closed_an_active_one_is_not():
         busy.close()
 
 
-@pytest.mark.system
 @pytest.mark.timeout(60)
 def test_answers_for_a_client_that_never_reads_are_capped():
     cap = 64 << 10
@@ -335,7 +282,7 @@ def test_answers_for_a_client_that_never_reads_are_capped():
         hog = connect(bench, "sink", rcvbuf=4096)
         hog.sendall(b"READ:SPEC?\n" * 30)
         port = hog.getsockname()[1]
-        poll(lambda: any(s.peer.endswith(f":{port}") for s in list(bench.sink.sessions)), what="hog admitted")
+        wait_until(lambda: any(s.peer.endswith(f":{port}") for s in list(bench.sink.sessions)), 10, "hog admitted")
         hog_session = next(s for s in list(bench.sink.sessions) if s.peer.endswith(f":{port}"))
         most = 0
         deadline = time.monotonic() + 20

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "report_pat.py"
+SCRIPT = ROOT / "scripts" / "report_pat.py"
 START, END = "<!-- pat-results:start -->", "<!-- pat-results:end -->"
 
 

@@ -18,12 +18,11 @@ from pnn_cluster.runner import DeviceRecipe
 from pnn_cluster.training.faults import FaultPolicy, ReplicaRetired
 from pnn_cluster.training.pipeline import PipelineConfig, Replica, TwinPool
 from pnn_cluster.training.trainer import SequentialExecutor, TrainConfig, Trainer
-from pnn_cluster.training.workers import twin_payload, twin_version
+from pnn_cluster.training.workers import twin_payload
 from pnn_cluster.twins import build_twin
+from pnn_cluster.twins.versions import twin_digest
 
 ray = pytest.importorskip("ray")
-
-pytestmark = pytest.mark.system
 
 WIDTH = 4
 OPTS = {"n_in": WIDTH, "n_out": WIDTH}
@@ -182,7 +181,7 @@ def test_pipelined_and_sequential_schedules_give_the_in_process_gradients(ray_cl
             copies = [start_twin(layer.twin) for _ in range(2)]
             twins += copies
             payload = twin_payload(layer.twin)
-            pool = TwinPool([RayTwinHandle(t) for t in copies], payload, twin_version(payload["state"]))
+            pool = TwinPool([RayTwinHandle(t) for t in copies], payload, twin_digest(payload["state"]))
             pools[layer.name] = [Replica(ActorDevice(a).handle(), twins=pool)]
         ex = RayExecutor(pools=pools)
         runs["twin actors"] = grads(model, ex)
@@ -261,7 +260,8 @@ def toy_config(tmp_path, devices: dict, stack: list, **extra):
     return parse_config(raw, source="toy.yaml")
 
 
-def test_trainer_actor_keeps_a_checkpoint_and_stops_clearly_when_a_stage_has_no_device_left(ray_cluster, tmp_path):
+def test_trainer_actor_keeps_a_checkpoint_and_stops_clearly_when_a_stage_has_no_device_left(ray_cluster, tmp_path,
+                                                                                             mlflow_store):
     import mlflow
 
     from actors.trainer import start_trainer
@@ -273,7 +273,7 @@ def test_trainer_actor_keeps_a_checkpoint_and_stops_clearly_when_a_stage_has_no_
         "twin": {"kind": "ideal", "groups": 3, "batch": 8}}},
         [{"kind": "rescale"}, {"kind": "physical", "device": "shg1"}, {"kind": "affine"}],
         optimizer={"lr": 0.05}, schedule={"epochs": 2, "batch_size": 16, "micro_batch": 4})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store
     trainer = start_trainer(cfg, tracking={"tracking_uri": uri})
     try:
         with pytest.raises(TrainingAborted, match=r"training stopped: stage shg1: no replica left to measure on "
@@ -330,12 +330,12 @@ def test_a_restarted_twin_actor_gets_the_latest_twin_before_it_differentiates(ra
         layer = model.physical_layers()[0]
         twin_actor = start_twin(layer.twin)  # started with the twin as it was first
         payload = twin_payload(layer.twin)
-        pool = TwinPool([RayTwinHandle(twin_actor)], payload, twin_version(payload["state"]))
+        pool = TwinPool([RayTwinHandle(twin_actor)], payload, twin_digest(payload["state"]))
         # a refit elsewhere: the pool and the trainer's copy take the new state
         refit = {k: v + 0.05 if v.is_floating_point() else v for k, v in layer.twin.state_dict().items()}
         layer.twin.load_state_dict(refit)
         new = twin_payload(layer.twin)
-        pool.update(new, twin_version(new["state"]))
+        pool.update(new, twin_digest(new["state"]))
         model.zero_grad(set_to_none=True)
         SequentialExecutor().forward_backward(model, x, y, torch.nn.CrossEntropyLoss(), 4)
         want = [p.grad.clone() for p in model.parameters() if p.requires_grad]

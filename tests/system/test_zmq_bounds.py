@@ -6,7 +6,8 @@ without CURVE, interoperate; and floods, stalls, idle and greedy connections
 are cut off by the limits while other clients keep being answered. Memory is
 measured on a server in its own process (``/proc/PID/status``: its peak RSS,
 reset before each flood). A :class:`RawPeer` speaks ZMTP by hand, byte by
-byte, where a test needs a peer that no ZeroMQ library would be.
+byte, where a test needs a peer that no ZeroMQ library would be. The limits and key files checked before
+anything listens: ``tests/unit/test_zmq_bounds.py``.
 """
 
 from __future__ import annotations
@@ -14,49 +15,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 import zmq.auth
+from helpers import Gain, curve_keys, wait_until
 
-from pnn_cluster.devices import Device, DeviceSpec, ParamSpec, Port
 from pnn_cluster.drivers.zmq_client import ClientCurve, DeviceClient
 from pnn_cluster.servers import BindError
-from pnn_cluster.servers.zmq_server import CurveKeyError, CurveServerConfig, DeviceServer
+from pnn_cluster.servers.zmq_server import CurveServerConfig, DeviceServer
 
 LOOPBACK_ANY = "tcp://127.0.0.1:0"
 MIB = 1 << 20
 MORE, LONG, COMMAND = 0x01, 0x02, 0x04
-
-
-class Gain(Device):
-    spec = DeviceSpec("gain", Port(4, -1.0, 1.0, "V"), Port(4, unit="V"),
-                      (ParamSpec("gain", (4,), 0.0, 2.0, unit="V/V", init=1.0),))
-
-    def measure(self, x, params):
-        return x * params["gain"]
-
-
-def wait_until(cond: Callable[[], object], timeout_s: float, what: str) -> object:
-    """Poll ``cond`` until it is truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)  # a short pause between looks at the condition, never a wait for an outcome
 
 
 def forward_request(x: np.ndarray, rid: int = 1) -> list[bytes]:
@@ -166,12 +145,7 @@ class RawPeer:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("curve")
-    (root / "allowed").mkdir()
-    for name in ("server", "trusted", "stranger"):
-        zmq.auth.create_certificates(str(root), name)
-    shutil.copy(root / "trusted.key", root / "allowed" / "trusted.key")
-    return root
+    return curve_keys(tmp_path_factory.mktemp("curve"))
 
 
 @pytest.fixture
@@ -194,7 +168,6 @@ def curve_socket(ctx: zmq.Context, kind: int, keys: Path, who: str) -> zmq.Socke
 # -- interoperation --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.system
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
 @pytest.mark.parametrize("security", ["null", "curve"])
 def test_pyzmq_dealer_and_req_clients_interoperate(security, transport, keys, tmp_path, ctx):
@@ -228,7 +201,6 @@ def _client_curve(keys: Path, who: str) -> ClientCurve:
     return ClientCurve(keys / f"{who}.key_secret", keys / "server.key")
 
 
-@pytest.mark.system
 def test_curve_refuses_unknown_keys_and_plain_clients_and_a_curve_client_is_refused_by_a_plain_server(keys, ctx):
     cfg = CurveServerConfig(keys / "server.key_secret", keys / "allowed")
     x = np.full((2, 4), 0.5)
@@ -265,7 +237,6 @@ def test_curve_refuses_unknown_keys_and_plain_clients_and_a_curve_client_is_refu
         sock.close()
 
 
-@pytest.mark.system
 @pytest.mark.parametrize("security", ["null", "curve"])
 def test_libzmq_heartbeats_are_answered(security, keys, ctx):
     curve = CurveServerConfig(keys / "server.key_secret", keys / "allowed") if security == "curve" else None
@@ -288,7 +259,6 @@ def test_libzmq_heartbeats_are_answered(security, keys, ctx):
         sock.close()
 
 
-@pytest.mark.system
 def test_ping_is_answered_with_pong_and_garbage_is_dropped_at_the_greeting():
     with DeviceServer(Gain(), LOOPBACK_ANY) as server:
         peer = RawPeer(server.endpoint)
@@ -311,7 +281,6 @@ def test_ping_is_answered_with_pong_and_garbage_is_dropped_at_the_greeting():
 # -- limits, in process --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.system
 def test_connection_cap_refuses_extra_connections_and_frees_a_slot_when_one_closes():
     with DeviceServer(Gain(), LOOPBACK_ANY, max_connections=2) as server:
         held = [RawPeer(server.endpoint) for _ in range(2)]
@@ -327,7 +296,6 @@ def test_connection_cap_refuses_extra_connections_and_frees_a_slot_when_one_clos
             peer.close()
 
 
-@pytest.mark.system
 def test_a_stalled_request_a_stalled_handshake_and_an_idle_connection_are_dropped_after_their_timeouts():
     with DeviceServer(Gain(), LOOPBACK_ANY, request_timeout_s=0.5, idle_timeout_s=1.0) as server, \
             DeviceClient(server.endpoint, timeout_s=10) as client:
@@ -350,22 +318,6 @@ def test_a_stalled_request_a_stalled_handshake_and_an_idle_connection_are_droppe
             peer.close()
 
 
-def test_limits_are_validated_and_allow_remote_needs_curve_or_insecure(keys):
-    for kw in ({"max_connections": 0}, {"request_timeout_s": 0}, {"idle_timeout_s": -1.0},
-               {"max_pending_reply_bytes": -1}, {"max_message_bytes": 10}):
-        with pytest.raises(BindError, match=next(iter(kw))):
-            DeviceServer(Gain(), LOOPBACK_ANY, **kw)
-    with pytest.raises(BindError, match="--insecure") as ei:
-        DeviceServer(Gain(), "tcp://0.0.0.0:0", allow_remote=True)
-    assert "CURVE" in str(ei.value) and "\n" not in str(ei.value)
-    DeviceServer(Gain(), "tcp://0.0.0.0:0", allow_remote=True, insecure=True)  # constructing does no I/O
-    DeviceServer(Gain(), "tcp://0.0.0.0:0", allow_remote=True,
-                 curve=CurveServerConfig(keys / "server.key_secret", keys / "allowed"))
-    with pytest.raises(BindError, match="transport 'inproc'"):
-        DeviceServer(Gain(), "inproc://x")
-
-
-@pytest.mark.system
 def test_ipc_endpoints_any_path_and_a_live_socket_file_is_not_taken_over(tmp_path):
     with DeviceServer(Gain(), "ipc://*") as anywhere:
         assert anywhere.endpoint.startswith("ipc:///")
@@ -380,43 +332,6 @@ def test_ipc_endpoints_any_path_and_a_live_socket_file_is_not_taken_over(tmp_pat
     stale.close()
     with DeviceServer(Gain(), f"ipc://{path}") as server, DeviceClient(server.endpoint, timeout_s=10) as client:
         assert client.health()["name"] == "gain"
-
-
-# -- CURVE key files ------------------------------------------------------------------------------------------
-
-
-def test_a_malformed_key_file_stops_the_start_naming_the_file_and_the_problem(keys, tmp_path):
-    good = (keys / "trusted.key").read_text()
-    public = good.split('public-key = "', 1)[1][:40]
-    cases = {
-        "short.key": (good.replace(public, public[:39]), "has 39 characters"),
-        "alphabet.key": (good.replace(public, public[:39] + "~"), "outside Z85"),
-        "nokey.key": ("#   ZeroMQ CURVE Public Certificate\nmetadata\ncurve\n", "no public-key"),
-        "twice.key": (good + f'    public-key = "{public}"\n', "a second public-key"),
-        "quotes.key": (good.replace(f'"{public}"', public), "cannot parse"),
-        "binary.key": (b"\xff\xfe\x00garbage", "cannot read it"),
-    }
-    for name, (content, problem) in cases.items():
-        allowed = tmp_path / name.removesuffix(".key")
-        allowed.mkdir()
-        shutil.copy(keys / "trusted.key", allowed / "trusted.key")  # one good key beside the bad one
-        bad = allowed / name
-        bad.write_bytes(content) if isinstance(content, bytes) else bad.write_text(content)
-        server = DeviceServer(Gain(), LOOPBACK_ANY, curve=CurveServerConfig(keys / "server.key_secret", allowed))
-        with pytest.raises(CurveKeyError, match=problem) as ei:
-            server.start()
-        assert str(bad) in str(ei.value) and "\n" not in str(ei.value)
-        assert server.endpoint is None and server._thread is None
-    # the server's own key pair: a public key file is not a secret key, and a pair must match
-    with pytest.raises(CurveKeyError, match="no secret-key"):
-        CurveServerConfig(keys / "server.key", keys / "allowed").load()
-    mixed = tmp_path / "mixed.key_secret"
-    mixed.write_text((keys / "server.key_secret").read_text().replace(
-        (keys / "server.key").read_text().split('public-key = "', 1)[1][:40], public))
-    with pytest.raises(CurveKeyError, match="does not belong to its public-key"):
-        CurveServerConfig(mixed, keys / "allowed").load()
-    loaded = CurveServerConfig(keys / "server.key_secret", keys / "allowed").load()
-    assert len(loaded.allowed) == 1 and len(loaded.public) == 32
 
 
 # -- memory, measured on a server in its own process -------------------------------------------------------------
@@ -509,7 +424,6 @@ def flood(served: ServerProcess, connections: int, ctx: zmq.Context) -> dict[str
             "seconds": seconds}
 
 
-@pytest.mark.system
 @pytest.mark.parametrize("connections", [1, 4])
 def test_a_250_mib_multipart_flood_is_cut_off_early_and_memory_stays_bounded(served, connections, ctx):
     m = flood(served, connections, ctx)
@@ -520,7 +434,6 @@ def test_a_250_mib_multipart_flood_is_cut_off_early_and_memory_stays_bounded(ser
     assert served.server()["dropped"]["too_many_frames"] == 0
 
 
-@pytest.mark.system
 def test_too_many_frames_and_a_client_that_never_reads_its_replies_are_cut_off(served, ctx):
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0

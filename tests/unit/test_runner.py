@@ -6,30 +6,22 @@ import signal
 
 import pytest
 import torch
+from helpers import tiny_config
 from lab_devices import SizedTanhAmp
 
 from pnn_cluster.config import parse_config
 from pnn_cluster.devices import DeviceError
-from pnn_cluster.runner import ExperimentRun
+from pnn_cluster.runner import ExperimentRun, build_stack, device_recipes, load_data
 from pnn_cluster.runner.launch import InProcessLauncher
 from pnn_cluster.training.trainer import Callback
 
 STEPS_PER_EPOCH = 3  # 110 training digits (10 of the 120 are the validation split) in batches of 40
 
-TINY = {
-    "name": "tiny",
-    "dataset": {"name": "digits", "train_subset": 120, "test_subset": 60},
-    # noise-free, so an interrupted and resumed run must end exactly where an uninterrupted one does
-    "devices": {"circuit": {
-        "driver": {"kind": "simulated", "system": "circuit", "options": {"n_in": 8, "n_out": 8},
-                   "imperfections": {"ideal": True}},
-        "twin": {"kind": "physics", "groups": 4, "batch": 24, "epochs": 3}}},
-    "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "circuit"},
-              {"kind": "linear", "size": 10}],
-    "optimizer": {"lr": 0.05},
-    "schedule": {"epochs": 3, "batch_size": 40, "eval_batch": 60},
-    "tracking": {"experiment": "tests", "residual_batch": 0, "log_models": False},
-}
+TINY = tiny_config(dataset={"train_subset": 120, "test_subset": 60},
+                   # noise-free, so an interrupted and resumed run must end exactly where an uninterrupted one does
+                   imperfections={"ideal": True}, twin={"kind": "physics", "groups": 4, "batch": 24, "epochs": 3},
+                   optimizer={"lr": 0.05}, schedule={"epochs": 3, "batch_size": 40, "eval_batch": 60},
+                   tracking={"experiment": "tests", "residual_batch": 0, "log_models": False})
 
 
 class At(Callback):
@@ -47,15 +39,22 @@ def _params(result) -> dict[str, torch.Tensor]:
     return {k: v for k, v in result.checkpoint["model"].items() if "twin" not in k}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """TINY run from start to end without a stop: what a stopped and resumed run must end with."""
+    return ExperimentRun(parse_config(TINY, source="tiny.yaml"), keep_checkpoint=True, echo=False).run()
+
+
 @pytest.mark.parametrize("how", ["stop()", "SIGINT"])
-def test_a_stopped_run_keeps_its_step_and_resumes_exactly_where_it_stopped(tmp_path, how, monkeypatch):
+def test_a_stopped_run_keeps_its_step_and_resumes_exactly_where_it_stopped(how, monkeypatch, mlflow_store,
+                                                                           uninterrupted):
     from mlflow import MlflowClient
 
     import pnn_cluster.runner.run as run_module
 
     cfg = parse_config(TINY, source="tiny.yaml")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    whole = ExperimentRun(cfg, keep_checkpoint=True, echo=False).run()
+    uri = mlflow_store
+    whole = uninterrupted
 
     run = ExperimentRun(cfg, tracking={"tracking_uri": uri}, keep_checkpoint=True, echo=False)
     stop = run.stop if how == "stop()" else (lambda: signal.raise_signal(signal.SIGINT))
@@ -126,7 +125,7 @@ def test_no_device_left_stops_with_one_clear_error_and_the_last_complete_step_sa
     from pnn_cluster.training.faults import TrainingAborted
 
     # the twin's check (3 groups x 2 repeats) and initialisation take 7 calls, a step 1: it dies in step 3
-    raw = dict(TINY, devices={"amp": {"driver": {"kind": "python", "class": "test_runner:DyingAmp",
+    raw = dict(TINY, devices={"amp": {"driver": {"kind": "python", "class": f"{__name__}:DyingAmp",
                                                  "options": {"calls": 7 + 2}},
                                       "twin": {"kind": "ideal", "groups": 3, "batch": 24}}},
                stack=[{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "amp"},
@@ -146,25 +145,18 @@ def test_no_device_left_stops_with_one_clear_error_and_the_last_complete_step_sa
 
 # -- what a physical result is measured against ---------------------------------------------------------
 
-SHG_TINY = {
-    "name": "shg-tiny",
-    "dataset": {"name": "digits", "train_subset": 120, "test_subset": 60},
-    "devices": {"optics": {
-        "driver": {"kind": "simulated", "system": "shg", "options": {"n_in": 8, "n_out": 4},
-                   "imperfections": {"latency_call_s": 0, "latency_sample_s": 0}},
-        "twin": {"kind": "best", "groups": 40, "batch": 16, "epochs": 6}}},
-    "stack": [{"kind": "linear", "size": 8}, {"kind": "rescale"}, {"kind": "physical", "device": "optics"},
-              {"kind": "linear", "size": 10}],
-    "schedule": {"epochs": 1, "batch_size": 40, "eval_batch": 60},
-    "tracking": {"enabled": False},
-}
+SHG_TINY = tiny_config(name="shg-tiny", system="shg", outputs=4, device="optics",
+                       dataset={"train_subset": 120, "test_subset": 60},
+                       imperfections={"latency_call_s": 0, "latency_sample_s": 0},
+                       twin={"kind": "best", "groups": 40, "batch": 16, "epochs": 6},
+                       schedule={"epochs": 1, "batch_size": 40, "eval_batch": 60}, tracking={"enabled": False})
 
 
 def test_the_digital_ablation_trains_the_same_digital_layers_with_fixed_maps_for_the_physical_ones():
     from pnn_cluster.layers import FixedMap, PhysicalLayer
 
     cfg = parse_config({**SHG_TINY, "method": "ablation"})
-    pat = ExperimentRun(parse_config(SHG_TINY), echo=False)
+    pat = parse_config(SHG_TINY)
     ablation = ExperimentRun(cfg, echo=False)
     result = ablation.run()
     assert result.test_acc is not None and result.device_samples_total == 0  # no device measured anything
@@ -173,11 +165,9 @@ def test_the_digital_ablation_trains_the_same_digital_layers_with_fixed_maps_for
     assert not any(isinstance(m, PhysicalLayer) for m in ablation.trainer.model)
     assert not stand_in.weight.requires_grad and "weight" not in dict(ablation.trainer.model.named_parameters())
     # the same trainable digital parameters as the physical stack's, shape for shape
-    pat_built = pat._build()
-    try:
-        digital = {k: v.shape for k, v in pat_built.stack.named_parameters() if not k.startswith("2.")}
-    finally:
-        pat.placement.close()
+    devices = {name: recipe.build() for name, (recipe,) in device_recipes(pat).items()}
+    pat_stack = build_stack(pat, devices, load_data(pat).n_features)
+    digital = {k: v.shape for k, v in pat_stack.named_parameters() if not k.startswith("2.")}
     assert {k: v.shape for k, v in ablation.trainer.model.named_parameters()} == digital
     # a random orthogonal map, not the identity: the ablation keeps the channel mixing a device gives
     square, wide = FixedMap(6, 6, seed=1).weight, FixedMap(8, 4, seed=1).weight
@@ -212,7 +202,7 @@ def test_twin_kind_best_fits_every_kind_chooses_on_held_out_settings_and_a_check
     scores = {k: c["nmse_stop"] for k, c in fit["candidates"].items()}
     assert fit["kind"] == min(scores, key=scores.get)
     assert run.trainer.model[2].twin.kind == fit["kind"]
-    assert result.checkpoint["extra"]["twin_kinds"] == {"optics": fit["kind"]}
+    assert result.checkpoint["extra"]["twins"]["kinds"] == {"optics": fit["kind"]}
     # evaluating the checkpoint rebuilds a twin of the kind chosen, and its state loads into it
     again = ExperimentRun(parse_config(SHG_TINY), resume=result.checkpoint, echo=False).evaluate("test")
     assert again["acc"] == pytest.approx(result.test_acc, abs=0.1) and again["twin_acc"] is not None

@@ -1,0 +1,52 @@
+"""The simulated SCPI bench's strict SCPI numbers and its limits, without a bench listening: numbers are
+parsed by the SCPI rules, the block cap follows from the device, nonsense limits are refused at construction
+(the bounds acting on a bench on loopback: ``tests/system/test_scpi_bounds.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pnn_cluster.devices import Imperfections, make_device
+from pnn_cluster.protocol.scpi import Ints, Range, is_decimal_number, parse_decimal
+from pnn_cluster.servers import BindError
+from pnn_cluster.servers.scpi_bench import MAX_BLOCK_BYTES, SimBench, default_max_block_bytes
+
+IDEAL = Imperfections.ideal(seed=3)
+
+
+@pytest.mark.parametrize("text", ["1", "-1.5", "+2.0E-3", ".5", "5.", "0", "007", "1e3", "-.25e+2", "1E999"])
+def test_decimal_numeric_data_accepted(text):
+    assert is_decimal_number(text)
+    assert parse_decimal(text) == float(text)
+
+
+@pytest.mark.parametrize("text", ["1_0", "0x10", "1e", "1E+", " 1", "1 ", "1 0", "inf", "nan", "infinity",
+                                  "-inf", "+", "-", ".", "", "1.2.3", "--1", "#H10", "1,0", "١", "1e1_0",
+                                  "0x1p3", "1d3"])
+def test_not_decimal_numeric_data_refused(text):
+    assert not is_decimal_number(text)
+    with pytest.raises(ValueError, match="not SCPI decimal numeric data"):
+        parse_decimal(text)
+    with pytest.raises(ValueError):
+        Range(-10, 10).from_scpi(text)
+    with pytest.raises(ValueError):
+        Ints(-10, 10).from_scpi(text)
+
+
+def test_default_block_cap_is_the_largest_legitimate_block():
+    spec = make_device("shg", imperfections=IDEAL).spec
+    assert default_max_block_bytes(spec) == spec.max_batch * spec.input.size * 8 == 96_000_000
+    assert default_max_block_bytes(spec.__class__.from_dict({**spec.to_dict(), "max_batch": 10**8})) \
+        == MAX_BLOCK_BYTES
+    assert default_max_block_bytes(spec.__class__.from_dict({**spec.to_dict(), "max_batch": 1})) == 1 << 20
+    assert SimBench("shg", port=0, imperfections=IDEAL).max_block_bytes == 96_000_000
+    assert SimBench("shg", port=0, imperfections=IDEAL, max_block_bytes=5000).max_block_bytes == 5000
+
+
+@pytest.mark.parametrize("option", [{"max_connections": 0}, {"max_block_bytes": 10**9}, {"max_block_bytes": 1.5},
+                                    {"idle_timeout_s": 0}, {"command_timeout_s": float("nan")},
+                                    {"command_timeout_s": None}, {"max_unread_bytes": True}])
+def test_bench_refuses_nonsense_limits(option):
+    with pytest.raises(BindError, match=next(iter(option))):
+        SimBench("shg", port=0, imperfections=IDEAL, **option)
