@@ -39,7 +39,7 @@ import torch
 
 from pnn_cluster.devices.physics import PhysicsModel
 from pnn_cluster.devices.plate import interleave, sample_steps, serial_map
-from pnn_cluster.devices.simulated import Imperfections, LabDrift, SimulatedDevice
+from pnn_cluster.devices.simulated import LabDrift, SimulatedDevice
 from pnn_cluster.devices.spec import DeviceSpec, ParamSpec, Port
 
 __all__ = ["CircuitModel", "CircuitDevice"]
@@ -147,8 +147,8 @@ class CircuitDevice(SimulatedDevice):
                "(~100 ppm/K) and the scope (~50 ppm/K) add little. Rate: a 36 us window; a batch of waveforms as "
                "one AWG sequence, captured in a segmented-memory scope and read out over LAN, ~1000 samples/s",
     )
-    default_imperfections = Imperfections(noise=0.02, shot=0.02, gap=1.0, drift=lab_drift.drift, quant_bits=8,
-                                          latency_call_s=2e-3, latency_sample_s=2e-6)
+    default_imperfections = lab_drift.imperfections(noise=0.02, shot=0.02, quant_bits=8,
+                                                    latency_call_s=2e-3, latency_sample_s=2e-6)
     unmodelled_effects = {"junction_capacitance": 0.15, "probe_compensation": 0.03}
     output_scale = 0.4
     #: the scope's vertical range: the diode holds the top below about +0.4 V, ringing reaches about -1.7 V

@@ -36,7 +36,7 @@ import torch
 
 from pnn_cluster.devices.physics import PhysicsModel
 from pnn_cluster.devices.plate import serial_map
-from pnn_cluster.devices.simulated import Imperfections, LabDrift, SimulatedDevice
+from pnn_cluster.devices.simulated import LabDrift, SimulatedDevice
 from pnn_cluster.devices.spec import DeviceSpec, ParamSpec, Port
 
 __all__ = ["OscillatorsModel", "OscillatorsDevice"]
@@ -112,8 +112,7 @@ class OscillatorsDevice(SimulatedDevice):
                "their stiffness 0.008 of its 3 % spread; the pendula's lengths (1e-5/K) hardly move. Rate: a 2 s "
                "swing, then ~1.3 s for the actuators to catch the pendula and set the next angles, 0.3 samples/s",
     )
-    default_imperfections = Imperfections(noise=0.02, shot=0.02, gap=1.0, drift=lab_drift.drift,
-                                          latency_call_s=3e-3, latency_sample_s=5e-6)
+    default_imperfections = lab_drift.imperfections(noise=0.02, shot=0.02, latency_call_s=3e-3, latency_sample_s=5e-6)
     unmodelled_effects = {"support_coupling": 0.8, "pivot_friction": 0.3}
     output_scale = 0.5
     output_range = (-math.pi, math.pi)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from pnn_cluster.devices.physics import PhysicsModel
-from pnn_cluster.devices.simulated import Imperfections, LabDrift, SimulatedDevice
+from pnn_cluster.devices.simulated import LabDrift, SimulatedDevice
 from pnn_cluster.devices.spec import DeviceSpec, ParamSpec, Port
 
 __all__ = ["PlateModel", "PlateDevice", "interleave", "sample_steps", "serial_map"]
@@ -168,8 +168,7 @@ class PlateDevice(SimulatedDevice):
                "-2.2e-4/K (0.02 of their 1 %). Rate: an 8 ms waveform, then ~60 ms for the slowest mode (zeta 0.05 "
                "at 350 Hz) to ring down before the next, 15 samples/s",
     )
-    default_imperfections = Imperfections(noise=0.02, shot=0.02, gap=1.0, drift=lab_drift.drift,
-                                          latency_call_s=5e-3, latency_sample_s=10e-6)
+    default_imperfections = lab_drift.imperfections(noise=0.02, shot=0.02, latency_call_s=5e-3, latency_sample_s=10e-6)
     unmodelled_effects = {"coil_time_constant_ms": 0.0625, "mode_coupling": 0.15}
     output_scale = 0.5
     output_range = (-2.5, 2.5)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from pnn_cluster.devices.physics import PhysicsModel
-from pnn_cluster.devices.simulated import Imperfections, LabDrift, SimulatedDevice
+from pnn_cluster.devices.simulated import LabDrift, SimulatedDevice
 from pnn_cluster.devices.spec import DeviceSpec, ParamSpec, Port
 
 __all__ = ["SHGModel", "SHGDevice"]
@@ -104,8 +104,7 @@ class SHGDevice(SimulatedDevice):
                "Rate: the liquid-crystal shaper settles in ~30 ms and the spectrometer integrates ~20 ms, 20 "
                "samples/s",
     )
-    default_imperfections = Imperfections(noise=0.01, shot=0.01, gap=1.0, drift=lab_drift.drift,
-                                          latency_call_s=2e-3, latency_sample_s=5e-6)
+    default_imperfections = lab_drift.imperfections(noise=0.01, shot=0.01, latency_call_s=2e-3, latency_sample_s=5e-6)
     unmodelled_effects = {"pixel_crosstalk": 0.04, "spectrometer_leakage": 0.03}
     output_scale = 0.3
     output_range = (0.0, 1.5)

@@ -110,6 +110,11 @@ class LabDrift:
         hours = DRIFT_SAMPLES / self.samples_per_s / 3600.0
         return float(f"{self.per_sqrt_hour * math.sqrt(hours):.2g}")
 
+    def imperfections(self, **kw: Any) -> Imperfections:
+        """A system's default imperfections: :class:`Imperfections`' realistic gap (one spread) with this walk as
+        its drift, and ``kw`` for the rest (noise, quantisation, latency)."""
+        return Imperfections(drift=self.drift, **kw)
+
 
 @dataclass(frozen=True)
 class Imperfections:
