@@ -17,10 +17,16 @@ from pnn_cluster.devices.base import Device, DeviceError
 from pnn_cluster.servers.limits import (  # the servers' limits, stated there; no server is imported for --help
     DAY_S,
     MIB,
+    ZMQ_HANDSHAKE_TIMEOUT_S,
     ZMQ_IDLE_TIMEOUT_S,
     ZMQ_MAX_CONNECTIONS,
+    ZMQ_MAX_HANDSHAKES,
+    ZMQ_MAX_HANDSHAKES_PER_SOURCE,
+    ZMQ_MAX_HELD_BYTES,
     ZMQ_MAX_MESSAGE_BYTES,
     ZMQ_MAX_PENDING_REPLY_BYTES,
+    ZMQ_MESSAGE_CAP_MAX,
+    ZMQ_MESSAGE_CAP_MIN,
     ZMQ_REQUEST_TIMEOUT_S,
     Limit,
 )
@@ -56,19 +62,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="with --allow-remote: serve without CURVE, so anyone who reaches the port may drive the "
                         "device and read its measurements (a closed test network only)")
-    p.add_argument("--max-message-mb", default=ZMQ_MAX_MESSAGE_BYTES.default / MIB, metavar="MB",
-                   help="largest request, all frames together, in MiB (default %(default)s); a larger request is "
-                        "cut off as its frame headers arrive: the connection is closed and there is no reply")
+    p.add_argument("--max-message-mb", default=None, metavar="MB",
+                   help="largest request, all frames together, in MiB (default: what the device's spec needs, a "
+                        f"batch of max_batch samples with every parameter as float64, {ZMQ_MESSAGE_CAP_MIN // MIB} "
+                        f"to {ZMQ_MESSAGE_CAP_MAX // MIB} MiB); a larger request is cut off as its frame headers "
+                        "arrive: the connection is closed and there is no reply")
     p.add_argument("--max-connections", default=DEFAULT_MAX_CONNECTIONS, metavar="N",
-                   help="most client connections at once (default %(default)s); one more is accepted and closed "
-                        "at once (a ZeroMQ client retries by itself)")
+                   help="most client connections past their handshake (default %(default)s); one more is closed "
+                        "when its handshake ends (a ZeroMQ client retries by itself)")
+    p.add_argument("--max-handshakes", default=ZMQ_MAX_HANDSHAKES.default, metavar="N",
+                   help="connections still in their handshake, apart from --max-connections (default "
+                        "%(default)s); a new one that finds them full evicts the one that has got least far, the "
+                        "oldest of those, never an authenticated connection")
+    p.add_argument("--max-handshakes-per-source", default=ZMQ_MAX_HANDSHAKES_PER_SOURCE.default, metavar="N",
+                   help="of those, from one address (default %(default)s); one more evicts that address's own")
+    p.add_argument("--handshake-timeout-s", default=ZMQ_HANDSHAKE_TIMEOUT_S.default, metavar="S",
+                   help="seconds from a connection to the end of its handshake (default %(default)s)")
+    p.add_argument("--max-held-mb", default=None, metavar="MB",
+                   help="MiB the server holds for all clients together: requests arriving or being handled, "
+                        "decrypted copies, replies not yet read (default: room for two whole requests and one "
+                        "client's pending replies, at least 64); beyond it the connection holding the most "
+                        "incomplete input is closed")
     p.add_argument("--idle-timeout-s", default=DEFAULT_IDLE_TIMEOUT_S, metavar="S",
                    help="seconds a connection may send nothing, heartbeats included (default %(default)s); "
                         "then it is closed (a ZeroMQ client reconnects when it next sends)")
     p.add_argument("--request-timeout-s", default=DEFAULT_REQUEST_TIMEOUT_S, metavar="S",
-                   help="seconds from a request's first byte to its last, and for a handshake (default "
-                        "%(default)s); a request or handshake still incomplete then, or a reply that makes no "
-                        "progress for as long, closes the connection")
+                   help="seconds from a request's first byte to its last (default %(default)s); a request still "
+                        "incomplete then, or a reply that makes no progress for as long, closes the connection")
     p.add_argument("--max-pending-reply-mb", default=DEFAULT_MAX_PENDING_REPLY_BYTES / MIB, metavar="MB",
                    help="MiB of replies that may wait for one client to read them (default %(default)s); beyond "
                         "it no further request is read from that client until it reads its replies")
@@ -306,9 +326,18 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.curve_secret is None) != (args.curve_allow is None):
         raise UsageError("--curve-secret and --curve-allow go together")
-    max_message_bytes = mib_flag("--max-message-mb", args.max_message_mb, *mib_range(ZMQ_MAX_MESSAGE_BYTES))
+    max_message_bytes = None if args.max_message_mb is None else \
+        mib_flag("--max-message-mb", args.max_message_mb, *mib_range(ZMQ_MAX_MESSAGE_BYTES))
     max_connections = int_flag("--max-connections", args.max_connections, ZMQ_MAX_CONNECTIONS.low,
                                ZMQ_MAX_CONNECTIONS.high)
+    max_handshakes = int_flag("--max-handshakes", args.max_handshakes, ZMQ_MAX_HANDSHAKES.low,
+                              ZMQ_MAX_HANDSHAKES.high)
+    per_source = int_flag("--max-handshakes-per-source", args.max_handshakes_per_source,
+                          ZMQ_MAX_HANDSHAKES_PER_SOURCE.low, ZMQ_MAX_HANDSHAKES_PER_SOURCE.high)
+    handshake_timeout_s = seconds_flag("--handshake-timeout-s", args.handshake_timeout_s,
+                                       ZMQ_HANDSHAKE_TIMEOUT_S.high)
+    max_held_bytes = None if args.max_held_mb is None else \
+        mib_flag("--max-held-mb", args.max_held_mb, *mib_range(ZMQ_MAX_HELD_BYTES))
     idle_timeout_s = seconds_flag("--idle-timeout-s", args.idle_timeout_s, ZMQ_IDLE_TIMEOUT_S.high)
     request_timeout_s = seconds_flag("--request-timeout-s", args.request_timeout_s, ZMQ_REQUEST_TIMEOUT_S.high)
     max_pending_reply_bytes = mib_flag("--max-pending-reply-mb", args.max_pending_reply_mb,
@@ -322,7 +351,9 @@ def run(args: argparse.Namespace) -> int:
                                   insecure=args.insecure, max_message_bytes=max_message_bytes,
                                   max_connections=max_connections, idle_timeout_s=idle_timeout_s,
                                   request_timeout_s=request_timeout_s,
-                                  max_pending_reply_bytes=max_pending_reply_bytes).start()
+                                  max_pending_reply_bytes=max_pending_reply_bytes, max_handshakes=max_handshakes,
+                                  max_handshakes_per_source=per_source, handshake_timeout_s=handshake_timeout_s,
+                                  max_held_bytes=max_held_bytes).start()
         except BindError as exc:
             raise UsageError(str(exc)) from None
         except DeviceError as exc:  # the instruments behind the device could not be opened

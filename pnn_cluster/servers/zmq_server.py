@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 
 from pnn_cluster.devices.base import Device
-from pnn_cluster.devices.spec import LimitError
+from pnn_cluster.devices.spec import DeviceSpec, LimitError
 from pnn_cluster.protocol.zmq import (
     MAX_ARRAYS,
+    MAX_HEADER_BYTES,
     OPS,
     PROTOCOL_VERSION,
     ProtocolError,
@@ -54,10 +55,15 @@ from pnn_cluster.protocol.zmq import (
 from pnn_cluster.servers import BindError, is_loopback_host
 from pnn_cluster.servers.curve_keys import CurveKeyError, CurveKeys, load_curve_keys
 from pnn_cluster.servers.limits import (
+    ZMQ_HANDSHAKE_TIMEOUT_S,
     ZMQ_IDLE_TIMEOUT_S,
     ZMQ_MAX_CONNECTIONS,
+    ZMQ_MAX_HANDSHAKES,
+    ZMQ_MAX_HANDSHAKES_PER_SOURCE,
     ZMQ_MAX_MESSAGE_BYTES,
     ZMQ_MAX_PENDING_REPLY_BYTES,
+    ZMQ_MESSAGE_CAP_MAX,
+    ZMQ_MESSAGE_CAP_MIN,
     ZMQ_REQUEST_TIMEOUT_S,
 )
 from pnn_cluster.servers.listeners import listen
@@ -65,18 +71,29 @@ from pnn_cluster.servers.zmtp import Limits, RouterServer
 
 __all__ = [
     "CurveKeyError", "CurveServerConfig", "DEFAULT_IDLE_TIMEOUT_S", "DEFAULT_MAX_CONNECTIONS",
-    "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_MAX_PENDING_REPLY_BYTES", "DEFAULT_REQUEST_TIMEOUT_S", "DeviceServer",
-    "check_bind",
+    "DEFAULT_MAX_PENDING_REPLY_BYTES", "DEFAULT_REQUEST_TIMEOUT_S", "DeviceServer", "check_bind",
+    "default_max_message_bytes",
 ]
 
 # the defaults under the names this module has always had (stated in .limits)
-DEFAULT_MAX_MESSAGE_BYTES = ZMQ_MAX_MESSAGE_BYTES.default
 DEFAULT_MAX_CONNECTIONS = ZMQ_MAX_CONNECTIONS.default
 DEFAULT_IDLE_TIMEOUT_S = ZMQ_IDLE_TIMEOUT_S.default
 DEFAULT_REQUEST_TIMEOUT_S = ZMQ_REQUEST_TIMEOUT_S.default
 DEFAULT_MAX_PENDING_REPLY_BYTES = ZMQ_MAX_PENDING_REPLY_BYTES.default
 #: frames of one request: the empty delimiter, the header and at most MAX_ARRAYS arrays
 MAX_REQUEST_FRAMES = MAX_ARRAYS + 2
+#: bytes of one array on the wire at most (float64)
+_ITEM = 8
+
+
+def default_max_message_bytes(spec: DeviceSpec) -> int:
+    """The largest request a client legitimately sends this device, within the default bounds.
+
+    A forward of ``spec.max_batch`` samples with every parameter array beside it, as float64, and a header of
+    the largest size; at least :data:`~.limits.ZMQ_MESSAGE_CAP_MIN`, at most :data:`~.limits.ZMQ_MESSAGE_CAP_MAX`.
+    """
+    largest = MAX_HEADER_BYTES + _ITEM * (spec.max_batch * spec.input.size + sum(p.numel for p in spec.params))
+    return int(min(ZMQ_MESSAGE_CAP_MAX, max(ZMQ_MESSAGE_CAP_MIN, largest)))
 
 
 def check_bind(endpoint: str, allow_remote: bool = False) -> str:
@@ -139,28 +156,45 @@ class DeviceServer:
     (it is connected there: that thread owns the instrument). :meth:`stop`
     shuts down cleanly.
 
-    Limits (see ``docs/wire_protocol.md``; defaults and ranges in
-    :mod:`pnn_cluster.servers.limits`): ``max_message_bytes`` for a whole
-    request (all frames), at most ``MAX_ARRAYS + 2`` frames, ``max_connections``
-    connections, ``idle_timeout_s`` of silence before a connection is closed,
-    ``request_timeout_s`` from a request's first byte to its last (and for a
-    handshake, and for a reply to make progress), ``max_pending_reply_bytes``
-    of replies queued for a connection before its next request is read.
+    Limits (see ``docs/wire_protocol.md``, and :mod:`.zmtp` for what each
+    guarantees; defaults and ranges in :mod:`pnn_cluster.servers.limits`):
+    ``max_message_bytes`` for a whole request (all frames; None: what the
+    device's spec needs, :func:`default_max_message_bytes`, known once the
+    device is connected), at most ``MAX_ARRAYS + 2`` frames,
+    ``max_connections`` authenticated connections, ``max_handshakes``
+    connections in their handshake (``max_handshakes_per_source`` from one
+    address, ``handshake_timeout_s`` to finish), ``idle_timeout_s`` of
+    silence before a connection is closed, ``request_timeout_s`` from a
+    request's first byte to its last (and for a reply to make progress),
+    ``max_pending_reply_bytes`` of replies queued for a connection before its
+    next request is read, ``max_held_bytes`` held for all clients together
+    (None: room for two whole requests and one client's replies).
     """
 
     def __init__(self, device: Device, bind: str = "tcp://127.0.0.1:5555", *,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, curve: CurveServerConfig | None = None,
+                 max_message_bytes: int | None = None, curve: CurveServerConfig | None = None,
                  allow_remote: bool = False, insecure: bool = False, name: str | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 max_pending_reply_bytes: int = DEFAULT_MAX_PENDING_REPLY_BYTES) -> None:
+                 max_pending_reply_bytes: int = DEFAULT_MAX_PENDING_REPLY_BYTES,
+                 max_handshakes: int = ZMQ_MAX_HANDSHAKES.default,
+                 max_handshakes_per_source: int = ZMQ_MAX_HANDSHAKES_PER_SOURCE.default,
+                 handshake_timeout_s: float = ZMQ_HANDSHAKE_TIMEOUT_S.default,
+                 max_held_bytes: int | None = None) -> None:
         low, high = ZMQ_MAX_MESSAGE_BYTES.low, ZMQ_MAX_MESSAGE_BYTES.high
-        if not (isinstance(max_message_bytes, int) and low <= max_message_bytes <= high):
+        if max_message_bytes is not None \
+                and not (isinstance(max_message_bytes, int) and low <= max_message_bytes <= high):
             raise BindError(f"max_message_bytes: {max_message_bytes!r}; allowed: integers "
-                            f"{low}..2**{high.bit_length() - 1}")  # the most is a power of two
-        self.limits = Limits(max_message_bytes=max_message_bytes, max_frames=MAX_REQUEST_FRAMES,
-                             max_connections=max_connections, idle_timeout_s=idle_timeout_s,
-                             request_timeout_s=request_timeout_s, max_pending_reply_bytes=max_pending_reply_bytes)
+                            f"{low}..2**{high.bit_length() - 1}, or None (from the device's spec)")
+        self._limit_args = dict(max_frames=MAX_REQUEST_FRAMES, max_connections=max_connections,
+                                idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
+                                max_pending_reply_bytes=max_pending_reply_bytes, max_handshakes=max_handshakes,
+                                max_handshakes_per_source=max_handshakes_per_source,
+                                handshake_timeout_s=handshake_timeout_s, max_held_bytes=max_held_bytes)
+        self._max_message_arg = max_message_bytes
+        # checked now, with the largest default request if the device's own is not known before it connects
+        self.limits = self._limits(max_message_bytes or (default_max_message_bytes(device.spec)
+                                                         if device.spec_known else ZMQ_MESSAGE_CAP_MAX))
         self.device = device
         self.bind = check_bind(bind, allow_remote)
         if allow_remote and curve is None and not insecure:
@@ -168,7 +202,6 @@ class DeviceServer:
                             "unencrypted to anyone who can reach it; set up CURVE (--curve-secret SERVER.key_secret "
                             "--curve-allow DIR, keys from zmq.auth.create_certificates) or pass --insecure "
                             "(insecure=True) to serve it anyway")
-        self.max_message_bytes = max_message_bytes
         self.curve = curve
         self.insecure = insecure
         self.name = name
@@ -234,6 +267,14 @@ class DeviceServer:
             self._error = exc
             self._ready.set()
             return
+        try:  # the device's own request cap, now that its spec is known
+            self.limits = self._limits(self._max_message_arg or default_max_message_bytes(self.device.spec))
+        except BaseException as exc:
+            self._error = exc
+            self.device.close()
+            self._ready.set()
+            return
+        router.limits = self.limits
         self._ready.set()
         try:
             while True:
@@ -246,6 +287,13 @@ class DeviceServer:
                 router.reply(request, self.handle(request.frames))
         finally:
             self.device.close()
+
+    def _limits(self, max_message_bytes: int) -> Limits:
+        return Limits(max_message_bytes=max_message_bytes, **self._limit_args)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.limits.max_message_bytes
 
     # -- requests -----------------------------------------------------------------------------------
 

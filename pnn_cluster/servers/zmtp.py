@@ -18,19 +18,41 @@ What is spoken (any unmodified ZeroMQ DEALER, REQ or ROUTER peer connects):
   is admitted only if its long-term public key is on the allow-list;
   otherwise it gets an ERROR command and is disconnected.
 
-What the server guarantees (:class:`Limits`): a request (one multipart
-message) holds at most ``max_frames`` frames and ``max_message_bytes`` bytes
-in all, checked while it arrives; at most ``max_connections`` connections;
-a request must arrive within ``request_timeout_s`` of its first byte, a
-handshake within ``request_timeout_s`` of the connection; a connection that
-does nothing for ``idle_timeout_s`` is closed; a connection has at most one
-request being handled, and no new request is read from it while more than
-``max_pending_reply_bytes`` of replies wait to be sent to it (a reply that
-makes no progress for ``request_timeout_s`` drops the connection). A peer
-that breaks a limit is disconnected (counted by reason in
-:attr:`RouterServer.stats`); the others keep being served. The memory held
-for clients is thus at most about ``max_connections * (max_message_bytes +
-max_pending_reply_bytes + one reply)``.
+What the server guarantees (:class:`Limits`):
+
+* Strangers hold no slot a key holder needs. Connections still in their
+  handshake (under CURVE: everyone whose key has not been checked) have a
+  budget of their own, ``max_handshakes``, at most
+  ``max_handshakes_per_source`` of them from one address, and
+  ``handshake_timeout_s`` to finish. A new connection that finds the budget
+  (or its address's share) full evicts the handshaking connection that has
+  got least far (nothing sent < a greeting < each handshake command), the
+  oldest of those; an authenticated connection is never evicted. At most
+  ``max_connections`` connections are past their handshake; one more is
+  closed when its handshake ends.
+* Memory grows only with bytes that have arrived: a frame's buffer grows as
+  its body arrives (at most doubling), never from what its header declares.
+  Everything held for clients (read buffers, frames arriving, requests being
+  received or handled, decrypted copies, replies not yet sent, each buffer
+  with Python's own overhead) counts against one server-wide budget,
+  ``max_held_bytes``. A read that would exceed it first drops the
+  connection holding the most incomplete input; if no connection holds
+  any, reading pauses until replies drain.
+* A request (one multipart message) holds at most ``max_frames`` frames and
+  ``max_message_bytes`` bytes in all, checked while it arrives, and must
+  arrive within ``request_timeout_s`` of its first byte; a connection that
+  does nothing for ``idle_timeout_s`` is closed; a connection has at most one
+  request being handled, and no new request is read from it while more than
+  ``max_pending_reply_bytes`` of replies (counted as memory held) wait to be
+  sent to it (a reply that makes no progress for ``request_timeout_s`` drops
+  the connection).
+
+A peer that breaks a limit is disconnected (counted by reason in
+:attr:`RouterServer.stats`); the others keep being served.
+
+What still costs: a stranger may complete CURVE's first step (HELLO, which
+needs no key) as often as it likes; each costs the server one public-key
+operation, and a handshake that got further is evicted only after such ones.
 
 Threads: one I/O thread runs every connection (non-blocking sockets, one
 selector, a state machine per connection). Complete requests go into
@@ -51,6 +73,7 @@ import logging
 import queue
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -60,11 +83,17 @@ from typing import Any
 from pnn_cluster.servers import BindError
 from pnn_cluster.servers.curve_keys import CurveKeyError, CurveKeys, load_curve_keys, read_key_file
 from pnn_cluster.servers.limits import (
+    ZMQ_HANDSHAKE_TIMEOUT_S,
+    ZMQ_HELD_FLOOR,
     ZMQ_IDLE_TIMEOUT_S,
     ZMQ_MAX_CONNECTIONS,
     ZMQ_MAX_FRAMES,
+    ZMQ_MAX_HANDSHAKES,
+    ZMQ_MAX_HANDSHAKES_PER_SOURCE,
+    ZMQ_MAX_HELD_BYTES,
     ZMQ_MAX_MESSAGE_BYTES,
     ZMQ_MAX_PENDING_REPLY_BYTES,
+    ZMQ_MESSAGE_CAP_MAX,
     ZMQ_REQUEST_TIMEOUT_S,
 )
 from pnn_cluster.servers.listeners import Listener, listen
@@ -96,6 +125,13 @@ READ_CHUNK = 64 * 1024
 #: bytes read from one connection before the others get their turn
 READ_BUDGET = 4 << 20
 SEND_IOV = 64
+#: connections accepted before the open ones are served again (strangers reconnecting as fast as they are
+#: evicted would otherwise keep the I/O thread accepting)
+ACCEPT_BATCH = 16
+#: what a queued reply buffer costs beyond its bytes: the memoryview and the object it views
+BUFFER_OVERHEAD = sys.getsizeof(memoryview(b"")) + sys.getsizeof(b"")
+#: how far a handshake has got, for eviction: the least far go first
+_SILENT, _SPOKE, _GREETED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -103,24 +139,44 @@ class Limits:
     """What one peer may cost the server; see the module docstring for what each bounds, :mod:`.limits` for the
     defaults and ranges. The frame count has no default: it is the wire protocol's."""
 
-    max_message_bytes: int = ZMQ_MAX_MESSAGE_BYTES.default
+    max_message_bytes: int = ZMQ_MESSAGE_CAP_MAX
     max_frames: int = field(kw_only=True)
     max_connections: int = ZMQ_MAX_CONNECTIONS.default
     idle_timeout_s: float = ZMQ_IDLE_TIMEOUT_S.default
     request_timeout_s: float = ZMQ_REQUEST_TIMEOUT_S.default
     max_pending_reply_bytes: int = ZMQ_MAX_PENDING_REPLY_BYTES.default
+    max_handshakes: int = ZMQ_MAX_HANDSHAKES.default
+    max_handshakes_per_source: int = ZMQ_MAX_HANDSHAKES_PER_SOURCE.default
+    handshake_timeout_s: float = ZMQ_HANDSHAKE_TIMEOUT_S.default
+    #: None: :meth:`default_held_bytes` of the others
+    max_held_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_held_bytes is None:
+            object.__setattr__(self, "max_held_bytes", self.default_held_bytes(self.max_message_bytes,
+                                                                               self.max_pending_reply_bytes))
         ints = {"max_message_bytes": ZMQ_MAX_MESSAGE_BYTES, "max_frames": ZMQ_MAX_FRAMES,
-                "max_connections": ZMQ_MAX_CONNECTIONS, "max_pending_reply_bytes": ZMQ_MAX_PENDING_REPLY_BYTES}
+                "max_connections": ZMQ_MAX_CONNECTIONS, "max_pending_reply_bytes": ZMQ_MAX_PENDING_REPLY_BYTES,
+                "max_handshakes": ZMQ_MAX_HANDSHAKES, "max_handshakes_per_source": ZMQ_MAX_HANDSHAKES_PER_SOURCE,
+                "max_held_bytes": ZMQ_MAX_HELD_BYTES}
         for name, limit in ints.items():
             v, lo, hi = getattr(self, name), limit.low, limit.high
             if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
                 raise BindError(f"{name}: {v!r}; allowed: integers {lo}..{hi}")
-        for name, limit in (("idle_timeout_s", ZMQ_IDLE_TIMEOUT_S), ("request_timeout_s", ZMQ_REQUEST_TIMEOUT_S)):
+        for name, limit in (("idle_timeout_s", ZMQ_IDLE_TIMEOUT_S), ("request_timeout_s", ZMQ_REQUEST_TIMEOUT_S),
+                            ("handshake_timeout_s", ZMQ_HANDSHAKE_TIMEOUT_S)):
             v, lo, hi = getattr(self, name), limit.low, limit.high
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v <= hi):
                 raise BindError(f"{name}: {v!r}; allowed: seconds, {lo:g} < s <= {hi:g}")
+        least = self.max_message_bytes + 2 * READ_CHUNK
+        if self.max_held_bytes < least:
+            raise BindError(f"max_held_bytes: {self.max_held_bytes}; allowed: at least max_message_bytes + "
+                            f"{2 * READ_CHUNK} ({least}), room for one whole request as it arrives")
+
+    @staticmethod
+    def default_held_bytes(max_message_bytes: int, max_pending_reply_bytes: int) -> int:
+        """Room for two whole requests (one arriving, one being handled) and one client's pending replies."""
+        return max(ZMQ_HELD_FLOOR, 2 * max_message_bytes + max_pending_reply_bytes + 2 * READ_CHUNK)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,25 +188,30 @@ class Limits:
 class Request:
     """One complete multipart message from a peer (``frames``), waiting for its reply."""
 
-    __slots__ = ("conn_id", "frames", "cancelled")
+    __slots__ = ("conn_id", "frames", "nbytes", "cancelled")
 
-    def __init__(self, conn_id: int, frames: list[Any]) -> None:
+    def __init__(self, conn_id: int, frames: list[Any], nbytes: int = 0) -> None:
         self.conn_id = conn_id
         self.frames = frames
+        self.nbytes = nbytes  # its frames' bytes, held until the reply is taken
         self.cancelled = False  # set when its connection closes before the reply is sent
 
 
 class _Conn:
     """One peer: its socket, what has been read of its current frame and message, what waits to be sent."""
 
-    def __init__(self, cid: int, sock: socket.socket, now: float) -> None:
+    def __init__(self, cid: int, sock: socket.socket, now: float, source: str = "") -> None:
         self.id = cid
         self.sock = sock
+        self.source = source  # the peer's address, without the port
         self.state = GREETING
+        self.progress = _SILENT  # how far its handshake has got (+1 per handshake command)
+        self.round = 0  # the I/O loop's round it was accepted in
         self.closed = False
         self.events = 0
         self.rbuf = bytearray()
-        self.body: bytearray | None = None  # the body of a frame too large for rbuf, being filled
+        self.body: bytearray | None = None  # the body of a frame too large for rbuf, growing as it arrives
+        self.body_size = 0  # what its header declared
         self.filled = 0
         self.body_flags = 0
         self.parts: list[Any] = []
@@ -161,6 +222,17 @@ class _Conn:
         self.out_bytes = 0
         self.created = self.last_activity = self.last_write = now
         self.security: Any = None  # the security mechanism's own state for this connection
+
+    def out_held(self) -> int:
+        """Memory held by replies waiting to be sent: their bytes and each buffer's overhead."""
+        return self.out_bytes + len(self.out) * BUFFER_OVERHEAD
+
+    def incomplete(self) -> int:
+        """Memory held by input not yet a whole request: the read buffer, a frame arriving, parts of a message."""
+        return len(self.rbuf) + (len(self.body) if self.body is not None else 0) + self.parts_bytes
+
+    def held(self) -> int:
+        return self.incomplete() + (self.request.nbytes if self.request is not None else 0) + self.out_held()
 
 
 class RouterServer:
@@ -175,6 +247,8 @@ class RouterServer:
         self.stats: dict[str, Any] = {"connections": 0, "connections_accepted": 0, "abandoned": 0,
                                       "dropped": dict.fromkeys(DROP_REASONS, 0)}
         self._conns: dict[int, _Conn] = {}
+        self._paused: set[int] = set()  # connections not read until the held bytes fall within the budget
+        self._round = 0  # of the I/O loop: a connection accepted in this one has not yet had its bytes read
         self._ids = itertools.count(1)
         self._replies: deque[tuple[Request, list[Any]]] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -223,6 +297,10 @@ class RouterServer:
             while not self._stopping:
                 events = sel.select(self._select_timeout())
                 now = time.monotonic()
+                self._round += 1
+                # the open connections first: a handshake that has begun gets its bytes read before a new
+                # connection may evict it as one that has sent nothing
+                events.sort(key=lambda event: event[0].fileobj is self.listener.sock)
                 for key, mask in events:
                     if key.fileobj is self.listener.sock:
                         self._accept(now)
@@ -240,6 +318,7 @@ class RouterServer:
                         if not conn.closed and mask & selectors.EVENT_READ:
                             self._guard(conn, self._on_readable, conn, now)
                 self._take_replies(time.monotonic())
+                self._resume_paused()
                 self._check_timers(time.monotonic())
         finally:
             for conn in list(self._conns.values()):
@@ -264,27 +343,79 @@ class RouterServer:
     # -- bookkeeping --------------------------------------------------------------------------------
 
     def _accept(self, now: float) -> None:
-        while True:
+        for _ in range(ACCEPT_BATCH):  # then the connections already open get their turn
             try:
-                sock, _ = self.listener.sock.accept()
+                sock, addr = self.listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # out of file descriptors, a connection reset before accept
                 return
-            if len(self._conns) >= self.limits.max_connections:
+            source = addr[0] if isinstance(addr, tuple) and addr else "local"
+            if not self._make_room(source):
                 self.stats["dropped"]["connection_cap"] += 1
                 sock.close()
                 continue
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(next(self._ids), sock, now)
+            conn = _Conn(next(self._ids), sock, now, source)
+            conn.round = self._round
             self._conns[conn.id] = conn
             self.stats["connections"] = len(self._conns)
             self.stats["connections_accepted"] += 1
             self._queue(conn, [self._greeting])
             self._guard(conn, self._flush, conn, now)
             self._interest(conn)
+
+    def _make_room(self, source: str) -> bool:
+        """Room for one more connection in its handshake: evict the handshaking connection that has got least
+        far (the oldest of those) from ``source``'s share if that is full, else from the whole budget if full.
+        If that one was accepted in this round of the I/O loop (it has not been read yet: it had no chance to
+        get further), the new connection is refused instead: False."""
+        lim = self.limits
+        shaking = [c for c in self._conns.values() if c.state != READY]
+        mine = [c for c in shaking if c.source == source]
+        full = mine if len(mine) >= lim.max_handshakes_per_source else \
+            shaking if len(shaking) >= lim.max_handshakes else None
+        if full is None:
+            return True
+        victim = min(full, key=_least_along)
+        if victim.round == self._round:
+            return False
+        self._drop(victim, "handshake_evicted")
+        return True
+
+    def _authenticated(self, conn: _Conn) -> None:
+        """``conn`` has finished its handshake: it takes one of the ``max_connections`` places, if one is free."""
+        ready = sum(1 for c in self._conns.values() if c.state == READY and c is not conn)
+        if ready >= self.limits.max_connections:
+            raise Drop("connection_cap", f"{ready} connections already")
+
+    def _held(self) -> int:
+        return sum(c.held() for c in self._conns.values())
+
+    def _within_budget(self, reader: _Conn, need: int) -> bool:
+        """May ``reader`` take ``need`` more bytes? Over the budget, the connection holding the most incomplete
+        input goes first (which may be ``reader``: then False); with none to drop, ``reader`` pauses."""
+        budget = self.limits.max_held_bytes
+        while not reader.closed:
+            if self._held() + need <= budget:
+                return True
+            victim = max(self._conns.values(), key=_Conn.incomplete)
+            if victim.incomplete() == 0:
+                self._paused.add(reader.id)
+                self._interest(reader)
+                return False
+            self._drop(victim, "memory_budget")
+        return False
+
+    def _resume_paused(self) -> None:
+        for cid in list(self._paused):
+            conn = self._conns.get(cid)
+            if conn is None or self._held() + READ_CHUNK <= self.limits.max_held_bytes:
+                self._paused.discard(cid)
+                if conn is not None:
+                    self._interest(conn)
 
     def _drop(self, conn: _Conn, reason: str) -> None:
         self.stats["dropped"][reason] += 1
@@ -307,14 +438,17 @@ class RouterServer:
         conn.parts = []
         conn.body = None
         conn.rbuf = bytearray()
+        conn.parts_bytes = conn.out_bytes = 0
         self._conns.pop(conn.id, None)
+        self._paused.discard(conn.id)
         self.stats["connections"] = len(self._conns)
 
     def _interest(self, conn: _Conn) -> None:
         if conn.closed or self._sel is None:
             return
         mask = 0
-        if conn.request is None and conn.out_bytes <= self.limits.max_pending_reply_bytes:
+        if conn.request is None and conn.out_held() <= self.limits.max_pending_reply_bytes \
+                and conn.id not in self._paused:
             mask |= selectors.EVENT_READ
         if conn.out:
             mask |= selectors.EVENT_WRITE
@@ -337,7 +471,7 @@ class RouterServer:
     def _deadline(self, conn: _Conn) -> float:
         lim = self.limits
         if conn.state != READY:
-            return conn.created + lim.request_timeout_s
+            return conn.created + lim.handshake_timeout_s
         if conn.out:
             return conn.last_write + lim.request_timeout_s
         if conn.msg_started is not None:
@@ -420,9 +554,17 @@ class RouterServer:
     def _on_readable(self, conn: _Conn, now: float) -> None:
         budget = READ_BUDGET
         while budget > 0 and not conn.closed and conn.request is None:
+            body = conn.body
+            grow = 0
+            if body is not None and conn.filled == len(body):  # full: at most double it, to what was declared
+                grow = min(conn.body_size - conn.filled, max(READ_CHUNK, conn.filled))
+            if not self._within_budget(conn, grow if body is not None else READ_CHUNK):
+                return
             try:
-                if conn.body is not None:
-                    n = conn.sock.recv_into(memoryview(conn.body)[conn.filled:])
+                if body is not None:
+                    if grow:
+                        body += bytes(grow)
+                    n = conn.sock.recv_into(memoryview(body)[conn.filled:])
                 else:
                     data = conn.sock.recv(READ_CHUNK)
                     n = len(data)
@@ -433,11 +575,13 @@ class RouterServer:
                 return
             budget -= n
             conn.last_activity = now
-            if conn.body is not None:
+            if conn.progress == _SILENT:
+                conn.progress = _SPOKE
+            if body is not None:
                 conn.filled += n
-                if conn.filled < len(conn.body):
+                if conn.filled < conn.body_size:
                     continue
-                body, conn.body = conn.body, None
+                conn.body = None
                 self._on_frame(conn, conn.body_flags, body, now)
             else:
                 conn.rbuf += data
@@ -448,7 +592,7 @@ class RouterServer:
         """Take every complete greeting or frame from the read buffer (none while a request is being handled)."""
         rbuf = conn.rbuf
         cap = self.limits.max_pending_reply_bytes
-        while not conn.closed and conn.request is None and conn.body is None and conn.out_bytes <= cap:
+        while not conn.closed and conn.request is None and conn.body is None and conn.out_held() <= cap:
             if conn.state == GREETING:
                 if rbuf and rbuf[0] != 0xFF:
                     raise Drop("handshake", "not a ZMTP greeting")
@@ -457,6 +601,7 @@ class RouterServer:
                 peer_greeting = bytes(rbuf[:GREETING_LEN])
                 del rbuf[:GREETING_LEN]
                 check_greeting(peer_greeting, self.mechanism.name)
+                conn.progress = _GREETED
                 self._send_handshake(conn, self.mechanism.start(conn))
                 continue
             if len(rbuf) < 2:
@@ -474,9 +619,9 @@ class RouterServer:
                 body = rbuf[:size]  # a copy of its own (writable: numpy arrays viewing it are too)
                 del rbuf[:size]
                 self._on_frame(conn, flags, body, now)
-            else:  # a large frame: read straight into its own buffer, sized once the limits allow it
-                conn.body = bytearray(size)
-                conn.body[:len(rbuf)] = rbuf
+            else:  # a large frame: read straight into its own buffer, which grows as the body arrives
+                conn.body = bytearray(rbuf)
+                conn.body_size = size
                 conn.filled = len(rbuf)
                 conn.body_flags = flags
                 rbuf.clear()
@@ -502,7 +647,11 @@ class RouterServer:
 
     def _on_frame(self, conn: _Conn, flags: int, body: bytes | bytearray, now: float) -> None:
         if conn.state != READY:
-            self._send_handshake(conn, self.mechanism.handshake(conn, bytes(body)))
+            frames = self.mechanism.handshake(conn, bytes(body))
+            conn.progress += 1
+            if conn.state == READY:
+                self._authenticated(conn)
+            self._send_handshake(conn, frames)
             return
         is_command, more, payload = self.mechanism.open(conn, flags, body)
         if is_command:
@@ -518,7 +667,7 @@ class RouterServer:
         conn.parts_bytes += len(payload)
         if more:
             return
-        request = Request(conn.id, conn.parts)
+        request = Request(conn.id, conn.parts, conn.parts_bytes)
         conn.parts, conn.parts_bytes, conn.msg_started = [], 0, None
         conn.request = request
         self.requests.put(request)
@@ -535,3 +684,8 @@ class RouterServer:
         elif name == b"ERROR":
             self._close(conn)
         # PONG, SUBSCRIBE, CANCEL and commands of later versions: nothing to do
+
+
+def _least_along(conn: _Conn) -> tuple[int, float]:
+    """The order in which handshaking connections are evicted: least far first, then oldest."""
+    return conn.progress, conn.created

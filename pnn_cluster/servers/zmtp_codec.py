@@ -30,7 +30,7 @@ GREETING, READY = "greeting", "ready"
 #: why connections were closed by the server (keys of ``stats["dropped"]``)
 DROP_REASONS = (
     "message_too_large", "too_many_frames", "request_timeout", "reply_timeout", "idle_timeout",
-    "connection_cap", "handshake", "unauthorized", "protocol",
+    "connection_cap", "handshake", "handshake_evicted", "memory_budget", "unauthorized", "protocol",
 )
 
 

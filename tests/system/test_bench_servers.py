@@ -49,6 +49,18 @@ def test_bench_servers_json_and_both_bounds():
     assert out["zmq_flood_rss_mb"] <= BOUND_MB, out
     assert out["zmq_flood_replies"] == 0, out
     assert out["zmq_answers_after_flood"] is True, out
+    # the attacks of issue #20 on serve-device's defaults: strangers churning through the handshakes (an allowed
+    # CURVE client answered within 2 s each time), 16 frame headers declaring nearly the request cap, PONGs never
+    # read; each within the bound
+    churn = out["zmq_handshake_churn"]
+    assert churn["churners"] == 64 and churn["answered"] == churn["requests"] == 5 and churn["pass"], churn
+    assert churn["evicted"] + churn["refused"] > 64, churn  # they did churn
+    headers = out["zmq_header_only"]
+    assert headers["connections"] == 16 and headers["declared_mb"] > 64 and headers["answered"], headers
+    assert headers["rss_growth_mb"] <= BOUND_MB, headers  # before: 16 x the declared size, zero-filled
+    pongs = out["zmq_pong_flood"]
+    assert pongs["answered"] and pongs["pings_taken_mb"] < pongs["ping_mb"] and pongs["pass"], pongs
+    assert pongs["rss_growth_mb"] <= 64, pongs  # the 16 MiB cap on unread replies, counted as memory held
     # the SCPI bench: 2 headers declaring 256 MiB each cost it (almost) nothing, and it keeps answering
     assert out["scpi_flood_rss_mb"] <= BOUND_MB, out
     assert out["scpi_answers_during_flood"] and out["scpi_answers_after_flood"]

@@ -284,8 +284,8 @@ def test_ping_is_answered_with_pong_and_garbage_is_dropped_at_the_greeting():
 def test_connection_cap_refuses_extra_connections_and_frees_a_slot_when_one_closes():
     with DeviceServer(Gain(), LOOPBACK_ANY, max_connections=2) as server:
         held = [RawPeer(server.endpoint) for _ in range(2)]
-        extra = RawPeer(server.endpoint, handshake=False)
-        assert extra.seconds_until_closed() < 5  # accepted and closed at once
+        extra = RawPeer(server.endpoint)
+        assert extra.seconds_until_closed() < 5  # closed as its handshake ends
         extra.close()
         assert dropped(server, "connection_cap") >= 1
         held.pop().close()
@@ -297,7 +297,8 @@ def test_connection_cap_refuses_extra_connections_and_frees_a_slot_when_one_clos
 
 
 def test_a_stalled_request_a_stalled_handshake_and_an_idle_connection_are_dropped_after_their_timeouts():
-    with DeviceServer(Gain(), LOOPBACK_ANY, request_timeout_s=0.5, idle_timeout_s=1.0) as server, \
+    with DeviceServer(Gain(), LOOPBACK_ANY, request_timeout_s=0.5, handshake_timeout_s=0.5,
+                      idle_timeout_s=1.0) as server, \
             DeviceClient(server.endpoint, timeout_s=10) as client:
         client.health()
         stalled = RawPeer(server.endpoint)
@@ -316,6 +317,91 @@ def test_a_stalled_request_a_stalled_handshake_and_an_idle_connection_are_droppe
         assert srv["dropped"]["idle_timeout"] >= 1 and srv["requests"] == 2
         for peer in (stalled, mute, idle):
             peer.close()
+
+
+def test_strangers_in_their_handshake_are_evicted_least_far_first_and_never_an_authenticated_connection():
+    with DeviceServer(Gain(), LOOPBACK_ANY, max_handshakes=6, max_handshakes_per_source=4) as server:
+        authenticated = [RawPeer(server.endpoint) for _ in range(2)]
+        greeted = RawPeer(server.endpoint, handshake=False)
+        greeted.sock.sendall(b"\xff" + bytes(8) + b"\x7f" + bytes((3, 0)) + b"NULL".ljust(20, b"\0") + bytes(32))
+        assert greeted.recv_exactly(64)[0] == 0xFF
+        assert greeted.recv_frame()[1].startswith(b"\x05READY")  # the server's answer to our greeting: it was read
+        silent = [RawPeer(server.endpoint, handshake=False) for _ in range(30)]
+        # one address holds at most 4 handshakes: 27 of the silent ones go (evicted, oldest first, or refused
+        # when the others came in the same round of the server's loop), the greeted one stays
+        wait_until(lambda: dropped(server, "handshake_evicted") + dropped(server, "connection_cap") == 27, 10,
+                   "27 evictions")
+        assert server.health()["server"]["connections"] == 2 + 4
+
+        def closed(peer: RawPeer) -> bool:
+            try:
+                return peer.seconds_until_closed(0.5) > 0
+            except TimeoutError:
+                return False
+
+        assert sum(closed(p) for p in silent) == 27
+        assert not closed(greeted)
+        x = np.full((1, 4), 0.25)
+        for peer in authenticated:  # never evicted
+            peer.send_message([b"", *forward_request(x)])
+            reply = peer.recv_message()
+            check_forward_reply(reply[1:], x)
+        for peer in (*authenticated, greeted, *silent):
+            peer.close()
+
+
+def test_an_allowed_curve_client_is_answered_while_strangers_churn_through_the_handshake_budget(keys):
+    import threading
+
+    server = DeviceServer(Gain(), LOOPBACK_ANY, curve=CurveServerConfig(keys / "server.key_secret", keys / "allowed"),
+                          max_handshakes=8, max_handshakes_per_source=4, request_timeout_s=30.0).start()
+    stop = threading.Event()
+
+    def churn() -> None:  # connect, send nothing, and connect again as soon as the server lets go
+        host, port = server.endpoint[len("tcp://"):].rsplit(":", 1)
+        while not stop.is_set():
+            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=2) as sock:
+                sock.settimeout(0.5)
+                with contextlib.suppress(OSError):
+                    while not stop.is_set() and sock.recv(4096):
+                        pass
+
+    threads = [threading.Thread(target=churn, daemon=True) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: dropped(server, "handshake_evicted") >= 50, 20, "the strangers churning")
+        t0 = time.monotonic()
+        with DeviceClient(server.endpoint, timeout_s=10, curve=_client_curve(keys, "trusted")) as client:
+            np.testing.assert_array_equal(client.forward(np.full((1, 4), 0.5)), 0.5)
+        waited = time.monotonic() - t0
+        assert waited < 5, waited  # before: the 16 strangers held every slot for the 30 s request timeout
+        assert dropped(server, "handshake_evicted") >= 50
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        server.stop()
+
+
+def test_the_memory_budget_drops_the_largest_incomplete_request_and_the_others_are_served():
+    with DeviceServer(Gain(), LOOPBACK_ANY, max_message_bytes=MIB, max_held_bytes=2 * MIB) as server, \
+            DeviceClient(server.endpoint, timeout_s=10) as client:
+        peers = [RawPeer(server.endpoint) for _ in range(3)]
+        for i, peer in enumerate(peers):  # 900, 800 and 700 KiB of a 1,000 KiB frame each: 2.4 MiB in all
+            peer.sock.sendall(zmtp_frame(b"", MORE) + zmtp_frame(bytes(1000 * 1024))[:(900 - 100 * i) * 1024])
+        wait_until(lambda: dropped(server, "memory_budget") >= 1, 10, "the budget enforced")
+        assert peers[0].seconds_until_closed() < 5  # the largest holder went first
+        assert dropped(server, "memory_budget") == 1
+        np.testing.assert_array_equal(client.forward(np.full((2, 4), 0.5)), 0.5)
+        for peer in peers:
+            peer.close()
+
+
+def test_the_request_cap_defaults_to_what_the_device_spec_needs():
+    with DeviceServer(Gain(), LOOPBACK_ANY) as server:
+        # Gain: max_batch 1e6 x 4 inputs and 4 parameters as float64, and the largest header
+        assert server.health()["server"]["limits"]["max_message_bytes"] == 64 * 1024 + 8 * (4_000_000 + 4)
 
 
 def test_ipc_endpoints_any_path_and_a_live_socket_file_is_not_taken_over(tmp_path):
@@ -337,7 +423,7 @@ def test_ipc_endpoints_any_path_and_a_live_socket_file_is_not_taken_over(tmp_pat
 # -- memory, measured on a server in its own process -------------------------------------------------------------
 
 SERVER = textwrap.dedent("""
-    import sys
+    import json, sys
     from pnn_cluster.devices import Device, DeviceSpec, ParamSpec, Port
     from pnn_cluster.servers.zmq_server import DeviceServer
 
@@ -348,8 +434,9 @@ SERVER = textwrap.dedent("""
         def measure(self, x, params):
             return x * params["gain"]
 
-    server = DeviceServer(Gain(), "tcp://127.0.0.1:0", max_message_bytes=1 << 20, max_connections=8,
-                          request_timeout_s=1.0, idle_timeout_s=60.0, max_pending_reply_bytes=1 << 20).start()
+    limits = dict(max_message_bytes=1 << 20, max_connections=8, request_timeout_s=1.0, idle_timeout_s=60.0,
+                  max_pending_reply_bytes=1 << 20)
+    server = DeviceServer(Gain(), "tcp://127.0.0.1:0", **{**limits, **json.loads(sys.argv[1])}).start()
     print(server.endpoint, flush=True)
     sys.stdin.read()  # serve until the test closes our stdin
     server.stop()
@@ -357,8 +444,9 @@ SERVER = textwrap.dedent("""
 
 
 class ServerProcess:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    def __init__(self, **limits: object) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(limits)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.endpoint = self.proc.stdout.readline().strip()
         assert self.endpoint.startswith("tcp://127.0.0.1:"), self.endpoint
@@ -465,4 +553,43 @@ def test_too_many_frames_and_a_client_that_never_reads_its_replies_are_cut_off(s
     print(f"never-reading client: {taken} of the {sent} requests it sent were taken, peak RSS +{peak:.1f} MiB")
     # taken: what fits in the socket buffers and under the 1 MiB reply cap (a few MiB), not the 100 MiB sent
     assert 1 <= taken <= 40 and peak < 64
+    served.answers_correctly()
+
+
+def test_frame_headers_alone_cost_nothing_and_buffers_grow_as_bytes_arrive():
+    served = ServerProcess(max_message_bytes=64 * MIB, max_connections=20)
+    try:
+        served.answers_correctly()
+        base = served.reset_peak()
+        peers = [RawPeer(served.endpoint) for _ in range(16)]
+        for peer in peers:  # a header declaring 60 MiB, and 100 KiB of its body
+            peer.sock.sendall(zmtp_frame(b"", MORE) + zmtp_frame(bytes(60 * MIB))[:9 + 100 * 1024])
+        wait_until(lambda: served.server()["connections"] == 17, 10, "the 16 peers")
+        served.answers_correctly()
+        peak = (served.memory_kib()["VmHWM"] - base) / 1024
+        print(f"16 headers declaring 60 MiB: peak RSS +{peak:.1f} MiB")
+        assert peak < 16, peak  # before: 16 x 60 MiB set aside and zero-filled
+        for peer in peers:
+            peer.close()
+    finally:
+        served.close()
+
+
+def test_pongs_never_read_are_counted_as_the_memory_they_hold(served):
+    base = served.reset_peak()
+    greedy = RawPeer(served.endpoint, rcvbuf=16 * 1024)
+    ping = zmtp_frame(b"\x04PING\x00\x00", COMMAND)  # a PING with a TTL and no context: a 6-byte PONG back
+    greedy.sock.settimeout(0.3)
+    sent = 0
+    try:
+        chunk = ping * 8192
+        for _ in range(24 * MIB // len(chunk)):
+            greedy.sock.sendall(chunk)
+            sent += len(chunk)
+    except (TimeoutError, ConnectionError):
+        pass  # the server stopped reading: its PONGs to us are over the 1 MiB cap
+    peak = (served.memory_kib()["VmHWM"] - base) / 1024
+    print(f"never-read PONGs: {sent / MIB:.1f} MiB of PINGs taken, peak RSS +{peak:.1f} MiB")
+    assert sent < 24 * MIB and peak < 16, (sent, peak)  # before: +554 MiB for 24 MiB of PINGs, 16 MiB cap
+    greedy.close()
     served.answers_correctly()

@@ -22,7 +22,8 @@ def keys(tmp_path_factory):
 
 def test_limits_are_validated_and_allow_remote_needs_curve_or_insecure(keys):
     for kw in ({"max_connections": 0}, {"request_timeout_s": 0}, {"idle_timeout_s": -1.0},
-               {"max_pending_reply_bytes": -1}, {"max_message_bytes": 10}):
+               {"max_pending_reply_bytes": -1}, {"max_message_bytes": 10}, {"max_handshakes": 0},
+               {"max_handshakes_per_source": 0}, {"handshake_timeout_s": 0}, {"max_held_bytes": 1024}):
         with pytest.raises(BindError, match=next(iter(kw))):
             DeviceServer(Gain(), LOOPBACK_ANY, **kw)
     with pytest.raises(BindError, match="--insecure") as ei:
@@ -33,6 +34,15 @@ def test_limits_are_validated_and_allow_remote_needs_curve_or_insecure(keys):
                  curve=CurveServerConfig(keys / "server.key_secret", keys / "allowed"))
     with pytest.raises(BindError, match="transport 'inproc'"):
         DeviceServer(Gain(), "inproc://x")
+
+
+def test_the_memory_budget_holds_at_least_one_whole_request_and_defaults_to_two_and_the_replies():
+    server = DeviceServer(Gain(), LOOPBACK_ANY, max_message_bytes=32 << 20, max_pending_reply_bytes=16 << 20)
+    assert server.limits.max_held_bytes == 2 * (32 << 20) + (16 << 20) + 2 * 65536
+    assert DeviceServer(Gain(), LOOPBACK_ANY, max_message_bytes=1 << 20).limits.max_held_bytes == 64 << 20
+    with pytest.raises(BindError, match=r"max_held_bytes: 1048576; allowed: at least max_message_bytes") as ei:
+        DeviceServer(Gain(), LOOPBACK_ANY, max_message_bytes=1 << 20, max_held_bytes=1 << 20)
+    assert "\n" not in str(ei.value)
 
 
 def test_a_malformed_key_file_stops_the_start_naming_the_file_and_the_problem(keys, tmp_path):
