@@ -280,11 +280,147 @@ def scpi_ask(port: int, message: bytes, timeout_s: float) -> bytes | None:
         return None
 
 
+#: a numeric setting of each source instrument, for a line of digits that is not a number
+SCPI_NUMERIC_HEADERS = {"pulse_shaper": b"SOUR:WAV:CENT", "awg": b"SOUR:VOLT:OFFS"}
+#: the attacks of issue #20 on the SCPI bench: a line of digits, the blocks of one message, idle connections
+SCPI_NUMERIC_LINE_BYTES = MIB
+SCPI_BLOCK_FLOOD = (400, MIB)  # blocks, bytes each, in one message that never ends
+SCPI_BLOCK_FLOOD_CAP_MB = 32  # the block cap of the bench the block flood is bounded on (see scpi_block_flood)
+SCPI_ANSWER_WITHIN_S = 0.5
+SCPI_ATTACK_BOUND_MB = 64  # the RSS growth the block flood may cost the bench
+SCPI_IDLE = 8  # connections that sit idle: the bench's default cap per instrument
+
+
+def scpi_line(sock: socket.socket, message: bytes) -> bytes | None:
+    """Send one message on an open connection and read one answer line; None if it is closed or times out."""
+    try:
+        sock.sendall(message + b"\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            got = sock.recv(4096)
+            if not got:
+                return None
+            answer += got
+        return answer[:-1]
+    except OSError:
+        return None
+
+
+def closed_within(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the bench closes the connection within ``timeout_s`` (anything it still sends is read and dropped)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            if not sock.recv(1 << 16):
+                return True
+    except ConnectionResetError:
+        return True
+    except OSError:  # timed out: still open
+        return False
+
+
+def scpi_numeric_line(port: int, sink_port: int, kind: str) -> dict[str, Any]:
+    """The sink's answers while the source gets a 1 MiB line of digits ending in ``x`` (a number only in part).
+
+    The sink is asked ``*OPC?`` again and again until the source has answered ``SYST:ERR?`` behind the line;
+    the slowest of those answers is the latency (both instruments share one event loop).
+    """
+    header = SCPI_NUMERIC_HEADERS.get(kind, b"SOUR:VOLT:OFFS") + b" "
+    line = header + b"1" * (SCPI_NUMERIC_LINE_BYTES - len(header) - 2) + b"x"  # 1 MiB with its newline
+    src = socket.create_connection(("127.0.0.1", port), timeout=10)
+    snk = socket.create_connection(("127.0.0.1", sink_port), timeout=10)
+    try:
+        if scpi_line(snk, b"*OPC?") != b"1" or scpi_line(src, b"*OPC?") != b"1":
+            raise RuntimeError("sim-instrument did not answer *OPC? before the numeric line")
+        source: dict[str, Any] = {}
+
+        def send() -> None:
+            t = time.monotonic()
+            source["error"] = scpi_line(src, line + b"\nSYST:ERR?")
+            source["s"] = time.monotonic() - t
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        worst, answered, asked = 0.0, True, 0
+        while sender.is_alive() or not asked:
+            t = time.monotonic()
+            answered = scpi_line(snk, b"*OPC?") == b"1"
+            worst = max(worst, time.monotonic() - t)
+            asked += 1
+            if not answered:
+                break
+        sender.join(15)
+        error = source.get("error")
+        code = int(error.split(b",", 1)[0]) if error and error.split(b",", 1)[0].lstrip(b"-").isdigit() else None
+        return {"line_mb": round(len(line) / MIB, 3), "other_latency_s": round(worst, 3),
+                "other_answers": asked if answered else asked - 1, "source_error": code,
+                "source_s": round(source["s"], 3) if "s" in source else None,
+                "pass": answered and worst < SCPI_ANSWER_WITHIN_S and code is not None}
+    finally:
+        src.close()
+        snk.close()
+
+
+def scpi_block_flood(server: Server, port: int, sink_port: int) -> dict[str, Any]:
+    """One connection sends 400 blocks of 1 MiB in one message that never ends: the server's RSS growth (MiB),
+    whether it closed that connection, how many blocks went out, and whether the sink answered afterwards."""
+    blocks, size = SCPI_BLOCK_FLOOD
+    one = b"#" + str(len(str(size))).encode() + str(size).encode() + bytes(size) + b","
+    base = server.status("VmRSS")
+    hwm = server.reset_peak()
+    sent = 0
+    with PeakSampler(server, hwm) as sampler:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            sock.sendall(b"SOUR:MASK:DATA ")
+            for _ in range(blocks):
+                sock.sendall(one)
+                sent += 1
+        except OSError:  # closed by the bench while the client was still sending
+            pass
+        closed = closed_within(sock, 5)
+        sock.close()
+        other = scpi_ask(sink_port, b"*IDN?", 10)
+        peak = sampler.peak()
+    return {"rss_growth_mb": round(peak - base, 1), "closed": closed, "blocks_sent": sent,
+            "other_answered": bool(other and other.startswith(b"PNN-Cluster"))}
+
+
+def scpi_idle_eviction(port: int) -> dict[str, Any]:
+    """8 connections answered once and left idle, then a 9th asks ``*IDN?``: is it served, and how fast."""
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(SCPI_IDLE)]
+    ninth = None
+    try:
+        if not all(scpi_line(s, b"*OPC?") == b"1" for s in idle):
+            raise RuntimeError("sim-instrument did not answer the connections that are then left idle")
+        t = time.monotonic()
+        ninth = socket.create_connection(("127.0.0.1", port), timeout=10)
+        answer = scpi_line(ninth, b"*IDN?")
+        latency = time.monotonic() - t
+        served = bool(answer and answer.startswith(b"PNN-Cluster"))
+        evicted = sum(closed_within(s, 0.2) for s in idle)
+        return {"idle": SCPI_IDLE, "served": served, "latency_s": round(latency, 3) if served else None,
+                "evicted": evicted, "pass": served and evicted == 1}
+    finally:
+        for s in (*idle, *([ninth] if ninth else [])):
+            s.close()
+
+
 def bench_scpi(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The flood of block headers (issue #10), then the attacks of issue #20, each against ``sim-instrument`` with
+    its defaults: a 1 MiB numeric line, 8 idle connections and a 9th, and 400 blocks of 1 MiB in one message.
+
+    The block flood's bound is shown on a second bench, with ``--max-block-mb 32``: a bench's default block cap
+    is its device's largest legitimate block (96 MB for shg: a batch of 10^6 samples), which alone is more than
+    the 64 MiB bound; on the default bench the growth is reported too (``default_cap_rss_growth_mb``).
+    """
     t0 = time.monotonic()
     server = Server("sim-instrument", ["sim-instrument", "--system", args.system, "--port", "0", "--ideal"])
     try:
-        port = int(server.wait_for(r"^source \(\w+\): TCPIP::[^:]+::(\d+)::SOCKET", args.start_timeout_s).group(1))
+        source = server.wait_for(r"^source \((\w+)\): TCPIP::[^:]+::(\d+)::SOCKET", args.start_timeout_s)
+        kind, port = source.group(1), int(source.group(2))
+        sink_port = int(server.wait_for(r"^sink \(\w+\): TCPIP::[^:]+::(\d+)::SOCKET", args.start_timeout_s).group(1))
         server.wait_for(r"^serving", args.start_timeout_s)
         first = scpi_ask(port, b"*IDN?", 10)
         if not first or not first.startswith(b"PNN-Cluster"):
@@ -323,10 +459,28 @@ def bench_scpi(args: argparse.Namespace, out: dict[str, Any]) -> None:
             "scpi_flood_closed_by_server": closed,
             "scpi_answers_during_flood": bool(after and after.startswith(b"PNN-Cluster")),
             "scpi_answers_after_flood": bool(after_all and after_all.startswith(b"PNN-Cluster")),
-            "scpi_seconds": round(time.monotonic() - t0, 2),
         })
+        out["scpi_numeric_line"] = scpi_numeric_line(port, sink_port, kind)
+        out["scpi_idle_eviction"] = scpi_idle_eviction(port)
+        default_flood = scpi_block_flood(server, port, sink_port)
     finally:
         server.stop()
+    capped = Server("sim-instrument", ["sim-instrument", "--system", args.system, "--port", "0", "--ideal",
+                                       "--max-block-mb", str(SCPI_BLOCK_FLOOD_CAP_MB)])
+    try:
+        port = int(capped.wait_for(r"^source \(\w+\): TCPIP::[^:]+::(\d+)::SOCKET", args.start_timeout_s).group(1))
+        sink_port = int(capped.wait_for(r"^sink \(\w+\): TCPIP::[^:]+::(\d+)::SOCKET", args.start_timeout_s).group(1))
+        capped.wait_for(r"^serving", args.start_timeout_s)
+        flood = scpi_block_flood(capped, port, sink_port)
+        blocks, size = SCPI_BLOCK_FLOOD
+        out["scpi_block_flood"] = {
+            "blocks": blocks, "block_mb": size / MIB, "max_block_mb": SCPI_BLOCK_FLOOD_CAP_MB, **flood,
+            "default_cap_rss_growth_mb": default_flood["rss_growth_mb"],
+            "pass": flood["rss_growth_mb"] <= SCPI_ATTACK_BOUND_MB and flood["closed"] and flood["other_answered"],
+        }
+        out["scpi_seconds"] = round(time.monotonic() - t0, 2)
+    finally:
+        capped.stop()
 
 
 # -- main ---------------------------------------------------------------------------------------------

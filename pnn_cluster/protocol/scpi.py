@@ -97,7 +97,9 @@ def block_values(data: Any, dtype: np.dtype | str = BLOCK_DTYPE) -> np.ndarray:
 #: IEEE 488.2 <DECIMAL NUMERIC PROGRAM DATA> (7.7.2): an optional sign, digits with at most one '.'
 #: (at least one digit), an optional exponent E/e with an optional sign and digits. ASCII digits only
 #: (re.ASCII), nothing else: no whitespace, no '_' (Python's 1_0), no hex (0x10), no 'inf'/'nan'.
-_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+#: Linear time: no two quantifiers can take the same digit (the '.' separates the mantissa's two runs), so
+#: a run of digits followed by a non-digit fails in one pass instead of trying every split of the run.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 #: what a number may look like, for error messages
 DECIMAL_SYNTAX = "SCPI decimal numeric data: [+|-]digits[.digits][E[+|-]digits], e.g. 5, -0.5, .5, 5., 1E-3"
 

@@ -41,19 +41,31 @@ Memory and time are bounded, so that a client (broken or hostile) cannot
 exhaust the bench or hold it up for the others (the defaults and ranges are
 stated in :mod:`.limits`):
 
-* A message longer than ``SCPI_MAX_MESSAGE_BYTES`` outside a block is dropped
-  with -223.
+* A message longer than ``SCPI_MAX_MESSAGE_BYTES`` (4 KiB) outside block
+  payloads, block headers included, is dropped with -223; the length is
+  checked as the bytes arrive, before anything parses them, and numbers are
+  parsed in linear time, so no line can hold up the event loop that serves
+  both instruments.
 * A block's declared length is checked before anything is allocated: more
   than ``max_block_bytes`` closes the connection (the stream cannot be
-  resynchronised without trusting that length). The default is the device's
-  largest legitimate block (:func:`default_max_block_bytes`). A block's buffer
-  then grows with the bytes that arrive, never to the declared length up front.
+  resynchronised without trusting that length), and so does a block that
+  would take the blocks of its message past ``max_message_block_bytes``
+  together. The defaults are the device's largest legitimate block
+  (:func:`default_max_block_bytes`) and that plus every parameter array
+  (:func:`default_max_message_block_bytes`). A block's buffer then grows with
+  the bytes that arrive, never to the declared length up front.
 * Each message, block included, must arrive in full within
   ``command_timeout_s`` of its first byte; otherwise the connection is
   closed. A connection with nothing in progress for ``idle_timeout_s``
   (``None``: never) is closed too.
-* Each instrument serves at most ``max_connections`` clients; one more is
-  closed at once, and the refusal logged.
+* Each instrument serves at most ``max_connections`` clients. When all are
+  taken, a new client is admitted by closing the connection idle the longest
+  (nothing arriving, queued, running or waiting to be sent), which is logged
+  and counted as ``evicted``; a client mid-conversation is never evicted.
+  Only when none is idle is the new connection closed at once, and the
+  refusal logged. (SCPI has no authentication: anyone who reaches the port
+  may take a slot, so a slot is not kept for a client that is not using it;
+  an evicted driver gets a closed connection on its next command.)
 * Answers are handed to the socket ``max_unread_bytes / 2`` at a time and no
   more than ``max_unread_bytes`` wait for a client; a client that has not read
   for ``command_timeout_s`` is disconnected. At most ``SCPI_QUEUE_MESSAGES``
@@ -90,16 +102,23 @@ from pnn_cluster.servers.limits import (
     SCPI_IDLE_TIMEOUT_S,
     SCPI_MAX_BLOCK_BYTES,
     SCPI_MAX_CONNECTIONS,
+    SCPI_MAX_MESSAGE_BLOCK_BYTES,
     SCPI_MAX_UNREAD_BYTES,
     SCPI_QUEUE_BYTES,
     SCPI_QUEUE_MESSAGES,
     Limit,
 )
-from pnn_cluster.servers.scpi_instruments import Bench, SimInstrument, default_max_block_bytes, instruments_for
+from pnn_cluster.servers.scpi_instruments import (
+    Bench,
+    SimInstrument,
+    default_max_block_bytes,
+    default_max_message_block_bytes,
+    instruments_for,
+)
 from pnn_cluster.servers.scpi_session import ScpiSession
 from pnn_cluster.servers.scpi_wire import Framer, Message, Overflow, ScpiError
 
-__all__ = ["ScpiError", "SimBench", "default_max_block_bytes", "instruments_for"]
+__all__ = ["ScpiError", "SimBench", "default_max_block_bytes", "default_max_message_block_bytes", "instruments_for"]
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +180,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.inst = inst
         self.bench = bench
         self.scpi = ScpiSession(inst)
-        self.framer = Framer(bench.max_block_bytes)
+        self.framer = Framer(bench.max_block_bytes, max_message_block_bytes=bench.max_message_block_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self._inbox = _Inbox()
@@ -190,7 +209,7 @@ class _Connection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
         bench, inst = self.bench, self.inst
-        if len(inst.sessions) >= bench.max_connections:
+        if len(inst.sessions) >= bench.max_connections and not self._make_room():
             self._closing = True
             bench.stats["refused_connections"] += 1
             log.warning("sim-instrument: %s (%s, port %d): refused a connection from %s: %d connections open; "
@@ -207,6 +226,18 @@ class _Connection(asyncio.BufferedProtocol):
         bench._sessions.add(self)
         inst.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _make_room(self) -> bool:
+        """The instrument is at its cap: close its connection idle the longest for this one; False if none is."""
+        idle = [c for c in self.inst.sessions if c.idle()]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c._last_activity)
+        self.bench.stats["evicted"] += 1
+        oldest.drop(f"idle for {time.monotonic() - oldest._last_activity:.3g} s with all {self.bench.max_connections} "
+                    f"connections taken; closed to admit {self.peer}")
+        self.inst.sessions.discard(oldest)  # its slot is free now; the transport closes on the next turn of the loop
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.bench._sessions.discard(self)
@@ -238,7 +269,7 @@ class _Connection(asyncio.BufferedProtocol):
             if isinstance(event, Message):
                 self._inbox.put(event.parts, event.nbytes)
             elif isinstance(event, Overflow):
-                self.bench.stats["oversized_blocks"] += 1
+                self.bench.stats["oversized_blocks" if event.before is None else "oversized_messages"] += 1
                 self.drop(event.reason(), event.error())
             else:
                 self._inbox.put(event)  # an error, through the queue, so errors keep their order with commands
@@ -263,6 +294,13 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- limits --------------------------------------------------------------------------------------
 
+    def idle(self) -> bool:
+        """Nothing in progress: no message arriving, none queued or running, no answer waiting to be sent."""
+        t = self.transport
+        return (not self._closing and t is not None and not t.is_closing() and self._msg_start is None
+                and not self.framer.in_progress and not self._busy and self._inbox.empty()
+                and t.get_write_buffer_size() == 0)
+
     def check_deadlines(self, now: float) -> None:
         """Close the connection if its message is overdue or it has been idle too long (the bench's sweeper)."""
         t = self.transport
@@ -281,8 +319,7 @@ class _Connection(asyncio.BufferedProtocol):
             bench.stats["timed_out"] += 1
             self.drop(what, err)
             return
-        if (bench.idle_timeout_s is not None and self._msg_start is None and not self._busy and self._inbox.empty()
-                and t.get_write_buffer_size() == 0 and now - self._last_activity > bench.idle_timeout_s):
+        if bench.idle_timeout_s is not None and self.idle() and now - self._last_activity > bench.idle_timeout_s:
             bench.stats["idle_closed"] += 1
             self.drop(f"idle for {now - self._last_activity:.3g} s; allowed: {bench.idle_timeout_s:g} s")
 
@@ -392,7 +429,10 @@ class SimBench(Bench):
 
     Limits (see the module's docstring; defaults and ranges in :mod:`.limits`):
     ``max_block_bytes`` (None: the device's largest legitimate block,
-    :func:`default_max_block_bytes`), ``max_connections`` per instrument,
+    :func:`default_max_block_bytes`), ``max_message_block_bytes`` (None: that
+    and every parameter array, :func:`default_max_message_block_bytes`),
+    ``max_connections`` per instrument (then the longest idle connection makes
+    room for a new one, or the new one is refused),
     ``idle_timeout_s`` (None: never), ``command_timeout_s`` and
     ``max_unread_bytes``. The instruments and the device they share are the
     :class:`~pnn_cluster.servers.scpi_instruments.Bench` this extends.
@@ -400,7 +440,8 @@ class SimBench(Bench):
 
     def __init__(self, system: str = "circuit", *, device: Device | None = None, host: str = "127.0.0.1",
                  port: int = 5025, allow_remote: bool = False, instruments: tuple[str, str] | None = None,
-                 max_block_bytes: int | None = None, max_connections: int = MAX_CONNECTIONS,
+                 max_block_bytes: int | None = None, max_message_block_bytes: int | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
                  idle_timeout_s: float | None = IDLE_TIMEOUT_S, command_timeout_s: float = COMMAND_TIMEOUT_S,
                  max_unread_bytes: int = MAX_UNREAD_BYTES, **device_options: Any) -> None:
         if not allow_remote and not is_loopback_host(host):
@@ -414,6 +455,9 @@ class SimBench(Bench):
         self.port = port
         self.max_block_bytes = (default_max_block_bytes(self.device.spec) if max_block_bytes is None
                                 else _whole("max_block_bytes", max_block_bytes, SCPI_MAX_BLOCK_BYTES))
+        self.max_message_block_bytes = (
+            default_max_message_block_bytes(self.device.spec, self.max_block_bytes) if max_message_block_bytes is None
+            else _whole("max_message_block_bytes", max_message_block_bytes, SCPI_MAX_MESSAGE_BLOCK_BYTES))
         self.max_connections = _whole("max_connections", max_connections, SCPI_MAX_CONNECTIONS)
         self.max_unread_bytes = _whole("max_unread_bytes", max_unread_bytes, SCPI_MAX_UNREAD_BYTES)
         self.command_timeout_s = _seconds("command_timeout_s", command_timeout_s, SCPI_COMMAND_TIMEOUT_S)

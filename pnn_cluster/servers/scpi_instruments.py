@@ -50,13 +50,14 @@ from pnn_cluster.protocol.scpi import (
     is_decimal_number,
 )
 from pnn_cluster.servers import BindError
-from pnn_cluster.servers.limits import SCPI_BLOCK_CAP_MAX, SCPI_BLOCK_CAP_MIN
+from pnn_cluster.servers.limits import SCPI_BLOCK_CAP_MAX, SCPI_BLOCK_CAP_MIN, SCPI_MAX_MESSAGE_BLOCK_BYTES
 from pnn_cluster.servers.scpi_wire import Block, Quoted, ScpiError, shown
 
 if TYPE_CHECKING:
     from pnn_cluster.servers.scpi_session import ScpiSession
 
-__all__ = ["Bench", "SimInstrument", "TableEntry", "default_max_block_bytes", "instruments_for"]
+__all__ = ["Bench", "SimInstrument", "TableEntry", "default_max_block_bytes", "default_max_message_block_bytes",
+           "instruments_for"]
 
 #: systems whose bench is optical (pulse shaper + spectrometer); the others are electronic (AWG + scope)
 OPTICAL_SYSTEMS = {"shg"}
@@ -73,6 +74,16 @@ def default_max_block_bytes(spec: DeviceSpec) -> int:
     item = BLOCK_DTYPE.itemsize
     largest = max([spec.max_batch * spec.input.size * item] + [p.numel * item for p in spec.params])
     return int(min(SCPI_BLOCK_CAP_MAX, max(SCPI_BLOCK_CAP_MIN, largest)))
+
+
+def default_max_message_block_bytes(spec: DeviceSpec, max_block_bytes: int) -> int:
+    """What the blocks of one legitimate program message hold at most, with blocks capped at ``max_block_bytes``.
+
+    One block at that cap (a batch) and every parameter array as float64: a driver sends one block a message,
+    and a client that chained the batch and all the parameters into one message would still fit.
+    """
+    params = sum(p.numel for p in spec.params) * BLOCK_DTYPE.itemsize
+    return int(min(SCPI_MAX_MESSAGE_BLOCK_BYTES.high, max_block_bytes + params))
 
 
 def instruments_for(system: str) -> tuple[str, str]:
@@ -102,7 +113,8 @@ class Bench:
         self.result: np.ndarray | None = None
         self.lock = threading.Lock()
         self.stats = {"connections": 0, "messages": 0, "errors": 0, "rejected": 0, "refused_connections": 0,
-                      "dropped": 0, "oversized_blocks": 0, "timed_out": 0, "idle_closed": 0, "unread_closed": 0}
+                      "dropped": 0, "oversized_blocks": 0, "oversized_messages": 0, "timed_out": 0, "idle_closed": 0,
+                      "evicted": 0, "unread_closed": 0}
 
 
 def float_block(arr: np.ndarray) -> Block:

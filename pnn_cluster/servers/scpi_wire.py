@@ -4,20 +4,27 @@
 size, and gives back events: a complete :class:`Message` (its text and its
 IEEE 488.2 definite-length blocks, in order), an :class:`ScpiError` for the
 error queue (the message it belongs to is dropped up to its newline), or an
-:class:`Overflow` when a block header declares more than the cap: the stream
-cannot be resynchronised without trusting that length, so the connection
-must close. :func:`parse_message` turns a message into (header, query,
-arguments) commands; :func:`answer_pieces` frames the answers to one message.
+:class:`Overflow` when a block header declares more than the cap, or more
+than the blocks of one message may hold together: the stream cannot be
+resynchronised without trusting that length, so the connection must close.
+:func:`parse_message` turns a message into (header, query, arguments)
+commands; :func:`answer_pieces` frames the answers to one message.
 Nothing here reads a socket or a clock: the transport (:mod:`.scpi_bench`)
 moves the bytes, times the messages and applies back-pressure.
 
-Memory: text outside blocks is held up to
-:data:`~.limits.SCPI_MAX_MESSAGE_BYTES`, beyond which the message is dropped
-with -223. A block's declared length is checked against the cap before
-anything is allocated for it, and its buffer grows with the bytes that arrive
-(to twice what has arrived, or :data:`~.limits.SCPI_BLOCK_CHUNK` more), never
-to the declared length up front; while a block arrives, :meth:`Framer.buffer`
-is the block's own memory, so the transport receives straight into it.
+Memory and time: a message's text outside block payloads (its block headers
+included) is held up to :data:`~.limits.SCPI_MAX_MESSAGE_BYTES`, checked as
+the bytes arrive and before anything parses them; beyond it the message is
+dropped with -223 and the rest of it, up to its newline, is discarded as it
+arrives, not held. A block's declared length is checked against the cap, and
+against what the message's blocks may hold together
+(:data:`~.limits.SCPI_MAX_MESSAGE_BLOCK_BYTES`), before anything is allocated
+for it, and its buffer grows with the bytes that arrive (to twice what has
+arrived, or :data:`~.limits.SCPI_BLOCK_CHUNK` more), never to the declared
+length up front; while a block arrives, :meth:`Framer.buffer` is the block's
+own memory, so the transport receives straight into it. So one connection's
+framer holds at most the text cap, the blocks cap and one read
+(:data:`READ_SIZE`), and every byte is scanned a bounded number of times.
 """
 
 from __future__ import annotations
@@ -82,12 +89,18 @@ class Message(NamedTuple):
 
 
 class Overflow(NamedTuple):
-    """A block header declared more than the cap: nothing was allocated for it, and the connection must close."""
+    """A block header declared more than the cap (``before`` None), or more than the blocks of one message may
+    hold together (``before``: what the message's blocks already hold, ``cap``: their cap); nothing was
+    allocated for it, and the connection must close."""
 
     length: int
     cap: int
+    before: int | None = None
 
     def reason(self) -> str:
+        if self.before is not None:
+            return (f"blocks of one message: {self.before} bytes and a block of {self.length} more declared; "
+                    f"allowed: at most {self.cap} bytes in all")
         return f"block of {self.length} bytes declared; allowed: at most {self.cap}"
 
     def error(self) -> ScpiError:
@@ -112,11 +125,17 @@ class Framer:
     report with :meth:`received` (no copy). :attr:`ended` counts the
     newlines passed (messages complete, refused or dropped), so that the
     transport can time each message from its first byte.
+
+    ``max_block_bytes`` caps one block, ``max_message_block_bytes`` (None: the
+    same) all blocks of one message together, ``max_message_bytes`` the
+    message's text outside block payloads.
     """
 
-    def __init__(self, max_block_bytes: int, max_message_bytes: int = SCPI_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, max_block_bytes: int, max_message_bytes: int = SCPI_MAX_MESSAGE_BYTES,
+                 max_message_block_bytes: int | None = None) -> None:
         self.max_block_bytes = max_block_bytes
         self.max_message_bytes = max_message_bytes
+        self.max_message_block_bytes = max_block_bytes if max_message_block_bytes is None else max_message_block_bytes
         self.ended = 0
         self.closed = False  # after an overflow, or once the transport gave up on the stream: input is ignored
         self._scratch = memoryview(bytearray(READ_SIZE))
@@ -124,6 +143,8 @@ class Framer:
         self._pos = 0  # where scanning the text resumes
         self._parts: list[Any] = []  # of the message in progress
         self._parts_bytes = 0
+        self._text_bytes = 0  # the text of those parts, block headers included: counted against the text cap
+        self._block_bytes = 0  # the lengths their blocks, and the one arriving, declared: against the blocks cap
         self._discarding = False  # until the next newline
         self.block: bytearray | None = None  # the block being received: what has arrived, then room for more
         self.block_len = 0  # its declared length
@@ -133,6 +154,12 @@ class Framer:
     def in_progress(self) -> bool:
         """Part of a message has arrived and its newline has not."""
         return bool(self._text) or self.block is not None or bool(self._parts) or self._discarding
+
+    @property
+    def held(self) -> int:
+        """Bytes held for the message in progress: its text so far and its blocks' buffers (not the scratch)."""
+        parts = sum(len(p.data) if isinstance(p, Block) else len(p) for p in self._parts)
+        return len(self._text) + parts + (len(self.block) if self.block is not None else 0)
 
     def buffer(self) -> memoryview:
         """Where the next bytes go: the rest of the block being received, or a scratch buffer for text."""
@@ -178,6 +205,8 @@ class Framer:
         self._pos = 0
         self._parts = []
         self._parts_bytes = 0
+        self._text_bytes = 0
+        self._block_bytes = 0
         self._discarding = False
         self.block = None
 
@@ -198,6 +227,10 @@ class Framer:
         while True:
             m = _SPECIAL.search(text, self._pos)
             if m is None:
+                if self._discarding:  # the rest of a dropped message is not held
+                    del text[:]
+                    self._pos = 0
+                    return
                 self._pos = len(text)
                 self._check_length(events)
                 return
@@ -209,14 +242,13 @@ class Framer:
                 self._pos = 0
                 if self._discarding:
                     self._discarding = False
-                elif i > self.max_message_bytes:  # arrived whole in one read: same limit
-                    events.append(ScpiError(-223, f"message of {i} bytes; allowed: at most "
+                elif self._text_bytes + i > self.max_message_bytes:  # arrived whole in one read: same limit
+                    events.append(ScpiError(-223, f"message of {self._text_bytes + i} bytes; allowed: at most "
                                                   f"{self.max_message_bytes} outside blocks"))
                 else:
                     self._parts.append(piece)
                     events.append(Message(self._parts, self._parts_bytes + len(piece)))
-                self._parts = []
-                self._parts_bytes = 0
+                self._new_message()
                 self.ended += 1
                 continue
             if self._discarding:
@@ -224,8 +256,8 @@ class Framer:
                 continue
             if c in (0x22, 0x27):  # a quoted string: '#' inside it is text; a newline still ends the message
                 j = text.find(bytes([c]), i + 1)
-                nl = text.find(b"\n", i + 1)
-                if nl >= 0 and (j < 0 or nl < j):
+                nl = text.find(b"\n", i + 1, j if j >= 0 else len(text))  # only up to the quote: linear time
+                if nl >= 0:
                     self._pos = nl  # unterminated: the parser reports it
                     continue
                 if j < 0:
@@ -237,6 +269,7 @@ class Framer:
             # '#': a block, or a non-decimal number (#H1F) that the parser judges later
             if i + 1 >= len(text):
                 self._pos = i
+                self._check_length(events)
                 return
             d = text[i + 1]
             if d == 0x30:
@@ -250,6 +283,7 @@ class Framer:
             n = d - 0x30
             if i + 2 + n > len(text):
                 self._pos = i
+                self._check_length(events)
                 return
             digits = bytes(text[i + 2: i + 2 + n])
             if not digits.isdigit():
@@ -257,13 +291,25 @@ class Framer:
                 self._discard_message(i + 2)
                 continue
             length = int(digits)
-            if length > self.max_block_bytes:  # checked before anything is allocated for it
+            start = i + 2 + n
+            if self._text_bytes + start > self.max_message_bytes:  # the text, header included, comes first
+                events.append(ScpiError(-223, f"message of {self._text_bytes + start} bytes before a block's data; "
+                                              f"allowed: at most {self.max_message_bytes} outside blocks"))
+                self._discard_message(start)
+                continue
+            # both checked before anything is allocated for the block
+            if length > self.max_block_bytes:
                 events.append(Overflow(length, self.max_block_bytes))
                 self.close()
                 return
-            start = i + 2 + n
+            if self._block_bytes + length > self.max_message_block_bytes:
+                events.append(Overflow(length, self.max_message_block_bytes, self._block_bytes))
+                self.close()
+                return
             self._parts.append(bytes(text[:i]))
             self._parts_bytes += i
+            self._text_bytes += start
+            self._block_bytes += length
             avail = len(text) - start
             if avail >= length:
                 self._parts.append(Block(bytearray(text[start: start + length])))  # writable, like a big one
@@ -279,21 +325,24 @@ class Framer:
             self.block, self.block_len, self.block_fill = block, length, avail
             return
 
-    def _discard_message(self, pos: int) -> None:
-        self._discarding = True
+    def _new_message(self) -> None:
         self._parts = []
         self._parts_bytes = 0
+        self._text_bytes = 0
+        self._block_bytes = 0
+
+    def _discard_message(self, pos: int) -> None:
+        self._discarding = True
+        self._new_message()
         self._pos = pos
 
     def _check_length(self, events: list[Any]) -> None:
-        if len(self._text) > self.max_message_bytes:
+        """The message's text so far passed the cap: -223, and the message dropped up to its newline."""
+        if self._text_bytes + len(self._text) > self.max_message_bytes:
             events.append(ScpiError(-223, f"message longer than {self.max_message_bytes} bytes without a "
                                           "newline; dropped up to the next newline"))
             del self._text[:]
-            self._pos = 0
-            self._parts = []
-            self._parts_bytes = 0
-            self._discarding = True
+            self._discard_message(0)
 
 
 def block_room(arrived: int, length: int) -> int:

@@ -232,6 +232,8 @@ def scpi_fuzz_lines(rng: np.random.Generator) -> list[bytes]:
     for k in range(110):
         lines.append(structured[k % len(structured)])
     lines.append(b"SOUR:WAV:CENT " + b"9" * (1 << 20) + b"1")  # a message over 1 MiB
+    lines.append(b"SOUR:WAV:CENT " + b"1" * 20_000 + b"x")  # digits, then not: once ~10 s of a quadratic pattern
+    lines.append(b"SOUR:WAV:CENT " + b"1" * 4000 + b"x")  # the same within the length cap: a malformed number
     return lines
 
 

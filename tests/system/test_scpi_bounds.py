@@ -215,21 +215,24 @@ def test_block_arriving_in_pieces_grows_its_buffer_and_loads():
 
 
 @pytest.mark.timeout(60)
-def test_connection_cap_per_instrument(caplog):
+def test_connection_cap_per_instrument_when_no_connection_is_idle(caplog):
     caplog.set_level(logging.WARNING, logger="pnn_cluster.servers.scpi_bench")
     with SimBench("shg", port=0, imperfections=IDEAL, max_connections=2) as bench:
         a, b = connect(bench), connect(bench)
         for s in (a, b):
             assert ask(s, b"*OPC?") == b"1"
+            s.sendall(b"*OPC")  # a message in progress: not idle, so not to be evicted
+        wait_until(lambda: not any(c.idle() for c in list(bench.source.sessions)), 10, "both messages in progress")
         extra = connect(bench)
         assert closed_after(extra, 10) < 10  # refused: closed without an answer
         extra.close()
-        assert bench.stats["refused_connections"] == 1
+        assert bench.stats["refused_connections"] == 1 and bench.stats["evicted"] == 0
         refused = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
         assert len(refused) == 1 and "2 connections open; allowed: at most 2 per instrument" in refused[0]
         sinks = [connect(bench, "sink") for _ in range(2)]  # the sink counts its own
         assert all(ask(s, b"*OPC?") == b"1" for s in sinks)
         for s in (a, b):
+            assert ask(s, b"?") == b"1"  # the message each had in progress, completed
             assert ask(s, b"*IDN?").startswith(b"PNN-Cluster")  # the admitted ones are untouched
         a.close()
         wait_until(lambda: len(bench.source.sessions) == 1, 10, "the bench noticing a closed connection")
@@ -297,3 +300,97 @@ def test_answers_for_a_client_that_never_reads_are_capped():
         np.testing.assert_allclose(read_block(snk, b"READ:SPEC?"), ref.forward(x).ravel(), rtol=0, atol=1e-12)
         src.close()
         snk.close()
+
+
+# -- issue #20: a line that holds up the loop, a message of many blocks, idle connections that hold the slots --
+
+
+@pytest.mark.timeout(60)
+def test_a_long_numeric_line_holds_up_neither_instrument():
+    with SimBench("shg", port=0, imperfections=IDEAL) as bench:
+        src, snk = connect(bench, "source"), connect(bench, "sink")
+        try:
+            assert ask(snk, b"*OPC?") == b"1"
+            # 20,000 digits and an 'x' took the former number pattern ~10 s, on the loop that serves both
+            for digits, code, detail in ((20_000, -223, "4096"), (1 << 20, -223, "4096"), (4000, -120, "allowed: [")):
+                t0 = time.monotonic()
+                src.sendall(b"SOUR:WAV:CENT " + b"1" * digits + b"x\n")
+                assert ask(snk, b"*OPC?") == b"1"
+                other = time.monotonic() - t0
+                got, msg = error(src)
+                both = time.monotonic() - t0
+                assert other < 0.5 and both < 2.0, (digits, other, both)
+                assert got == code and detail in msg, (digits, got, msg)
+                assert error(src) == (0, "No error")  # one error for the line, however long
+            assert ask(src, b"*IDN?").startswith(b"PNN-Cluster,SIM-PULSE_SHAPER")
+        finally:
+            src.close()
+            snk.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_blocks_of_one_message_are_capped_together(caplog):
+    caplog.set_level(logging.WARNING, logger="pnn_cluster.servers.scpi_bench")
+    block = 256 << 10
+    with SimBench("shg", port=0, imperfections=IDEAL, max_block_bytes=block) as bench:
+        cap = bench.max_message_block_bytes
+        assert cap == block + 24 * 8  # one block at the cap and the phase parameters
+        other = connect(bench, "sink")
+        flood = connect(bench)
+        one = b"#6" + str(block).encode() + bytes(block)
+        message = b"SOUR:PAR:DATA phase," + b",".join([one] * 40)  # 40 blocks within the cap: 10 MiB, no newline
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            try:
+                flood.sendall(message)
+            except OSError:  # closed by the bench while the client was still sending
+                pass
+            assert closed_after(flood, 10) < 10  # at once, not after the 60 s command timeout
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            flood.close()
+        assert peak < 2 * cap + (1 << 20), f"{peak / 2**20:.1f} MiB allocated for a 10 MiB message"
+        assert bench.stats["oversized_messages"] == 1 and bench.stats["oversized_blocks"] == 0
+        reasons = [r.getMessage() for r in caplog.records if "closing the connection" in r.getMessage()]
+        assert len(reasons) == 1 and (f"blocks of one message: {block} bytes and a block of {block} more declared; "
+                                      f"allowed: at most {cap} bytes in all") in reasons[0], reasons
+        assert ask(other, b"*IDN?").startswith(b"PNN-Cluster,SIM-SPECTROMETER")
+        # a message whose blocks fit together is taken as ever
+        src = connect(bench)
+        phase = np.linspace(0.0, 1.0, 24)
+        data = phase.astype("<f8").tobytes()
+        x = np.random.default_rng(2).uniform(0, 1, (10, 12)).astype("<f8").tobytes()
+        src.sendall(b"SOUR:PAR:DATA phase," + block_header(len(data)) + data + b";:SOUR:MASK:DATA "
+                    + block_header(len(x)) + x + b"\n")
+        assert error(src) == (0, "No error")
+        np.testing.assert_array_equal(read_block(src, b"SOUR:PAR:DATA? phase"), phase)
+        src.close()
+        other.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_longest_idle_connection_makes_room_for_a_new_one(caplog):
+    caplog.set_level(logging.WARNING, logger="pnn_cluster.servers.scpi_bench")
+    with SimBench("shg", port=0, imperfections=IDEAL) as bench:
+        assert bench.max_connections == 8
+        idle = [connect(bench) for _ in range(8)]
+        for s in idle:
+            assert ask(s, b"*OPC?") == b"1"
+        assert ask(idle[0], b"*OPC?") == b"1"  # idle[1] is now the one idle the longest
+        t0 = time.monotonic()
+        ninth = connect(bench)
+        assert ask(ninth, b"*IDN?").startswith(b"PNN-Cluster,SIM-PULSE_SHAPER")
+        assert time.monotonic() - t0 < 2.0
+        assert closed_after(idle[1], 10) < 10
+        for k, s in enumerate(idle):
+            if k != 1:
+                assert ask(s, b"*OPC?") == b"1"  # the others keep their connections
+        assert bench.stats["evicted"] == 1 and bench.stats["refused_connections"] == 0
+        assert len(bench.source.sessions) == 8
+        evicted = [r.getMessage() for r in caplog.records if "closed to admit" in r.getMessage()]
+        assert len(evicted) == 1 and f":{idle[1].getsockname()[1]}: idle for" in evicted[0], evicted
+        assert "with all 8 connections taken" in evicted[0]
+        for s in (*idle, ninth):
+            s.close()

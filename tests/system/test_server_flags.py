@@ -123,6 +123,7 @@ def test_sim_instrument_runs_with_the_limits_given_and_closes_over_cap_and_overs
                              "--max-connections", "1", "--max-block-mb", "0.01", "--idle-timeout-s", "0",
                              "--command-timeout-s", "5", "--max-unread-mb", "1"])
     port = int(server.wait_for(r"^source \(\w+\): TCPIP::127\.0\.0\.1::(\d+)::SOCKET").group(1))
+    sink_port = int(server.wait_for(r"^sink \(\w+\): TCPIP::127\.0\.0\.1::(\d+)::SOCKET").group(1))
     server.wait_for(r"^serving")
 
     def ask(sock: socket.socket, message: bytes) -> bytes:
@@ -136,8 +137,11 @@ def test_sim_instrument_runs_with_the_limits_given_and_closes_over_cap_and_overs
 
     with socket.create_connection(("127.0.0.1", port), timeout=10) as first:
         assert ask(first, b"*IDN?").startswith(b"PNN-Cluster")
+        first.sendall(b"*IDN")  # a message in progress: the first is not idle, so it does not make room
+        with socket.create_connection(("127.0.0.1", sink_port), timeout=10) as sink:
+            assert ask(sink, b"*OPC?") == b"1"  # the bench's loop has read what the first sent before this
         assert closed_by_server(port)  # the second client of the source instrument
-        assert ask(first, b"*IDN?").startswith(b"PNN-Cluster")  # the first still served
+        assert ask(first, b"?").startswith(b"PNN-Cluster")  # the first still served
         # a block header declaring more than 0.01 MiB (10485 bytes) closes the connection
         first.sendall(b"SOUR:MASK:DATA #520000" + bytes(64))
         first.settimeout(5)

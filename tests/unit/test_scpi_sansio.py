@@ -7,16 +7,19 @@ responses and the error queue are the same as for whole messages.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pnn_cluster.devices import Imperfections, make_device
 from pnn_cluster.protocol.scpi import block_header
-from pnn_cluster.servers.limits import SCPI_BLOCK_CHUNK
+from pnn_cluster.servers.limits import SCPI_BLOCK_CHUNK, SCPI_ERROR_QUEUE_LEN
 from pnn_cluster.servers.scpi_instruments import Bench
 from pnn_cluster.servers.scpi_session import ScpiSession
-from pnn_cluster.servers.scpi_wire import Framer, Message, Overflow, ScpiError
+from pnn_cluster.servers.scpi_wire import Block, Framer, Message, Overflow, ScpiError, parse_message
 
 IDEAL = Imperfections.ideal(seed=3)
 
@@ -150,3 +153,120 @@ def test_an_overlong_message_is_dropped_up_to_its_newline(piece):
     *refused, message = events
     assert refused and all(isinstance(e, ScpiError) and e.code == -223 for e in refused)
     assert isinstance(message, Message) and message.parts == [b"*OPC?"]
+
+
+def test_block_headers_count_against_the_text_cap_so_a_message_carries_few_blocks():
+    framer = Framer(max_block_bytes=1000, max_message_bytes=100)
+    events = framer.feed(b"SOUR:DATA:ARB " + b"#10," * 40 + b"\n*OPC?\n")
+    (refused, message) = events
+    assert isinstance(refused, ScpiError) and refused.code == -223 and "before a block's data" in refused.detail
+    assert "allowed: at most 100 outside blocks" in refused.detail
+    assert isinstance(message, Message) and message.parts == [b"*OPC?"]
+
+
+def test_the_blocks_of_one_message_are_capped_together_before_anything_is_allocated():
+    framer = Framer(max_block_bytes=100, max_message_block_bytes=250)
+    two = b"SOUR:PAR:DATA a,#3100" + bytes(100) + b";SOUR:PAR:DATA b,#3100" + bytes(100) + b"\n"
+    (message,) = framer.feed(two)  # within the cap together: a message like any other
+    assert [type(p) for p in message.parts] == [bytes, Block, bytes, Block, bytes] and message.nbytes == 233
+    events = framer.feed(two[:-1] + b";SOUR:PAR:DATA c,#3100" + bytes(50))
+    assert events == [Overflow(100, 250, 200)] and framer.closed and framer.held == 0
+    assert events[0].reason() == ("blocks of one message: 200 bytes and a block of 100 more declared; "
+                                  "allowed: at most 250 bytes in all")
+    assert events[0].error().code == -223
+    assert Framer(max_block_bytes=100).max_message_block_bytes == 100  # by default: one block's worth
+
+
+def test_the_rest_of_an_overlong_message_is_discarded_as_it_arrives_not_held():
+    framer = Framer(max_block_bytes=1000, max_message_bytes=100)
+    errors = []
+    for _ in range(200):  # 1.6 MB of digits without a newline
+        errors += framer.feed(b"1" * 8000)
+        assert framer.held <= 100
+    assert [e.code for e in errors] == [-223]  # one error for the message, however long it goes on
+    (message,) = framer.feed(b"\n*OPC?\n")
+    assert message.parts == [b"*OPC?"]
+
+
+# -- fuzzing the framer and the parser ------------------------------------------------------------------------
+
+#: small caps, so that the fuzzer reaches them
+FUZZ_BLOCK, FUZZ_BLOCKS, FUZZ_TEXT = 200, 300, 400
+FUZZ_TOKENS = [
+    b"*IDN?", b"*OPC?", b"*RST", b"*CLS", b"*ESR?", b"SOUR:VOLT:OFFS ", b"SOUR:VOLT:OFFS?", b"OUTP ON", b"OUTP?",
+    b"SYST:ERR?", b"SYST:ERR:COUN?", b"SOUR:DATA:ARB ", b"SOUR:PAR:DATA drive,", b"SOUR:PAR:DATA? drive",
+    b"READ:WAV?", b"INIT", b"FETC:WAV?", b"ACQ:AVER 4", b";", b",", b":", b" ", b"\t", b"?", b"\n", b"\r\n",
+    b"'", b'"', b"#", b"#0", b"#1", b"#2", b"#9", b"#9999999999", b"#H1F", b"-.5E+3", b"1e", b".", b"+", b"\x00",
+    b"\xff", b"\x80",
+]
+
+
+@st.composite
+def fuzz_blocks(draw: Any) -> bytes:
+    """A block header and a payload, whose length may differ from the declared one (newlines included)."""
+    declared = draw(st.one_of(st.integers(0, 40), st.integers(FUZZ_BLOCK // 2, FUZZ_BLOCK + 20)))
+    sent = draw(st.sampled_from([declared, declared, max(0, declared - 3), declared + 5]))
+    header = f"#{len(str(declared))}{declared}".encode()
+    return header + draw(st.binary(min_size=sent, max_size=sent))
+
+
+FUZZ_PIECES = st.one_of(
+    st.sampled_from(FUZZ_TOKENS),
+    st.binary(max_size=40),
+    fuzz_blocks(),
+    st.lists(fuzz_blocks(), min_size=2, max_size=4).map(b",".join),  # blocks that pass their cap together
+    st.integers(1, FUZZ_TEXT + 20).map(lambda n: b"9" * n),  # long digit runs, numbers or not
+)
+#: messages of a few pieces each, most ended by a newline
+FUZZ_STREAMS = st.lists(st.tuples(st.lists(FUZZ_PIECES, max_size=6), st.sampled_from([b"\n", b"\n", b"\r\n", b""])),
+                        max_size=12).map(lambda ms: b"".join(b"".join(pieces) + end for pieces, end in ms))
+
+
+def fuzz_events(framer: Framer, pieces: list[bytes]) -> list[Any]:
+    """Feed the pieces; what came out, comparable however the stream was cut; the memory held stays in the caps."""
+    out: list[Any] = []
+    for piece in pieces:
+        for e in framer.feed(piece):
+            if isinstance(e, Message):
+                out.append(("message", e.nbytes, [("block", bytes(p.data)) if isinstance(p, Block) else bytes(p)
+                                                  for p in e.parts]))
+            elif isinstance(e, ScpiError):
+                out.append(("error", e.code))  # the detail may say where it was noticed: at a newline or before
+            else:
+                assert isinstance(e, Overflow)
+                out.append(e)
+        assert framer.held <= FUZZ_TEXT + FUZZ_BLOCKS
+    return out
+
+
+FUZZ_BENCH = Bench(make_device("circuit", imperfections=IDEAL))
+
+
+@settings(max_examples=150, deadline=1000, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=FUZZ_STREAMS, data=st.data())
+def test_fuzz_framer_and_parser_never_fail_and_hold_no_more_than_their_caps(stream, data):
+    """Random and structured byte streams, cut at random points: the framer and the parser raise nothing, give
+    the same events however the stream is cut, hold no more than their caps, and take the next message after a
+    newline (unless a block could not be trusted and the stream was given up)."""
+    caps = {"max_block_bytes": FUZZ_BLOCK, "max_message_block_bytes": FUZZ_BLOCKS, "max_message_bytes": FUZZ_TEXT}
+    whole = fuzz_events(Framer(**caps), [stream])
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    framer = Framer(**caps)
+    assert fuzz_events(framer, pieces) == whole
+    # progress: the rest of a block in progress and a newline end whatever was arriving; the next message is read
+    rest = bytes(framer.block_len - framer.block_fill) if framer.block is not None else b""
+    tail = framer.feed(rest + b"\n*OPC?\n")
+    if framer.closed:
+        assert any(isinstance(e, Overflow) for e in whole) and tail == []
+    else:
+        assert isinstance(tail[-1], Message) and tail[-1].parts == [b"*OPC?"]
+    # the parser and the instruments: errors in the queue, never an exception
+    for inst in (FUZZ_BENCH.source, FUZZ_BENCH.sink):
+        session = ScpiSession(inst)
+        for e in Framer(**caps).feed(stream):
+            if isinstance(e, Message):
+                commands, errors = parse_message(e.parts)
+                assert all(isinstance(err, ScpiError) for err in errors)
+                assert isinstance(session.respond(e.parts), list)
+        assert len(session.errors) <= SCPI_ERROR_QUEUE_LEN
