@@ -9,6 +9,13 @@ implementation the command line runs:
   FRAME_MB MiB each (250 x 1 MiB), then CONNECTIONS DEALERs do the same at
   once. Behind each flood the same DEALER sends a ``health`` request: its
   answer means the server has read (or dropped) the flood.
+* ZeroMQ attacks on ``serve-device``'s defaults (issue #20), each row with
+  its ``pass``: ``zmq_handshake_churn``, an allowed CURVE client's requests
+  (each on a fresh connection) while CHURNERS strangers connect, send nothing
+  and reconnect as soon as they are let go (answered within 2 s);
+  ``zmq_header_only``, 16 connections each sending a frame header that
+  declares nearly the request cap, and nothing more; ``zmq_pong_flood``,
+  PING_MB of PINGs whose PONGs are never read (RSS growth within 64 MiB).
 * SCPI: CONNECTIONS connections each send a block header declaring 256 MiB
   (``#9268435456``) and a few bytes, then stall.
 
@@ -46,6 +53,8 @@ MIB = 1 << 20
 #: what one SCPI flood connection sends: a block header declaring 256 MiB, then a few bytes
 SCPI_FLOOD = b"SOUR:MASK:DATA #9268435456" + bytes(16)
 ROOT = Path(__file__).resolve().parents[1]
+#: the growth an attack on a server's defaults may cost it (issue #20), whatever --bound-mb says of the floods
+ATTACK_BOUND_MB = 64
 
 
 # -- the server processes ---------------------------------------------------------------------------
@@ -221,9 +230,151 @@ def zmq_flood(ctx: Any, endpoint: str, clients: int, frames: int, frame_bytes: i
     return {"replied": len(replied), "synced": len(synced)}
 
 
+def null_peer(endpoint: str, rcvbuf: int | None = None) -> socket.socket:
+    """A TCP connection that has spoken ZMTP's NULL handshake as a DEALER, by hand (no ZeroMQ library would
+    then send what an attacker does)."""
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect((host, int(port)))
+    ready = b"\x05READY\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER"
+    sock.sendall(b"\xff" + bytes(8) + b"\x7f" + bytes((3, 0)) + b"NULL".ljust(20, b"\0") + bytes(32)
+                 + bytes((0x04, len(ready))) + ready)
+    got = b""
+    while b"ROUTER" not in got:  # the server's greeting and READY
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("serve-device closed a NULL handshake")
+        got += chunk
+    return sock
+
+
+def zmq_churn(args: argparse.Namespace, out: dict[str, Any], keys: Path) -> None:
+    """An allowed CURVE client's requests while CHURNERS strangers connect, send nothing, and reconnect as soon
+    as they are let go; each request on a fresh connection, so each goes through the handshake budget."""
+    from pnn_cluster.drivers.zmq_client import ClientCurve, DeviceClient
+
+    server = Server("serve-device", ["serve-device", "--system", args.system, "--bind", "tcp://127.0.0.1:0",
+                                     "--ideal", "--curve-secret", str(keys / "server.key_secret"),
+                                     "--curve-allow", str(keys / "allowed")])
+    stop = threading.Event()
+    try:
+        endpoint = server.wait_for(r"tcp://[^\s()]+", args.start_timeout_s).group(0)
+        host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+        curve = ClientCurve(keys / "trusted.key_secret", keys / "server.key")
+
+        def churn() -> None:
+            while not stop.is_set():
+                try:
+                    with socket.create_connection((host, int(port)), timeout=2) as sock:
+                        sock.settimeout(0.5)
+                        while not stop.is_set() and sock.recv(4096):
+                            pass
+                except OSError:
+                    pass
+
+        threads = [threading.Thread(target=churn, daemon=True) for _ in range(args.churners)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the churn under way before the first request
+        latencies = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            try:
+                with DeviceClient(endpoint, timeout_s=5, retries=0, curve=curve) as client:
+                    ok = bool(client.health())
+            except Exception:
+                ok = False
+            latencies.append(round(time.monotonic() - t0, 3) if ok else None)
+        stop.set()
+        for t in threads:
+            t.join(5)
+        with DeviceClient(endpoint, timeout_s=5, curve=curve) as client:
+            dropped = client.health()["server"]["dropped"]
+        answered = [x for x in latencies if x is not None]
+        out["zmq_handshake_churn"] = {
+            "churners": args.churners, "requests": len(latencies), "answered": len(answered),
+            "max_latency_s": max(answered) if answered else None, "latencies_s": latencies,
+            "evicted": dropped.get("handshake_evicted"), "refused": dropped["connection_cap"],
+            "pass": len(answered) == len(latencies) and max(answered) <= 2.0,
+        }
+    finally:
+        stop.set()
+        server.stop()
+
+
+def zmq_memory_attacks(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Header-only frames on 16 connections, and a PONG flood never read, against serve-device's defaults."""
+    from pnn_cluster.drivers.zmq_client import DeviceClient
+
+    server = Server("serve-device", ["serve-device", "--system", args.system, "--bind", "tcp://127.0.0.1:0",
+                                     "--ideal", "--max-connections", "17"])
+    socks: list[socket.socket] = []
+    try:
+        endpoint = server.wait_for(r"tcp://[^\s()]+", args.start_timeout_s).group(0)
+        with DeviceClient(endpoint, timeout_s=10) as client:
+            declared = client.health()["server"]["limits"]["max_message_bytes"] - 1024
+            base = server.status("VmRSS")
+            with PeakSampler(server, server.reset_peak()) as sampler:
+                for _ in range(16):  # a frame header declaring all but 1 KiB of the request cap, and nothing more
+                    sock = null_peer(endpoint)
+                    sock.sendall(bytes((0x03,)) + declared.to_bytes(8, "big"))
+                    socks.append(sock)
+                answered = bool(client.health())
+                peak = sampler.peak()
+            out["zmq_header_only"] = {"connections": 16, "declared_mb": round(declared / MIB, 1),
+                                      "rss_growth_mb": round(peak - base, 1), "answered": answered,
+                                      "pass": answered and peak - base <= ATTACK_BOUND_MB}
+            for sock in socks:
+                sock.close()
+            socks.clear()
+
+            base = server.status("VmRSS")
+            with PeakSampler(server, server.reset_peak()) as sampler:
+                greedy = null_peer(endpoint, rcvbuf=16 * 1024)
+                socks.append(greedy)
+                greedy.settimeout(0.5)
+                ping = b"\x04\x07\x04PING\x00\x00"  # a command frame: PING, TTL 0, no context
+                chunk, sent = ping * 8192, 0
+                try:
+                    while sent < args.ping_mb * MIB:
+                        greedy.sendall(chunk)
+                        sent += len(chunk)
+                except OSError:
+                    pass  # the server stopped reading: its PONGs to us are over the cap
+                answered = bool(client.health())
+                peak = sampler.peak()
+            out["zmq_pong_flood"] = {"ping_mb": args.ping_mb, "pings_taken_mb": round(sent / MIB, 1),
+                                     "rss_growth_mb": round(peak - base, 1), "answered": answered,
+                                     "pass": answered and peak - base <= ATTACK_BOUND_MB}
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+
+
+def zmq_attacks(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    import shutil
+    import tempfile
+
+    import zmq.auth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp)
+        (keys / "allowed").mkdir()
+        for who in ("server", "trusted"):
+            zmq.auth.create_certificates(tmp, who)
+        shutil.copy(keys / "trusted.key", keys / "allowed" / "trusted.key")
+        zmq_churn(args, out, keys)
+    zmq_memory_attacks(args, out)
+
+
 def bench_zmq(args: argparse.Namespace, out: dict[str, Any]) -> None:
     import zmq
 
+    zmq_attacks(args, out)
     t0 = time.monotonic()
     server = Server("serve-device", ["serve-device", "--system", args.system, "--bind", "tcp://127.0.0.1:0",
                                      "--max-message-mb", "1", "--ideal"])
@@ -287,7 +438,6 @@ SCPI_NUMERIC_LINE_BYTES = MIB
 SCPI_BLOCK_FLOOD = (400, MIB)  # blocks, bytes each, in one message that never ends
 SCPI_BLOCK_FLOOD_CAP_MB = 32  # the block cap of the bench the block flood is bounded on (see scpi_block_flood)
 SCPI_ANSWER_WITHIN_S = 0.5
-SCPI_ATTACK_BOUND_MB = 64  # the RSS growth the block flood may cost the bench
 SCPI_IDLE = 8  # connections that sit idle: the bench's default cap per instrument
 
 
@@ -476,7 +626,7 @@ def bench_scpi(args: argparse.Namespace, out: dict[str, Any]) -> None:
         out["scpi_block_flood"] = {
             "blocks": blocks, "block_mb": size / MIB, "max_block_mb": SCPI_BLOCK_FLOOD_CAP_MB, **flood,
             "default_cap_rss_growth_mb": default_flood["rss_growth_mb"],
-            "pass": flood["rss_growth_mb"] <= SCPI_ATTACK_BOUND_MB and flood["closed"] and flood["other_answered"],
+            "pass": flood["rss_growth_mb"] <= ATTACK_BOUND_MB and flood["closed"] and flood["other_answered"],
         }
         out["scpi_seconds"] = round(time.monotonic() - t0, 2)
     finally:
@@ -501,6 +651,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-timeout-s", type=float, default=60.0, help="for a server to start (%(default)s)")
     p.add_argument("--flood-timeout-s", type=float, default=15.0,
                    help="for a server to get through a ZeroMQ flood (%(default)s)")
+    p.add_argument("--churners", type=int, default=64,
+                   help="strangers churning through the device server's handshakes (%(default)s)")
+    p.add_argument("--ping-mb", type=float, default=24.0,
+                   help="MiB of PINGs sent to the device server without reading a PONG (%(default)s)")
     args = p.parse_args(argv)
     if args.frames < 1 or args.connections < 1 or not 0 < args.frame_mb <= 1024:
         p.error("--frames and --connections must be >= 1, --frame-mb in (0, 1024]")
@@ -528,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
                   "scpi_declared_bytes": 268435456, "system": args.system},
         "seconds": round(time.monotonic() - t0, 2),
     }
+    attacks = {k: v["pass"] for k, v in result.items() if isinstance(v, dict) and "pass" in v}
+    result["attacks_pass"] = attacks
     if errors:
         result["errors"] = errors
     if not args.json:
@@ -539,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
     print(json.dumps(result), flush=True)
-    if args.check and not (result["within_bound"] and result["answers_after_flood"] and not errors):
+    if args.check and not (result["within_bound"] and result["answers_after_flood"] and all(attacks.values())
+                           and not errors):
         return 1
     return 0
 

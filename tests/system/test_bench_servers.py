@@ -61,6 +61,13 @@ def test_bench_servers_json_and_both_bounds():
     pongs = out["zmq_pong_flood"]
     assert pongs["answered"] and pongs["pings_taken_mb"] < pongs["ping_mb"] and pongs["pass"], pongs
     assert pongs["rss_growth_mb"] <= 64, pongs  # the 16 MiB cap on unread replies, counted as memory held
+    # and on the SCPI bench: a 1 MiB numeric line, 8 idle connections, 400 blocks in one message
+    assert out["scpi_numeric_line"]["other_latency_s"] <= 0.5 and out["scpi_numeric_line"]["pass"], out
+    assert out["scpi_idle_eviction"]["served"] and out["scpi_idle_eviction"]["pass"], out
+    assert out["scpi_block_flood"]["closed"] and out["scpi_block_flood"]["rss_growth_mb"] <= 64, out
+    assert set(out["attacks_pass"]) == {"zmq_handshake_churn", "zmq_header_only", "zmq_pong_flood",
+                                        "scpi_numeric_line", "scpi_idle_eviction", "scpi_block_flood"}
+    assert all(out["attacks_pass"].values()), out["attacks_pass"]
     # the SCPI bench: 2 headers declaring 256 MiB each cost it (almost) nothing, and it keeps answering
     assert out["scpi_flood_rss_mb"] <= BOUND_MB, out
     assert out["scpi_answers_during_flood"] and out["scpi_answers_after_flood"]

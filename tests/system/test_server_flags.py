@@ -99,16 +99,22 @@ def test_serve_device_runs_with_the_limits_given_and_closes_a_connection_over_th
 
     server = server_process(["serve-device", "--system", "shg", "--ideal", "--bind", "tcp://127.0.0.1:0",
                              "--max-connections", "1", "--idle-timeout-s", "120", "--request-timeout-s", "7.5",
-                             "--max-pending-reply-mb", "2", "--max-message-mb", "0.5"])
+                             "--max-pending-reply-mb", "2", "--max-message-mb", "0.5", "--max-handshakes", "3",
+                             "--max-handshakes-per-source", "2", "--handshake-timeout-s", "2.5",
+                             "--max-held-mb", "4"])
     endpoint = server.wait_for(r"tcp://127\.0\.0\.1:\d+").group(0)
     port = int(endpoint.rsplit(":", 1)[1])
     with DeviceClient(endpoint, timeout_s=10, retries=0) as client:
         health = client.health()["server"]
         assert health["limits"] == {"max_message_bytes": MIB // 2, "max_frames": health["limits"]["max_frames"],
                                     "max_connections": 1, "idle_timeout_s": 120.0, "request_timeout_s": 7.5,
-                                    "max_pending_reply_bytes": 2 * MIB}
-        # the client holds the one connection allowed: a second one is accepted and closed at once
-        assert closed_by_server(port)
+                                    "max_pending_reply_bytes": 2 * MIB, "max_handshakes": 3,
+                                    "max_handshakes_per_source": 2, "handshake_timeout_s": 2.5,
+                                    "max_held_bytes": 4 * MIB}
+        # the client holds the one connection allowed: a second one is closed as its (NULL) handshake ends
+        greeting = b"\xff" + bytes(8) + b"\x7f" + bytes((3, 0)) + b"NULL".ljust(20, b"\0") + bytes(32)
+        ready = b"\x05READY\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER"
+        assert closed_by_server(port, greeting + bytes((0x04, len(ready))) + ready)
         spec, params, _ = client.spec()
         x = np.zeros((2, spec.input.size))
         y = client.forward(x, params)  # the client's own connection still serves
