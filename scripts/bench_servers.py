@@ -419,14 +419,7 @@ def scpi_ask(port: int, message: bytes, timeout_s: float) -> bytes | None:
     """One message on a fresh connection; the answer line, or None."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-            sock.sendall(message + b"\n")
-            answer = b""
-            while not answer.endswith(b"\n"):
-                got = sock.recv(4096)
-                if not got:
-                    return None
-                answer += got
-            return answer[:-1]
+            return scpi_line(sock, message)
     except OSError:
         return None
 
