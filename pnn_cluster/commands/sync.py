@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "order, creating the run on the server if it never was. Without RUN_DIR, every run directory "
                     "under the runs folder with something left to send, oldest first (a demo's parent run before "
                     "its methods). Exit codes: 0 everything sent, 1 the server is still unreachable (nothing is "
-                    "lost: run it again later), 2 bad arguments.",
+                    "lost: run it again later), 2 bad arguments, or the server refused your user (401, 403: "
+                    "nothing is lost: run it again once the permission it names is granted).",
     )
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories (default: all with a backlog)")
     p.add_argument("--runs-dir", metavar="DIR", default=None,
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                              "PNN_RUNS_DIR)")
         dirs = [RunDir(m.parent) for m in sorted(root.glob(f"*/{RunDir.META}"))]
         dirs = [d for d in dirs if d.pending()]
-    results, failed = [], 0
+    results, failed, refused = [], 0, 0
     for d in dirs:
         meta = d.meta()
         uri = args.tracking_uri or meta.get("tracking_uri")
@@ -70,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
             d.unlock()
         sent = before - left
         results.append({"run_dir": str(d.path), "run_id": d.run_id, "sent": sent, "left": left, "uri": uri})
-        if left:
+        if box.denied is not None:  # the outbox said who was refused what, in one line
+            refused += 1
+            print(f"{d.path}: {sent} operation(s) sent, {left} left (server {uri} refused this user, as said above: "
+                  "run `pnn-cluster sync` again once that is fixed)", flush=True)
+        elif left:
             failed += 1
             print(f"{d.path}: {sent} operation(s) sent, {left} left (server {uri} unreachable: run "
                   "`pnn-cluster sync` again later)", flush=True)
@@ -79,5 +84,5 @@ def run(args: argparse.Namespace) -> int:
     if not dirs:
         print("nothing to upload: every run directory is in sync", flush=True)
     if args.json:
-        print(json.dumps({"runs": results, "failed": failed}))
-    return 1 if failed else 0
+        print(json.dumps({"runs": results, "failed": failed + refused}))
+    return 2 if refused else 1 if failed else 0

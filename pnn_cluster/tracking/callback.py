@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -59,12 +60,16 @@ class MlflowCallback(Callback):
     """Tracks a run in MLflow; pass it to :class:`Trainer` (or ``run_method``) as a callback.
 
     Everything is recorded in a local run directory first (``runs_root``,
-    default ``PNN_RUNS_DIR`` or ``./pnn-runs``; or ``run_dir``, an existing
-    one to continue) and sent to the server by an :class:`~pnn_cluster.tracking.outbox.Outbox`:
-    the training never waits for the server, an outage is reported once, and
-    what could not be sent is uploaded when the server is back or by
-    ``pnn-cluster sync``. Checkpoints are written to the run directory,
-    atomically and fsynced, before they are uploaded.
+    default ``PNN_RUNS_DIR``, else ``./pnn-runs``, or ``~/pnn-runs`` in a Ray
+    job's temporary working directory: :func:`~pnn_cluster.tracking.outbox.default_runs_root`;
+    or ``run_dir``, an existing one to continue) and sent to the server by an
+    :class:`~pnn_cluster.tracking.outbox.Outbox`: the training never waits for
+    the server, an outage is reported once, and what could not be sent is
+    uploaded when the server is back or by ``pnn-cluster sync``. Checkpoints
+    are written to the run directory, atomically and fsynced, before they are
+    uploaded. A server that refuses to create the run (401, 403) stops
+    :meth:`start` with :class:`~pnn_cluster.tracking.access.TrackingAccessDenied`;
+    refused later, the run goes on recorded locally.
 
     ``run_id`` resumes an existing run (metrics continue at the trainer's step);
     ``parent_run_id`` makes this run a child (a demo's methods). Use it as a
@@ -168,12 +173,24 @@ class MlflowCallback(Callback):
         done, rid = self._wait(lambda: self.outbox.call(
             {"op": "create_run", "run": local, "experiment": self.experiment, "run_name": self.run_name,
              "start_time": start_ms, "tags": tags}, self.start_wait_s))
+        if not done and self.outbox.denied is not None:
+            self._refused()
         self._run_id = rid if done and rid else local
         if done and rid:
             self.dir.update_meta(run_id=rid)
         if self.config is not None:
             self.log_config(self.config)
         return self._run_id
+
+    def _refused(self) -> None:
+        """The server refused to create the run: nothing was measured, so its directory goes, and the command
+        stops with the one line that says who was refused what."""
+        denied = self.outbox.denied
+        self.outbox.close()
+        self.dir.unlock()
+        shutil.rmtree(self.dir.path, ignore_errors=True)
+        self._ended = True
+        raise denied
 
     def _wait(self, fn):
         t0 = time.monotonic()

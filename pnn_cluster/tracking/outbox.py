@@ -16,7 +16,20 @@ and fsynced, before anything is uploaded). So:
   training goes on, and the journal keeps growing; the thread tries again
   every ``retry_every_s`` and uploads the backlog when the server is back;
 - what was still not uploaded when the process ended (or died) stays in the
-  journal: ``pnn-cluster sync`` uploads it later, from the same directory.
+  journal: ``pnn-cluster sync`` uploads it later, from the same directory;
+- a server that refuses this user (401, 403) is no outage: nothing more is
+  sent and that is said once (:mod:`pnn_cluster.tracking.access`); the
+  journal waits for ``pnn-cluster sync`` once the permission is granted.
+
+Exactly once: an operation may reach the server and its reply be lost (a
+timeout, a crash before ``ids.json`` or ``sent.json`` is written), and then it
+is sent again. Metrics, parameters, tags, artifacts and end states are
+idempotent; what creates something is made so by its local id: a run carries
+its local id in the tag ``pnn.local_id`` and a logged model the local id of its
+``log_model`` operation, and both are looked up by it before they are created
+again (an operation this process already tried, or one journaled by an earlier
+process: a first try costs no lookup); a resume's local id is kept in the run's
+``pnn.resume_ids`` tag, so ``pnn.resumed`` counts it once.
 
 A run directory::
 
@@ -51,8 +64,9 @@ from pathlib import Path
 from typing import Any
 
 from pnn_cluster.fsio import atomic_write_text, fsync_dir
+from pnn_cluster.tracking.access import TrackingAccessDenied, denied_status, tracking_user
 
-__all__ = ["Outbox", "RunDir", "RunDirError", "bound_http", "default_runs_root",
+__all__ = ["LOCAL_ID_TAG", "Outbox", "RunDir", "RunDirError", "bound_http", "default_runs_root",
            "find_run_dir", "is_outage", "is_local_id", "new_local_id"]
 
 #: bounded calls to a tracking server (MLflow's defaults are a 120 s timeout and 7 retries with backoff)
@@ -60,6 +74,12 @@ HTTP_TIMEOUT_S, HTTP_MAX_RETRIES = 5, 0
 #: what the server refuses for the operation itself: retrying it would never help
 _REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
              "INVALID_STATE", "INVALID_REQUEST"}
+#: the tag a run or logged model carries its local id in (looked up before creating it again)
+LOCAL_ID_TAG = "pnn.local_id"
+#: the local ids of the resumes a run has counted in ``pnn.resumed`` (the latest few: a replay is of a recent one)
+RESUME_IDS_TAG, _RESUME_IDS_KEPT = "pnn.resume_ids", 64
+#: operations that create or count something: each gets a local id when it is journaled
+_KEYED = {"log_model", "resume_run"}
 
 
 class RunDirError(RuntimeError):
@@ -74,9 +94,12 @@ def bound_http(timeout_s: float = HTTP_TIMEOUT_S, max_retries: int = HTTP_MAX_RE
 
 
 def is_outage(exc: BaseException) -> bool:
-    """True when ``exc`` says the server (or store) could not be reached; False when it refused the operation."""
+    """True when ``exc`` says the server (or store) could not be reached; False when it refused the operation
+    or this user (401, 403: :func:`~pnn_cluster.tracking.access.denied_status`)."""
     if isinstance(exc, FileNotFoundError) or type(exc) is ValueError:
         return False  # a file gone from the run directory, an operation this version does not know
+    if denied_status(exc) is not None:
+        return False
     code = getattr(exc, "error_code", None)
     return code not in _REJECTED
 
@@ -99,10 +122,21 @@ def new_local_id() -> str:
     return f"local-{uuid.uuid4().hex[:16]}"
 
 
-def default_runs_root(env: Mapping[str, str] | None = None) -> Path:
-    """``PNN_RUNS_DIR``, else ``pnn-runs`` in the working directory."""
+#: the folder under Ray's session directory where it unpacks a job's ``working_dir`` (and other packages)
+_RAY_TEMPORARY = "runtime_resources"
+
+
+def default_runs_root(env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None) -> Path:
+    """``PNN_RUNS_DIR``; else ``~/pnn-runs`` when the working directory is Ray's temporary copy of a job's
+    working directory (under ``.../runtime_resources/``: Ray deletes it, on whichever node ran the
+    process); else ``pnn-runs`` in the working directory."""
     env = os.environ if env is None else env
-    return Path(env.get("PNN_RUNS_DIR") or "pnn-runs").resolve()
+    if env.get("PNN_RUNS_DIR"):
+        return Path(env["PNN_RUNS_DIR"]).expanduser().resolve()
+    here = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    if _RAY_TEMPORARY in here.parts:
+        return (Path(env["HOME"]) if env.get("HOME") else Path.home()).resolve() / "pnn-runs"
+    return here / "pnn-runs"
 
 
 def _slug(text: str) -> str:
@@ -208,7 +242,8 @@ class RunDir:
             return 0
 
     def set_sent(self, n: int) -> None:
-        # a plain replace, not fsynced: after a power cut a few operations are sent twice, which MLflow tolerates
+        # a plain replace, not fsynced: after a power cut a few operations are sent twice, and each is idempotent
+        # (see the module docstring)
         tmp = self.path / f".{self.SENT}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps({"sent": int(n)}))
         os.replace(tmp, self.path / self.SENT)
@@ -324,7 +359,10 @@ class Outbox:
     ``submit`` journals an operation and returns at once; ``call`` also waits
     (bounded) for its result. ``drain`` waits until everything is sent, or
     the server has failed once more, or a deadline. ``thread=False`` gives a
-    synchronous outbox (``replay``), for ``pnn-cluster sync``.
+    synchronous outbox (``replay``), for ``pnn-cluster sync``. ``denied`` is
+    the server's refusal of this user (401, 403), once it has refused: from
+    then on this outbox sends nothing. The refusal is said once: by ``warn``,
+    or, when it is of an operation a ``call`` is waiting for, by that caller.
     """
 
     def __init__(self, run_dir: RunDir, client: Any, uri: str, *, retry_every_s: float = 15.0,
@@ -337,6 +375,8 @@ class Outbox:
         journal = run_dir.read_journal()
         self._next = len(journal)
         self._sent = min(run_dir.sent(), self._next)
+        #: operations that may have reached the server already: journaled by an earlier process, or tried here
+        self._journaled_before, self._tried = self._next, set()
         self._queue: deque[tuple[int, dict[str, Any]]] = deque(
             (i, op) for i, op in enumerate(journal) if i >= self._sent)
         self._last_upload: dict[tuple, int] = {}  # each artifact's latest upload in the journal
@@ -345,9 +385,11 @@ class Outbox:
         self._ids = run_dir.ids()
         self._experiments: dict[str, str] = {}
         self._results: dict[int, Any] = {}
+        self._waited: set[int] = set()  # operations a call() is waiting for
         self._cv = threading.Condition()
         self._failures = 0  # attempts that met an outage; drain() waits for the next one
         self.offline_since: float | None = None
+        self.denied: TrackingAccessDenied | None = None
         self.outages = 0
         self.rejected = 0
         self.uploaded = 0
@@ -369,6 +411,8 @@ class Outbox:
         return self.offline_since is None
 
     def submit(self, op: dict[str, Any]) -> int:
+        if op.get("op") in _KEYED and "id" not in op:
+            op = {**op, "id": new_local_id()}  # journaled with it: a replay is known for the same operation
         with self._cv:
             seq = self._next
             self._next += 1
@@ -381,15 +425,20 @@ class Outbox:
     def call(self, op: dict[str, Any], wait_s: float) -> tuple[bool, Any]:
         """Submit and wait up to ``wait_s`` (less when the server is known to be away): (done, result)."""
         failures = self._failures
-        seq = self.submit(op)
-        deadline = time.monotonic() + max(0.0, wait_s)
         with self._cv:
-            while seq not in self._results:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._failures > failures or not self.online or self._thread is None:
-                    return False, None
-                self._cv.wait(left)
-            return True, self._results.pop(seq)
+            seq = self.submit(op)
+            self._waited.add(seq)
+            deadline = time.monotonic() + max(0.0, wait_s)
+            try:
+                while seq not in self._results:
+                    left = deadline - time.monotonic()
+                    if (left <= 0 or self._failures > failures or not self.online or self.denied is not None
+                            or self._thread is None):
+                        return False, None
+                    self._cv.wait(left)
+                return True, self._results.pop(seq)
+            finally:
+                self._waited.discard(seq)
 
     def drain(self, wait_s: float) -> bool:
         """Wait until everything journaled is sent (True), the server fails once more, or ``wait_s`` passes."""
@@ -401,7 +450,7 @@ class Outbox:
                 self._cv.notify_all()
             while self._queue:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._failures > failures:
+                if left <= 0 or self._failures > failures or self.denied is not None:
                     return False
                 self._cv.wait(left)
             return True
@@ -419,7 +468,7 @@ class Outbox:
 
     def replay(self) -> int:
         """Send the whole backlog now, in this thread (``thread=False``); the number left (0: all sent)."""
-        while self._queue:
+        while self._queue and self.denied is None:
             if not self._send_one():
                 break
         self.dir.set_sent(self._sent)
@@ -436,7 +485,7 @@ class Outbox:
                 while True:
                     if self._closing:
                         return
-                    if self._queue:
+                    if self._queue and self.denied is None:  # refused: nothing is retried
                         if self.online or self._retry_now:
                             break
                         wait = last_try + self.retry_every_s - time.monotonic()
@@ -460,14 +509,20 @@ class Outbox:
                 return False
             seq, op = self._queue[0]
             superseded = self._superseded(seq, op)
+            again = seq < self._journaled_before or seq in self._tried
         result = None
         try:
             if not superseded:
-                result = self._execute(op)
+                result = self._execute(op, again)
         except _NotYet:
             self._outage(f"run {op.get('run')} is not on the server yet (upload its parent's run directory first)")
             return False
         except Exception as exc:  # noqa: BLE001 -- whatever a tracking store raises, the training goes on
+            self._tried.add(seq)  # it may have been done, and only its reply lost
+            status = denied_status(exc)
+            if status is not None:
+                self._deny(TrackingAccessDenied(self.uri, tracking_user(), status, self._needs(op)), seq)
+                return False
             if is_outage(exc):
                 self._outage(short_reason(exc))
                 return False
@@ -496,6 +551,25 @@ class Outbox:
                           f"the run is kept in {self.dir.path} and uploaded when the server is back "
                           f"(or by `pnn-cluster sync {self.dir.path}`)")
             self._cv.notify_all()
+
+    def _deny(self, denied: TrackingAccessDenied, seq: int) -> None:
+        with self._cv:
+            self._failures += 1
+            if self.denied is None:
+                self.denied = denied
+                if seq not in self._waited:  # else the caller waiting for that operation says it
+                    self.warn(f"pnn-cluster: {denied}; nothing more is sent: the run is kept in {self.dir.path} "
+                              f"and `pnn-cluster sync {self.dir.path}` uploads it once that is fixed")
+            self._cv.notify_all()
+
+    def _needs(self, op: Mapping[str, Any]) -> str:
+        """The permission ``op`` needs, in the words of MLflow's basic-auth app: writing to a run, a model or an
+        experiment's list of runs is EDIT on the experiment."""
+        name = op.get("experiment")
+        if name is None:
+            with contextlib.suppress(RunDirError):
+                name = self.dir.meta().get("experiment")
+        return f"EDIT on experiment {name!r}" if name else "EDIT on the run's experiment"
 
     @staticmethod
     def _upload_key(op: Mapping[str, Any]) -> tuple | None:
@@ -530,22 +604,32 @@ class Outbox:
             self._experiments[name] = exp.experiment_id if exp else self.client.create_experiment(name)
         return self._experiments[name]
 
-    def _execute(self, op: Mapping[str, Any]) -> Any:
+    def _find_run(self, experiment_id: str, local: str) -> str | None:
+        """The server's id of the run tagged with local id ``local``: one a lost reply left behind."""
+        found = self.client.search_runs([experiment_id], filter_string=f"tags.`{LOCAL_ID_TAG}` = '{local}'",
+                                        max_results=1)
+        return found[0].info.run_id if found else None
+
+    def _execute(self, op: Mapping[str, Any], again: bool = False) -> Any:
+        """Send ``op``; ``again``: it may have reached the server before (what it creates is looked up first)."""
         from mlflow.entities import Metric, Param, RunTag
 
         kind = op["op"]
         c = self.client
         if kind == "create_run":
-            if op["run"] in self._ids:  # created before a crash cut the acknowledgement short
-                return self._ids[op["run"]]
-            tags = dict(op.get("tags") or {})
+            local = op["run"]
+            if local in self._ids:  # created before a crash cut the acknowledgement short
+                return self._ids[local]
+            tags = {**(op.get("tags") or {}), LOCAL_ID_TAG: local}
             if "mlflow.parentRunId" in tags:
                 tags["mlflow.parentRunId"] = self._run_id(tags["mlflow.parentRunId"])
-            run = c.create_run(self._experiment_id(op["experiment"]), start_time=op.get("start_time"),
-                               run_name=op.get("run_name"), tags=tags)
-            rid = run.info.run_id
-            self._ids[op["run"]] = rid
-            self.dir.add_id(op["run"], rid)
+            experiment_id = self._experiment_id(op["experiment"])
+            rid = self._find_run(experiment_id, local) if again else None
+            if rid is None:
+                rid = c.create_run(experiment_id, start_time=op.get("start_time"), run_name=op.get("run_name"),
+                                   tags=tags).info.run_id
+            self._ids[local] = rid
+            self.dir.add_id(local, rid)
             return rid
         run = self._run_id(op.get("run"))
         if kind == "log_batch":
@@ -553,13 +637,7 @@ class Outbox:
                         params=[Param(k, v) for k, v in op.get("params", ())],
                         tags=[RunTag(k, v) for k, v in op.get("tags", ())])
         elif kind == "resume_run":
-            data = c.get_run(run).data
-            resumed = int(data.tags.get("pnn.resumed", "0")) + 1
-            c.update_run(run, status="RUNNING")
-            c.set_tag(run, "pnn.resumed", str(resumed))
-            if "pnn.error" in data.tags:  # what stopped it last time stays on record, under another name
-                c.set_tag(run, f"pnn.interrupted.{resumed}", data.tags["pnn.error"])
-                c.delete_tag(run, "pnn.error")
+            self._resume(run, op.get("id"))
         elif kind == "set_terminated":
             c.set_terminated(run, op["status"], end_time=op.get("end_time"))
         elif kind == "log_artifact":
@@ -568,16 +646,53 @@ class Outbox:
                 raise FileNotFoundError(f"{path} (removed from the run directory)")
             c.log_artifact(run, str(path), op.get("artifact_path"))
         elif kind == "log_model":
-            model = c.create_logged_model(self._experiment_id(op["experiment"]), name=op["name"],
-                                          source_run_id=run, tags=dict(op.get("tags") or {}))
-            try:
-                c.log_model_artifacts(model.model_id, str(self.dir.path / op["dir"]))
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    c.finalize_logged_model(model.model_id, "FAILED")
-                raise
-            c.finalize_logged_model(model.model_id, "READY")
-            return model.model_id
+            return self._log_model(op, run, again)
         else:
             raise ValueError(f"journal operation {kind!r} unknown")  # a journal from a newer version
         return None
+
+    def _resume(self, run: str, local: str | None) -> None:
+        """Mark ``run`` RUNNING again and count the resume in ``pnn.resumed``, once per resume's local id."""
+        from mlflow.entities import RunTag
+
+        tags = self.client.get_run(run).data.tags
+        counted = tags.get(RESUME_IDS_TAG, "").split()
+        if local is None or local not in counted:
+            resumed = int(tags.get("pnn.resumed", "0")) + 1
+            new = [RunTag("pnn.resumed", str(resumed))]
+            if local is not None:
+                new.append(RunTag(RESUME_IDS_TAG, " ".join([*counted, local][-_RESUME_IDS_KEPT:])))
+            if "pnn.error" in tags:  # what stopped it last time stays on record, under another name
+                new.append(RunTag(f"pnn.interrupted.{resumed}", tags["pnn.error"]))
+            self.client.log_batch(run, tags=new)  # one write: counted and marked as counted together
+        if "pnn.error" in tags:
+            self.client.delete_tag(run, "pnn.error")
+        self.client.update_run(run, status="RUNNING")
+
+    def _log_model(self, op: Mapping[str, Any], run: str | None, again: bool) -> str:
+        """A logged model from a folder of the run directory; one a lost reply left behind (found by the
+        operation's local id) is completed rather than made again."""
+        from mlflow.entities import LoggedModelStatus
+
+        c = self.client
+        experiment_id = self._experiment_id(op["experiment"])
+        local = op.get("id")  # None in a journal of before local ids: created as it was then
+        model = None
+        if local is not None and again:
+            found = c.search_logged_models([experiment_id], filter_string=f"tags.`{LOCAL_ID_TAG}` = '{local}'",
+                                           max_results=1)
+            model = found[0] if found and found[0].status != LoggedModelStatus.FAILED else None
+            if model is not None and model.status == LoggedModelStatus.READY:
+                return model.model_id
+        if model is None:
+            tags = {**(op.get("tags") or {}), **({LOCAL_ID_TAG: local} if local is not None else {})}
+            model = c.create_logged_model(experiment_id, name=op["name"], source_run_id=run, tags=tags)
+        try:
+            c.log_model_artifacts(model.model_id, str(self.dir.path / op["dir"]))
+        except Exception as exc:
+            if denied_status(exc) is None and not is_outage(exc):  # refused for good: it will not be retried
+                with contextlib.suppress(Exception):
+                    c.finalize_logged_model(model.model_id, "FAILED")
+            raise  # else it stays PENDING, and the retry completes this one
+        c.finalize_logged_model(model.model_id, "READY")
+        return model.model_id

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pnn_cluster.tracking.access import TrackingAccessDenied, denied_status, tracking_user
 from pnn_cluster.tracking.outbox import RunDir, bound_http, find_run_dir, is_outage, short_reason
 
 __all__ = ["CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "TWIN_VERSIONS_ARTIFACT", "FoundRun", "NoSuchRun",
@@ -117,9 +118,10 @@ def find_run(source: str | os.PathLike, connect: Callable[[str], Any] | None, tr
 
     ``connect`` makes a client for a tracking URI (:func:`tracking_client`; None: the server is not asked);
     the server's URI is ``tracking_uri`` resolved as :func:`resolve_tracking_uri` does. ``runs_root`` is where
-    run directories are searched (default ``PNN_RUNS_DIR``, else ``./pnn-runs``). Raises :class:`NotARunDir`
-    for a path that is no run directory, :class:`RunUnreachable` when only the server could answer and it
-    cannot be reached, :class:`NoSuchRun` when nobody has the run.
+    run directories are searched (default :func:`~pnn_cluster.tracking.outbox.default_runs_root`). Raises
+    :class:`NotARunDir` for a path that is no run directory, :class:`RunUnreachable` when only the server could
+    answer and it cannot be reached, :class:`~pnn_cluster.tracking.access.TrackingAccessDenied` when it refuses
+    this user, :class:`NoSuchRun` when nobody has the run.
     """
     path = Path(source)
     local = None
@@ -140,6 +142,11 @@ def find_run(source: str | os.PathLike, connect: Callable[[str], Any] | None, tr
     try:
         run = client.get_run(str(source))
     except MlflowException as exc:
+        status = denied_status(exc)
+        if status is not None:
+            # MLflow's basic-auth app answers 403 for a run it does not have, too (no oracle of run ids)
+            needs = f"READ on the experiment of run {source} (if the run exists there)"
+            raise TrackingAccessDenied(uri, tracking_user(), status, needs) from None
         if is_outage(exc):
             raise RunUnreachable(str(source), uri, short_reason(exc)) from None
         raise NoSuchRun(str(source), uri) from None

@@ -1,9 +1,13 @@
-"""Chaos: the tracking server away (from the start, or killed mid-run) and the trainer process killed mid-epoch.
+"""Chaos: the tracking server away (from the start, or killed mid-run), the trainer process killed mid-epoch,
+and a server that refuses a user.
 
 A training never waits on tracking for long and never loses what it measured:
 everything goes to the run's local directory first, and reaches the server
 when it is back (during the run, or by ``pnn-cluster sync``); a killed trainer
-resumes from its local checkpoint at the exact step it reached.
+resumes from its local checkpoint at the exact step it reached. A server that
+refuses a user (MLflow's basic-auth app, configured as ``deploy/mlflow`` ships
+it) is a configuration error said in one line, and once the admin has granted
+the permission with ``deploy/mlflow/grant-access.py`` each run is recorded once.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +29,7 @@ from .conftest import CLI, Proc, assert_no_traceback, train_result
 mlflow = pytest.importorskip("mlflow")
 
 TRAIN_SAMPLES, BATCH = 110, 10
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 STEPS_PER_EPOCH = -(-TRAIN_SAMPLES // BATCH)
 
 
@@ -70,10 +77,14 @@ def descendants(pid: int) -> list[int]:
 
 
 class MlflowServer:
-    """``mlflow server`` on loopback with a SQLite store that outlives the process (killed, then restarted)."""
+    """``mlflow server`` on loopback with a SQLite store that outlives the process (killed, then restarted);
+    with ``auth``, MLflow's basic-auth app configured by the shipped ``deploy/mlflow/basic_auth.ini`` (its
+    database in SQLite here), ``admin`` the admin account (password ``admin_password``)."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root, self.port = root, port or free_port()
+    admin_password = "admin-password-for-tests"
+
+    def __init__(self, root: Path, port: int | None = None, auth: bool = False) -> None:
+        self.root, self.port, self.auth = root, port or free_port(), auth
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: Proc | None = None
 
@@ -82,7 +93,19 @@ class MlflowServer:
                 "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
                 "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
         # no job runner (a dozen huey worker processes the tracking API does not need)
-        self.proc = Proc(argv, cwd=self.root, name="mlflow server", env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if self.auth:
+            import configparser
+
+            ini = configparser.ConfigParser()
+            ini.read(DEPLOY / "mlflow/basic_auth.ini")
+            ini["mlflow"]["database_uri"] = f"sqlite:///{self.root / 'auth.db'}"
+            with open(self.root / "basic_auth.ini", "w") as f:
+                ini.write(f)
+            argv += ["--app-name", "basic-auth"]
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(self.root / "basic_auth.ini"),
+                       MLFLOW_FLASK_SERVER_SECRET_KEY="0" * 64, MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password)
+        self.proc = Proc(argv, cwd=self.root, name="mlflow server", env=env)
         wait_until(self._healthy, 120, f"mlflow server on port {self.port}", interval=0.2)
         return self
 
@@ -120,8 +143,8 @@ def mlflow_server(tmp_path, mlflow_template):
     shutil.copyfile(mlflow_template, tmp_path / "server.db")  # the server's store, its tables made already
     servers: list[MlflowServer] = []
 
-    def make(port: int | None = None) -> MlflowServer:
-        s = MlflowServer(tmp_path, port)
+    def make(port: int | None = None, auth: bool = False) -> MlflowServer:
+        s = MlflowServer(tmp_path, port, auth)
         servers.append(s)
         return s
 
@@ -131,10 +154,10 @@ def mlflow_server(tmp_path, mlflow_template):
             s.kill()
 
 
-def run_train(tmp_path, config: dict, *args: str) -> Proc:
+def run_train(tmp_path, config: dict, *args: str, env: dict[str, str] | None = None) -> Proc:
     path = write_config(tmp_path / "chaos.yaml", config)
     return Proc([*CLI, "train", str(path), "--in-process", "--no-progress", "--json", *args], cwd=tmp_path,
-                name="pnn-cluster train")
+                name="pnn-cluster train", env=env)
 
 
 def the_run(client, run_id: str):
@@ -282,3 +305,67 @@ def test_trainer_killed_mid_epoch_resumes_at_its_checkpoint(tmp_path, mlflow_sto
     assert "checkpoints/last.pt" in artifacts
     final = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert final["global_step"] == epochs * STEPS_PER_EPOCH
+
+
+def test_a_user_the_server_refuses_is_told_in_one_line_and_once_granted_each_run_is_recorded_once(
+        tmp_path, mlflow_server, monkeypatch):
+    server = mlflow_server(auth=True).start()
+    admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": server.admin_password}
+    ada = {"MLFLOW_TRACKING_USERNAME": "ada", "MLFLOW_TRACKING_PASSWORD": "ada-password-0123"}
+    bob = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "bob-password-4567"}
+
+    def grant(*args: str, passwords: str = "") -> subprocess.CompletedProcess:
+        """deploy/mlflow/grant-access.py as the admin runs it (new users' passwords on standard input)."""
+        return subprocess.run([sys.executable, str(DEPLOY / "mlflow/grant-access.py"), "--tracking-uri", server.uri,
+                               *args], input=passwords, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **admin})
+
+    # the admin makes two accounts and grants ada the lab's experiment; bob has an account and nothing else
+    made = grant("--create", "--experiment", "chaos", "ada", passwords=ada["MLFLOW_TRACKING_PASSWORD"] + "\n")
+    assert made.returncode == 0, made.stderr
+    assert "ada: account created" in made.stdout and "ada: EDIT on experiment 'chaos'" in made.stdout
+    made = grant("--create", "--experiment", "elsewhere", "bob", passwords=bob["MLFLOW_TRACKING_PASSWORD"] + "\n")
+    assert made.returncode == 0, made.stderr
+
+    # bob's training stops at once: a configuration error, one line, nothing measured, nothing left behind
+    config = slow_config(1, latency_s=0.0)
+    refused = run_train(tmp_path, config, "--tracking-uri", server.uri, env=bob)
+    assert refused.wait(120) == 2
+    assert_no_traceback(refused)
+    (line,) = [l for l in refused.lines("stderr") if "pnn-cluster" in l]
+    assert line == (f"pnn-cluster train: error: tracking server {server.uri}: refused user 'bob' (403: permission "
+                    "denied): EDIT on experiment 'chaos' is needed; an MLflow admin grants it with "
+                    "deploy/mlflow/grant-access.py (deploy/README.md, step 2)")
+    assert "epoch 1" not in refused.stdout and not list((tmp_path / "pnn-runs").iterdir())
+
+    # bob trained while the server was away: `sync` is refused in one line (exit 2), then granted, uploads once
+    proc = run_train(tmp_path, config, "--tracking-uri", f"http://127.0.0.1:{free_port()}", env=bob)
+    rc, result = train_result(proc, 300)
+    assert rc == 0 and result["tracking_unsent"] > 0, proc.stderr
+    sync = subprocess.run([*CLI, "sync", "--tracking-uri", server.uri], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **bob})
+    assert sync.returncode == 2, sync.stdout + sync.stderr
+    assert len([l for l in sync.stderr.splitlines() if "refused user 'bob' (403" in l]) == 1
+    assert "Traceback" not in sync.stderr and "refused this user" in sync.stdout
+    granted = grant("--experiment", "chaos", "bob")
+    assert granted.returncode == 0 and "bob: EDIT on experiment 'chaos'" in granted.stdout, granted.stderr
+    sync = subprocess.run([*CLI, "sync", "--tracking-uri", server.uri, "--json"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **bob})
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    (synced,) = json.loads(sync.stdout.strip().splitlines()[-1])["runs"]
+
+    # ada's training, recorded as it runs
+    proc = run_train(tmp_path, config, "--tracking-uri", server.uri, env=ada)
+    rc, mine = train_result(proc, 300)
+    assert rc == 0 and mine["tracking_unsent"] == 0, proc.stderr
+    assert_no_traceback(proc)
+
+    for k, v in admin.items():  # this test's own reads, as the admin
+        monkeypatch.setenv(k, v)
+    client = server.client()
+    runs = client.search_runs([client.get_experiment_by_name("chaos").experiment_id],
+                              filter_string="tags.`pnn.command` = 'train'")
+    assert sorted(r.info.run_id for r in runs) == sorted([synced["run_id"], mine["run_id"]])  # once each
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert run.info.status == "FINISHED" and sorted(steps) == list(range(1, STEPS_PER_EPOCH + 1))
