@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from pnn_cluster.commands import UsageError
     from pnn_cluster.config import ConfigError, parse_config
     from pnn_cluster.tracking import load_run_checkpoint, resolve_tracking_uri, tracking_client
-    from pnn_cluster.tracking.outbox import is_local_id, short_reason
+    from pnn_cluster.tracking.outbox import short_reason
+    from pnn_cluster.tracking.rundir import is_local_id
     from pnn_cluster.tracking.runs import NoSuchRun, NotARunDir, RunUnreachable, find_run
 
     with tempfile.TemporaryDirectory(prefix="pnn-eval-") as tmp:

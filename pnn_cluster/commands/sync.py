@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pnn_cluster.commands import UsageError
     from pnn_cluster.tracking import tracking_client
-    from pnn_cluster.tracking.outbox import Outbox, RunDir, RunDirError, default_runs_root
+    from pnn_cluster.tracking.outbox import Outbox
+    from pnn_cluster.tracking.rundir import RunDir, RunDirError, default_runs_root
 
     if args.run_dirs:
         try:

@@ -74,7 +74,7 @@ def load_resume(args: argparse.Namespace, workdir: Path):
 
     from pnn_cluster.config import parse_config
     from pnn_cluster.tracking import CONFIG_ARTIFACT, load_run_checkpoint, resolve_tracking_uri, tracking_client
-    from pnn_cluster.tracking.outbox import RunDirError
+    from pnn_cluster.tracking.rundir import RunDirError
     from pnn_cluster.tracking.runs import NoSuchRun, NotARunDir, RunUnreachable, find_run
 
     if args.no_track:
@@ -199,7 +199,7 @@ def tracking_for(cfg, args: argparse.Namespace, tracking_uri: str | None = None,
     """What the run's MLflow tracker is given (None with ``--no-track``); the URI and the run directories
     made absolute here, so a trainer actor elsewhere on this machine writes to the same store and folder."""
     from pnn_cluster.tracking import resolve_tracking_uri
-    from pnn_cluster.tracking.outbox import default_runs_root
+    from pnn_cluster.tracking.rundir import default_runs_root
 
     if args.no_track or not cfg.tracking.enabled:
         return None
@@ -260,6 +260,6 @@ def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, trackin
 
 
 def _resume_hint(result) -> str:
-    from pnn_cluster.tracking.outbox import is_local_id
+    from pnn_cluster.tracking.rundir import is_local_id
 
     return result.run_dir if is_local_id(result.run_id) and result.run_dir else result.run_id

@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pnn_cluster.tracking import TWIN_VERSIONS_ARTIFACT, active_twin_versions, tracking_client
-    from pnn_cluster.tracking.outbox import RunDir, default_runs_root
+    from pnn_cluster.tracking.rundir import RunDir, default_runs_root
     from pnn_cluster.tracking.runs import NoSuchRun, NotARunDir, RunUnreachable, find_run
 
     root = Path(args.runs_dir).resolve() if args.runs_dir else default_runs_root()

@@ -5,6 +5,11 @@ run holds) and decides nothing about the training; a twin's version number and d
 :mod:`pnn_cluster.twins.versions`. Its state in a checkpoint is the run it records into (``extra["tracking"]``:
 it is :class:`~pnn_cluster.training.trainer.Stateful`); the checkpoint is the trainer's, written to the run
 directory atomically, then uploaded.
+
+Why one module of some 600 lines: it is one class, :class:`MlflowCallback`, whose every method writes into
+the same run through the same outbox and local ids (parameters, tags, files, twin fits and versions,
+metrics, checkpoints, models); what is not that class (finding runs, snapshots, figures, the run directory,
+the outbox) lives in its own module already.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 
 from pnn_cluster.fsio import atomic_torch_save, atomic_write, atomic_write_text
 from pnn_cluster.tracking import figures
-from pnn_cluster.tracking.outbox import Outbox, RunDir, default_runs_root, find_run_dir, is_local_id, new_local_id
+from pnn_cluster.tracking.outbox import Outbox
+from pnn_cluster.tracking.rundir import RunDir, default_runs_root, find_run_dir, is_local_id, new_local_id
 from pnn_cluster.tracking.runs import CONFIG_ARTIFACT, TWIN_VERSIONS_ARTIFACT, download_text, twin_state_artifact
 from pnn_cluster.tracking.snapshots import (
     PARAM_CHARS,
@@ -61,7 +67,7 @@ class MlflowCallback(Callback):
 
     Everything is recorded in a local run directory first (``runs_root``,
     default ``PNN_RUNS_DIR``, else ``./pnn-runs``, or ``~/pnn-runs`` in a Ray
-    job's temporary working directory: :func:`~pnn_cluster.tracking.outbox.default_runs_root`;
+    job's temporary working directory: :func:`~pnn_cluster.tracking.rundir.default_runs_root`;
     or ``run_dir``, an existing one to continue) and sent to the server by an
     :class:`~pnn_cluster.tracking.outbox.Outbox`: the training never waits for
     the server, an outage is reported once, and what could not be sent is

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pnn_cluster.tracking.access import TrackingAccessDenied, denied_status, tracking_user
-from pnn_cluster.tracking.outbox import RunDir, bound_http, find_run_dir, is_outage, short_reason
+from pnn_cluster.tracking.outbox import bound_http, is_outage, short_reason
+from pnn_cluster.tracking.rundir import RunDir, find_run_dir
 
 __all__ = ["CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "TWIN_VERSIONS_ARTIFACT", "FoundRun", "NoSuchRun",
            "NotARunDir", "RunUnreachable", "download_text", "find_run", "load_run_checkpoint",
@@ -118,7 +119,7 @@ def find_run(source: str | os.PathLike, connect: Callable[[str], Any] | None, tr
 
     ``connect`` makes a client for a tracking URI (:func:`tracking_client`; None: the server is not asked);
     the server's URI is ``tracking_uri`` resolved as :func:`resolve_tracking_uri` does. ``runs_root`` is where
-    run directories are searched (default :func:`~pnn_cluster.tracking.outbox.default_runs_root`). Raises
+    run directories are searched (default :func:`~pnn_cluster.tracking.rundir.default_runs_root`). Raises
     :class:`NotARunDir` for a path that is no run directory, :class:`RunUnreachable` when only the server could
     answer and it cannot be reached, :class:`~pnn_cluster.tracking.access.TrackingAccessDenied` when it refuses
     this user, :class:`NoSuchRun` when nobody has the run.

@@ -276,7 +276,7 @@ def test_trainer_killed_mid_epoch_resumes_at_its_checkpoint(tmp_path, mlflow_sto
 
     def in_second_epoch():
         # the journal says which steps were taken: kill once a step of epoch 2 is recorded, not at an epoch's end
-        from pnn_cluster.tracking.outbox import RunDir
+        from pnn_cluster.tracking.rundir import RunDir
 
         steps = [s for s, _ in RunDir(run_dir).metric_history(RunDir(run_dir).run_id, ["train_loss"])["train_loss"]]
         return steps and STEPS_PER_EPOCH < max(steps) < 2 * STEPS_PER_EPOCH
@@ -286,7 +286,7 @@ def test_trainer_killed_mid_epoch_resumes_at_its_checkpoint(tmp_path, mlflow_sto
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == STEPS_PER_EPOCH  # the end of epoch 1, whole
 
-    from pnn_cluster.tracking.outbox import RunDir
+    from pnn_cluster.tracking.rundir import RunDir
 
     run_id = RunDir(run_dir).run_id
     assert not run_id.startswith("local-")  # the server (a SQLite store here) created the run

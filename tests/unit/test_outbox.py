@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("mlflow")  # imported here, not first in an outbox's thread (urllib3 probes IPv6 with a socket)
 
 from pnn_cluster.tracking.access import TrackingAccessDenied, denied_status
-from pnn_cluster.tracking.outbox import Outbox, RunDir, RunDirError, default_runs_root, is_outage
+from pnn_cluster.tracking.outbox import Outbox, is_outage
+from pnn_cluster.tracking.rundir import RunDir, RunDirError, default_runs_root
 
 
 class Down(Exception):
