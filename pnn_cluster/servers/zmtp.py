@@ -59,10 +59,11 @@ selector, a state machine per connection). Complete requests go into
 :attr:`RouterServer.requests` in the order they complete; whoever handles
 them answers with :meth:`RouterServer.reply` from any thread.
 
-Pieces: this module is the I/O thread, the connections' states and the
-limits; the wire format is :mod:`.zmtp_codec`, the NULL and CURVE handshakes
-and per-frame encryption :mod:`.zmtp_security`, key files
-:mod:`.curve_keys`, binding :mod:`.listeners`.
+Pieces: this module is the I/O thread, admission and the memory budget;
+the limits and each connection's state are :mod:`.zmtp_state`; the wire
+format is :mod:`.zmtp_codec`, the NULL and CURVE handshakes and per-frame
+encryption :mod:`.zmtp_security`, key files :mod:`.curve_keys`, binding
+:mod:`.listeners`.
 """
 
 from __future__ import annotations
@@ -73,29 +74,12 @@ import logging
 import queue
 import selectors
 import socket
-import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pnn_cluster.servers import BindError
 from pnn_cluster.servers.curve_keys import CurveKeyError, CurveKeys, load_curve_keys, read_key_file
-from pnn_cluster.servers.limits import (
-    ZMQ_HANDSHAKE_TIMEOUT_S,
-    ZMQ_HELD_FLOOR,
-    ZMQ_IDLE_TIMEOUT_S,
-    ZMQ_MAX_CONNECTIONS,
-    ZMQ_MAX_FRAMES,
-    ZMQ_MAX_HANDSHAKES,
-    ZMQ_MAX_HANDSHAKES_PER_SOURCE,
-    ZMQ_MAX_HELD_BYTES,
-    ZMQ_MAX_MESSAGE_BYTES,
-    ZMQ_MAX_PENDING_REPLY_BYTES,
-    ZMQ_MESSAGE_CAP_MAX,
-    ZMQ_REQUEST_TIMEOUT_S,
-)
 from pnn_cluster.servers.listeners import Listener, listen
 from pnn_cluster.servers.zmtp_codec import (
     DROP_REASONS,
@@ -113,6 +97,16 @@ from pnn_cluster.servers.zmtp_codec import (
     greeting,
 )
 from pnn_cluster.servers.zmtp_security import mechanism_for
+from pnn_cluster.servers.zmtp_state import (
+    GREETED,
+    READ_CHUNK,
+    SILENT,
+    SPOKE,
+    Conn,
+    Limits,
+    Request,
+    least_along,
+)
 
 __all__ = [
     "CurveKeyError", "CurveKeys", "DROP_REASONS", "Limits", "Listener", "Request", "RouterServer", "listen",
@@ -121,118 +115,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 64 * 1024
 #: bytes read from one connection before the others get their turn
 READ_BUDGET = 4 << 20
 SEND_IOV = 64
 #: connections accepted before the open ones are served again (strangers reconnecting as fast as they are
 #: evicted would otherwise keep the I/O thread accepting)
 ACCEPT_BATCH = 16
-#: what a queued reply buffer costs beyond its bytes: the memoryview and the object it views
-BUFFER_OVERHEAD = sys.getsizeof(memoryview(b"")) + sys.getsizeof(b"")
-#: how far a handshake has got, for eviction: the least far go first
-_SILENT, _SPOKE, _GREETED = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one peer may cost the server; see the module docstring for what each bounds, :mod:`.limits` for the
-    defaults and ranges. The frame count has no default: it is the wire protocol's."""
-
-    max_message_bytes: int = ZMQ_MESSAGE_CAP_MAX
-    max_frames: int = field(kw_only=True)
-    max_connections: int = ZMQ_MAX_CONNECTIONS.default
-    idle_timeout_s: float = ZMQ_IDLE_TIMEOUT_S.default
-    request_timeout_s: float = ZMQ_REQUEST_TIMEOUT_S.default
-    max_pending_reply_bytes: int = ZMQ_MAX_PENDING_REPLY_BYTES.default
-    max_handshakes: int = ZMQ_MAX_HANDSHAKES.default
-    max_handshakes_per_source: int = ZMQ_MAX_HANDSHAKES_PER_SOURCE.default
-    handshake_timeout_s: float = ZMQ_HANDSHAKE_TIMEOUT_S.default
-    #: None: :meth:`default_held_bytes` of the others
-    max_held_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_held_bytes is None:
-            object.__setattr__(self, "max_held_bytes", self.default_held_bytes(self.max_message_bytes,
-                                                                               self.max_pending_reply_bytes))
-        ints = {"max_message_bytes": ZMQ_MAX_MESSAGE_BYTES, "max_frames": ZMQ_MAX_FRAMES,
-                "max_connections": ZMQ_MAX_CONNECTIONS, "max_pending_reply_bytes": ZMQ_MAX_PENDING_REPLY_BYTES,
-                "max_handshakes": ZMQ_MAX_HANDSHAKES, "max_handshakes_per_source": ZMQ_MAX_HANDSHAKES_PER_SOURCE,
-                "max_held_bytes": ZMQ_MAX_HELD_BYTES}
-        for name, limit in ints.items():
-            v, lo, hi = getattr(self, name), limit.low, limit.high
-            if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
-                raise BindError(f"{name}: {v!r}; allowed: integers {lo}..{hi}")
-        for name, limit in (("idle_timeout_s", ZMQ_IDLE_TIMEOUT_S), ("request_timeout_s", ZMQ_REQUEST_TIMEOUT_S),
-                            ("handshake_timeout_s", ZMQ_HANDSHAKE_TIMEOUT_S)):
-            v, lo, hi = getattr(self, name), limit.low, limit.high
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v <= hi):
-                raise BindError(f"{name}: {v!r}; allowed: seconds, {lo:g} < s <= {hi:g}")
-        least = self.max_message_bytes + 2 * READ_CHUNK
-        if self.max_held_bytes < least:
-            raise BindError(f"max_held_bytes: {self.max_held_bytes}; allowed: at least max_message_bytes + "
-                            f"{2 * READ_CHUNK} ({least}), room for one whole request as it arrives")
-
-    @staticmethod
-    def default_held_bytes(max_message_bytes: int, max_pending_reply_bytes: int) -> int:
-        """Room for two whole requests (one arriving, one being handled) and one client's pending replies."""
-        return max(ZMQ_HELD_FLOOR, 2 * max_message_bytes + max_pending_reply_bytes + 2 * READ_CHUNK)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# -- connections -------------------------------------------------------------------------------------------
-
-
-class Request:
-    """One complete multipart message from a peer (``frames``), waiting for its reply."""
-
-    __slots__ = ("conn_id", "frames", "nbytes", "cancelled")
-
-    def __init__(self, conn_id: int, frames: list[Any], nbytes: int = 0) -> None:
-        self.conn_id = conn_id
-        self.frames = frames
-        self.nbytes = nbytes  # its frames' bytes, held until the reply is taken
-        self.cancelled = False  # set when its connection closes before the reply is sent
-
-
-class _Conn:
-    """One peer: its socket, what has been read of its current frame and message, what waits to be sent."""
-
-    def __init__(self, cid: int, sock: socket.socket, now: float, source: str = "") -> None:
-        self.id = cid
-        self.sock = sock
-        self.source = source  # the peer's address, without the port
-        self.state = GREETING
-        self.progress = _SILENT  # how far its handshake has got (+1 per handshake command)
-        self.round = 0  # the I/O loop's round it was accepted in
-        self.closed = False
-        self.events = 0
-        self.rbuf = bytearray()
-        self.body: bytearray | None = None  # the body of a frame too large for rbuf, growing as it arrives
-        self.body_size = 0  # what its header declared
-        self.filled = 0
-        self.body_flags = 0
-        self.parts: list[Any] = []
-        self.parts_bytes = 0
-        self.msg_started: float | None = None
-        self.request: Request | None = None
-        self.out: deque[memoryview] = deque()
-        self.out_bytes = 0
-        self.created = self.last_activity = self.last_write = now
-        self.security: Any = None  # the security mechanism's own state for this connection
-
-    def out_held(self) -> int:
-        """Memory held by replies waiting to be sent: their bytes and each buffer's overhead."""
-        return self.out_bytes + len(self.out) * BUFFER_OVERHEAD
-
-    def incomplete(self) -> int:
-        """Memory held by input not yet a whole request: the read buffer, a frame arriving, parts of a message."""
-        return len(self.rbuf) + (len(self.body) if self.body is not None else 0) + self.parts_bytes
-
-    def held(self) -> int:
-        return self.incomplete() + (self.request.nbytes if self.request is not None else 0) + self.out_held()
 
 
 class RouterServer:
@@ -246,7 +134,7 @@ class RouterServer:
         self.requests: queue.Queue[Request | None] = queue.Queue()
         self.stats: dict[str, Any] = {"connections": 0, "connections_accepted": 0, "abandoned": 0,
                                       "dropped": dict.fromkeys(DROP_REASONS, 0)}
-        self._conns: dict[int, _Conn] = {}
+        self._conns: dict[int, Conn] = {}
         self._paused: set[int] = set()  # connections not read until the held bytes fall within the budget
         self._round = 0  # of the I/O loop: a connection accepted in this one has not yet had its bytes read
         self._ids = itertools.count(1)
@@ -326,7 +214,7 @@ class RouterServer:
             sel.close()
             self.listener.close()
 
-    def _guard(self, conn: _Conn, fn: Any, *args: Any) -> None:
+    def _guard(self, conn: Conn, fn: Any, *args: Any) -> None:
         try:
             fn(*args)
         except Drop as exc:
@@ -358,7 +246,7 @@ class RouterServer:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(next(self._ids), sock, now, source)
+            conn = Conn(next(self._ids), sock, now, source)
             conn.round = self._round
             self._conns[conn.id] = conn
             self.stats["connections"] = len(self._conns)
@@ -379,13 +267,13 @@ class RouterServer:
             shaking if len(shaking) >= lim.max_handshakes else None
         if full is None:
             return True
-        victim = min(full, key=_least_along)
+        victim = min(full, key=least_along)
         if victim.round == self._round:
             return False
         self._drop(victim, "handshake_evicted")
         return True
 
-    def _authenticated(self, conn: _Conn) -> None:
+    def _authenticated(self, conn: Conn) -> None:
         """``conn`` has finished its handshake: it takes one of the ``max_connections`` places, if one is free."""
         ready = sum(1 for c in self._conns.values() if c.state == READY and c is not conn)
         if ready >= self.limits.max_connections:
@@ -394,14 +282,14 @@ class RouterServer:
     def _held(self) -> int:
         return sum(c.held() for c in self._conns.values())
 
-    def _within_budget(self, reader: _Conn, need: int) -> bool:
+    def _within_budget(self, reader: Conn, need: int) -> bool:
         """May ``reader`` take ``need`` more bytes? Over the budget, the connection holding the most incomplete
         input goes first (which may be ``reader``: then False); with none to drop, ``reader`` pauses."""
         budget = self.limits.max_held_bytes
         while not reader.closed:
             if self._held() + need <= budget:
                 return True
-            victim = max(self._conns.values(), key=_Conn.incomplete)
+            victim = max(self._conns.values(), key=Conn.incomplete)
             if victim.incomplete() == 0:
                 self._paused.add(reader.id)
                 self._interest(reader)
@@ -417,11 +305,11 @@ class RouterServer:
                 if conn is not None:
                     self._interest(conn)
 
-    def _drop(self, conn: _Conn, reason: str) -> None:
+    def _drop(self, conn: Conn, reason: str) -> None:
         self.stats["dropped"][reason] += 1
         self._close(conn)
 
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: Conn) -> None:
         if conn.closed:
             return
         conn.closed = True
@@ -443,7 +331,7 @@ class RouterServer:
         self._paused.discard(conn.id)
         self.stats["connections"] = len(self._conns)
 
-    def _interest(self, conn: _Conn) -> None:
+    def _interest(self, conn: Conn) -> None:
         if conn.closed or self._sel is None:
             return
         mask = 0
@@ -468,7 +356,7 @@ class RouterServer:
         now = time.monotonic()
         return max(0.0, min(1.0, min(self._deadline(c) for c in self._conns.values()) - now))
 
-    def _deadline(self, conn: _Conn) -> float:
+    def _deadline(self, conn: Conn) -> float:
         lim = self.limits
         if conn.state != READY:
             return conn.created + lim.handshake_timeout_s
@@ -495,14 +383,14 @@ class RouterServer:
 
     # -- sending ------------------------------------------------------------------------------------
 
-    def _queue(self, conn: _Conn, buffers: list[Any]) -> None:
+    def _queue(self, conn: Conn, buffers: list[Any]) -> None:
         for b in buffers:
             mv = as_bytes_view(b)
             if mv.nbytes:
                 conn.out.append(mv)
                 conn.out_bytes += mv.nbytes
 
-    def _flush(self, conn: _Conn, now: float) -> None:
+    def _flush(self, conn: Conn, now: float) -> None:
         while conn.out:
             try:
                 n = conn.sock.sendmsg(list(itertools.islice(conn.out, SEND_IOV)))
@@ -533,25 +421,25 @@ class RouterServer:
             if not conn.closed:
                 self._interest(conn)
 
-    def _send_message(self, conn: _Conn, frames: list[Any], now: float) -> None:
+    def _send_message(self, conn: Conn, frames: list[Any], now: float) -> None:
         views = [as_bytes_view(f) for f in frames] or [memoryview(b"")]
         last = len(views) - 1
         for i, mv in enumerate(views):
             self._queue(conn, self.mechanism.seal(conn, FLAG_MORE if i < last else 0, mv))
         self._flush(conn, now)
 
-    def _send_command(self, conn: _Conn, name: bytes, data: bytes) -> None:
+    def _send_command(self, conn: Conn, name: bytes, data: bytes) -> None:
         frames = self.mechanism.seal_command(conn, name, data) if conn.state == READY else [command(name, data)]
         self._queue(conn, frames)
 
-    def _send_handshake(self, conn: _Conn, frames: list[bytes]) -> None:
+    def _send_handshake(self, conn: Conn, frames: list[bytes]) -> None:
         if frames:
             self._queue(conn, frames)
             self._flush(conn, time.monotonic())
 
     # -- receiving ----------------------------------------------------------------------------------
 
-    def _on_readable(self, conn: _Conn, now: float) -> None:
+    def _on_readable(self, conn: Conn, now: float) -> None:
         budget = READ_BUDGET
         while budget > 0 and not conn.closed and conn.request is None:
             body = conn.body
@@ -575,8 +463,8 @@ class RouterServer:
                 return
             budget -= n
             conn.last_activity = now
-            if conn.progress == _SILENT:
-                conn.progress = _SPOKE
+            if conn.progress == SILENT:
+                conn.progress = SPOKE
             if body is not None:
                 conn.filled += n
                 if conn.filled < conn.body_size:
@@ -588,7 +476,7 @@ class RouterServer:
             self._feed(conn, now)
         self._interest(conn)
 
-    def _feed(self, conn: _Conn, now: float) -> None:
+    def _feed(self, conn: Conn, now: float) -> None:
         """Take every complete greeting or frame from the read buffer (none while a request is being handled)."""
         rbuf = conn.rbuf
         cap = self.limits.max_pending_reply_bytes
@@ -601,7 +489,7 @@ class RouterServer:
                 peer_greeting = bytes(rbuf[:GREETING_LEN])
                 del rbuf[:GREETING_LEN]
                 check_greeting(peer_greeting, self.mechanism.name)
-                conn.progress = _GREETED
+                conn.progress = GREETED
                 self._send_handshake(conn, self.mechanism.start(conn))
                 continue
             if len(rbuf) < 2:
@@ -626,7 +514,7 @@ class RouterServer:
                 conn.body_flags = flags
                 rbuf.clear()
 
-    def _check_frame(self, conn: _Conn, flags: int, size: int, now: float) -> None:
+    def _check_frame(self, conn: Conn, flags: int, size: int, now: float) -> None:
         """The limits, from a frame's header alone: nothing of its body is read or allocated if it breaks one."""
         if flags & ~(FLAG_MORE | FLAG_LONG | FLAG_COMMAND):
             raise Drop("protocol", f"reserved flag bits {flags:#04x}")
@@ -645,7 +533,7 @@ class RouterServer:
         if conn.msg_started is None:
             conn.msg_started = now
 
-    def _on_frame(self, conn: _Conn, flags: int, body: bytes | bytearray, now: float) -> None:
+    def _on_frame(self, conn: Conn, flags: int, body: bytes | bytearray, now: float) -> None:
         if conn.state != READY:
             frames = self.mechanism.handshake(conn, bytes(body))
             conn.progress += 1
@@ -662,7 +550,7 @@ class RouterServer:
         else:
             self._on_data(conn, more, payload)
 
-    def _on_data(self, conn: _Conn, more: bool, payload: Any) -> None:
+    def _on_data(self, conn: Conn, more: bool, payload: Any) -> None:
         conn.parts.append(payload)
         conn.parts_bytes += len(payload)
         if more:
@@ -672,7 +560,7 @@ class RouterServer:
         conn.request = request
         self.requests.put(request)
 
-    def _on_command(self, conn: _Conn, body: bytes) -> None:
+    def _on_command(self, conn: Conn, body: bytes) -> None:
         if not body or len(body) < 1 + body[0]:
             raise Drop("protocol", "malformed command")
         name, data = body[1:1 + body[0]], body[1 + body[0]:]
@@ -684,8 +572,3 @@ class RouterServer:
         elif name == b"ERROR":
             self._close(conn)
         # PONG, SUBSCRIBE, CANCEL and commands of later versions: nothing to do
-
-
-def _least_along(conn: _Conn) -> tuple[int, float]:
-    """The order in which handshaking connections are evicted: least far first, then oldest."""
-    return conn.progress, conn.created
