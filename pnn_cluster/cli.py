@@ -41,7 +41,7 @@ from pnn_cluster.devices.spec import LimitError
 
 #: command modules, in the order ``--help`` lists them
 COMMANDS = ["demo", "train", "evaluate", "twins", "calibrate", "devices", "serve-device", "sim-instrument", "keys",
-            "submit", "sync", "bench"]
+            "check-secrets", "submit", "sync", "bench"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -366,6 +366,7 @@ def zmq_attacks(args: argparse.Namespace, out: dict[str, Any]) -> None:
         (keys / "allowed").mkdir()
         for who in ("server", "trusted"):
             zmq.auth.create_certificates(tmp, who)
+            (keys / f"{who}.key_secret").chmod(0o600)  # zmq writes it readable by all; serve-device refuses that
         shutil.copy(keys / "trusted.key", keys / "allowed" / "trusted.key")
         zmq_churn(args, out, keys)
     zmq_memory_attacks(args, out)

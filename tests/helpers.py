@@ -125,6 +125,7 @@ def curve_keys(root: Path) -> Path:
     (root / "allowed").mkdir(parents=True)
     for name in ("server", "trusted", "stranger"):
         zmq.auth.create_certificates(str(root), name)
+        (root / f"{name}.key_secret").chmod(0o600)  # zmq writes it readable by all; a server refuses that
     shutil.copy(root / "trusted.key", root / "allowed" / "trusted.key")
     return root
 

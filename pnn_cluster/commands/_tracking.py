@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pnn_cluster.runner.credentials import check_tracking_credentials
 from pnn_cluster.tracking import MlflowCallback, TwinFit, resolve_tracking_uri
 from pnn_cluster.tracking.snapshots import jsonable
 
@@ -20,6 +21,7 @@ def tracker_from_args(args: Any, command: str, config_uri: str | None = None, **
     if getattr(args, "no_track", False):
         return None
     uri = resolve_tracking_uri(getattr(args, "tracking_uri", None), config_uri)
+    check_tracking_credentials(uri)
     return MlflowCallback(uri, command=command, **kw)
 
 

@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "keys", help="create CURVE key pairs for device servers and their clients",
         description="Creates a CURVE key pair per NAME in DIR: NAME.key (the public key, mode 644: hand it out) and "
-                    "NAME.key_secret (the key pair, mode 600: it never leaves the machine that uses it). A device "
+                    "NAME.key_secret (the key pair, mode 600: copied over SSH only, where it is used). A device "
                     "server is started with --curve-secret DIR/SERVER.key_secret and --curve-allow ALLOWED, the "
                     "directory of the public keys of the clients it accepts; a client's configuration names its "
                     "own key pair and the server's public key (driver.curve.secret_key_file, "

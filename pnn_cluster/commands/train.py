@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -211,7 +212,19 @@ def tracking_for(cfg, args: argparse.Namespace, tracking_uri: str | None = None,
            "runs_root": str(Path(cfg.tracking.runs_dir).expanduser().resolve() if cfg.tracking.runs_dir
                             else default_runs_root())}
     out.update(extra)
+    submitter = submitter_tags()
+    if submitter:
+        out["tags"] = {**submitter, **(out.get("tags") or {})}
     return {k: v for k, v in out.items() if v is not None}
+
+
+def submitter_tags() -> dict[str, str]:
+    """The run's tags naming who submitted it, in a Ray job ``pnn-cluster submit`` sent (it names the submitter
+    in the job's environment); the MLflow account is the cluster's, so the tag is what tells whose run it is."""
+    from pnn_cluster.commands.submit import SUBMITTER_ENV
+
+    who = os.environ.get(SUBMITTER_ENV, "").strip()
+    return {"pnn.submitter": who, "mlflow.user": who} if who else {}
 
 
 def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, tracking_uri: str | None = None,
@@ -219,18 +232,21 @@ def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, trackin
     """Run the experiment through the runner; report; exit 130 when it was stopped (it can be resumed)."""
     from pnn_cluster.config import ConfigError
     from pnn_cluster.devices.base import DeviceError
+    from pnn_cluster.runner.credentials import check_tracking_credentials
     from pnn_cluster.training.faults import TrainingAborted
 
-    launcher = launcher_for(args)
     tracking = tracking_for(cfg, args, tracking_uri, run_dir)
+    if tracking is not None:  # here as well as where the run is tracked: refused before anything starts
+        check_tracking_credentials(tracking["tracking_uri"])
+    launcher = launcher_for(args)
     if args.resume and checkpoint is None:
         print("the run has no checkpoint yet: starting its training from the beginning", flush=True)
     try:
         result = launcher.run(cfg, tracking=tracking, resume=checkpoint, keep_checkpoint=bool(args.checkpoint),
                               progress=not args.no_progress,
                               checkpoint_path=str(Path(args.checkpoint).resolve()) if args.checkpoint else None)
-    except ConfigError as exc:
-        raise _usage(str(exc)) from None
+    except ConfigError as exc:  # from a trainer actor: the cause, without the remote traceback
+        raise _usage(str(getattr(exc, "cause", None) or exc)) from None
     except (TrainingAborted, DeviceError) as exc:
         # raised in a trainer actor, it arrives wrapped with the remote traceback; the cause is the message
         print(f"pnn-cluster train: {getattr(exc, 'cause', None) or exc}", file=sys.stderr, flush=True)

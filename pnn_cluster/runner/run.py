@@ -35,6 +35,7 @@ import torch
 from pnn_cluster.config import ExperimentConfig
 from pnn_cluster.layers import Stack, init_rescales_
 from pnn_cluster.runner.build import build_stack, device_recipes, load_data, train_config
+from pnn_cluster.runner.credentials import check_tracking_credentials
 from pnn_cluster.runner.methods import method_for
 from pnn_cluster.runner.placement import DeviceRef, InProcessPlacement, Placement
 from pnn_cluster.runner.twins import ReplicaTwins, make_twin, twin_shell
@@ -405,6 +406,7 @@ class ExperimentRun:
         given = dict(self.tracking)
         kw["tags"] = {**kw["tags"], **given.pop("tags", {})}
         kw.update({k: v for k, v in given.items() if v is not None})
+        check_tracking_credentials(kw.get("tracking_uri"))  # in the process that will send them
         return MlflowCallback(config=self.config.resolved(), **kw)
 
     def run(self) -> RunResult:

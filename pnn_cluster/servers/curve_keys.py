@@ -2,7 +2,10 @@
 
 A key file that cannot be used stops the server from starting (a
 :class:`CurveKeyError` naming the file, the line and the problem) rather than
-locking clients out, or admitting one that should not be.
+locking clients out, or admitting one that should not be. So does a secret key
+file that its group or others may read (whoever reads it can pose as the
+server), and an allow-list that they may write to (whoever writes to it can
+let themselves in).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import nacl.public
 import zmq.utils.z85
 
+from pnn_cluster.secret_files import SharedSecretFile, check_not_writable_by_others, check_owner_only
 from pnn_cluster.servers import BindError
 
 __all__ = ["CurveKeyError", "CurveKeys", "load_curve_keys", "read_key_file"]
@@ -95,7 +99,11 @@ class CurveKeys:
 
 
 def load_curve_keys(secret_key_file: str | Path, allowed_clients_dir: str | Path) -> CurveKeys:
-    """Read the server's key pair and every ``*.key`` file of the allow-list; a bad file is an error, not a skip."""
+    """Read the server's key pair and every ``*.key`` file of the allow-list; a bad file is an error, not a skip.
+
+    The key pair's file must be its owner's alone (mode 600), the allow-list and its files written by their
+    owner only; else :class:`CurveKeyError` in one line, with the ``chmod`` that fixes it.
+    """
     public, secret = read_key_file(secret_key_file, secret=True)
     assert secret is not None
     directory = Path(allowed_clients_dir)
@@ -104,5 +112,11 @@ def load_curve_keys(secret_key_file: str | Path, allowed_clients_dir: str | Path
     files = sorted(p for p in directory.glob("*.key") if p.is_file())
     if not files:
         raise CurveKeyError(f"curve: no client public keys (*.key) in {directory}")
+    try:
+        check_owner_only(secret_key_file, "curve: server secret key file")
+        for path in (directory, *files):
+            check_not_writable_by_others(path, "curve: allowed clients")
+    except SharedSecretFile as exc:
+        raise CurveKeyError(str(exc)) from None
     allowed = frozenset(read_key_file(p)[0] for p in files)
     return CurveKeys(public, secret, allowed, tuple(str(p) for p in files))
