@@ -16,10 +16,11 @@ for the home of the user ``pnn`` that runs Ray):
   proxy as ``dashboard-proxy.conf`` configures nginx (in this process: TLS with the pair ``make-tls.sh dashboard``
   made, every byte passed on to the dashboard).
 
-Then ``pnn-cluster submit`` sends ``pnn-cluster train lab_cluster.yaml`` as a Ray job through the proxy, checking
-its certificate against the lab CA; the job logs to MLflow as the jobs' account from ``~/.mlflow/credentials``,
-and the run must be in MLflow with its metrics, tagged with the submitter. No password may be in Ray's logs
-afterwards. Each piece must refuse a client without its credentials.
+Then two lab users, one after the other, ``pnn-cluster submit`` ``pnn-cluster train lab_cluster.yaml`` as a Ray
+job through the proxy, checking its certificate against the lab CA; each job logs to MLflow as the jobs' account
+from ``~/.mlflow/credentials`` (the admin made it with ``grant-access.py``), and each user's run must be in
+MLflow exactly once, with its metrics, tagged with its submitter. No password may be in Ray's logs afterwards.
+Each piece must refuse a client without its credentials.
 """
 
 from __future__ import annotations
@@ -530,7 +531,7 @@ def test_rays_grpc_speaks_mutual_tls_only(lab):
             channel.close()
 
 
-def test_a_job_submitted_over_https_is_recorded_for_its_submitter_and_leaves_no_password_in_rays_logs(lab):
+def test_jobs_submitted_over_https_are_recorded_once_for_each_submitter_and_leave_no_password_in_rays_logs(lab):
     env = lab["env"]
     # step 2: the admin makes the jobs' account and grants it the experiment (the node already holds its file)
     grant = subprocess.run(
@@ -558,19 +559,35 @@ def test_a_job_submitted_over_https_is_recorded_for_its_submitter_and_leaves_no_
              "--set", "tracking.end_wait_s=120"]
     # through the HTTPS proxy, its certificate checked against the lab CA (~/.pnn-cluster/tls/ca.crt by default)
     submit = [PNN, "submit", "--address", lab["https"], "--runtime-env", str(runtime_env_file), "--", *train]
-    submitter = {**env, "LOGNAME": "ada", "USER": "ada"}
+    outs, results = {}, {}
+    for who in ("ada", "bob"):  # two lab users, one after the other, through the one jobs' account
+        submitter = {**env, "LOGNAME": who, "USER": who}
+        deadline = time.monotonic() + 60
+        while True:  # the head's job agent registers a little after "Ray runtime started"
+            job = subprocess.run(submit, cwd=ROOT, env=submitter, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
+                break
+        out = outs[who] = job.stdout + job.stderr
+        assert job.returncode == 0, out[-6000:]
+        assert f"as {who} (its runs are tagged pnn.submitter={who}" in out
+        result = results[who] = json.loads(next(line for line in reversed(out.splitlines())
+                                                if line.startswith('{"config"')))
+        assert result["state"] == "finished" and result["device_actors"] == 2 and result["trainer_actor"] is True
+        assert result["tracking_unsent"] == 0
+    result, out = results["ada"], outs["ada"]
 
-    deadline = time.monotonic() + 60
-    while True:  # the head's job agent registers a little after "Ray runtime started"
-        job = subprocess.run(submit, cwd=ROOT, env=submitter, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
-            break
-    out = job.stdout + job.stderr
-    assert job.returncode == 0, out[-6000:]
-    assert "as ada (its runs are tagged pnn.submitter=ada" in out
-    result = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith('{"config"')))
-    assert result["state"] == "finished" and result["device_actors"] == 2 and result["trainer_actor"] is True
-    assert result["tracking_unsent"] == 0
+    # each submitter's run recorded exactly once
+    search = f"{lab['mlflow']}/api/2.0/mlflow/runs/search"
+    status, body = _https(f"{lab['mlflow']}/api/2.0/mlflow/experiments/get-by-name?experiment_name=lab-hybrid",
+                          lab["ca"], "pnn-jobs", lab["jobs_password"])
+    assert status == 200
+    experiment = body["experiment"]["experiment_id"]
+    for who in ("ada", "bob"):
+        status, body = _https(search, lab["ca"], "pnn-jobs", lab["jobs_password"],
+                              data={"experiment_ids": [experiment],
+                                       "filter": f"tags.`pnn.submitter` = '{who}'"})
+        assert status == 200, body
+        assert [r["info"]["run_id"] for r in body.get("runs", [])] == [results[who]["run_id"]], body
 
     # the run, with its metrics, recorded by the jobs' account and tagged with its submitter
     url = f"{lab['mlflow']}/api/2.0/mlflow/runs/get?run_id={result['run_id']}"
@@ -591,7 +608,7 @@ def test_a_job_submitted_over_https_is_recorded_for_its_submitter_and_leaves_no_
     for secret in (lab["jobs_password"], lab["admin"], lab["token"]):
         leaked = subprocess.run(["grep", "-rlF", secret, str(logs)], capture_output=True, text=True)
         assert leaked.returncode == 1, f"a secret in Ray's logs: {leaked.stdout}"
-    assert lab["jobs_password"] not in out
+    assert not any(lab["jobs_password"] in o for o in outs.values())
 
 
 # -- the commands the steps use, without servers -------------------------------------------------------------------
