@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
+from pnn_cluster.devices.lab import LABS
 from pnn_cluster.devices.physics import PhysicsModel
 from pnn_cluster.devices.plate import interleave, sample_steps, serial_map
-from pnn_cluster.devices.simulated import LabDrift, SimulatedDevice
+from pnn_cluster.devices.simulated import SimulatedDevice
 from pnn_cluster.devices.spec import DeviceSpec, ParamSpec, Port
 
 __all__ = ["CircuitModel", "CircuitDevice"]
@@ -139,14 +140,7 @@ class CircuitModel(PhysicsModel):
 class CircuitDevice(SimulatedDevice):
     """Simulated analog circuit: waveform generator -> RLC with diode -> 8-bit oscilloscope."""
 
-    lab_drift = LabDrift(
-        per_sqrt_hour=0.11, samples_per_s=1000.0,
-        reason="with the lab walking ~1 K/sqrt(h): the Schottky diode's saturation current grows ~8 %/K "
-               "(2/T + phi_B/(V_T T), phi_B 0.6 V: 0.11 of log_is's 0.7 spread per K) and the thermal voltage "
-               "0.33 %/K, which the model's fixed V_T sees as ideality (0.07 of its spread); R, L and C "
-               "(~100 ppm/K) and the scope (~50 ppm/K) add little. Rate: a 36 us window; a batch of waveforms as "
-               "one AWG sequence, captured in a segmented-memory scope and read out over LAN, ~1000 samples/s",
-    )
+    lab_drift = LABS["circuit"]
     default_imperfections = lab_drift.imperfections(noise=0.02, shot=0.02, quant_bits=8,
                                                     latency_call_s=2e-3, latency_sample_s=2e-6)
     unmodelled_effects = {"junction_capacitance": 0.15, "probe_compensation": 0.03}

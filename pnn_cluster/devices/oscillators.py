@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
+from pnn_cluster.devices.lab import LABS
 from pnn_cluster.devices.physics import PhysicsModel
 from pnn_cluster.devices.plate import serial_map
-from pnn_cluster.devices.simulated import LabDrift, SimulatedDevice
+from pnn_cluster.devices.simulated import SimulatedDevice
 from pnn_cluster.devices.spec import DeviceSpec, ParamSpec, Port
 
 __all__ = ["OscillatorsModel", "OscillatorsDevice"]
@@ -105,13 +106,7 @@ class OscillatorsModel(PhysicsModel):
 class OscillatorsDevice(SimulatedDevice):
     """Simulated chain of coupled pendula: initial angles in, angles after T out."""
 
-    lab_drift = LabDrift(
-        per_sqrt_hour=0.02, samples_per_s=0.3,
-        reason="with the lab walking ~1 K/sqrt(h): the pivot bearings' grease thins with temperature, moving the "
-               "damping ~0.5 %/K (0.02 of its 0.08 /s spread per K); the springs' steel modulus (-2.5e-4/K) moves "
-               "their stiffness 0.008 of its 3 % spread; the pendula's lengths (1e-5/K) hardly move. Rate: a 2 s "
-               "swing, then ~1.3 s for the actuators to catch the pendula and set the next angles, 0.3 samples/s",
-    )
+    lab_drift = LABS["oscillators"]
     default_imperfections = lab_drift.imperfections(noise=0.02, shot=0.02, latency_call_s=3e-3, latency_sample_s=5e-6)
     unmodelled_effects = {"support_coupling": 0.8, "pivot_friction": 0.3}
     output_scale = 0.5

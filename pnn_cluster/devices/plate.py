@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
+from pnn_cluster.devices.lab import LABS
 from pnn_cluster.devices.physics import PhysicsModel
-from pnn_cluster.devices.simulated import LabDrift, SimulatedDevice
+from pnn_cluster.devices.simulated import SimulatedDevice
 from pnn_cluster.devices.spec import DeviceSpec, ParamSpec, Port
 
 __all__ = ["PlateModel", "PlateDevice", "interleave", "sample_steps", "serial_map"]
@@ -160,14 +161,7 @@ class PlateModel(PhysicsModel):
 class PlateDevice(SimulatedDevice):
     """Simulated oscillating plate: speaker drive waveform -> Duffing plate modes -> microphone."""
 
-    lab_drift = LabDrift(
-        per_sqrt_hour=0.11, samples_per_s=15.0,
-        reason="with the lab walking ~1 K/sqrt(h): the voice coil's copper resistance (+0.39 %/K) sets the force per "
-               "volt (0.11 of the coupling's 3.5 % spread per K), an electret microphone's sensitivity moves ~0.3 %/K "
-               "(0.09 of the mic gain's), the plate's modulus (-4.5e-4/K in aluminium) shifts the resonances "
-               "-2.2e-4/K (0.02 of their 1 %). Rate: an 8 ms waveform, then ~60 ms for the slowest mode (zeta 0.05 "
-               "at 350 Hz) to ring down before the next, 15 samples/s",
-    )
+    lab_drift = LABS["plate"]
     default_imperfections = lab_drift.imperfections(noise=0.02, shot=0.02, latency_call_s=5e-3, latency_sample_s=10e-6)
     unmodelled_effects = {"coil_time_constant_ms": 0.0625, "mode_coupling": 0.15}
     output_scale = 0.5

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from pnn_cluster.devices.lab import LABS
 from pnn_cluster.devices.physics import PhysicsModel
-from pnn_cluster.devices.simulated import LabDrift, SimulatedDevice
+from pnn_cluster.devices.simulated import SimulatedDevice
 from pnn_cluster.devices.spec import DeviceSpec, ParamSpec, Port
 
 __all__ = ["SHGModel", "SHGDevice"]
@@ -96,14 +97,7 @@ class SHGModel(PhysicsModel):
 class SHGDevice(SimulatedDevice):
     """Simulated broadband SHG: pulse shaper (phase) -> chi(2) crystal -> spectrometer."""
 
-    lab_drift = LabDrift(
-        per_sqrt_hour=0.2, samples_per_s=20.0,
-        reason="a free-running ultrafast oscillator's power walks about 0.5 %/sqrt(h) (0.17 of the bin gains' 3 % "
-               "spread) and its centre wavelength about 0.1 pixel/sqrt(h) (0.2 of the envelope centre's 0.5 pixel); "
-               "the shaper's liquid crystal and the crystal's phase matching follow the lab's ~1 K/sqrt(h). "
-               "Rate: the liquid-crystal shaper settles in ~30 ms and the spectrometer integrates ~20 ms, 20 "
-               "samples/s",
-    )
+    lab_drift = LABS["shg"]
     default_imperfections = lab_drift.imperfections(noise=0.01, shot=0.01, latency_call_s=2e-3, latency_sample_s=5e-6)
     unmodelled_effects = {"pixel_crosstalk": 0.04, "spectrometer_leakage": 0.03}
     output_scale = 0.3

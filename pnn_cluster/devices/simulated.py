@@ -19,25 +19,8 @@ calibration constants random-walk as samples are measured, the way a setup
 wanders with the lab's temperature and its source's ageing. A rate is stated
 in lab time, in each constant's natural spread per sqrt(hour), and turned
 into the per-sample rate ``Imperfections.drift`` with the sample rate the
-system measures at:
-
-    ============ ============ ========== ========== ===========================================
-    system       spread per   samples/s  drift (per what walks; what limits the sample rate
-                 sqrt(hour)              10,000)
-    ============ ============ ========== ========== ===========================================
-    shg          0.2          20         0.075      a free-running ultrafast laser's power and
-                                                    centre wavelength; liquid-crystal shaper
-                                                    settling and spectrometer integration
-    plate        0.11         15         0.047      voice-coil resistance, microphone
-                                                    sensitivity, plate modulus; ring-down
-                                                    between waveforms
-    circuit      0.11         1000       0.0058     Schottky saturation current and thermal
-                                                    voltage; AWG sequence and scope readout
-    oscillators  0.02         0.3        0.061      pivot-bearing damping, spring modulus; a
-                                                    2 s swing and a reset per sample
-    ============ ============ ========== ========== ===========================================
-
-with the lab's temperature walking about 1 K per sqrt(hour) (each
+system measures at (each system's figures and reasons, and a table of them:
+:data:`pnn_cluster.devices.lab.LABS`), with the lab's temperature walking about 1 K per sqrt(hour) (each
 ``lab_drift.reason`` has the coefficients). The one rate is that of the
 constants that move most; the walk moves every constant at it, which
 overstates the steadier ones. A run of 70,000 samples on each device
