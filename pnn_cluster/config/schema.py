@@ -35,7 +35,7 @@ from pnn_cluster.devices import SYSTEMS
 from pnn_cluster.devices.simulated import MAX_SIZE, MAX_STEP_SAMPLES, MAX_STEP_SIZE
 from pnn_cluster.training.recalibration import BOUNDS as RECALIBRATION_BOUNDS
 from pnn_cluster.training.recalibration import POLICIES, Recalibration
-from pnn_cluster.training.trainer import TrainConfig
+from pnn_cluster.training.trainer import LR_SCHEDULES, MAX_BATCH, MAX_EPOCHS, OPTIMIZERS, TRAIN_BOUNDS, TrainConfig
 
 __all__ = [
     "ExperimentConfig", "DeviceConfig", "LayerConfig", "SimulatedDriver", "VisaDriver", "ZmqDriver", "PythonDriver",
@@ -54,13 +54,10 @@ class Section(BaseModel):
 MAX_SEED = 2**32 - 1
 #: the widest layer, twin hidden layer or device port (a simulated system's size options share the cap)
 MAX_WIDTH = MAX_SIZE
-#: the largest batch: what a device spec takes in one call by default (``DeviceSpec.max_batch``)
-MAX_BATCH = 1_000_000
-MAX_EPOCHS = 100_000
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
-BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+BatchSize = Annotated[int, Field(ge=TRAIN_BOUNDS["batch_size"][0], le=TRAIN_BOUNDS["batch_size"][1])]
 Resource = Annotated[float, Field(gt=0.0, le=1e12)]
 
 
@@ -409,9 +406,10 @@ _TRAIN = TrainConfig()
 
 
 class OptimizerConfig(Section):
-    name: Literal["adam", "adamw", "sgd"] = _TRAIN.optimizer
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] = _TRAIN.lr
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = _TRAIN.weight_decay
+    name: Literal[OPTIMIZERS] = _TRAIN.optimizer
+    lr: Annotated[float, Field(gt=TRAIN_BOUNDS["lr"][0], le=TRAIN_BOUNDS["lr"][1])] = _TRAIN.lr
+    weight_decay: Annotated[float, Field(ge=TRAIN_BOUNDS["weight_decay"][0], le=TRAIN_BOUNDS["weight_decay"][1])] \
+        = _TRAIN.weight_decay
 
 
 class InitConfig(Section):
@@ -423,10 +421,10 @@ class InitConfig(Section):
 
 
 class ScheduleConfig(Section):
-    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = _TRAIN.epochs
+    epochs: Annotated[int, Field(ge=TRAIN_BOUNDS["epochs"][0], le=TRAIN_BOUNDS["epochs"][1])] = _TRAIN.epochs
     batch_size: BatchSize = _TRAIN.batch_size
     micro_batch: BatchSize | None = _TRAIN.micro_batch
-    lr_schedule: Literal["cosine", "constant"] = _TRAIN.lr_schedule
+    lr_schedule: Literal[LR_SCHEDULES] = _TRAIN.lr_schedule
     eval_batch: BatchSize = _TRAIN.eval_batch
     #: which weights the test split measures: the last epoch's, or those of the epoch with the best validation
     #: accuracy (measured on the devices each epoch; needs dataset.val_fraction > 0)

@@ -76,6 +76,19 @@ def _shape(v: Any) -> str:
     return "x".join(map(str, v.shape)) if hasattr(v, "shape") else type(v).__name__
 
 
+#: the largest batch: what a device spec takes in one call by default (``DeviceSpec.max_batch``)
+MAX_BATCH = 1_000_000
+MAX_EPOCHS = 100_000
+#: what each training setting may be, stated once: :class:`TrainConfig` checks them, and the configuration
+#: schema's fields take them (``(low, high)``, both inclusive, except ``lr``'s low: it must be above it)
+TRAIN_BOUNDS: dict[str, tuple[float, float]] = {
+    "epochs": (1, MAX_EPOCHS), "batch_size": (1, MAX_BATCH), "micro_batch": (1, MAX_BATCH),
+    "eval_batch": (1, MAX_BATCH), "lr": (0.0, 10.0), "weight_decay": (0.0, 1.0),
+}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 5
@@ -89,16 +102,16 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "eval_batch": self.eval_batch >= 1, "weight_decay": self.weight_decay >= 0,
-            "micro_batch": self.micro_batch is None or self.micro_batch >= 1,
-            "optimizer": self.optimizer in ("adam", "sgd", "adamw"),
-            "lr_schedule": self.lr_schedule in ("cosine", "constant"),
-        }
-        for k, ok in checks.items():
-            if not ok:
-                raise ValueError(f"TrainConfig.{k}: invalid value {getattr(self, k)!r}")
+        for k, (low, high) in TRAIN_BOUNDS.items():
+            v = getattr(self, k)
+            if v is None and k == "micro_batch":
+                continue
+            if not (low < v <= high if k == "lr" else low <= v <= high):
+                raise ValueError(f"TrainConfig.{k}: invalid value {v!r}; allowed: "
+                                 f"{'above ' if k == 'lr' else ''}{low:g} to {high:g}")
+        for k, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"TrainConfig.{k}: invalid value {getattr(self, k)!r}; allowed: {', '.join(allowed)}")
 
 
 class TrainerState:

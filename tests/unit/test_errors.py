@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import ray.exceptions as exceptions  # at collection: importing it probes the network stack (a socket bound)
 import torch
 import yaml
 from helpers import one_line, tiny_config, train_checkpoint, write_config
@@ -147,7 +148,6 @@ def test_ctrl_c_exits_130(capsys, monkeypatch):
 
 
 def test_errors_raised_in_a_ray_actor_are_reported_as_their_cause():
-    exceptions = pytest.importorskip("ray.exceptions")
     from pnn_cluster.devices import DeviceError, LimitError
     from pnn_cluster.training.trainer import CheckpointError
 
