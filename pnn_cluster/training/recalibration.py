@@ -58,7 +58,7 @@ from pnn_cluster.training.recalibration_policies import POLICIES, Action, Recali
 from pnn_cluster.training.trainer import Callback
 from pnn_cluster.training.workers import TwinWorker
 from pnn_cluster.twins.collect import Samples
-from pnn_cluster.twins.drift import CusumDetector
+from pnn_cluster.twins.drift import DETECTOR_BOUNDS, CusumDetector
 from pnn_cluster.twins.versions import next_version, twin_digest
 
 __all__ = ["POLICIES", "Recalibration", "RecalibrationWatch", "WatchedReplica", "NoiseModel", "AroundParams",
@@ -73,7 +73,7 @@ MIN_GROUPS = 8
 #: each setting's range, stated once (the configuration's schema takes its bounds from here), in pydantic's terms:
 #: ``ge``/``le`` inclusive, ``gt`` exclusive
 BOUNDS: dict[str, dict[str, float]] = {
-    "arl0": {"ge": 10.0, "le": 1e12}, "rise": {"ge": 1.01, "le": 100.0}, "warmup": {"ge": 5, "le": 100_000},
+    **DETECTOR_BOUNDS,
     "buffer_rows": {"ge": 1, "le": 10**8}, "half_life_steps": {"gt": 0.0, "le": 1e9},
     "explore_fraction": {"ge": 0.0, "le": 1.0}, "explore_groups": {"ge": 0, "le": 10_000},
     "explore_spread": {"ge": 0.0, "le": 1.0}, "epochs": {"ge": 1, "le": 100_000},

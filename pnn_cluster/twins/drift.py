@@ -46,10 +46,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CusumDetector", "cusum_arl0", "cusum_threshold"]
+__all__ = ["DETECTOR_BOUNDS", "CusumDetector", "cusum_arl0", "cusum_threshold"]
 
 #: Siegmund's correction for the overshoot of a discrete-time CUSUM over its threshold (normal observations)
 _OVERSHOOT = 1.166
+
+
+#: what the detector's settings may be, stated once (a configuration's ``recalibration`` takes these bounds)
+DETECTOR_BOUNDS: dict[str, dict[str, float]] = {
+    "arl0": {"ge": 10.0, "le": 1e12}, "rise": {"ge": 1.01, "le": 100.0}, "warmup": {"ge": 5, "le": 100_000},
+}
 
 
 def cusum_arl0(h: float, k: float) -> float:
@@ -62,8 +68,9 @@ def cusum_arl0(h: float, k: float) -> float:
 
 def cusum_threshold(arl0: float, k: float) -> float:
     """The threshold ``h`` whose in-control average run length is ``arl0`` steps (bisection on Siegmund's formula)."""
-    if not (math.isfinite(arl0) and arl0 >= 10):
-        raise ValueError(f"arl0: {arl0!r}; allowed: a number of steps >= 10")
+    low, high = DETECTOR_BOUNDS["arl0"]["ge"], DETECTOR_BOUNDS["arl0"]["le"]
+    if not (math.isfinite(arl0) and low <= arl0 <= high):
+        raise ValueError(f"arl0: {arl0!r}; allowed: a number of steps, {low:g}..{high:g}")
     lo, hi = 0.0, 1.0
     while cusum_arl0(hi, k) < arl0:
         hi *= 2.0
@@ -95,12 +102,12 @@ class CusumDetector:
     sigma0: float | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.arl0, (int, float)) and math.isfinite(self.arl0) and self.arl0 >= 10):
-            raise ValueError(f"arl0: {self.arl0!r}; allowed: a number of steps >= 10")
-        if not (isinstance(self.rise, (int, float)) and math.isfinite(self.rise) and 1.01 <= self.rise <= 100):
-            raise ValueError(f"rise: {self.rise!r}; allowed: a factor on the twin's error, 1.01..100")
-        if not (isinstance(self.warmup, int) and 5 <= self.warmup <= 100_000):
-            raise ValueError(f"warmup: {self.warmup!r}; allowed: an integer 5..100000")
+        what = {"arl0": "a number of steps", "rise": "a factor on the twin's error", "warmup": "an integer"}
+        for name, b in DETECTOR_BOUNDS.items():
+            v = getattr(self, name)
+            number = isinstance(v, int) if name == "warmup" else isinstance(v, (int, float)) and math.isfinite(v)
+            if isinstance(v, bool) or not number or not b["ge"] <= v <= b["le"]:
+                raise ValueError(f"{name}: {v!r}; allowed: {what[name]}, {b['ge']:g}..{b['le']:g}")
         # k and h are in baseline standard deviations: set when the baseline is
         self.k: float | None = None
         self.h: float | None = None
