@@ -193,15 +193,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._last_activity = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def _block(self) -> bytearray | None:
-        """The block being received (its buffer so far), as the bounds tests inspect it."""
-        return self.framer.block
-
-    @property
-    def _block_fill(self) -> int:
-        return self.framer.block_fill
-
     # -- asyncio protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -487,6 +478,21 @@ class SimBench(Bench):
             "sink": {"driver": self.sink.kind, "resource": self.resources["sink"], "timeout_s": timeout_s},
             "backend": "@py",
         }
+
+    @property
+    def running(self) -> bool:
+        """Serving: started, and its thread alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def blocks_in_progress(self) -> list[tuple[int, int]]:
+        """``(bytes held for it, bytes arrived)`` of each block being received now, one per connection: what a
+        declared length costs before its bytes come (a snapshot, read from any thread)."""
+        out = []
+        for sess in list(self._sessions):
+            block = sess.framer.block
+            if block is not None:
+                out.append((len(block), sess.framer.block_fill))
+        return out
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

@@ -288,6 +288,11 @@ class DeviceServer:
         finally:
             self.device.close()
 
+    @property
+    def running(self) -> bool:
+        """Serving: started, and its device thread alive."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _limits(self, max_message_bytes: int) -> Limits:
         return Limits(max_message_bytes=max_message_bytes, **self._limit_args)
 

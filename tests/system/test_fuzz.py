@@ -277,6 +277,6 @@ def test_scpi_bench_survives_200_malformed_lines():
         x = np.random.default_rng(1).uniform(0, 1, (8, 12))
         np.testing.assert_allclose(dev.forward(x), ref.forward(x), rtol=0, atol=1e-12)
         dev.close()
-        assert bench._thread is not None and bench._thread.is_alive()
+        assert bench.running
     assert {-101, -102, -104, -108, -109, -113, -161, -222, -223, -224} <= set(codes)
     print(f"scpi fuzz: {answered} malformed lines, each answered by an error in the queue: {sorted(codes.items())}")

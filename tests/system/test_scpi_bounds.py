@@ -162,9 +162,8 @@ def test_declared_block_costs_only_the_bytes_that_arrive_and_a_stalled_one_is_dr
             t0 = time.monotonic()
             for sock in flood:
                 sock.sendall(FLOOD_HEADER + bytes(1000))  # accepted (within the cap), then nothing more
-            wait_until(lambda: sum(s._block is not None for s in list(bench._sessions)) == 4, 10,
-                       "4 blocks in progress")
-            held = [len(s._block) for s in list(bench._sessions) if s._block is not None]
+            wait_until(lambda: len(bench.blocks_in_progress()) == 4, 10, "4 blocks in progress")
+            held = [size for size, _ in bench.blocks_in_progress()]
             # while they stall, other connections are served
             assert ask(other, b"*IDN?").startswith(b"PNN-Cluster,SIM-SPECTROMETER")
             waited = [closed_after(sock, 10) for sock in flood]
@@ -201,9 +200,9 @@ def test_block_arriving_in_pieces_grows_its_buffer_and_loads():
         message = b"OUTP ON;:SOUR:MASK:DATA " + block_header(len(data)) + data + b"\n"
         cut = message.index(b"#") + 100_000
         src.sendall(message[:cut])
-        wait_until(lambda: any(s._block is not None and s._block_fill >= 100_000 - 8 for s in list(bench._sessions)),
-                   10, "the first piece received")
-        sizes = [len(s._block) for s in list(bench._sessions) if s._block is not None]
+        wait_until(lambda: any(fill >= 100_000 - 8 for _, fill in bench.blocks_in_progress()), 10,
+                   "the first piece received")
+        sizes = [size for size, _ in bench.blocks_in_progress()]
         # room for what has arrived and at most as much again (or 64 KiB): not the 288000 bytes declared
         assert len(sizes) == 1 and 99_992 <= sizes[0] <= 2 * 99_992 < len(data), sizes
         src.sendall(message[cut:])

@@ -66,7 +66,7 @@ def test_a_malformed_key_file_stops_the_start_naming_the_file_and_the_problem(ke
         with pytest.raises(CurveKeyError, match=problem) as ei:
             server.start()
         assert str(bad) in str(ei.value) and "\n" not in str(ei.value)
-        assert server.endpoint is None and server._thread is None
+        assert server.endpoint is None and not server.running
     # the server's own key pair: a public key file is not a secret key, and a pair must match
     with pytest.raises(CurveKeyError, match="no secret-key"):
         CurveServerConfig(keys / "server.key", keys / "allowed").load()
