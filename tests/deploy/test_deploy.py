@@ -320,3 +320,54 @@ def test_the_lab_configuration_reaches_its_devices_as_deployed():
             host = dev["driver"][role]["resource"].split("::")[1]
             assert is_loopback_host(host), f"{name}.{role}: {host}"
     assert lab["tracking"]["uri"].startswith("https://")
+
+
+def test_kuberay_pods_speak_tls_with_a_pair_their_init_container_makes_for_their_own_ip(tmp_path):
+    """Every Ray container of the KubeRay cluster has Ray's TLS variables, and the init container's script, run
+    here with openssl against a CA that make-tls.sh makes, gives a key only its owner reads and a certificate for
+    the pod's IP that the CA verifies, and the jobs' MLflow credentials with mode 600."""
+    import os
+    import shutil
+    import stat
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    spec = yaml.safe_load((DEPLOY / "kuberay/raycluster.yaml").read_text())["spec"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    scripts = set()
+    for pod in pods:
+        pod_spec = pod["template"]["spec"]
+        assert pod_spec["securityContext"]["runAsUser"] == 1000
+        (init,) = pod_spec["initContainers"]
+        scripts.add(init["command"][-1])
+        for container in pod_spec["containers"]:
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["RAY_USE_TLS"] == "1" and env["RAY_TLS_SERVER_KEY"] == "/home/ray/tls/ray.key", env
+            assert env["RAY_TLS_CA_CERT"] == "/home/ray/tls/ca.crt"
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+    (script,) = scripts
+
+    ca, tls, mlflow, jobs, ca_dir = (tmp_path / d for d in ("ca", "tls", "mlflow", "jobs", "cadir"))
+    for d in (ca, tls, mlflow, jobs):
+        d.mkdir()
+    made = subprocess.run(["sh", str(DEPLOY / "ray/make-tls.sh"), "kube-probe", "localhost"], capture_output=True,
+                          text=True, env={**os.environ, "PNN_CA_DIR": str(ca_dir), "PNN_TLS_DIR": str(ca_dir / "tls")})
+    assert made.returncode == 0, made.stderr
+    shutil.copy(ca_dir / "ca.crt", ca / "ca.crt")
+    shutil.copy(ca_dir / "ca.key", ca / "ca.key")
+    (jobs / "credentials").write_text("[mlflow]\nmlflow_tracking_username = pnn-jobs\n")
+    here = (script.replace("/home/ray/tls", str(tls)).replace("/ca/", f"{ca}/")
+            .replace("/home/ray/.mlflow", str(mlflow)).replace("/jobs-mlflow", str(jobs)))
+    run = subprocess.run(["/bin/sh", "-ec", here], capture_output=True, text=True,
+                         env={**os.environ, "POD_IP": "10.1.2.3", "POD_NAME": "pnn-lab-head-0"})
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tls.iterdir()) == ["ca.crt", "ray.crt", "ray.key"]
+    for private in (tls / "ray.key", mlflow / "credentials"):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tls / "ca.crt"), str(tls / "ray.crt")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    names = subprocess.run(["openssl", "x509", "-in", str(tls / "ray.crt"), "-noout", "-ext", "subjectAltName"],
+                           capture_output=True, text=True).stdout
+    assert "IP Address:10.1.2.3" in names and "IP Address:127.0.0.1" in names, names
