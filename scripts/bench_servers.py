@@ -430,7 +430,6 @@ SCPI_NUMERIC_HEADERS = {"pulse_shaper": b"SOUR:WAV:CENT", "awg": b"SOUR:VOLT:OFF
 #: the attacks of issue #20 on the SCPI bench: a line of digits, the blocks of one message, idle connections
 SCPI_NUMERIC_LINE_BYTES = MIB
 SCPI_BLOCK_FLOOD = (400, MIB)  # blocks, bytes each, in one message that never ends
-SCPI_BLOCK_FLOOD_CAP_MB = 32  # the block cap of the bench the block flood is bounded on (see scpi_block_flood)
 SCPI_ANSWER_WITHIN_S = 0.5
 SCPI_IDLE = 8  # connections that sit idle: the bench's default cap per instrument
 
@@ -554,10 +553,6 @@ def scpi_idle_eviction(port: int) -> dict[str, Any]:
 def bench_scpi(args: argparse.Namespace, out: dict[str, Any]) -> None:
     """The flood of block headers (issue #10), then the attacks of issue #20, each against ``sim-instrument`` with
     its defaults: a 1 MiB numeric line, 8 idle connections and a 9th, and 400 blocks of 1 MiB in one message.
-
-    The block flood's bound is shown on a second bench, with ``--max-block-mb 32``: a bench's default block cap
-    is its device's largest legitimate block (96 MB for shg: a batch of 10^6 samples), which alone is more than
-    the 64 MiB bound; on the default bench the growth is reported too (``default_cap_rss_growth_mb``).
     """
     t0 = time.monotonic()
     server = Server("sim-instrument", ["sim-instrument", "--system", args.system, "--port", "0", "--ideal"])
@@ -606,25 +601,15 @@ def bench_scpi(args: argparse.Namespace, out: dict[str, Any]) -> None:
         })
         out["scpi_numeric_line"] = scpi_numeric_line(port, sink_port, kind)
         out["scpi_idle_eviction"] = scpi_idle_eviction(port)
-        default_flood = scpi_block_flood(server, port, sink_port)
-    finally:
-        server.stop()
-    capped = Server("sim-instrument", ["sim-instrument", "--system", args.system, "--port", "0", "--ideal",
-                                       "--max-block-mb", str(SCPI_BLOCK_FLOOD_CAP_MB)])
-    try:
-        port = int(capped.wait_for(r"^source \(\w+\): TCPIP::[^:]+::(\d+)::SOCKET", args.start_timeout_s).group(1))
-        sink_port = int(capped.wait_for(r"^sink \(\w+\): TCPIP::[^:]+::(\d+)::SOCKET", args.start_timeout_s).group(1))
-        capped.wait_for(r"^serving", args.start_timeout_s)
-        flood = scpi_block_flood(capped, port, sink_port)
+        flood = scpi_block_flood(server, port, sink_port)
         blocks, size = SCPI_BLOCK_FLOOD
         out["scpi_block_flood"] = {
-            "blocks": blocks, "block_mb": size / MIB, "max_block_mb": SCPI_BLOCK_FLOOD_CAP_MB, **flood,
-            "default_cap_rss_growth_mb": default_flood["rss_growth_mb"],
+            "blocks": blocks, "block_mb": size / MIB, **flood,
             "pass": flood["rss_growth_mb"] <= ATTACK_BOUND_MB and flood["closed"] and flood["other_answered"],
         }
         out["scpi_seconds"] = round(time.monotonic() - t0, 2)
     finally:
-        capped.stop()
+        server.stop()
 
 
 # -- main ---------------------------------------------------------------------------------------------

@@ -78,8 +78,11 @@ ZMQ_MAX_PENDING_REPLY_BYTES = Limit(16 * MIB, 0, 1 << 40)
 SCPI_MAX_BLOCK_BYTES = Limit(None, 1, 999_999_999)
 #: the smallest default block cap (room for any small parameter array)
 SCPI_BLOCK_CAP_MIN = 1 * MIB
-#: the largest default block cap, whatever the device (an explicit ``max_block_bytes`` may exceed it)
-SCPI_BLOCK_CAP_MAX = 256 * MIB
+#: the largest default block cap, whatever the device (an explicit ``max_block_bytes`` may exceed it): far more
+#: than a training sends in one block (an evaluation batch of 500 samples of 1,000 values is 4 MB), about what a
+#: real arbitrary waveform generator's or spectrometer's memory holds, and within the 64 MiB a stranger's
+#: unfinished message may cost the bench
+SCPI_BLOCK_CAP_MAX = 32 * MIB
 #: clients per instrument; when all are taken, the one idle longest makes room for a new one
 SCPI_MAX_CONNECTIONS = Limit(8, 1, 1 << 16)
 #: seconds a connection may sit with nothing in progress (the bench also takes None: never)

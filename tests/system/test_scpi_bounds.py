@@ -123,7 +123,7 @@ def test_oversized_block_is_refused_before_allocation(caplog):
     caplog.set_level(logging.WARNING, logger="pnn_cluster.servers.scpi_bench")
     with SimBench("shg", port=0, imperfections=IDEAL) as bench:
         cap = bench.max_block_bytes
-        assert cap == 96_000_000 < 268_435_456
+        assert cap == 32 << 20 < 268_435_456
         other = connect(bench)
         assert ask(other, b"*IDN?").startswith(b"PNN-Cluster,SIM-PULSE_SHAPER")
         flood = [connect(bench) for _ in range(4)]
@@ -142,7 +142,7 @@ def test_oversized_block_is_refused_before_allocation(caplog):
         assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB allocated while refusing 4 x 256 MiB headers"
         assert bench.stats["oversized_blocks"] == 4 and bench.stats["dropped"] == 4
         reasons = [r.getMessage() for r in caplog.records if "closing the connection" in r.getMessage()]
-        assert len(reasons) == 4 and all("block of 268435456 bytes declared; allowed: at most 96000000" in m
+        assert len(reasons) == 4 and all("block of 268435456 bytes declared; allowed: at most 33554432" in m
                                          for m in reasons), reasons
         assert ask(other, b"*IDN?").startswith(b"PNN-Cluster,SIM-PULSE_SHAPER")  # the others keep being served
         assert error(other) == (0, "No error")

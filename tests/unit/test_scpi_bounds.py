@@ -50,13 +50,16 @@ def test_a_long_run_of_digits_that_is_not_a_number_is_refused_in_linear_time(tex
     assert time.perf_counter() - t0 < 0.5
 
 
-def test_default_block_cap_is_the_largest_legitimate_block():
+def test_default_block_cap_is_the_largest_legitimate_block_within_the_default_bounds():
     spec = make_device("shg", imperfections=IDEAL).spec
-    assert default_max_block_bytes(spec) == spec.max_batch * spec.input.size * 8 == 96_000_000
+    assert spec.max_batch * spec.input.size * 8 == 96_000_000  # a batch of 10**6 samples: over the 32 MiB at most
+    assert default_max_block_bytes(spec) == MAX_BLOCK_BYTES == 32 << 20
+    small = spec.__class__.from_dict({**spec.to_dict(), "max_batch": 100_000})
+    assert default_max_block_bytes(small) == 100_000 * spec.input.size * 8  # between the bounds: its own
     assert default_max_block_bytes(spec.__class__.from_dict({**spec.to_dict(), "max_batch": 10**8})) \
         == MAX_BLOCK_BYTES
     assert default_max_block_bytes(spec.__class__.from_dict({**spec.to_dict(), "max_batch": 1})) == 1 << 20
-    assert SimBench("shg", port=0, imperfections=IDEAL).max_block_bytes == 96_000_000
+    assert SimBench("shg", port=0, imperfections=IDEAL).max_block_bytes == 32 << 20
     assert SimBench("shg", port=0, imperfections=IDEAL, max_block_bytes=5000).max_block_bytes == 5000
 
 
