@@ -132,7 +132,7 @@ class RouterServer:
         self.curve = curve
         self.name = name
         self.requests: queue.Queue[Request | None] = queue.Queue()
-        self.stats: dict[str, Any] = {"connections": 0, "connections_accepted": 0, "abandoned": 0,
+        self.stats: dict[str, Any] = {"connections": 0, "connections_accepted": 0, "abandoned": 0, "held_bytes": 0,
                                       "dropped": dict.fromkeys(DROP_REASONS, 0)}
         self._conns: dict[int, Conn] = {}
         self._paused: set[int] = set()  # connections not read until the held bytes fall within the budget
@@ -207,6 +207,7 @@ class RouterServer:
                             self._guard(conn, self._on_readable, conn, now)
                 self._take_replies(time.monotonic())
                 self._resume_paused()
+                self.stats["held_bytes"] = self._held()
                 self._check_timers(time.monotonic())
         finally:
             for conn in list(self._conns.values()):

@@ -387,12 +387,17 @@ def test_an_allowed_curve_client_is_answered_while_strangers_churn_through_the_h
 def test_the_memory_budget_drops_the_largest_incomplete_request_and_the_others_are_served():
     with DeviceServer(Gain(), LOOPBACK_ANY, max_message_bytes=MIB, max_held_bytes=2 * MIB) as server, \
             DeviceClient(server.endpoint, timeout_s=10) as client:
+        held = lambda: server.health()["server"]["held_bytes"]  # noqa: E731
         peers = [RawPeer(server.endpoint) for _ in range(3)]
-        for i, peer in enumerate(peers):  # 900, 800 and 700 KiB of a 1,000 KiB frame each: 2.4 MiB in all
-            peer.sock.sendall(zmtp_frame(b"", MORE) + zmtp_frame(bytes(1000 * 1024))[:(900 - 100 * i) * 1024])
+        # 900 KiB of a 1,000 KiB frame (its buffer grows to 1,000 KiB), read before the others arrive
+        peers[0].sock.sendall(zmtp_frame(b"", MORE) + zmtp_frame(bytes(1000 * 1024))[:900 * 1024])
+        wait_until(lambda: held() >= 900 * 1024, 10, "the first request's bytes held")
+        for peer in peers[1:]:  # then 550 KiB of a 600 KiB frame on each of the others: 2,200 KiB held in all
+            peer.sock.sendall(zmtp_frame(b"", MORE) + zmtp_frame(bytes(600 * 1024))[:550 * 1024])
         wait_until(lambda: dropped(server, "memory_budget") >= 1, 10, "the budget enforced")
-        assert peers[0].seconds_until_closed() < 5  # the largest holder went first
-        assert dropped(server, "memory_budget") == 1
+        assert peers[0].seconds_until_closed() < 5  # the largest holder went, and it was enough
+        wait_until(lambda: held() >= 1100 * 1024, 10, "the others' bytes held")
+        assert dropped(server, "memory_budget") == 1 and held() <= 2 * MIB
         np.testing.assert_array_equal(client.forward(np.full((2, 4), 0.5)), 0.5)
         for peer in peers:
             peer.close()
