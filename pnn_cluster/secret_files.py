@@ -34,22 +34,22 @@ def _who(bits: int) -> str:
     return " and ".join(w for w, mask in (("group", 0o070), ("others", 0o007)) if bits & mask)
 
 
-def check_owner_only(path: str | os.PathLike, what: str) -> Path:
-    """``path`` when its mode gives neither its group nor others any access; else :class:`SharedSecretFile`
-    (``FileNotFoundError`` and other ``OSError`` as ``os.stat`` raises them)."""
+def _check(path: str | os.PathLike, what: str, denied: int, grants: str, allowed: str, fix: str) -> Path:
+    """``path`` when its mode has none of the ``denied`` bits; else :class:`SharedSecretFile` naming who they
+    let in (``FileNotFoundError`` and other ``OSError`` as ``os.stat`` raises them)."""
     path = Path(path)
     mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise SharedSecretFile(what, path, f"mode {mode:04o} gives {_who(mode)} access",
-                               f"its owner only (chmod 600 {path})")
+    if mode & denied:
+        raise SharedSecretFile(what, path, f"mode {mode:04o} {grants.format(who=_who(mode & denied))}",
+                               f"{allowed} ({fix} {path})")
     return path
+
+
+def check_owner_only(path: str | os.PathLike, what: str) -> Path:
+    """``path`` when its mode gives neither its group nor others any access; else :class:`SharedSecretFile`."""
+    return _check(path, what, 0o077, "gives {who} access", "its owner only", "chmod 600")
 
 
 def check_not_writable_by_others(path: str | os.PathLike, what: str) -> Path:
     """``path`` when neither its group nor others may write to it; else :class:`SharedSecretFile`."""
-    path = Path(path)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o022:
-        raise SharedSecretFile(what, path, f"mode {mode:04o} lets {_who(mode & 0o022)} write to it",
-                               f"written by its owner only (chmod go-w {path})")
-    return path
+    return _check(path, what, 0o022, "lets {who} write to it", "written by its owner only", "chmod go-w")
