@@ -224,7 +224,7 @@ Driver = Annotated[SimulatedDriver | VisaDriver | ZmqDriver | PythonDriver, Fiel
 class TwinConfig(Section):
     """How a device's digital twin is made: fitted to fresh measurements, the ideal model, or loaded."""
 
-    kind: Literal["physics", "residual", "mlp", "ideal", "best"] = "physics"
+    kind: Literal["physics", "residual", "mlp", "structured", "ideal", "best"] = "physics"
     groups: Annotated[int, Field(ge=3, le=100_000)] = 24
     batch: BatchSize = 128
     repeats: Annotated[int, Field(ge=2, le=100)] = 2

@@ -16,6 +16,7 @@ from pnn_cluster.runner.placement import DeviceRef
 from pnn_cluster.training.pipeline import TwinPool
 from pnn_cluster.twins import TwinFit, build_twin, evaluate_twin, fit_twin, load_twin
 from pnn_cluster.twins.fit import fit_splits
+from pnn_cluster.twins.models import kinds_for
 
 __all__ = ["make_twin", "twin_shell", "candidate_kinds", "ReplicaTwins"]
 
@@ -29,7 +30,7 @@ def candidate_kinds(tc: TwinConfig, ref: DeviceRef) -> list[str]:
     """The kinds a fit tries: the configured one, or for ``best`` every kind this device allows."""
     if tc.kind != "best":
         return [tc.kind]
-    return ["physics", "residual", "mlp"] if ref.device.model() is not None else ["mlp"]
+    return kinds_for(ref.device.model())
 
 
 def twin_shell(tc: TwinConfig, ref: DeviceRef, kind: str | None = None):
@@ -48,7 +49,7 @@ def twin_shell(tc: TwinConfig, ref: DeviceRef, kind: str | None = None):
 
 def _model_of(ref: DeviceRef, kind: str):
     model = ref.device.model()
-    if model is None and kind in ("physics", "residual"):
+    if model is None and kind != "mlp":
         raise ValueError(f"device {ref.label}: twin {kind!r} starts from the device's physics model, and "
                          f"{type(ref.device).__name__}.model() returned None; allowed: twin.kind mlp, or a model() "
                          "in the device class, or driver.model")
@@ -88,7 +89,9 @@ def make_twin(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed:
         fitted = {}
         for k in candidate_kinds(tc, ref):
             t = build_twin(k, device.spec, model, **_options(tc, k))
-            res = fit_twin(t, fit_on, val, epochs=tc.epochs, lr=tc.lr, seed=seed, progress=progress, stop=stop)
+            calibrated = _start_from_physics(t, fitted.get("physics"))
+            res = fit_twin(t, fit_on, val, epochs=tc.epochs, lr=tc.lr, seed=seed, progress=progress, stop=stop,
+                           calibrated=calibrated)
             fitted[k] = (t, res)
             candidates[k] = res.as_dict()
         kind = min(fitted, key=lambda k: fitted[k][1].nmse_stop if stop is not None else fitted[k][1].nmse_train)
@@ -107,6 +110,15 @@ def make_twin(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed:
         nmse_val, floor, nmse_train, history = res.nmse_val, res.noise_floor, res.nmse_train, list(res.history)
     return TwinFit(ref.label, twin, kind, nmse_val, floor, nmse_train, ideal, samples.device_samples,
                    time.perf_counter() - t0, history, val, "fit", candidates)
+
+
+def _start_from_physics(twin, physics) -> bool:
+    """Give ``twin`` the calibration constants of the fitted physics twin ``(twin, result)``, when it is built
+    around the same physics model; True when it took them (its fit then skips its own physics stage)."""
+    if physics is None or not hasattr(twin, "fit_stages") or not hasattr(twin, "model"):
+        return False
+    twin.model.load_state_dict(physics[0].model.state_dict())
+    return True
 
 
 class ReplicaTwins:

@@ -1,6 +1,6 @@
 """Digital twin models: every twin maps ``(x, params) -> y`` like the device it stands for.
 
-- :class:`MLPTwin`: a neural network on inputs and parameters, knowing no physics.
+- :class:`MLPTwin`: a neural network (or an ensemble of them) on inputs and parameters, knowing no physics.
 - :class:`PhysicsTwin`: the ideal (or user-supplied) physics model with
   learnable calibration constants.
 - :class:`ResidualTwin`: physics plus what the physics model leaves out:
@@ -8,6 +8,45 @@
   (crosstalk between actuator pixels or segments, leakage between detector
   bins or samples, the commonest gap of any multi-channel instrument) and,
   optionally, a small MLP correction for the rest.
+- :class:`StructuredTwin`: physics with named effects learned inside its dynamics (a structure of
+  :mod:`pnn_cluster.twins.structured`; today the plate's: actuator lag, cross-mode stiffness,
+  microphone filter).
+
+Which effects each kind can represent (``kind: best`` fits every kind a device allows,
+:func:`kinds_for`, and keeps the one best on the early-stopping settings):
+
+============  ==========================================  ==========================================
+kind          represents                                  cannot represent
+============  ==========================================  ==========================================
+physics       what the model's equations say, with its    anything outside the equations: crosstalk,
+              calibration constants fitted: gains,        leakage, lags, couplings the model lacks
+              offsets, frequencies, lengths, damping      (they bend the constants instead)
+              (miscalibration, slow drift)
+residual      physics, plus linear (affine) couplings of  an effect inside the dynamics that is not a
+              the normalised input and parameter          linear map of the channels (an amplitude-
+              channels on the way in (pixel crosstalk,    dependent coupling of modes, friction),
+              segment leakage, offsets, an actuator lag   except what its small MLP correction learns
+              felt as leakage of each drive segment into  from the samples (as an MLP twin does, but
+              the next) and of the output channels on    only of the remainder)
+              the way out (detector leakage, a
+              microphone's or probe's response), plus an
+              MLP correction of the remainder
+mlp           any smooth map, given enough settings: no   what few settings cannot pin down: with
+              physics assumed, so any device, a user's    settings far apart in many parameters it
+              too                                         falls back towards the mean; periodic or
+                                                          oscillatory responses need many samples
+structured    physics, plus named effects inside its      effects other than its structure's: for the
+              dynamics, learned as physical constants:    plate, missing modes, other nonlinearities
+              for the plate, a first-order actuator lag,  of the plate or the speaker, detector
+              cross-mode cubic stiffness c_mn x_m x_n^2,  crosstalk; only devices whose model has a
+              a first-order microphone filter             structure (the plate) have this kind
+============  ==========================================  ==========================================
+
+Every learned part of a residual or structured twin starts at zero (the physics model unchanged) and
+an MLP twin starts at the mean output; :func:`~pnn_cluster.twins.fit.fit_twin` fits the physics
+constants first and keeps a learned part only where it beats the state it started from on held-out
+settings, so a residual or structured twin is never worse there than its fitted physics, and an MLP
+twin never worse than the mean.
 
 Twins are rebuilt from ``(kind, config)`` plus a state_dict, never unpickled.
 """
@@ -23,8 +62,10 @@ from torch import nn
 
 from pnn_cluster.devices.physics import PhysicsModel
 from pnn_cluster.devices.spec import DeviceSpec
+from pnn_cluster.twins.structured import STRUCTURES, structure_for
 
-__all__ = ["Twin", "MLPTwin", "PhysicsTwin", "ResidualTwin", "TWIN_KINDS", "build_twin"]
+__all__ = ["Twin", "MLPTwin", "PhysicsTwin", "ResidualTwin", "StructuredTwin", "TWIN_KINDS", "build_twin",
+           "kinds_for"]
 
 
 class Twin(nn.Module):
@@ -46,6 +87,10 @@ class Twin(nn.Module):
         y = y.reshape(-1, self.spec.output.size)
         self.y_mean.copy_(y.mean(0))
         self.y_std.copy_(y.std(0).clamp_min(1e-6 * float(y.std().clamp_min(1e-12))))
+
+
+#: the prefix of a twin's physics calibration constants among its parameters
+CALIBRATION = "model.calibration."
 
 
 def _range_scale(low: float, high: float) -> tuple[float, float]:
@@ -166,19 +211,49 @@ class _MLP(nn.Module):
 
 
 class MLPTwin(Twin):
+    """A network on normalised inputs and parameters; its outputs are in units of the measured spread.
+
+    ``members`` networks are fitted side by side on the same batches from different initial weights
+    and averaged (an ensemble: what one network makes up between the settings it saw, the others
+    mostly do not). Every network's last layer starts at zero, so an unfitted MLP twin predicts the
+    mean output, and a fit keeps that state unless learning beats it on held-out settings.
+    """
+
     kind = "mlp"
     batched_params = True
 
-    def __init__(self, spec: DeviceSpec, hidden: tuple[int, ...] = (256, 256, 256)) -> None:
+    def __init__(self, spec: DeviceSpec, hidden: tuple[int, ...] = (256, 256, 256), members: int = 1) -> None:
         super().__init__(spec)
         self.hidden = tuple(int(h) for h in hidden)
-        self.mlp = _MLP(spec, self.hidden)
+        if int(members) < 1:
+            raise ValueError(f"mlp twin: members must be >= 1, got {members!r}")
+        self.members = int(members)
+        # the first member keeps the attribute name of twins saved before ensembles existed
+        self.mlp = _MLP(spec, self.hidden, zero_last=True)
+        self.others = nn.ModuleList(_MLP(spec, self.hidden, zero_last=True) for _ in range(self.members - 1))
 
     def config(self) -> dict[str, Any]:
-        return {"hidden": list(self.hidden)}
+        out: dict[str, Any] = {"hidden": list(self.hidden)}
+        if self.members > 1:
+            out["members"] = self.members
+        return out
+
+    def member_outputs(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Each member's prediction, (members, batch, n_out): a fit trains them on their own errors."""
+        return torch.stack([m(x, params) for m in (self.mlp, *self.others)]) * self.y_std + self.y_mean
+
+    @torch.no_grad()
+    def shrink(self, factor: float) -> None:
+        """Scale what the networks add to the mean by ``factor`` (the last layers are linear in it)."""
+        for m in (self.mlp, *self.others):
+            m.net[-1].weight.mul_(factor)
+            m.net[-1].bias.mul_(factor)
 
     def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.y_mean + self.y_std * self.mlp(x, params)
+        out = self.mlp(x, params)
+        for m in self.others:
+            out = out + m(x, params)
+        return self.y_mean + self.y_std * (out / self.members)
 
 
 class PhysicsTwin(Twin):
@@ -221,17 +296,58 @@ class ResidualTwin(Twin):
     def penalty(self) -> torch.Tensor:
         return self.coupling.penalty()
 
+    def fit_stages(self) -> list[tuple[str, tuple[str, ...] | None]]:
+        """The physics model's constants first (a physics twin's fit), then everything from there."""
+        return [("physics", (CALIBRATION,)), ("residual", None)]
+
     def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         xin, pin = self.coupling.inputs(x, params)
         y = self.coupling.outputs(self.model(xin, pin), self.y_mean, self.y_std)
         return y if self.mlp is None else y + self.y_std * self.mlp(x, params)
 
 
-TWIN_KINDS = {"mlp": MLPTwin, "physics": PhysicsTwin, "residual": ResidualTwin}
+class StructuredTwin(Twin):
+    """The physics (calibrated) with a structure of learned effects inside its dynamics (:mod:`.structured`).
+
+    Only for devices whose physics model has a structure (:data:`~pnn_cluster.twins.structured.STRUCTURES`:
+    the plate's modal integrator). Every learned effect starts at zero, so an unfitted structured twin
+    is its physics model; a fit moves the calibration constants first, as a physics twin's does.
+    """
+
+    kind = "structured"
+
+    def __init__(self, spec: DeviceSpec, model: PhysicsModel, learn: bool = True) -> None:
+        super().__init__(spec)
+        structure = structure_for(model)
+        if structure is None:
+            raise ValueError(f"twin kind 'structured' needs a physics model with a learned structure "
+                             f"({', '.join(c.__name__ for c in STRUCTURES)}); this device's model is "
+                             f"{type(model).__name__}. Allowed for it: {', '.join(kinds_for(model))}")
+        self.model = model.clone()
+        self.model.learn_calibration(learn)
+        self.batched_params = bool(getattr(model, "batched_params", False))
+        self.structure = structure(self.model)
+
+    def fit_stages(self) -> list[tuple[str, tuple[str, ...] | None]]:
+        return [("physics", (CALIBRATION,)), ("structured", None)]
+
+    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.structure(self.model, x, params)
+
+
+TWIN_KINDS = {"mlp": MLPTwin, "physics": PhysicsTwin, "residual": ResidualTwin, "structured": StructuredTwin}
+
+
+def kinds_for(model: PhysicsModel | None) -> list[str]:
+    """The twin kinds a device with this physics model (None: none) can have, in :data:`TWIN_KINDS` order."""
+    if model is None:
+        return ["mlp"]
+    return [k for k in TWIN_KINDS if k != "structured" or structure_for(model) is not None]
 
 
 def build_twin(kind: str, spec: DeviceSpec, model: PhysicsModel | None = None, **config: Any) -> Twin:
-    """Construct an (unfitted) twin of ``kind``; physics kinds need the device's physics model."""
+    """Construct an (unfitted) twin of ``kind``; physics kinds need the device's physics model, and
+    ``structured`` one with a structure (:func:`kinds_for` says which kinds a model allows)."""
     if kind not in TWIN_KINDS:
         raise ValueError(f"unknown twin kind {kind!r}; choose one of {sorted(TWIN_KINDS)}")
     if kind == "mlp":
