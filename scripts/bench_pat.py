@@ -10,8 +10,11 @@ Prints one JSON line::
                 "logistic_at_edge": K, "device_samples": {"pat": N, ...}, "targets": {...}}, ...],
      "sweep": [{"gap": G, "control": bool, "twin_nmse": E, "grad_cosine": C, "oracle": A, "pat": A,
                 "in_silico": A, "seeds": N, ...}, ...],
-     "twins": [{"system": NAME, "noise_floor": F, "physics": E, "residual": E, "mlp": E,
-                "device_samples": N, "best": KIND}, ...],
+     "twins": [{"system": NAME, "noise_floor": F, KIND: E (every kind of twins.models.TWIN_KINDS that applies),
+                "device_samples": N, "best": KIND,
+                "operating": {"noise_floor": F, KIND: E, "device_samples": N, "task": T, "layer": L, ...},
+                "sequential": {"samples": N, "nmse": E, "target": E, "curve": [[N, E_decide, E_report], ...]}},
+               ...],
      "seconds": S}
 
 Protocol. Every task is its shipped configuration (``pnn_cluster/configs/NAME.yaml``; ``--quick``: its
@@ -43,9 +46,18 @@ validation batch (:func:`pnn_cluster.gradients.gradient_agreement`), at the star
 PAT runs.
 
 The twins section collects ``--twin-samples`` device samples (two repeats of each input, so the
-noise floor is measured) from each simulated system with its unmodelled physics on, fits the
-physics, residual and MLP twins with early stopping on held-out parameter settings, and reports each
-one's NMSE on a further held-out set next to the noise floor.
+noise floor is measured) from each simulated system with its unmodelled physics on, fits every twin kind
+(``twins.models.TWIN_KINDS``; a kind that does not apply to the system is listed under ``skipped``) with
+early stopping on held-out parameter settings, and reports each one's NMSE on a further held-out set next to
+the noise floor. ``operating``: the same twins on settings and inputs drawn from the operating region of a
+short PAT training of the shipped task that uses the system (``TWIN_REGIONS``; its quick section, physics
+twins, the second half of its steps recorded by ``training.operating.OperatingRecorder``), measured with
+two repeats so that the region's own noise floor comes out. ``sequential``: a sequential calibration
+(``twins.sequential``) of the best kind on a fresh copy of the device, in rounds, until its NMSE on one half
+of the held-out settings reaches the best twin's NMSE there; ``samples`` is every device sample it measured
+by then (its own held-out set included; null when not within half the random budget), ``nmse`` and
+``target`` its and the best twin's NMSE on the other half. ``--twin-systems`` and ``--twin-seed`` pick the
+systems and the seed (each system is one ``--log`` entry).
 
 Runs are Ray tasks, ``--workers`` at a time (one CPU each); ``--workers 0`` runs them in this process.
 Progress goes to stderr.
@@ -74,9 +86,20 @@ QUICK_TWIN = {"groups": 24, "batch": 16, "epochs": 5}
 TWIN_SYSTEMS = {
     "shg": {"n_in": 24, "n_out": 24},
     "circuit": {"n_in": 24, "n_out": 24},
-    "plate": {},
+    "plate": {"n_in": 16, "n_out": 10},
     "oscillators": {"n_in": 24, "n_out": 24},
 }
+#: where each system's operating region comes from: (shipped task, its physical layer on that system). The
+#: systems above have the sizes these layers have, so the recorded settings and inputs apply to them
+TWIN_REGIONS = {"shg": ("hybrid_mnist", "optics"), "circuit": ("hybrid_mnist", "circuit"),
+                "plate": ("plate_mnist", "plate"), "oscillators": ("oscillators_mnist", "pendula1")}
+#: --quick: the region's training, on top of the task's quick section
+QUICK_REGION = ["dataset.train_subset=600", "schedule.epochs=1"]
+#: sequential calibration in the twins section: no stopping rule of its own (the benchmark's target stops it)
+SEQUENTIAL_BENCH: dict[str, Any] = {"factor": 0.0}
+#: --quick: a sequential calibration that fits the quick budget
+SEQUENTIAL_QUICK: dict[str, Any] = {"holdout_groups": 3, "initial_groups": 3, "ensemble": 2, "round_epochs": 3,
+                                    "first_epochs": 5}
 
 
 def log(msg: str) -> None:
@@ -185,32 +208,104 @@ def logistic(name: str, quick: bool, overrides: list[str]) -> dict[str, Any]:
     return logistic_baseline(load_data(configuration(name, quick, overrides)))
 
 
-def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epochs: int | None) -> dict[str, Any]:
-    """The three twin kinds on one simulated system's samples: NMSE on held-out settings, and the floor."""
+def record_region(task: str, layer: str, seed: int, quick: bool) -> Any:
+    """The operating region of ``layer`` in a short PAT training of the shipped ``task``: its ``quick`` section
+    (``--quick``: ``QUICK_REGION`` on top), each of its twins a physics twin of ``twin.groups`` 24 (the region
+    is what training visits, not what its twin costs), the second half of its steps recorded."""
+    from pnn_cluster.config import example_config_path, load_config
+    from pnn_cluster.runner import InProcessPlacement, run_experiment
+    from pnn_cluster.training.operating import OperatingRecorder
+
+    cfg = load_config(example_config_path(task)).quick_version()
+    twins = [f"devices.{d}.twin.{k}" for d in cfg.physical_devices() for k in ("kind=physics", "groups=24")]
+    short = QUICK_REGION if quick else []
+    cfg = cfg.with_overrides([*twins, *short, f"seed={seed}", f"dataset.split_seed={seed}", "tracking.enabled=false"])
+    recorder = OperatingRecorder(rows=16, max_steps=256, skip_fraction=0.5, seed=seed,
+                                 meta={"task": task, "seed": seed})
+    run = run_experiment(cfg, InProcessPlacement(), echo=False, callbacks=[recorder])
+    region = recorder.region()
+    region.meta.update(test_acc=run.test_acc, steps=int(cfg.schedule.epochs))
+    return region[layer], run.test_acc
+
+
+def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epochs: int | None,
+              quick: bool = False) -> dict[str, Any]:
+    """Every twin kind on one simulated system's samples: NMSE on held-out settings and the floor; the same on
+    the operating region of a short training of the shipped task that uses the system; and the device samples
+    sequential calibration needs to reach the best twin's NMSE."""
     import torch
 
     from pnn_cluster.devices import make_device
-    from pnn_cluster.twins import build_twin, collect, fit_twin
+    from pnn_cluster.twins import build_twin, collect, evaluate_twin, fit_twin, models
     from pnn_cluster.twins.fit import fit_splits
+    from pnn_cluster.twins.operating import measure_region, region_figures
+    from pnn_cluster.twins.sequential import SequentialPlan, calibrate_sequential
 
     torch.set_num_threads(1)
-    device = make_device(system, **options)
-    device = make_device(system, imperfections=device.imperfections.with_(seed=seed, latency_call_s=0.0,
+    t0 = time.perf_counter()
+
+    def same_device():
+        base = make_device(system, **options)
+        return make_device(system, imperfections=base.imperfections.with_(seed=seed, latency_call_s=0.0,
                                                                           latency_sample_s=0.0), **options)
+
+    device = same_device()
+    model = device.model()
     batch = 16
     groups = max(12, samples // (2 * batch))
     data = collect(device, groups=groups, batch=batch, repeats=2, seed=seed, progress=False)
     fit_on, stop, val = fit_splits(data, 0.2, seed)
-    out: dict[str, Any] = {"system": system, "noise_floor": val.noise_floor(), "device_samples": data.device_samples}
-    scores = {}
-    for kind in ("physics", "residual", "mlp"):
-        twin = build_twin(kind, device.spec, device.model())
+    out: dict[str, Any] = {"system": system, "noise_floor": val.noise_floor(), "device_samples": data.device_samples,
+                           "seed": seed}
+    scores, twins, skipped = {}, {}, {}
+    for kind in models.TWIN_KINDS:
+        try:
+            twin = build_twin(kind, device.spec, model)
+        except ValueError as e:  # a kind that does not apply to this device (no physics model, wrong shape)
+            skipped[kind] = str(e)
+            continue
         res = fit_twin(twin, fit_on, val, seed=seed, progress=False, stop=stop, epochs=epochs)
         out[kind] = res.nmse_val
         out[f"{kind}_seconds"] = res.seconds
-        scores[kind] = res.nmse_stop
-    out["best"] = min(scores, key=scores.get)  # chosen on the early-stopping samples, never on val
-    out["best_ratio"] = out[out["best"]] / out["noise_floor"]
+        scores[kind], twins[kind] = res.nmse_stop, twin.requires_grad_(False)
+    if skipped:
+        out["skipped"] = skipped
+    best = out["best"] = min(scores, key=scores.get)  # chosen on the early-stopping samples, never on val
+    out["best_ratio"] = out[best] / out["noise_floor"]
+
+    # the operating region: settings and inputs a short training of the shipped task gave this system
+    task, layer = TWIN_REGIONS[system]
+    region, acc = record_region(task, layer, seed, quick)
+    device.noise_stream("operating region")
+    op = measure_region(device, region, groups=max(8, groups // 5), batch=batch, repeats=2, seed=seed + 1)
+    out["operating"] = {**region_figures(twins, op), "task": task, "layer": layer, "settings": len(region),
+                        "task_test_acc": acc}
+    out["operating"]["best_ratio"] = out["operating"][best] / out["operating"]["noise_floor"]
+
+    # sequential calibration of the best kind, on a fresh copy of the device (its own noise), until it reaches
+    # the best twin's NMSE. Half the held-out settings decide when it has (judged against the best twin's NMSE
+    # there), the other half report it: the round that first dips below the target is not also the one scored.
+    decide, report = val.split(0.5, seed=seed + 2)
+    target = evaluate_twin(twins[best], decide)
+    fresh = same_device()
+    fresh.noise_stream("sequential calibration")
+    curve: list[list[float]] = []
+
+    def reached(twin, n: int) -> bool:
+        score = evaluate_twin(twin, decide)
+        curve.append([n, score, evaluate_twin(twin, report)])
+        return score <= target
+
+    plan = SequentialPlan(**{**SEQUENTIAL_BENCH, **(SEQUENTIAL_QUICK if quick else {}), "budget": samples // 2,
+                             "batch": batch})
+    seq = calibrate_sequential(build_twin(best, device.spec, model), plan, device=fresh, seed=seed + 3,
+                               stop=reached, progress=False)
+    done = seq.reason == "the caller's stopping rule"
+    out["sequential"] = {"samples": seq.device_samples if done else None, "nmse": evaluate_twin(seq.twin, report),
+                         "target": evaluate_twin(twins[best], report), "kind": best, "reached": done,
+                         "budget": plan.budget, "curve": curve, "seconds": seq.seconds,
+                         "nmse_all_val": evaluate_twin(seq.twin, val), "plan": plan.as_dict()}
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -289,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="paired runs of one task, instead of --seeds or --vowel-runs (repeatable)")
     p.add_argument("--twin-samples", type=int, default=None,
                    help="device samples per system in the twins section (default 20000; 4000 with --quick)")
+    p.add_argument("--twin-systems", default=",".join(TWIN_SYSTEMS),
+                   help="simulated systems of the twins section (each a --log entry of its own)")
+    p.add_argument("--twin-seed", type=int, default=0,
+                   help="seed of the twins section's devices, samples and region training (the benchmark's is 0)")
     p.add_argument("--workers", type=int, default=2, help="runs at once as Ray tasks (0: in this process)")
     p.add_argument("--log", default=None, metavar="FILE",
                    help="append each finished run to FILE (JSON lines) and skip runs FILE already holds, so an "
@@ -354,10 +453,14 @@ def main(argv: list[str] | None = None) -> int:
                 for m in SWEEP_METHODS:
                     submit(("sweep", "control" if control else g, m, seed), run_task, "hybrid_mnist", args.quick,
                            [*small, *twin, *paired_run("hybrid_mnist", seed), f"method={m}"], m == "pat")
+    twin_systems = [t for t in args.twin_systems.split(",") if t]
+    if unknown := set(twin_systems) - set(TWIN_SYSTEMS):
+        p.error(f"--twin-systems: unknown {sorted(unknown)}; allowed: {', '.join(TWIN_SYSTEMS)}")
     if "twins" in sections:
         budget = args.twin_samples or (600 if args.quick else 20000)
-        for system, options in TWIN_SYSTEMS.items():
-            submit(("twins", system), fit_twins, system, options, budget, 0, 5 if args.quick else None)
+        for system in twin_systems:
+            submit(("twins", system, args.twin_seed), fit_twins, system, TWIN_SYSTEMS[system], budget, args.twin_seed,
+                   5 if args.quick else None, args.quick)
 
     results = pool.gather(jobs, done, record)
 
@@ -413,11 +516,18 @@ def main(argv: list[str] | None = None) -> int:
             out["sweep"].append(point)
         out["sweep"].sort(key=lambda r: r["twin_nmse"] if r["twin_nmse"] is not None else 0.0)
     if "twins" in sections:
-        for system in TWIN_SYSTEMS:
-            t = results[("twins", system)]
-            log(f"twins {system:12s} floor {t['noise_floor']:.2e}  physics {t['physics']:.2e}  residual "
-                f"{t['residual']:.2e}  mlp {t['mlp']:.2e}  best {t['best']} ({t['best_ratio']:.2f} x floor), "
-                f"{t['device_samples']} device samples")
+        for system in twin_systems:
+            t = results[("twins", system, args.twin_seed)]
+            kinds = [k for k in t if f"{k}_seconds" in t]
+            op, seq = t["operating"], t["sequential"]
+            log(f"twins {system:12s} floor {t['noise_floor']:.2e}  "
+                + "  ".join(f"{k} {t[k]:.2e}" for k in kinds)
+                + f"  best {t['best']} ({t['best_ratio']:.2f} x floor), {t['device_samples']} device samples")
+            log(f"      operating   floor {op['noise_floor']:.2e}  " + "  ".join(f"{k} {op[k]:.2e}" for k in kinds)
+                + f"  best {t['best']} ({op['best_ratio']:.2f} x floor), {op['settings']} recorded settings of "
+                f"{op['task']}/{op['layer']}")
+            log(f"      sequential  {seq['kind']}: {seq['samples'] or 'not within ' + str(seq['budget'])} device "
+                f"samples to reach NMSE {seq['target']:.2e} (reached {seq['nmse']:.2e})")
             out["twins"].append(t)
     out["seconds"] = time.perf_counter() - t_all
     print(json.dumps(out))

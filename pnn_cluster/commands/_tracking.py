@@ -78,8 +78,11 @@ def demo_tracking(args: Any, params: Mapping[str, Any]) -> DemoTracking:
 
 
 def log_calibration(args: Any, system: str, device: Any, cal: Any, params: Mapping[str, Any],
-                    started: float | None = None) -> str | None:
-    """One run for ``pnn-cluster calibrate``: the device, a nested run per twin kind, the best twin as a model."""
+                    started: float | None = None, operating: Mapping[str, Any] | None = None) -> str | None:
+    """One run for ``pnn-cluster calibrate``: the device, a nested run per twin kind, the best twin as a model.
+
+    ``operating`` (each kind's NMSE on an operating region's samples, by kind, and the region's
+    ``noise_floor``): logged beside the uniform held-out figures as ``operating/...``."""
     tracker = tracker_from_args(args, "calibrate", run_name=f"calibrate {system}", start_time=started)
     if tracker is None:
         return None
@@ -99,6 +102,13 @@ def log_calibration(args: Any, system: str, device: Any, cal: Any, params: Mappi
                    **{f"nmse_val/{k}": r.nmse_val for k, r in cal.results.items()}}
         if cal.ideal_nmse is not None:
             metrics["ideal_nmse"] = cal.ideal_nmse
+        if operating:
+            floor = operating["noise_floor"]
+            metrics["operating/noise_floor"] = floor
+            metrics["operating/device_samples"] = operating["device_samples"]
+            for k in cal.results:
+                metrics[f"operating/nmse/{k}"] = operating[k]
+                metrics[f"operating/ratio_to_floor/{k}"] = operating[k] / floor if floor > 0 else float("inf")
         tracker.log_metrics(metrics, step=0, now=True)
         tracker.set_tags({"pnn.best_twin": best})
         d = tracker.dir.file("best_twin")

@@ -36,6 +36,7 @@ from pnn_cluster.devices.simulated import MAX_SIZE, MAX_STEP_SAMPLES, MAX_STEP_S
 from pnn_cluster.training.recalibration import BOUNDS as RECALIBRATION_BOUNDS
 from pnn_cluster.training.recalibration import POLICIES, Recalibration
 from pnn_cluster.training.trainer import LR_SCHEDULES, MAX_BATCH, MAX_EPOCHS, OPTIMIZERS, TRAIN_BOUNDS, TrainConfig
+from pnn_cluster.twins.sequential import SEQUENTIAL_BOUNDS, SequentialPlan
 
 __all__ = [
     "ExperimentConfig", "DeviceConfig", "LayerConfig", "SimulatedDriver", "VisaDriver", "ZmqDriver", "PythonDriver",
@@ -221,6 +222,34 @@ class PythonDriver(Section):
 Driver = Annotated[SimulatedDriver | VisaDriver | ZmqDriver | PythonDriver, Field(discriminator="kind")]
 
 
+_SEQ = SequentialPlan()
+#: the settings' bounds, stated in the twins layer (which cannot import this module)
+_SB = SEQUENTIAL_BOUNDS
+
+
+class SequentialTwinConfig(Section):
+    """Sequential calibration (:mod:`pnn_cluster.twins.sequential`): settings measured in rounds where an
+    ensemble of twins disagrees most, until the held-out NMSE is within ``factor`` of the noise floor
+    (0: no such stop) or ``budget`` device samples are spent."""
+
+    budget: Annotated[int, Field(**_SB["budget"])] = _SEQ.budget
+    factor: Annotated[float, Field(**_SB["factor"])] = _SEQ.factor
+    initial_groups: Annotated[int, Field(**_SB["initial_groups"])] = _SEQ.initial_groups
+    holdout_groups: Annotated[int, Field(**_SB["holdout_groups"])] = _SEQ.holdout_groups
+    growth: Annotated[float, Field(**_SB["growth"])] = _SEQ.growth
+    ensemble: Annotated[int, Field(**_SB["ensemble"])] = _SEQ.ensemble
+    candidates: Annotated[int, Field(**_SB["candidates"])] = _SEQ.candidates
+    round_epochs: Annotated[int, Field(**_SB["round_epochs"])] = _SEQ.round_epochs
+    first_epochs: Annotated[int, Field(**_SB["first_epochs"])] = _SEQ.first_epochs
+    repeats: Annotated[int, Field(**_SB["repeats"])] = _SEQ.repeats
+    near: Annotated[float, Field(**_SB["near"])] = _SEQ.near
+    spread: Annotated[float, Field(**_SB["spread"])] = _SEQ.spread
+
+    def plan(self, batch: int) -> SequentialPlan:
+        """The plan, measuring ``batch`` inputs per setting (the twin section's ``batch``)."""
+        return SequentialPlan(**self.model_dump(), batch=batch)
+
+
 class TwinConfig(Section):
     """How a device's digital twin is made: fitted to fresh measurements, the ideal model, or loaded."""
 
@@ -233,6 +262,8 @@ class TwinConfig(Section):
     lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     hidden: Annotated[list[Width], Field(max_length=32)] | None = None
     load: str | None = None
+    #: measure in rounds where the twin is least sure (see :class:`SequentialTwinConfig`); None: all at random
+    sequential: SequentialTwinConfig | None = None
 
     @field_validator("load")
     @classmethod
