@@ -62,3 +62,27 @@ def test_a_pairing_varies_seed_and_split_together_and_vowel_runs_cover_every_fol
     assert len({c.seed for c in runs}) == 10
     assert [bench.paper(t) for t in ("shg_vowels", "plate_mnist", "circuit_mnist", "oscillators_mnist")] == \
         [0.93, 0.87, 0.93, None]
+
+
+def test_a_twins_row_has_every_kind_its_operating_region_and_its_sequential_calibration(bench, monkeypatch):
+    import numpy as np
+
+    from pnn_cluster.devices import make_device
+    from pnn_cluster.twins import models
+    from pnn_cluster.twins.operating import LayerRegion
+
+    rng = np.random.default_rng(0)
+    spec = make_device("shg", n_in=4, n_out=4).spec
+    params = {p.name: rng.uniform(-0.2, 0.2, size=(3, *p.shape)) for p in spec.params}
+    region = LayerRegion(params, rng.uniform(0.2, 0.8, size=(3, 8, 4)), np.arange(3))
+    monkeypatch.setattr(bench, "record_region", lambda task, layer, seed, quick: (region, 0.5))  # no training here
+    row = bench.fit_twins("shg", {"n_in": 4, "n_out": 4}, 640, 1, 2, True)
+    json.dumps(row)
+    kinds = [k for k in models.TWIN_KINDS if k not in row.get("skipped", {})]
+    assert set(kinds) | set(row.get("skipped", {})) == set(models.TWIN_KINDS) and "physics" in kinds
+    op, seq = row["operating"], row["sequential"]
+    assert all(row[k] > 0 and op[k] > 0 and f"{k}_seconds" in row for k in kinds)
+    assert op["noise_floor"] > 0 and op["device_samples"] == 8 * 16 * 2 and op["settings"] == 3
+    assert seq["kind"] == row["best"] and seq["budget"] == 320
+    assert seq["reached"] == (seq["samples"] is not None) and (seq["samples"] or 0) <= 320
+    assert seq["curve"] and all(n <= 320 for n, _, _ in seq["curve"])
