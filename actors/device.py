@@ -8,6 +8,7 @@ round trip per call, each bounded by the device's ``timeout_s``);
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import ray
 import torch
 from ray import exceptions as rex
 
+from actors.leases import lease_board
 from pnn_cluster.devices.base import Device, DeviceError
 from pnn_cluster.runner.build import DeviceRecipe
 from pnn_cluster.training.workers import DeviceWorker, params_version
@@ -48,9 +50,15 @@ class RestartPolicy:
 
 
 class _DeviceActor(DeviceWorker):
-    def __init__(self, recipe: DeviceRecipe) -> None:
+    def __init__(self, recipe: DeviceRecipe, lease: Mapping[str, Any] | None = None) -> None:
         # device simulations are small tensors; more threads only contend with the other actors on the node
         torch.set_num_threads(1)
+        if lease is not None:
+            # the instrument's unit is this actor's from the moment it runs: say so before connecting, so a
+            # run that waits for it can tell its submitter who holds it (a restart takes it anew)
+            ctx = ray.get_runtime_context()
+            lease_board().take.remote({**lease, "job": ctx.get_job_id(), "node": ctx.get_node_id(),
+                                       "since": time.time(), "released": None})
         super().__init__(recipe)  # builds and connects here, on the node that has the instrument
 
     def node_id(self) -> str:
@@ -64,13 +72,15 @@ DeviceActor = ray.remote(_DeviceActor)
 
 
 def start_device(recipe: DeviceRecipe, restart: RestartPolicy | None = None, name: str | None = None,
-                 num_cpus: float = 0, **options: Any):
+                 num_cpus: float = 0, lease: Mapping[str, Any] | None = None, **options: Any):
     """Start the device actor for ``recipe``, on the node that declared its instrument (if any).
 
     The recipe's placement adds node labels (``label_selector``) and further
     resources. It asks for no CPU by default: it spends its time waiting on
     hardware, and a CPU held per instrument would cap how many instruments a
-    lab PC can serve.
+    lab PC can serve. ``lease``: the ``instrument``, ``run``, ``device`` and
+    ``token`` of the :class:`~pnn_cluster.runner.leases.Lease` it records on the
+    cluster's lease board (:mod:`actors.leases`) once it holds its instrument.
     """
     if not isinstance(recipe, DeviceRecipe):
         raise TypeError(f"start_device: recipe must be a DeviceRecipe, got {type(recipe).__name__}")
@@ -88,7 +98,7 @@ def start_device(recipe: DeviceRecipe, restart: RestartPolicy | None = None, nam
     if name is not None:
         opts["name"] = name
     opts.update(options)
-    return DeviceActor.options(**opts).remote(recipe)
+    return DeviceActor.options(**opts).remote(recipe, lease)
 
 
 class RayDeviceHandle:

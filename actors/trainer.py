@@ -27,7 +27,10 @@ class _TrainerActor:
                  default_dtype: str = "float32", checkpoint_path: str | None = None) -> None:
         torch.set_num_threads(1)
         torch.set_default_dtype(getattr(torch, default_dtype))
-        self.experiment = ExperimentRun(config, RayPlacement(), tracking=tracking, resume=resume, echo=False,
+        # what a device waiting for another run's instrument says goes to the run's own progress lines,
+        # which the submitter streams
+        self.placement = RayPlacement(report=lambda line: self.experiment.report(line), run=config.name)
+        self.experiment = ExperimentRun(config, self.placement, tracking=tracking, resume=resume, echo=False,
                                         keep_checkpoint=keep_checkpoint, checkpoint_path=checkpoint_path)
 
     def run(self) -> RunResult:
@@ -40,6 +43,7 @@ class _TrainerActor:
         return self.experiment.events(since)
 
     def stop(self) -> None:
+        self.placement.cancel()  # a run still waiting for an instrument stops waiting
         self.experiment.stop()
 
     def status(self) -> dict[str, Any]:
