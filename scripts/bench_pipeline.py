@@ -7,7 +7,11 @@ steps with the RayExecutor. Prints, with ``--json``, one line::
 
     {"stages_ms": [20, 40, 10], "efficiency": E, "speedup_vs_sequential": S,
      "replica_scaling": {"1": 1.0, "2": R2, "4": R4}, "overhead_ratio_zero_latency": O,
-     "twin_offload": {"in_trainer_s": A, "twin_actors_s": B, "speedup": A/B}}
+     "overhead_planned": {"ratio": O2, "micro_batches": M},
+     "twin_offload": {"in_trainer_s": A, "twin_actors_s": B, "speedup": A/B},
+     "demo_epoch": {"in_process_s": T1, "ray_s": T2, "ratio": T2/T1, ...},
+     "lab_clock": {"factor": F, "step_over_bound": R, ...},
+     "scale": {...}, "contention": {...}}
 
 - efficiency: the bottleneck bound (micro-batches per batch x 40 ms) over the
   measured time per batch (an optimizer step included). Filling and draining
@@ -19,7 +23,18 @@ steps with the RayExecutor. Prints, with ``--json``, one line::
   four replicas would make the 20 ms stage the bottleneck, capping the gain at 2.
 - overhead_ratio_zero_latency: time per step of the distributed engine over
   the in-process one (SequentialExecutor, devices in this process), both with
-  devices that take no time, batch 256 in micro-batches of 32.
+  devices that take no time, batch 256 in micro-batches of 32 (8 calls per
+  device and step: what each call through an actor costs).
+- overhead_planned: the same with the micro-batch count left to the executor
+  (planned from the devices' declared timing: for devices that take no time,
+  one call per step): the overhead of the default path.
+- demo_epoch: the shipped ``hybrid_mnist`` stack (twins fitted on fewer
+  samples: calibration is not timed), seconds per epoch in one process and on
+  Ray (trainer actor, device and twin actors: what ``pnn-cluster train`` does
+  by default), alternated, and their ratio.
+- lab_clock: the same stack with its devices at their labs' sample rates times
+  ``--lab-clock`` (SHG 20 samples/s, circuit 1,000), on Ray: time per step over
+  the slowest instrument's own time for the batch in one call.
 - twin_offload: one device (5 ms per call) whose twin's VJP takes 40 ms per
   micro-batch of 8 (simulated: the twin sleeps 5 ms per row), batch 64. In the
   trainer the batch's backward pass runs there after the measurements
@@ -39,6 +54,7 @@ import json
 import statistics
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import ray
@@ -149,13 +165,14 @@ def replica_figures(micro_batches: int, micro: int, steps: int) -> dict[str, flo
         kill(actors)
 
 
-def overhead_ratio(steps: int, batch: int = 256, micro: int = 32, rounds: int = 8) -> dict[str, float]:
+def overhead_ratio(steps: int, batch: int = 256, micro: int | None = 32, rounds: int = 8) -> dict[str, float]:
     local = [recipe(0.0, i).build() for i in range(len(STAGES_MS))]
     in_process = trainer_for(stack_of(local), SequentialExecutor(), batch, micro)
     actors = [start(0.0, seed=i) for i in range(len(STAGES_MS))]
     try:
         remote = [ActorDevice(a) for a in actors]
-        distributed = trainer_for(stack_of(remote), RayExecutor(), batch, micro)
+        ex = RayExecutor()
+        distributed = trainer_for(stack_of(remote), ex, batch, micro)
         # steps take tens of ms: alternate short blocks so both see the same load on a shared machine
         t_local, t_ray = [], []
         for _ in range(rounds):
@@ -164,7 +181,8 @@ def overhead_ratio(steps: int, batch: int = 256, micro: int = 32, rounds: int = 
     finally:
         kill(actors)
     t_local_s, t_ray_s = statistics.median(t_local), statistics.median(t_ray)
-    return {"ratio": t_ray_s / t_local_s, "in_process_s": t_local_s, "distributed_s": t_ray_s}
+    return {"ratio": t_ray_s / t_local_s, "in_process_s": t_local_s, "distributed_s": t_ray_s,
+            "micro_batches": ex.stats["micro_batches"] / max(1, ex.stats["steps"])}
 
 
 class SlowSHGModel(SHGModel):
@@ -202,12 +220,86 @@ def twin_offload_figures(steps: int, batch: int = 64, micro: int = 8, per_micro_
         kill([actor, *twins])
 
 
+#: the demo's run, cut to what an epoch needs: twins fitted on fewer samples (calibration is not timed),
+#: no MLflow run (the tracking benchmark measures that)
+DEMO_OVERRIDES = ("devices.optics.twin.groups=60", "devices.circuit.twin.groups=12")
+
+
+def _epoch_seconds(result) -> list[float]:
+    return [h["epoch_seconds"] for h in result.history]
+
+
+def demo_epoch_figures(epochs: int = 2, rounds: int = 2) -> dict[str, Any]:
+    """The shipped ``hybrid_mnist`` stack trained in this process and on Ray (a trainer actor, device and twin
+    actors: the default path of ``pnn-cluster train``), side by side: seconds per epoch, the median over
+    ``rounds`` runs of each (alternated, so both see the same load), every epoch after the first of a run
+    (which includes one-off costs: the optimizer's first step, lazily loaded code)."""
+    from actors.launch import RayLauncher
+    from pnn_cluster.config import load_config
+    from pnn_cluster.config.loader import example_config_path
+    from pnn_cluster.runner.launch import InProcessLauncher
+
+    cfg = load_config(example_config_path("hybrid_mnist"), [*DEMO_OVERRIDES, f"schedule.epochs={epochs}"])
+    times: dict[str, list[float]] = {"in_process": [], "ray": []}
+    accs: dict[str, list[float]] = {"in_process": [], "ray": []}
+    steps = {}
+    for _ in range(rounds):
+        for name, launcher in (("in_process", InProcessLauncher()), ("ray", RayLauncher(out=_Quiet()))):
+            result = launcher.run(cfg)
+            times[name] += _epoch_seconds(result)[1:] or _epoch_seconds(result)
+            accs[name].append(result.test_acc)
+            steps[name] = (result.steps, result.executor.get("micro_batches"))
+    t_in, t_ray = statistics.median(times["in_process"]), statistics.median(times["ray"])
+    return {"in_process_s": round(t_in, 3), "ray_s": round(t_ray, 3), "ratio": round(t_ray / t_in, 3),
+            "epochs": epochs, "rounds": rounds, "steps": steps["ray"][0],
+            "ray_micro_batches_per_step": steps["ray"][1] / max(1, steps["ray"][0]) if steps["ray"][1] else None,
+            "test_acc": {k: [round(a, 4) for a in v] for k, v in accs.items()}}
+
+
+class _Quiet:
+    """Where the Ray launcher prints the trainer's progress: nowhere (stdout holds the JSON line)."""
+
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def lab_clock_figures(factor: float = 2.0, steps: int = 4) -> dict[str, Any]:
+    """The shipped ``hybrid_mnist`` stack with its devices at their labs' sample rates (SHG optics 20
+    samples/s, analog circuit 1,000: :mod:`pnn_cluster.devices.lab`) times ``factor``, trained on Ray: the
+    time per step (the second epoch of ``steps`` steps, no validation split) over the bound, the slowest
+    instrument's own time for the batch in one call. What a step adds to the bound is fixed (the last
+    micro-batch's way back through the twins, the optimizer step): a smaller ``factor`` (slower devices,
+    nearer the real lab's 1) makes it a smaller share."""
+    from actors.launch import RayLauncher
+    from pnn_cluster.config import load_config
+    from pnn_cluster.config.loader import example_config_path
+    from pnn_cluster.runner.build import device_recipes
+
+    cfg = load_config(example_config_path("hybrid_mnist"), [
+        "devices.optics.twin.groups=12", "devices.circuit.twin.groups=6", "schedule.epochs=2",
+        "dataset.val_fraction=0", "schedule.keep=last", f"dataset.train_subset={64 * steps}", "dataset.test_subset=64",
+        f"devices.optics.driver.imperfections.lab_clock={factor}",
+        f"devices.circuit.driver.imperfections.lab_clock={factor}"])
+    result = RayLauncher(out=_Quiet()).run(cfg)
+    batch = cfg.schedule.batch_size
+    bound = max(recipes[0].build().spec.timing.seconds(batch) for recipes in device_recipes(cfg).values())
+    per_step = result.history[-1]["epoch_seconds"] / steps
+    return {"factor": factor, "step_over_bound": round(per_step / bound, 3), "step_s": round(per_step, 4),
+            "bound_s": round(bound, 4), "steps": result.steps,
+            "micro_batches_per_step": result.executor.get("micro_batches", 0) / max(1, result.steps)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print one JSON line (and nothing else on stdout)")
     p.add_argument("--micro-batches", type=int, default=32, help="micro-batches per batch (default 32)")
     p.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch (default 8)")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per figure (default 6)")
+    p.add_argument("--lab-clock", type=float, default=2.0,
+                   help="lab_clock: the devices' real sample rates times this (default 2)")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
     args = p.parse_args(argv)
     for name in ("micro_batches", "micro_batch", "steps"):
@@ -219,12 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     pipe = pipeline_figures(args.micro_batches, args.micro_batch, args.steps)
     reps = replica_figures(args.micro_batches, args.micro_batch, args.steps)
     over = overhead_ratio(args.steps)
+    planned = overhead_ratio(args.steps, micro=None)
     offload = twin_offload_figures(args.steps)
+    demo = demo_epoch_figures()
+    clock = lab_clock_figures(args.lab_clock)
     result = {"stages_ms": list(STAGES_MS), "efficiency": round(pipe["efficiency"], 3),
               "speedup_vs_sequential": round(pipe["speedup_vs_sequential"], 3),
               "replica_scaling": {k: round(v, 3) for k, v in reps.items()},
               "overhead_ratio_zero_latency": round(over["ratio"], 3),
-              "twin_offload": {k: round(v, 4) for k, v in offload.items()}}
+              "overhead_planned": {"ratio": round(planned["ratio"], 3), "micro_batches": planned["micro_batches"]},
+              "twin_offload": {k: round(v, 4) for k, v in offload.items()},
+              "demo_epoch": demo, "lab_clock": clock}
     if args.json:
         print(json.dumps(result))
     else:

@@ -82,6 +82,8 @@ class ImperfectionsConfig(Section):
     quant_bits: Annotated[int, Field(ge=2, le=24)] | None = None
     latency_call_s: Annotated[float, Field(ge=0.0, le=60.0)] | None = None
     latency_sample_s: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    #: the real setup's pace (pnn_cluster/devices/lab.py) times this: 1 the lab's own clock, 0 no wait
+    lab_clock: Annotated[float, Field(ge=0.0, le=1e6)] | None = None
     ideal: bool = False
 
     def overrides(self) -> dict[str, Any]:
@@ -329,7 +331,8 @@ class RecalibrationConfig(Section):
     ``policy``: ``none`` (not watched), ``monitor`` (the twin's error over the noise floor logged each step,
     a drift reported), ``refine`` (refined online from what training measures, swapped in at a step boundary)
     or ``pause`` (the device recalibrated in full, training waiting). The rest tune the detector and the
-    refinement; the defaults suit a device measured thousands of times per step.
+    refinement (``check_groups``, ``widen_*``: an accepted refinement checked over the whole range, and widened
+    when it is still far off there); the defaults suit a device measured thousands of times per step.
     """
 
     policy: Literal[POLICIES] = _RECAL.policy
@@ -342,6 +345,10 @@ class RecalibrationConfig(Section):
     explore_groups: Annotated[int, Field(**_RB["explore_groups"])] = _RECAL.explore_groups
     explore_spread: Annotated[float, Field(**_RB["explore_spread"])] = _RECAL.explore_spread
     epochs: Annotated[int, Field(**_RB["epochs"])] = _RECAL.epochs
+    check_groups: Annotated[int, Field(**_RB["check_groups"])] = _RECAL.check_groups
+    widen_factor: Annotated[float, Field(**_RB["widen_factor"])] = _RECAL.widen_factor
+    widen_groups: Annotated[int, Field(**_RB["widen_groups"])] = _RECAL.widen_groups
+    widen_fraction: Annotated[float, Field(**_RB["widen_fraction"])] = _RECAL.widen_fraction
 
     def settings(self) -> Recalibration:
         return Recalibration(**self.model_dump())

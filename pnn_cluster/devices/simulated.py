@@ -54,7 +54,7 @@ import torch
 
 from pnn_cluster.devices.base import Device
 from pnn_cluster.devices.physics import PhysicsModel
-from pnn_cluster.devices.spec import DeviceSpec, LimitError
+from pnn_cluster.devices.spec import DeviceSpec, LimitError, Timing
 
 __all__ = ["Imperfections", "LabDrift", "SimulatedDevice", "MAX_SIZE", "MAX_SEED"]
 
@@ -121,6 +121,9 @@ class Imperfections:
     quant_bits: quantise the output to this many bits over the device's output
         range (an 8-bit oscilloscope), or None.
     latency_call_s, latency_sample_s: time a call takes on the hardware.
+    lab_clock: measure at the real setup's pace (each system's ``lab_drift.samples_per_s``, the table of
+        :mod:`pnn_cluster.devices.lab`) times this factor, on top of the latencies: 1 is the lab's own clock,
+        10 ten times faster (a benchmark that must fit a small machine), 0 (the default) no wait at all.
     seed: seeds miscalibration, noise, drift and step changes.
     """
 
@@ -133,10 +136,12 @@ class Imperfections:
     quant_bits: int | None = None
     latency_call_s: float = 0.0
     latency_sample_s: float = 0.0
+    lab_clock: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("noise", "shot", "gap", "drift", "unmodelled", "latency_call_s", "latency_sample_s"):
+        for name in ("noise", "shot", "gap", "drift", "unmodelled", "latency_call_s", "latency_sample_s",
+                     "lab_clock"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
                 raise ValueError(f"Imperfections.{name} must be a finite number >= 0, got {v!r}")
@@ -211,7 +216,7 @@ class SimulatedDevice(Device):
         self.check_options(options)
         self.options = dict(options)
         self.imperfections = imperfections or self.default_imperfections
-        super().__init__(self.build_spec(**options))
+        super().__init__(replace(self.build_spec(**options), timing=self.timing))
         self._ideal = self.build_model(**options)
         scale = self.imperfections.unmodelled
         self._true = self._ideal.with_unmodelled({k: scale * v for k, v in self.unmodelled_effects.items()})
@@ -234,6 +239,23 @@ class SimulatedDevice(Device):
         #: each step change applied: {"samples": count at which it applied, "size": spreads, "kind": "step"}
         self.drift_events: list[dict[str, Any]] = []
         self._step_changes(0)
+
+    @property
+    def timing(self) -> Timing:
+        """The hardware's time per call and per sample: the latencies, plus the lab's pace with ``lab_clock``."""
+        return self.timing_of(self.imperfections)
+
+    @classmethod
+    def timing_of(cls, imperfections: Imperfections) -> Timing:
+        """How long a call takes: ``latency_call_s`` plus, per sample, ``latency_sample_s`` and, with a
+        ``lab_clock``, the real setup's time per sample divided by it."""
+        per_sample = imperfections.latency_sample_s
+        if imperfections.lab_clock > 0:
+            if cls.lab_drift is None:
+                raise ValueError(f"Imperfections.lab_clock: {cls.__name__} states no lab sample rate (lab_drift); "
+                                 "allowed: 0, or latency_call_s / latency_sample_s")
+            per_sample += 1.0 / (cls.lab_drift.samples_per_s * imperfections.lab_clock)
+        return Timing(float(imperfections.latency_call_s), float(per_sample))
 
     # -- options -------------------------------------------------------------------
 
@@ -324,8 +346,7 @@ class SimulatedDevice(Device):
         self._samples_measured = start + n
         self._drift(n)
         self._step_changes(start + n)
-        wait = self.imperfections.latency_call_s + self.imperfections.latency_sample_s * n
-        wait -= time.perf_counter() - t0
+        wait = self.timing.seconds(n) - (time.perf_counter() - t0)
         if wait > 0:
             time.sleep(wait)  # the hardware is busy; a real instrument blocks the same way
         return y

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LimitError", "Port", "ParamSpec", "DeviceSpec", "UNIFORM"]
+__all__ = ["LimitError", "Port", "ParamSpec", "Timing", "DeviceSpec", "UNIFORM"]
 
 
 class LimitError(ValueError):
@@ -154,17 +154,48 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """How long the hardware takes to measure: ``call_s`` per call (settling, a trigger, a readout) plus
+    ``sample_s`` per sample (an integration, a swing). The pipeline sizes its micro-batches from it: a
+    device that takes no time is asked once per batch, a slow one in as many pieces as keep every stage busy.
+    """
+
+    call_s: float = 0.0
+    sample_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("call_s", "sample_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Timing.{name}: must be a finite number of seconds >= 0, got {v!r}")
+
+    def seconds(self, rows: float) -> float:
+        """The hardware's time for one call of ``rows`` samples."""
+        return self.call_s + self.sample_s * rows
+
+    def to_dict(self) -> dict[str, float]:
+        return {"call_s": float(self.call_s), "sample_s": float(self.sample_s)}
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
-    """Everything the engine needs to know about a device, and nothing about how it works."""
+    """Everything the engine needs to know about a device, and nothing about how it works.
+
+    ``timing`` (optional) is how long the device takes to measure; None when it is not declared (the pipeline
+    then cuts each batch into enough micro-batches to keep every device busy).
+    """
 
     name: str
     input: Port
     output: Port
     params: tuple[ParamSpec, ...] = field(default_factory=tuple)
     max_batch: int = 1_000_000
+    timing: Timing | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(self.params))
+        if self.timing is not None and not isinstance(self.timing, Timing):
+            raise ValueError(f"DeviceSpec {self.name}: timing must be a Timing or None, got {self.timing!r}")
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
             raise ValueError(f"DeviceSpec {self.name}: duplicate parameter names {names}")
@@ -241,6 +272,7 @@ class DeviceSpec:
                 for p in self.params
             ],
             "max_batch": self.max_batch,
+            "timing": None if self.timing is None else self.timing.to_dict(),
         }
 
     @classmethod
@@ -259,7 +291,16 @@ class DeviceSpec:
                 for p in d.get("params", [])
             ),
             max_batch=int(d.get("max_batch", 1_000_000)),
+            timing=_timing_from(d.get("timing")),
         )
+
+
+def _timing_from(t: Any) -> Timing | None:
+    if t is None:
+        return None
+    if not isinstance(t, Mapping) or not set(t) <= {"call_s", "sample_s"}:
+        raise ValueError(f"DeviceSpec timing: must be a mapping with call_s and sample_s (seconds), got {t!r}")
+    return Timing(**{k: (float(v) if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in t.items()})
 
 
 def _json_float(v: float) -> float | str:

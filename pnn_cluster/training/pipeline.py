@@ -53,6 +53,7 @@ This module holds the configuration and the executor; the rest lives by job
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pnn_cluster.devices.spec import Timing
 from pnn_cluster.layers import PhysicalLayer
 from pnn_cluster.training.backends import (
     Backend,
@@ -77,7 +79,7 @@ from pnn_cluster.training.trainer import StepResult, split_micro
 
 __all__ = ["DeviceHandle", "Backend", "LocalDeviceHandle", "ThreadBackend", "Replica", "StagePool",
            "PipelineConfig", "PipelineExecutor", "SCHEDULES", "BACKWARDS", "TwinHandle", "LocalTwinHandle",
-           "TwinPool", "CallTimeout"]
+           "TwinPool", "CallTimeout", "planned_micro_batches"]
 
 SCHEDULES = ("pipelined", "sequential")
 BACKWARDS = ("auto", "batch", "stream")
@@ -90,10 +92,16 @@ class PipelineConfig:
     schedule: ``pipelined`` keeps every stage busy; ``sequential`` runs one
         micro-batch at a time through the whole stack (the reference order).
     micro_batches: when neither the trainer nor ``micro_batch`` gives a size,
-        each batch is split into this many micro-batches; None: just enough
-        to keep every device busy, ``2 x (stages + replicas of the largest
-        pool - 1)`` (a single device gets 2: splitting further only adds
-        calls, and each call costs a round trip).
+        each batch is split into this many micro-batches. None: as many as
+        make the step quickest, judged from each device's declared
+        :class:`~pnn_cluster.devices.spec.Timing` and ``call_overhead_s``
+        (:func:`planned_micro_batches`): devices that take no time get the
+        batch whole, slow ones pieces small enough to keep every stage busy.
+        Where a device declares no timing: ``2 x (stages + replicas of the
+        largest pool - 1)``, enough to keep every device busy.
+    call_overhead_s: what one call costs beyond the device's own time (a
+        round trip to its actor, the trainer's share of the work around it);
+        the 3 ms default is an actor round trip measured on a 2-core machine.
     micro_batch: micro-batch size when the trainer gives none.
     depth: calls queued on one replica, so a device never idles for a round trip.
     eval_micro_batch: micro-batch size for evaluation (default: as training).
@@ -111,6 +119,7 @@ class PipelineConfig:
     eval_micro_batch: int | None = None
     backward_batch: int | None = None
     backward: str = "auto"
+    call_overhead_s: float = 0.003
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -119,6 +128,10 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.backward: {self.backward!r} is not allowed; allowed: {BACKWARDS}")
         if not isinstance(self.depth, int) or self.depth < 1:
             raise ValueError(f"PipelineConfig.depth: must be an integer >= 1, got {self.depth!r}")
+        if isinstance(self.call_overhead_s, bool) or not isinstance(self.call_overhead_s, (int, float)) \
+                or not 0 <= self.call_overhead_s < 60:
+            raise ValueError(f"PipelineConfig.call_overhead_s: must be a number of seconds in [0, 60), "
+                             f"got {self.call_overhead_s!r}")
         for name in ("micro_batches", "micro_batch", "eval_micro_batch", "backward_batch"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -129,6 +142,31 @@ class PipelineConfig:
         size = given or (self.eval_micro_batch if evaluating else None) or self.micro_batch
         return size or max(1, -(-n // (self.micro_batches or fill)))
 
+
+#: the most micro-batches :func:`planned_micro_batches` cuts a batch into
+MAX_PLANNED = 256
+
+
+def planned_micro_batches(n: int, stages: Sequence[tuple[Timing, int]], overhead_s: float) -> int:
+    """The micro-batch count that makes a batch of ``n`` rows quickest through ``stages``.
+
+    Each stage is ``(timing, replicas)``. A micro-batch of ``n/m`` rows holds a replica for
+    ``t = timing.seconds(n/m) + overhead_s``; with ``m`` micro-batches the batch takes the first
+    one's way through every stage plus the bottleneck stage's remaining rounds,
+    ``sum_s t_s + max_s (ceil(m / replicas_s) - 1) t_s``. The smallest ``m`` of the least time wins, so
+    a stack of devices that take no time is asked once per batch. Deterministic: the same declared
+    timings give the same cut, and so the same run.
+    """
+    if not stages or n <= 1:
+        return 1
+    best_m, best_t = 1, math.inf
+    for m in range(1, min(n, MAX_PLANNED) + 1):
+        rows = n / m
+        ts = [(timing.seconds(rows) + overhead_s, max(1, k)) for timing, k in stages]
+        t = sum(x for x, _ in ts) + max((math.ceil(m / k) - 1) * x for x, k in ts)
+        if t < best_t * (1 - 1e-9):
+            best_m, best_t = m, t
+    return best_m
 
 
 class PipelineExecutor:
@@ -192,27 +230,38 @@ class PipelineExecutor:
 
     # -- the Executor protocol -------------------------------------------------------------
 
-    def _fill(self, model: nn.Module) -> int:
-        """Micro-batches that keep every device of ``model`` busy: 2 x (stages + largest pool - 1)."""
+    def _fill(self, model: nn.Module, n: int) -> int:
+        """Micro-batches for a batch of ``n`` (when the configuration gives none): planned from the devices'
+        declared timings (:func:`planned_micro_batches`), else 2 x (stages + largest pool - 1)."""
+        if self.config.micro_batches is not None:
+            return self.config.micro_batches
         layers = [m for m in model if isinstance(m, PhysicalLayer) and m.mode != "in_silico"] \
             if isinstance(model, nn.Sequential) else []
         if not layers:
             return 1
-        widest = max(len(self.pool(m).active) for m in layers)
-        return 2 * (len(layers) + widest - 1)
+        timings = [getattr(m.device.spec, "timing", None) if m.device.spec_known else None for m in layers]
+        if all(t is not None for t in timings):
+            stages = [(t, len(self.pool(m).active)) for t, m in zip(timings, layers)]
+            fill = planned_micro_batches(n, stages, self.config.call_overhead_s)
+        else:
+            widest = max(len(self.pool(m).active) for m in layers)
+            fill = 2 * (len(layers) + widest - 1)
+        return fill
 
     def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
                          micro_batch: int | None) -> StepResult:
         n = x.shape[0]
-        size = self.config.size(n, micro_batch, fill=self._fill(model))
-        run = BatchRun(self, model, x, split_micro(n, size), target=y, loss_fn=loss_fn)
+        size = self.config.size(n, micro_batch, fill=self._fill(model, n))
+        micro = split_micro(n, size)
+        run = BatchRun(self, model, x, micro, target=y, loss_fn=loss_fn)
         run.go()
         self.stats["steps"] += 1
+        self.stats["micro_batches"] += len(micro)
         return StepResult(run.loss, run.correct, n, run.device_samples)
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
         size = self.config.size(x.shape[0], self.config.eval_micro_batch or micro_batch, evaluating=True,
-                                fill=self._fill(model))
+                                fill=self._fill(model, x.shape[0]))
         run = BatchRun(self, model, x, split_micro(x.shape[0], size))
         run.go()
         return torch.cat(run.outputs)
