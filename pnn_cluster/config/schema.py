@@ -278,6 +278,16 @@ class TwinConfig(Section):
         _existing_file(stem + ".pt", info)
         return str(_resolve(stem, info))
 
+    @field_validator("sequential")
+    @classmethod
+    def _sequential_fits(cls, v: SequentialTwinConfig | None, info: ValidationInfo) -> SequentialTwinConfig | None:
+        # sequential calibration fits one kind; "ideal" is not fitted and "best" compares kinds on one sample set
+        kind = info.data.get("kind")
+        if v is not None and kind in ("ideal", "best"):
+            raise ValueError(f"sequential calibration fits one twin kind; twin.kind is {kind!r} (allowed with "
+                             "sequential: a kind that is fitted, e.g. physics, residual, mlp)")
+        return v
+
 
 class TwinPlacement(Section):
     """The twin actors of each replica of a device: how many copies share its backward passes, and on what.

@@ -4,7 +4,8 @@ A calibration that measures uniform random settings spends most of its samples w
 right. Here the samples come in rounds:
 
 1. a few settings measured twice (``holdout_groups``): the held-out set on which the stopping rule reads
-   the twin's NMSE and the device's noise floor, and on which each fit stops early;
+   the twin's NMSE and the device's noise floor; each fit stops early on it together with a share of the
+   measured settings drawn afresh each round (so that every measured setting is fitted on in most rounds);
 2. ``initial_groups`` uniform random settings, each measured ``repeats`` times (default once: a repeat only
    tells the noise floor, which the held-out set already measures; a new input teaches the twin more);
 3. each round fits an ensemble of ``ensemble`` twins of one kind, warm-started from the round before: the
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from pnn_cluster.devices.base import Device
 from pnn_cluster.twins.collect import Samples, collect, uniform_inputs, uniform_params
-from pnn_cluster.twins.fit import DEFAULT_FIT, PATIENCE, evaluate_twin, fit_twin
+from pnn_cluster.twins.fit import DEFAULT_FIT, PATIENCE, STOP_FRACTION, evaluate_twin, fit_twin
 from pnn_cluster.twins.models import Twin
 from pnn_cluster.twins.operating import LayerRegion, RegionDraw
 from pnn_cluster.twins.record import TwinFit
@@ -166,6 +167,15 @@ def _bootstrap(samples: Samples, rng: np.random.Generator) -> Samples:
     return samples.subset(rng.integers(0, len(samples), size=len(samples)))
 
 
+def _rotate(samples: Samples, rng: np.random.Generator) -> tuple[Samples, Samples]:
+    """A random :data:`~pnn_cluster.twins.fit.STOP_FRACTION` of the groups apart (none when too few)."""
+    n_stop = int(round(STOP_FRACTION * len(samples)))
+    if n_stop < 2 or len(samples) - n_stop < 2:
+        return samples, Samples([], [], [])
+    order = rng.permutation(len(samples))
+    return samples.subset(order[n_stop:]), samples.subset(order[:n_stop])
+
+
 def calibrate_sequential(twin: Twin, plan: SequentialPlan, device: Device | None = None,
                          measure: Callable[..., Samples] | None = None, seed: int = 0,
                          region: LayerRegion | None = None, stop: Callable[[Twin, int], bool] | None = None,
@@ -215,12 +225,19 @@ def calibrate_sequential(twin: Twin, plan: SequentialPlan, device: Device | None
         t_fit = time.perf_counter()
         fits = []
         for j, m in enumerate(members):
-            data = train if j == 0 else _bootstrap(train, rng)
-            # only the twin kept stops early on the held-out set (a fit may keep the state it started from
-            # there); the other members run every epoch on their draws, so that they do differ
+            if j == 0:
+                # the twin kept stops early on the held-out settings and a share of the measured ones, drawn
+                # afresh each round (every measured setting is fitted on in most rounds): a fit keeps the
+                # state it began from unless it beats it clearly there, which a few held-out settings
+                # alone can rarely show once the twin is close
+                data, apart = _rotate(train, rng)
+                early = holdout + apart
+            else:
+                # the others run every epoch on their draws, so that they do differ where data are thin
+                data, early = _bootstrap(train, rng), None
             fits.append(fit_twin(m, data, holdout, epochs=epochs, seed=seed + 31 * r + j, progress=False,
-                                 stop=holdout if j == 0 else None, patience=min(PATIENCE, max(3, epochs // 2)),
-                                 output_stats=first, **fit_options))
+                                 stop=early, patience=min(PATIENCE, max(3, epochs // 2)), output_stats=first,
+                                 **fit_options))
         nmse = fits[0].nmse_val
         row = {"round": r, "device_samples": result.device_samples, "groups": len(train), "nmse": nmse,
                "noise_floor": floor, "ratio_to_floor": nmse / floor if floor > 0 else math.inf,

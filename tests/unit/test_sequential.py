@@ -114,3 +114,21 @@ def test_near_draws_needs_a_region_and_uses_its_settings():
     added = res.train.subset(range(TINY["initial_groups"], len(res.train)))
     assert len(added) > 0
     assert all(np.all(p["phase"] == 0.25) for p in added.params) and all(np.all(x == 0.5) for x in added.x)
+
+
+def test_a_twin_sections_sequential_settings_give_its_plan_and_only_for_a_kind_that_is_fitted():
+    from pnn_cluster.config import example_config_path, load_config
+    from pnn_cluster.config.errors import ConfigError
+    from pnn_cluster.config.loader import parse_config
+
+    raw = load_config(example_config_path("circuit_mnist")).resolved()
+    twin = raw["devices"]["circuit"]["twin"]
+    twin["sequential"] = {"budget": 3000, "factor": 1.2}
+    plan = parse_config(raw, source="t").devices["circuit"].twin.sequential.plan(twin["batch"])
+    assert plan == SequentialPlan(budget=3000, factor=1.2, batch=twin["batch"])
+    twin["kind"] = "best"
+    with pytest.raises(ConfigError, match="sequential calibration fits one twin kind; twin.kind is 'best'"):
+        parse_config(raw, source="t")
+    twin["kind"], twin["sequential"] = "physics", {"ensemble": 1}
+    with pytest.raises(ConfigError, match=r"sequential.ensemble: out of range: 1 \(allowed: >= 2 and <= 16\)"):
+        parse_config(raw, source="t")
