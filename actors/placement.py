@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
+from ray import exceptions as rex
 from torch import nn
 
 from actors.cluster import INSTRUMENT_PREFIX
@@ -219,8 +220,12 @@ class RayPlacement:
         if self._leases:
             # let the next run's waiting device know at once whose instrument is free (the unit itself is
             # freed by the kill below)
-            board = self._board or lease_board()
-            ray.get([board.release.remote(lease["instrument"], lease["token"]) for lease in self._leases])
+            try:
+                board = self._board or lease_board()
+                ray.get([board.release.remote(lease["instrument"], lease["token"]) for lease in self._leases],
+                        timeout=10)
+            except (rex.RayError, rex.GetTimeoutError):
+                pass  # the board only informs: a lease left on record never keeps an instrument from anyone
             self._leases.clear()
         for a in self._devices + self._twins:
             ray.kill(a, no_restart=True)
