@@ -210,8 +210,6 @@ def _scale_run(stages, replicas, nodes, latency_s, latency_sample_s, micro_batch
 # -- contention -------------------------------------------------------------------------------------------
 
 INSTRUMENT = "contended-bench"
-WAIT_MARK = "waits for instrument"
-FREE = re.compile(r"instrument \S+ is free after ([0-9.]+) s of waiting")
 TRAINING = re.compile(r"-- training (\d+) epochs of (\d+) steps")
 
 
@@ -290,6 +288,7 @@ def contention_figures(latency_s: float = 0.1, epochs: int = 4, timeout_s: float
         return _in_subprocess("contention", [f"--contention-latency-s={latency_s}", f"--contention-epochs={epochs}"],
                               timeout_s=timeout_s + 120)
     from actors.cluster import INSTRUMENT_PREFIX
+    from pnn_cluster.runner.leases import GOT, WAITS
 
     # a head for the trainers and a lab PC declaring the one instrument
     cluster = _own_cluster(2, {1: {INSTRUMENT_PREFIX + INSTRUMENT: 1.0}})
@@ -307,16 +306,16 @@ def contention_figures(latency_s: float = 0.1, epochs: int = 4, timeout_s: float
             if jobs[0].first("-- making twins", timeout_s) is None:
                 raise RuntimeError(f"the first job never connected its device:\n{jobs[0].text()[-3000:]}")
             jobs.append(Job(paths[1], cluster.address))
-            message = jobs[1].first(WAIT_MARK, timeout_s)
+            message = jobs[1].first(WAITS, timeout_s)
             results = [job.result(timeout_s) for job in jobs]
             wall_s = time.monotonic() - t0
-        freed = FREE.search(jobs[1].text())
+        freed = GOT.search(jobs[1].text())
         exact = [_exact(r, j, epochs) for r, j in zip(results, jobs)]
         return {"finished": all(r is not None and r["state"] == "finished" for r in results),
-                "exact": all(exact), "waited_s": float(freed.group(1)) if freed else None,
+                "exact": all(exact), "waited_s": float(freed.group(2)) if freed else None,
                 "message": message.strip() if message else None, "steps": [r and r["steps"] for r in results],
                 "seconds": [r and round(r["seconds"], 2) for r in results], "wall_s": round(wall_s, 2),
-                "first_waited": WAIT_MARK in jobs[0].text(),
+                "first_waited": WAITS in jobs[0].text(),
                 "output_tail": None if all(exact) else [j.text()[-2000:] for j in jobs]}
     finally:
         for job in jobs:

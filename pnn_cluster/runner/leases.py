@@ -17,12 +17,18 @@ leases are kept is the placement's business (``actors.leases`` on Ray).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Lease", "waiting_for", "waiting_line", "still_waiting_line", "got_line", "clock"]
+__all__ = ["Lease", "waiting_for", "waiting_line", "still_waiting_line", "got_line", "clock", "WAITS", "GOT"]
+
+#: what marks a run's lines about a wait, for whoever reads its output (a benchmark, a test)
+WAITS = "waits for instrument"
+#: :func:`got_line` read back: the instrument and the seconds waited
+GOT = re.compile(r"instrument (\S+) is free after ([0-9.]+) s of waiting")
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ def waiting_line(device: str, instrument: str, resource: str, lease: Lease, sinc
     """What a run says when its device starts waiting for ``instrument``, which ``lease``'s run holds."""
     holder = (f"held by run {lease.run!r} (Ray job {lease.job}, its device {lease.device}, on node "
               f"{lease.node[:12]}) since {clock(lease.since)}")
-    return (f"-- device {device} waits for instrument {instrument} (Ray resource {resource}, one connection): "
+    return (f"-- device {device} {WAITS} {instrument} (Ray resource {resource}, one connection): "
             f"{holder}; waiting since {clock(since)}. It starts when that run lets go of it; the connect "
             f"timeout counts from then (Ctrl-C stops this run)")
 

@@ -1,6 +1,6 @@
 """Instrument leases: when a device waits for an instrument another run holds, and what its run is told."""
 
-from pnn_cluster.runner.leases import Lease, got_line, still_waiting_line, waiting_for, waiting_line
+from pnn_cluster.runner.leases import GOT, WAITS, Lease, got_line, still_waiting_line, waiting_for, waiting_line
 
 HELD = Lease(instrument="shg-bench-1", run="vowels-pat", device="optics", job="03000000", node="a1b2c3d4e5f6a7b8",
              since=1_700_000_000.0, token="theirs")
@@ -46,3 +46,8 @@ def test_the_later_lines_say_how_long_and_when_it_is_free():
 
 def test_a_lease_travels_as_a_plain_dict_and_back():
     assert Lease.from_dict({**HELD.as_dict(), "extra": 1}) == HELD
+
+
+def test_what_a_reader_of_a_runs_output_looks_for_matches_the_lines():
+    assert WAITS in waiting_line("optics", "shg-bench-1", "instrument:shg-bench-1", HELD, HELD.since)
+    assert GOT.search(got_line("optics", "shg-bench-1", 12.34)).groups() == ("shg-bench-1", "12.3")
