@@ -201,28 +201,37 @@ class _MLP(nn.Module):
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def features(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised inputs and parameters side by side, (batch, n_in + n_params)."""
         nm = self.norm
         xn = (x - nm.x_c) / nm.x_s
         if nm.names:
             pn = nm.params_vector(params, x.dtype)
             xn = torch.cat([xn, pn.expand(x.shape[0], -1) if pn.dim() == 1 else pn], dim=-1)
-        return self.net(xn)
+        return xn
+
+    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(self.features(x, params))
 
 
 class MLPTwin(Twin):
-    """A network on normalised inputs and parameters; its outputs are in units of the measured spread.
+    """Networks on normalised inputs and parameters beside a linear map of them; outputs in units of the
+    measured spread.
 
-    ``members`` networks are fitted side by side on the same batches from different initial weights
-    and averaged (an ensemble: what one network makes up between the settings it saw, the others
-    mostly do not). Every network's last layer starts at zero, so an unfitted MLP twin predicts the
-    mean output, and a fit keeps that state unless learning beats it on held-out settings.
+    The linear map (``linear``) carries what is linear in the inputs and settings (most of a driven
+    system's response at small drive: a resonator, a filter, a chain of springs), which generalises
+    from few settings; the networks learn the rest. ``members`` networks are fitted side by side on
+    the same batches from different initial weights and averaged (an ensemble: what one network
+    makes up between the settings it saw, the others mostly do not). The linear map and every
+    network's last layer start at zero, so an unfitted MLP twin predicts the mean output, and a fit
+    keeps that state unless learning beats it on held-out settings.
     """
 
     kind = "mlp"
     batched_params = True
 
-    def __init__(self, spec: DeviceSpec, hidden: tuple[int, ...] = (256, 256, 256), members: int = 1) -> None:
+    def __init__(self, spec: DeviceSpec, hidden: tuple[int, ...] = (256, 256, 256), members: int = 4,
+                 linear: bool = True) -> None:
         super().__init__(spec)
         self.hidden = tuple(int(h) for h in hidden)
         if int(members) < 1:
@@ -231,29 +240,46 @@ class MLPTwin(Twin):
         # the first member keeps the attribute name of twins saved before ensembles existed
         self.mlp = _MLP(spec, self.hidden, zero_last=True)
         self.others = nn.ModuleList(_MLP(spec, self.hidden, zero_last=True) for _ in range(self.members - 1))
+        self.has_linear = bool(linear)
+        if self.has_linear:
+            self.linear = nn.Linear(spec.input.size + sum(p.numel for p in spec.params), spec.output.size)
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
 
     def config(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"hidden": list(self.hidden)}
-        if self.members > 1:
-            out["members"] = self.members
-        return out
+        return {"hidden": list(self.hidden), "members": self.members, "linear": self.has_linear}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a twin saved before ensembles and the linear map existed (its config names neither, so it is
+        # rebuilt with the defaults) had one network and no linear map: it loads as such
+        if prefix + "mlp.net.0.weight" in state_dict:
+            if self.members > 1 and not any(k.startswith(prefix + "others.") for k in state_dict):
+                self.others = nn.ModuleList()
+                self.members = 1
+            if self.has_linear and prefix + "linear.weight" not in state_dict:
+                state_dict[prefix + "linear.weight"] = torch.zeros_like(self.linear.weight)
+                state_dict[prefix + "linear.bias"] = torch.zeros_like(self.linear.bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _nets(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        z = self.mlp.features(x, params)
+        lin = self.linear(z) if self.has_linear else 0.0
+        return [lin + m.net(z) for m in (self.mlp, *self.others)]
 
     def member_outputs(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Each member's prediction, (members, batch, n_out): a fit trains them on their own errors."""
-        return torch.stack([m(x, params) for m in (self.mlp, *self.others)]) * self.y_std + self.y_mean
+        return torch.stack(self._nets(x, params)) * self.y_std + self.y_mean
 
     @torch.no_grad()
     def shrink(self, factor: float) -> None:
-        """Scale what the networks add to the mean by ``factor`` (the last layers are linear in it)."""
-        for m in (self.mlp, *self.others):
-            m.net[-1].weight.mul_(factor)
-            m.net[-1].bias.mul_(factor)
+        """Scale what the twin adds to the mean by ``factor`` (its last layers are linear in it)."""
+        last = [m.net[-1] for m in (self.mlp, *self.others)] + ([self.linear] if self.has_linear else [])
+        for layer in last:
+            layer.weight.mul_(factor)
+            layer.bias.mul_(factor)
 
     def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        out = self.mlp(x, params)
-        for m in self.others:
-            out = out + m(x, params)
-        return self.y_mean + self.y_std * (out / self.members)
+        return self.y_mean + self.y_std * (sum(self._nets(x, params)) / self.members)
 
 
 class PhysicsTwin(Twin):

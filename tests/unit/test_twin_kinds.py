@@ -147,3 +147,24 @@ def test_kind_best_fits_every_kind_the_device_allows_and_logs_each_candidate():
     assert fit.kind == min(scores, key=scores.get) and fit.twin.kind == fit.kind
     # the physics-based candidates start from the fitted physics twin: none ends worse on the stopping samples
     assert scores["residual"] <= scores["physics"] and scores["structured"] <= scores["physics"]
+
+
+def test_an_mlp_twin_saved_before_ensembles_and_its_linear_map_existed_loads_as_one_network(bank_splits, tmp_path):
+    from pnn_cluster.twins import load_twin, save_twin
+
+    dev, (fit_on, stop, val) = bank_splits
+    twin = build_twin("mlp", dev.spec, hidden=(16,), members=1)
+    fit_twin(twin, fit_on, val, stop=stop, epochs=3, progress=False)
+    with torch.no_grad():
+        twin.linear.weight.zero_()
+        twin.linear.bias.zero_()
+    # what such a twin's file held: one network's weights, a config naming only the widths
+    path = save_twin(twin, tmp_path / "old")
+    payload = torch.load(path, weights_only=True)
+    payload["state"] = {k: v for k, v in payload["state"].items() if not k.startswith("linear.")}
+    payload["meta"]["config"] = {"hidden": [16]}
+    torch.save(payload, path)
+    again = load_twin(path, spec=dev.spec)
+    assert again.members == 1 and torch.count_nonzero(again.linear.weight) == 0
+    x, p = torch.rand(3, N), {"w": torch.rand(N)}
+    torch.testing.assert_close(again(x, p), twin(x, p))
