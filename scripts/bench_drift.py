@@ -28,23 +28,23 @@ with the same policy:
   coupling, a connector half out): a drift that may cost PAT accuracy, where the target of +5 points for
   ``refine`` can apply. Not run by default (``--scenarios`` names it).
 
-Figures. ``test_acc``: the test split, measured once per run on the devices, after training; mean and
-standard deviation over seeds (each seed is another physical copy of every device, initialisation and
-batch order). ``twin_nmse_end``: after the test, each device's twin in use is checked against fresh
-samples of its device (8 groups of 64 inputs, two repeats); the figure is the NMSE of the device whose
-twin lost most since its first calibration, ``twin_nmse_first`` that device's NMSE at calibration and
-``twin_nmse_end_ratio`` the worst end/first ratio (mean over seeds). ``device_samples``: training's
-measurements; ``recalibration_samples``: those spent on the twins during training (exploratory samples of
-refinements, full recalibrations). ``ablation``: the same stack with fixed digital maps in place of the
-devices (what the physical layers add). ``detection_delay_steps``: with ``monitor``, from the step in
-which the change happened (the device's own record of its step change) or, for slow drift, from the
-first step at which the twin's error, averaged over 25 steps, has grown by the detector's ``rise`` over
-its warm-up baseline, to the first alarm (median over seeds and devices; null if never). ``false_alarms``:
-``monitor`` alarms on a device that did not change (no drift: every device; the step change: the other
-device, and the bumped one before its bump), summed over seeds and devices (``monitor`` raises one every
-few steps while the error stays high), and ``false_alarm_device_runs``: how many of the ``device_runs``
-(seeds x devices) had any. With slow drift every device drifts: none is false, and
-``alarms_before_onset`` counts those before the error had grown by ``rise``.
+Figures. ``test_acc``: the test split, measured once per run on the devices, after training; mean and standard
+deviation over seeds (each seed is another physical copy of every device, initialisation and batch order).
+``twin_nmse_end``: after the test, each device's twin in use is checked against fresh samples of its device (8
+groups of 64 inputs, two repeats); the figure is the NMSE of the device whose twin lost most since its first
+calibration, ``twin_nmse_first`` that device's NMSE at calibration and ``twin_nmse_end_ratio`` the worst
+end/first ratio (mean over seeds). ``device_samples``: training's measurements; ``recalibration_samples``:
+those spent on the twins during training (exploratory samples of refinements, their checks over the whole
+range and widened refinements, full recalibrations). ``ablation``: the same stack with fixed digital maps in
+place of the devices (what the physical layers add). ``detection_delay_steps``: with ``monitor``, from the
+step in which the change happened (the device's own record of its step change) or, for slow drift, from the
+first step at which the twin's error, averaged over 25 steps, has grown by the detector's ``rise`` over its
+warm-up baseline, to the first alarm (median over seeds and devices; null if never). ``false_alarms``:
+``monitor`` alarms on a device that did not change (no drift: every device; the step change: the other device,
+and the bumped one before its bump), summed over seeds and devices (``monitor`` raises one every few steps
+while the error stays high), and ``false_alarm_device_runs``: how many of the ``device_runs`` (seeds x
+devices) had any. With slow drift every device drifts: none is false, and ``alarms_before_onset`` counts those
+before the error had grown by ``rise``.
 
 ``none`` and ``monitor`` make the same device calls and draw the same noise (watching measures nothing
 and changes no gradient), so their runs are the same: ``none`` is run for the first ``--none-seeds``
@@ -53,7 +53,10 @@ its figures are ``monitor``'s (``none_runs`` says how many were run).
 
 Runs are Ray tasks, ``--workers`` at a time (one CPU each); ``--workers 0`` runs them in this process.
 ``--out FILE`` keeps every finished run (JSON lines) and a rerun with the same file skips them.
-Progress goes to stderr.
+``--merge FILE`` prints FILE's result (a committed ``docs/bench_drift.json``) with what this run measured in
+place of what it held: each policy run replaces that policy's figures in its scenario, the detection and
+false-alarm figures are replaced only where ``monitor`` ran, the ablation only where it ran, and the targets
+are judged again on the whole; ``merged`` lists what was replaced. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -265,6 +268,8 @@ def targets(scenarios: list[dict]) -> dict[str, Any]:
             out[f"{sc['name']}_refine_twin_within_2x_of_first"] = pol["refine"]["twin_nmse_end_ratio"] <= 2.0
             out[f"{sc['name']}_refine_samples_at_most_10pct"] = (
                 pol["refine"]["recalibration_samples"] <= 0.1 * pol["refine"]["device_samples"])
+            out[f"{sc['name']}_refine_samples_at_most_5pct"] = (
+                pol["refine"]["recalibration_samples"] <= 0.05 * pol["refine"]["device_samples"])
         if "none" in pol and "refine" in pol:
             # what drift costs: against the same run on devices that do not drift (slow drift: its drift_off
             # runs; the step change: the no-drift scenario, the same run without the bump)
@@ -280,6 +285,32 @@ def targets(scenarios: list[dict]) -> dict[str, Any]:
                 out[f"{sc['name']}_refine_5_points_above_none_where_none_loses_5"] = \
                     gain >= 0.05 if loss >= 0.05 else "not applicable (none lost less than 5 points)"
     return out
+
+
+#: a scenario's figures that come from its monitor runs
+MONITOR_FIGURES = ("detection_delay_steps", "detections", "false_alarms", "false_alarm_device_runs",
+                   "alarms_before_onset", "device_runs", "none_runs", "none_equals_monitor")
+
+
+def merge(base: list[dict], measured: list[dict], policies: list[str]) -> tuple[list[dict], dict[str, list[str]]]:
+    """``base``'s scenarios with the ``policies`` of ``measured``'s in place of theirs (see the docstring)."""
+    out = [dict(sc, policy=dict(sc["policy"])) for sc in base]
+    replaced: dict[str, list[str]] = {}
+    for new in measured:
+        old = next((sc for sc in out if sc["name"] == new["name"]), None)
+        if old is None:
+            out.append(new)
+            replaced[new["name"]] = ["all"]
+            continue
+        ran = [p for p in POLICIES if p in new["policy"]]
+        old["policy"].update({p: new["policy"][p] for p in ran})
+        if "monitor" in ran:
+            old.update({k: new[k] for k in MONITOR_FIGURES if k in new})
+        if "ablation" in policies and "ablation" in new:
+            old["ablation"] = new["ablation"]
+            ran.append("ablation")
+        replaced[new["name"]] = ran
+    return out, replaced
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeds run with policy none (the others report monitor's identical runs)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=None, help="keep finished runs here (JSON lines); a rerun skips them")
+    p.add_argument("--merge", default=None,
+                   help="print this result file with the policies run here in place of its figures for them")
     args = p.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     policies = [s for s in args.policies.split(",") if s] + ([] if args.no_ablation else ["ablation"])
@@ -338,9 +371,14 @@ def main(argv: list[str] | None = None) -> int:
                 if policy == "none" and i >= args.none_seeds:
                     continue
                 key = (scenario, policy, seed, args.quick)
-                if key not in done:
-                    jobs[key] = pool.submit(run_one, scenario, policy, seed, args.quick, args.slow_factor,
-                                            args.slow_rate)
+                if key in done:
+                    continue
+                job = pool.submit(run_one, scenario, policy, seed, args.quick, args.slow_factor, args.slow_rate)
+                if args.workers:
+                    jobs[key] = job
+                else:  # run here, now: kept at once, so an interrupted benchmark resumes from it
+                    done[key] = job
+                    record(key, job)
     results = pool.gather(jobs, done, record)
     from pnn_cluster.training.recalibration import Recalibration
 
@@ -348,9 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     summary = [summarise(s, [r for k, r in results.items() if k[0] == s and k[3] == args.quick and k[2] in seeds],
                          warmup, rise) for s in scenarios]
-    print(json.dumps({"scenarios": summary, "targets": targets(summary), "quick": args.quick,
-                      "slow_factor": args.slow_factor, "slow_rate": args.slow_rate,
-                      "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+    result = {"scenarios": summary, "quick": args.quick, "slow_factor": args.slow_factor,
+              "slow_rate": args.slow_rate, "seconds": round(time.perf_counter() - t0, 1)}
+    if args.merge:
+        base = json.loads(Path(args.merge).read_text())
+        merged, replaced = merge(base["scenarios"], summary, policies)
+        result = {**base, "scenarios": merged, "merged": replaced}
+        summary = merged
+    print(json.dumps({**result, "targets": targets(summary)}), flush=True)
     return 0
 
 

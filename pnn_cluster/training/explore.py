@@ -1,5 +1,6 @@
 """Where a refinement's exploratory device samples are drawn: parameters around the current ones, within the
-device's limits, and inputs from the rows training sent (see :mod:`~pnn_cluster.training.recalibration`)."""
+device's limits, and inputs from the rows training sent; or, to check a refit beyond training's region, over each
+parameter's and the input's whole range (see :mod:`~pnn_cluster.training.recalibration`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AroundParams", "FromRows"]
+__all__ = ["AroundParams", "FromRows", "OverInputs", "OverRange"]
 
 
 class AroundParams:
@@ -43,3 +44,40 @@ class FromRows:
 
     def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return self.rows[rng.integers(0, len(self.rows), size=n)]
+
+
+class OverRange:
+    """Settings spread over each parameter's whole range, as a first calibration draws them (uniformly within
+    the limits). A parameter with an open limit has no range to spread over: it is drawn around its current
+    value, as :class:`AroundParams` does with a spread of 1."""
+
+    def __init__(self, center: Mapping[str, np.ndarray], spec: Any) -> None:
+        self.limits = {p.name: (float(p.low), float(p.high)) for p in spec.params}
+        self.shapes = {p.name: tuple(p.shape) for p in spec.params}
+        self.around = AroundParams(center, spec, 1.0)
+
+    def __call__(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        around = None
+        out = {}
+        for name, (lo, hi) in self.limits.items():
+            if math.isfinite(lo) and math.isfinite(hi):
+                out[name] = rng.uniform(lo, hi, size=self.shapes[name])
+            else:
+                around = around or self.around(rng)
+                out[name] = around[name]
+        return out
+
+
+class OverInputs:
+    """Inputs spread over the device's input range, as a first calibration draws them (uniformly); a device
+    whose input range is open is given rows training sent instead (:class:`FromRows`)."""
+
+    def __init__(self, spec: Any, rows: np.ndarray) -> None:
+        port = spec.input
+        self.low, self.high, self.size = float(port.low), float(port.high), int(port.size)
+        self.rows = FromRows(rows)
+
+    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if math.isfinite(self.low) and math.isfinite(self.high):
+            return rng.uniform(self.low, self.high, size=(n, self.size))
+        return self.rows(rng, n)

@@ -35,6 +35,9 @@ class Action(enum.Enum):
     REFINE = "refine"
     #: take the device out of training and recalibrate it in full
     PAUSE = "pause"
+    #: refine the twin again from settings spread over each parameter's whole range (an accepted refit that
+    #: fits training's region still misses the rest of the range)
+    WIDEN = "widen"
 
 
 @dataclass(frozen=True)
@@ -52,15 +55,23 @@ class RecalibrationPolicy:
 
     watches: whether the twin is watched at all (with no watch, no twin outputs are even asked for).
     keeps_inputs: whether the watch keeps the inputs each step measured (a refinement fits to them).
+    checks_range: whether an accepted refinement is checked on settings spread over the whole range (and
+        :meth:`on_range_check` asked what the figure leads to).
     """
 
     name: ClassVar[str] = ""
     watches: ClassVar[bool] = True
     keeps_inputs: ClassVar[bool] = False
+    checks_range: ClassVar[bool] = False
 
     def on_alarm(self, w: WatchedReplica, step: int) -> Decision:
         """The decision about an alarm at ``step`` on ``w``'s detector."""
         return Decision(Action.NOTHING, f"policy {self.name}: alarms change nothing")
+
+    def on_range_check(self, w: WatchedReplica, step: int, ratio: float, since: int) -> Decision:
+        """The decision about an accepted refinement whose NMSE over the whole range is ``ratio`` x the first
+        calibration's (``since``: the step the change it answers began)."""
+        return Decision(Action.NOTHING, f"policy {self.name}: range checks change nothing")
 
 
 class NonePolicy(RecalibrationPolicy):
@@ -84,10 +95,21 @@ class MonitorPolicy(RecalibrationPolicy):
 
 class RefinePolicy(RecalibrationPolicy):
     """``refine``: refine the twin online from the measurements since the change began (the last step at
-    which the detector's statistic was zero), unless a refinement is already due or running."""
+    which the detector's statistic was zero), unless a refinement is already due or running. An accepted
+    refinement that still leaves the twin more than ``widen_factor`` x its first calibration's NMSE over the
+    whole range is followed by a widened one (settings spread over the range, beside training's region)."""
 
     name = "refine"
     keeps_inputs = True
+    checks_range = True
+
+    def on_range_check(self, w: WatchedReplica, step: int, ratio: float, since: int) -> Decision:
+        factor = w.settings.widen_factor
+        if ratio > factor:
+            return Decision(Action.WIDEN, f"{ratio:.2f} x its first calibration's NMSE over the whole range, "
+                                          f"over {factor:g} x: widening the refinement", since=since)
+        return Decision(Action.NOTHING, f"{ratio:.2f} x its first calibration's NMSE over the whole range, "
+                                        f"within {factor:g} x")
 
     def on_alarm(self, w: WatchedReplica, step: int) -> Decision:
         if w.pending is not None:

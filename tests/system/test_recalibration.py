@@ -29,7 +29,10 @@ def test_a_run_refines_its_bumped_device_and_its_checkpoint_resumes_and_evaluate
     watch = result.recalibration["circuit"]
     assert watch["alarm_steps"] and watch["alarm_steps"][0] >= 29, watch["alarm_steps"]  # none before the bump
     assert watch["version"] >= 1 and any(r["accepted"] for r in watch["versions_log"])
-    assert 0 < result.recalibration_samples <= 0.1 * watch["trained_rows"]
+    # exploration around the parameters (explore_fraction 0.1) and over the range (its own widen_fraction)
+    widen = cfg.devices["circuit"].recalibration.widen_fraction
+    assert 0 < result.recalibration_samples <= (0.1 + widen) * watch["trained_rows"]
+    assert watch["widen_samples"] <= widen * watch["trained_rows"]
     assert result.device_samples_total == (result.device_samples + result.calibration_samples
                                            + result.init_samples + result.recalibration_samples)
     assert "drift_history" not in result.summary() and len(result.drift_history["circuit"]) == result.steps

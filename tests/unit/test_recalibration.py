@@ -29,7 +29,13 @@ from pnn_cluster.training.pipeline import (
     Replica,
     TwinPool,
 )
-from pnn_cluster.training.recalibration import AroundParams, Recalibration, RecalibrationWatch, WatchedReplica
+from pnn_cluster.training.recalibration import (
+    RANGE_BATCH,
+    AroundParams,
+    Recalibration,
+    RecalibrationWatch,
+    WatchedReplica,
+)
 from pnn_cluster.training.workers import TwinWorker, twin_payload
 from pnn_cluster.twins import build_twin
 from pnn_cluster.twins.collect import Samples, collect
@@ -59,12 +65,14 @@ def twin_of(a: float):
 
 
 class Setup:
-    """One gain layer, its pipeline and its watch, stepped by hand."""
+    """One gain layer, its pipeline and its watch, stepped by hand (``dev``, ``twin``: another device and twin of
+    the gain layer's spec; ``nmse``: the first calibration's NMSE, which a range check compares with)."""
 
-    def __init__(self, policy: str, backward: str = "batch", copies: int = 2, **settings):
+    def __init__(self, policy: str, backward: str = "batch", copies: int = 2, dev=None, twin=None, nmse=None,
+                 **settings):
         torch.manual_seed(0)
-        self.dev = NoisyGain(1.0)
-        self.twin = twin_of(1.0)
+        self.dev = NoisyGain(1.0) if dev is None else dev
+        self.twin = twin_of(1.0) if twin is None else twin
         self.layer = PhysicalLayer(self.dev, twin=self.twin, name="gain")
         self.model = Stack(Rescale(4, -1.5, 1.5), self.layer, Affine(4)).double()
         pool = None
@@ -76,7 +84,7 @@ class Setup:
         ys = np.tanh(np.linspace(-2, 2, 400))
         floor = NOISE**2 / ys.var()  # the floor a calibration of this device measures (noise over signal variance)
         self.watched = WatchedReplica("gain", self.rep, self.layer, s,
-                                      lambda **kw: collect(self.dev, progress=False, **kw), floor,
+                                      lambda **kw: collect(self.dev, progress=False, **kw), floor, nmse=nmse,
                                       output_var=float(ys.var()),
                                       calibration={"groups": 6, "batch": 32, "repeats": 2, "epochs": 20})
         self.records = []
@@ -326,3 +334,131 @@ def test_a_policy_the_configuration_does_not_know_is_refused_naming_the_choices(
         parse_config(cfg, source="x.yaml")
 
 
+
+
+class KneeModel(GainModel):
+    """y = a tanh(g x) + k relu(g - 2) x: ``k`` shows only at gains over 2, which training (at g = 1) never sets."""
+
+    def __init__(self, a: float = 1.0, k: float = 0.0):
+        super().__init__(a)
+        self.add_calibration("k", k)
+
+    def forward(self, x, params):
+        return super().forward(x, params) + self.cal("k") * torch.relu(params["g"] - 2.0) * x
+
+
+class NoisyKnee(NoisyGain):
+    """The gain device with a knee: bumped, its gain over 2 changes as well as its overall gain."""
+
+    def __init__(self, a: float = 1.0, k: float = 0.0, seed: int = 0):
+        super().__init__(a, seed)
+        self.k = k
+
+    def measure(self, x, params):
+        return super().measure(x, params) + self.k * np.maximum(params["g"] - 2.0, 0.0) * x
+
+
+WIDEN = {"explore_groups": 2, "explore_spread": 0.01, "explore_fraction": 0.1, "epochs": 30, "check_groups": 4,
+         "widen_groups": 16, "widen_fraction": 1.0}
+
+
+def _knee_floor():
+    ys = np.tanh(np.linspace(-2, 2, 400))
+    return NOISE**2 / ys.var()
+
+
+def _run_until(s, done, steps=300):
+    for _ in range(steps):
+        if s.watched.pending is not None:
+            concurrent.futures.wait([s.watched.pending])  # the refit runs on a thread: wait on it, not on steps
+        s.step()
+        if done():
+            return True
+    return False
+
+
+def test_a_refit_that_fits_trainings_region_only_is_checked_over_the_range_and_widened_within_its_budget(float64):
+    # training's gains stay at 1 and its refinement explores no further (spread 0.01): a bump of the gain and
+    # of the knee leaves a refit that fits training's region and misses every gain over 2
+    twin = build_twin("physics", NoisyGain.spec, KneeModel().double()).requires_grad_(False)
+    s = Setup("refine", dev=NoisyKnee(), twin=twin, nmse=_knee_floor(), **WIDEN)
+    for _ in range(30):
+        s.step()
+    s.dev.a, s.dev.k = 1.3, 1.0
+    w = s.watched
+    assert _run_until(s, lambda: w.version >= 2 and w.pending is None), s.records
+    recs = [r for r in s.records if isinstance(r, dict)]
+    assert [r["source"] for r in recs[:2]] == ["refine", "widen"] and recs[0]["accepted"] and recs[1]["accepted"]
+    assert recs[1]["parent"] == 1
+    # the first refit: right in training's region, far off over the range; the widened one: right over both
+    (_, first), (_, second) = w.range_checks[:2]
+    assert first > s.watched.settings.widen_factor and second <= s.watched.settings.widen_factor, w.range_checks
+    assert float(s.twin.model.cal("a")) == pytest.approx(1.3, rel=0.05)
+    assert float(s.twin.model.cal("k")) == pytest.approx(1.0, rel=0.1)
+    # every setting within the device's limits, the widened ones spread over the range; each budget kept
+    asked = np.concatenate(s.dev.asked)
+    assert asked.min() >= 0.1 and asked.max() <= 3.0 and (asked > 2.5).any()
+    assert 0 < w.widen_samples <= w.settings.widen_fraction * w.trained_rows
+    assert w.widen_samples == (2 * 4 + 16) * RANGE_BATCH  # two checks and one widened refit
+    assert w.explore_samples - w.widen_samples <= w.settings.explore_fraction * w.trained_rows
+    assert s.watch.summary()["gain"]["widen_samples"] == w.widen_samples
+    assert any("widening the refinement" in r for r in s.records if isinstance(r, str))
+    s.close()
+
+
+def test_a_refit_that_is_right_over_the_range_is_checked_once_and_not_widened(float64):
+    s = Setup("refine", nmse=_knee_floor(), **WIDEN)
+    for _ in range(30):
+        s.step()
+    s.dev.a = 1.3  # the gain alone: training's region pins it down
+    w = s.watched
+    assert _run_until(s, lambda: w.range_checks and w.pending is None), s.records
+    for _ in range(5):
+        s.step()
+    assert w.version == 1 and len(w.range_checks) == 1 and w.range_checks[0][1] <= w.settings.widen_factor
+    assert w.widen_samples == 4 * RANGE_BATCH and w.widen_due is None
+    s.close()
+
+
+def test_a_widened_refinement_in_flight_is_asked_again_after_a_resume_not_the_first_refinement(float64, tmp_path):
+    twin = build_twin("physics", NoisyGain.spec, KneeModel().double()).requires_grad_(False)
+    s = Setup("refine", dev=NoisyKnee(), twin=twin, nmse=_knee_floor(), **WIDEN)
+    for _ in range(30):
+        s.step()
+    s.dev.a, s.dev.k = 1.3, 1.0
+    w = s.watched
+    assert _run_until(s, lambda: w.pending is not None and w.pending_info["source"] == "widen"), s.records
+    since = w.pending_info["since"]
+    path = atomic_torch_save(s.watch.state_dict(), tmp_path / "watch.pt")
+    state = torch_load_tensors(path)
+    assert state["gain"]["widen_due"] == since and state["gain"]["refine_due"] is None
+    spent, checks, step = w.widen_samples, list(w.range_checks), s.trainer.global_step
+    concurrent.futures.wait([w.pending])
+    s.close()
+
+    twin = build_twin("physics", NoisyGain.spec, KneeModel(1.3).double()).requires_grad_(False)
+    r = Setup("refine", dev=NoisyKnee(1.3, 1.0), twin=twin, nmse=_knee_floor(), **WIDEN)
+    r.trainer.global_step = step
+    r.watch.load_state_dict(state)
+    v = r.watched
+    assert v.widen_due == since and v.refine_due is None and v.widen_samples == spent and v.range_checks == checks
+    r.step()
+    assert v.pending is not None and v.pending_info["source"] == "widen" and v.widen_due is None
+    assert v.widen_samples == spent + (4 + 16) * RANGE_BATCH  # its range check measured again with the rest
+    concurrent.futures.wait([v.pending])
+    r.step()
+    assert v.version == state["gain"]["version"] + 1 and float(r.twin.model.cal("k")) == pytest.approx(1.0, rel=0.1)
+    r.close()
+
+
+def test_the_widening_settings_are_checked_naming_the_field():
+    with pytest.raises(ValueError, match=r"recalibration\.widen_factor: 0\.5; allowed: >= 1\.0"):
+        Recalibration(widen_factor=0.5)
+    with pytest.raises(ValueError, match=r"recalibration\.widen_fraction: 2\.0"):
+        Recalibration(widen_fraction=2.0)
+    cfg = {"name": "x", "dataset": {"name": "digits"},
+           "devices": {"c": {"driver": {"kind": "simulated", "system": "circuit"},
+                             "recalibration": {"policy": "refine", "check_groups": 8, "widen_groups": 40}}},
+           "stack": [{"kind": "physical", "device": "c"}]}
+    settings = parse_config(cfg, source="x.yaml").devices["c"].recalibration.settings()
+    assert (settings.check_groups, settings.widen_groups, settings.widen_factor) == (8, 40, 1.5)

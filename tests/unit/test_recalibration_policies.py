@@ -38,3 +38,13 @@ def test_nothing_is_started_twice_and_warnings_are_spaced():
 def test_an_unknown_policy_names_the_allowed_ones():
     with pytest.raises(ValueError, match="'refin' is not allowed; allowed: none, monitor, refine, pause"):
         policy_for("refin")
+
+
+def test_only_refine_widens_and_only_a_refit_over_its_factor_across_the_range():
+    w = _replica(settings=types.SimpleNamespace(warmup=20, widen_factor=2.0))
+    assert policy_for("refine").checks_range and not policy_for("pause").checks_range
+    far = policy_for("refine").on_range_check(w, 50, 5.3, since=7)
+    assert far.action is Action.WIDEN and far.since == 7 and "5.30" in far.reason
+    assert policy_for("refine").on_range_check(w, 50, 1.9, since=7).action is Action.NOTHING
+    for name in ("monitor", "pause"):
+        assert policy_for(name).on_range_check(w, 50, 5.3, since=7).action is Action.NOTHING
