@@ -45,21 +45,22 @@ class RayPlacement:
     long as that run keeps it (an instrument has one connection): ``report``
     gets a line saying what it waits for, held by which run and job since
     when (again every ``wait_report_s``), and another when it is free; the
-    connect timeout counts from then. ``run`` names this run in the leases its
-    device actors record (:mod:`actors.leases`).
+    connect timeout counts from then. ``run`` (and ``submitter``, who submitted
+    it) names this run in the leases its device actors record (:mod:`actors.leases`).
     """
 
     kind = "ray"
     micro_batches = None  # just enough micro-batches to keep every device actor busy
 
     def __init__(self, restart: RestartPolicy | None = None, connect_timeout_s: float = 300.0,
-                 report: Callable[[str], None] | None = None, run: str = "", lease_poll_s: float = 1.0,
-                 wait_report_s: float = 30.0) -> None:
+                 report: Callable[[str], None] | None = None, run: str = "", submitter: str | None = None,
+                 lease_poll_s: float = 1.0, wait_report_s: float = 30.0) -> None:
         self.backend = RayBackend()
         self.restart = restart
         self.connect_timeout_s = connect_timeout_s
         self.report = report or _print
         self.run = run or "unnamed"
+        self.submitter = submitter
         self.lease_poll_s = lease_poll_s
         self.wait_report_s = wait_report_s
         #: seconds each device (by label) waited for its instrument, if it had to
@@ -113,7 +114,7 @@ class RayPlacement:
         if not recipe.placement.instrument:
             return None
         return {"instrument": recipe.placement.instrument, "run": self.run, "device": recipe.label,
-                "token": uuid.uuid4().hex}
+                "token": uuid.uuid4().hex, "submitter": self.submitter}
 
     def _connected(self, recipes: Sequence[DeviceRecipe], specs: list[Any], leases: list[dict[str, Any] | None]
                    ) -> None:

@@ -29,7 +29,9 @@ class _TrainerActor:
         torch.set_default_dtype(getattr(torch, default_dtype))
         # what a device waiting for another run's instrument says goes to the run's own progress lines,
         # which the submitter streams
-        self.placement = RayPlacement(report=lambda line: self.experiment.report(line), run=config.name)
+        who = ((tracking or {}).get("tags") or {}).get("pnn.submitter")  # the MLflow tag `pnn-cluster submit` gives
+        self.placement = RayPlacement(report=lambda line: self.experiment.report(line), run=config.name,
+                                      submitter=who)
         self.experiment = ExperimentRun(config, self.placement, tracking=tracking, resume=resume, echo=False,
                                         keep_checkpoint=keep_checkpoint, checkpoint_path=checkpoint_path)
 

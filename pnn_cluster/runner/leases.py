@@ -43,6 +43,7 @@ class Lease:
     since: when the device actor took it (seconds since the epoch).
     token: this start of this device actor; the run that started it knows it.
     released: when the run let go of it (seconds since the epoch), or None while held.
+    submitter: who submitted the run (``pnn-cluster submit`` names them), if known.
     """
 
     instrument: str
@@ -53,6 +54,7 @@ class Lease:
     since: float
     token: str
     released: float | None = None
+    submitter: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,7 +91,8 @@ def clock(t: float) -> str:
 
 def waiting_line(device: str, instrument: str, resource: str, lease: Lease, since: float) -> str:
     """What a run says when its device starts waiting for ``instrument``, which ``lease``'s run holds."""
-    holder = (f"held by run {lease.run!r} (Ray job {lease.job}, its device {lease.device}, on node "
+    by = f"submitted by {lease.submitter}, " if lease.submitter else ""
+    holder = (f"held by run {lease.run!r} ({by}Ray job {lease.job}, its device {lease.device}, on node "
               f"{lease.node[:12]}) since {clock(lease.since)}")
     return (f"-- device {device} {WAITS} {instrument} (Ray resource {resource}, one connection): "
             f"{holder}; waiting since {clock(since)}. It starts when that run lets go of it; the connect "

@@ -37,6 +37,12 @@ def test_the_waiting_line_names_the_instrument_the_holding_run_its_job_device_no
     assert "since 22:13:20 UTC" in line and "waiting since 22:14:35 UTC" in line
 
 
+def test_the_waiting_line_names_who_submitted_the_holding_run_when_known():
+    theirs = Lease(**{**HELD.as_dict(), "submitter": "ada"})
+    line = waiting_line("optics", "shg-bench-1", "instrument:shg-bench-1", theirs, HELD.since)
+    assert "run 'vowels-pat' (submitted by ada, Ray job 03000000, its device optics" in line
+
+
 def test_the_later_lines_say_how_long_and_when_it_is_free():
     assert still_waiting_line("optics", "shg-bench-1", HELD, 61.2).endswith("held by run 'vowels-pat' "
                                                                              "(Ray job 03000000): 61 s so far")
