@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from pnn_cluster.devices.base import Device
 from pnn_cluster.twins.collect import Samples, collect, uniform_inputs, uniform_params
-from pnn_cluster.twins.fit import DEFAULT_FIT, PATIENCE, STOP_FRACTION, evaluate_twin, fit_twin
+from pnn_cluster.twins.fit import PATIENCE, STOP_FRACTION, evaluate_twin, fit_twin
 from pnn_cluster.twins.models import Twin
 from pnn_cluster.twins.operating import LayerRegion, RegionDraw
 from pnn_cluster.twins.record import TwinFit
@@ -75,8 +75,10 @@ class SequentialPlan:
     ensemble: int = 3
     candidates: int = 4
     round_epochs: int = 20
-    #: epochs of the first (cold) fit; 0: the twin kind's default
+    #: epochs of the first fit (and of every fit of the kept twin with ``cold``); 0: each fit stage's default
     first_epochs: int = 0
+    #: the kept twin refitted from its initial state each round (the ensemble's others stay warm-started)
+    cold: bool = True
     repeats: int = 1
     batch: int = 16
     near: float = 0.0
@@ -211,6 +213,7 @@ def calibrate_sequential(twin: Twin, plan: SequentialPlan, device: Device | None
                          "initial_groups x batch x repeats); raise the budget or lower those")
     floor = holdout.noise_floor()
     members = [twin] + [copy.deepcopy(twin) for _ in range(plan.ensemble - 1)]
+    initial = {k: v.detach().clone() for k, v in twin.state_dict().items()}
     fit_options = dict(fit_options or {})
     result = SequentialResult(twin, train, holdout)
     per_group = plan.batch * plan.repeats
@@ -219,12 +222,16 @@ def calibrate_sequential(twin: Twin, plan: SequentialPlan, device: Device | None
     bar.update(result.device_samples)
     for r in range(10**6):
         first = r == 0
-        epochs = plan.round_epochs
-        if first:
-            epochs = plan.first_epochs or int(DEFAULT_FIT.get(twin.kind, DEFAULT_FIT["mlp"])["epochs"])
+        full = plan.first_epochs or None  # None: each fit stage's default epochs
         t_fit = time.perf_counter()
         fits = []
         for j, m in enumerate(members):
+            epochs, restart = (full, True) if first else (plan.round_epochs, False)
+            if j == 0 and plan.cold and not first:
+                # refitted from where it started, in full: a warm refit must beat the state it began from
+                # clearly on the early-stopping settings to be kept, which it rarely shows once it is close
+                twin.load_state_dict(initial)
+                epochs, restart = full, True
             if j == 0:
                 # the twin kept stops early on the held-out settings and a share of the measured ones, drawn
                 # afresh each round (every measured setting is fitted on in most rounds): a fit keeps the
@@ -235,9 +242,9 @@ def calibrate_sequential(twin: Twin, plan: SequentialPlan, device: Device | None
             else:
                 # the others run every epoch on their draws, so that they do differ where data are thin
                 data, early = _bootstrap(train, rng), None
+            patience = PATIENCE if epochs is None else min(PATIENCE, max(3, epochs // 2))
             fits.append(fit_twin(m, data, holdout, epochs=epochs, seed=seed + 31 * r + j, progress=False,
-                                 stop=early, patience=min(PATIENCE, max(3, epochs // 2)), output_stats=first,
-                                 **fit_options))
+                                 stop=early, patience=patience, output_stats=restart, **fit_options))
         nmse = fits[0].nmse_val
         row = {"round": r, "device_samples": result.device_samples, "groups": len(train), "nmse": nmse,
                "noise_floor": floor, "ratio_to_floor": nmse / floor if floor > 0 else math.inf,
