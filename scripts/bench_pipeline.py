@@ -77,6 +77,8 @@ from pnn_cluster.twins import build_twin
 from pnn_cluster.twins.versions import twin_digest
 
 STAGES_MS = (20, 40, 10)
+#: the figures, in the order they are measured (``--sections``)
+SECTIONS = ("pipeline", "replicas", "overhead", "offload", "demo", "lab_clock", "scale", "contention")
 WIDTH = 16
 OPTIONS = {"n_in": WIDTH, "n_out": WIDTH}
 
@@ -300,41 +302,63 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per figure (default 6)")
     p.add_argument("--lab-clock", type=float, default=2.0,
                    help="lab_clock: the devices' real sample rates times this (default 2)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated figures to measure (default all: {','.join(SECTIONS)})")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
     args = p.parse_args(argv)
     for name in ("micro_batches", "micro_batch", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"--sections: {unknown[0]!r} is not one of {', '.join(SECTIONS)}")
     torch.set_num_threads(1)
     # actors' log lines are forwarded to the driver's stdout; with --json stdout is one line of JSON
     connect(args.address, log_to_driver=not args.json)
-    pipe = pipeline_figures(args.micro_batches, args.micro_batch, args.steps)
-    reps = replica_figures(args.micro_batches, args.micro_batch, args.steps)
-    over = overhead_ratio(args.steps)
-    planned = overhead_ratio(args.steps, micro=None)
-    offload = twin_offload_figures(args.steps)
-    demo = demo_epoch_figures()
-    clock = lab_clock_figures(args.lab_clock)
-    result = {"stages_ms": list(STAGES_MS), "efficiency": round(pipe["efficiency"], 3),
-              "speedup_vs_sequential": round(pipe["speedup_vs_sequential"], 3),
-              "replica_scaling": {k: round(v, 3) for k, v in reps.items()},
-              "overhead_ratio_zero_latency": round(over["ratio"], 3),
-              "overhead_planned": {"ratio": round(planned["ratio"], 3), "micro_batches": planned["micro_batches"]},
-              "twin_offload": {k: round(v, 4) for k, v in offload.items()},
-              "demo_epoch": demo, "lab_clock": clock}
+    result: dict[str, Any] = {"stages_ms": list(STAGES_MS)}
+    pipe = over = offload = None
+    if "pipeline" in sections:
+        pipe = pipeline_figures(args.micro_batches, args.micro_batch, args.steps)
+        result.update(efficiency=round(pipe["efficiency"], 3),
+                      speedup_vs_sequential=round(pipe["speedup_vs_sequential"], 3))
+    if "replicas" in sections:
+        reps = replica_figures(args.micro_batches, args.micro_batch, args.steps)
+        result["replica_scaling"] = {k: round(v, 3) for k, v in reps.items()}
+    if "overhead" in sections:
+        over = overhead_ratio(args.steps)
+        planned = overhead_ratio(args.steps, micro=None)
+        result["overhead_ratio_zero_latency"] = round(over["ratio"], 3)
+        result["overhead_planned"] = {"ratio": round(planned["ratio"], 3), "micro_batches": planned["micro_batches"]}
+    if "offload" in sections:
+        offload = twin_offload_figures(args.steps)
+        result["twin_offload"] = {k: round(v, 4) for k, v in offload.items()}
+    if "demo" in sections:
+        result["demo_epoch"] = demo_epoch_figures()
+    if "lab_clock" in sections:
+        result["lab_clock"] = lab_clock_figures(args.lab_clock)
+    if "scale" in sections or "contention" in sections:
+        import bench_lab_scale  # a cluster of its own per figure (run in a subprocess: this one is connected)
+
+        if "scale" in sections:
+            result["scale"] = bench_lab_scale.scale_figures()
+        if "contention" in sections:
+            result["contention"] = bench_lab_scale.contention_figures()
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"stages {list(STAGES_MS)} ms, {args.micro_batches} micro-batches of {args.micro_batch} per batch")
-        print(f"  pipelined   {pipe['pipelined_s'] * 1e3:8.1f} ms/batch "
-              f"(bottleneck bound {pipe['bound_s'] * 1e3:.0f} ms) -> efficiency {pipe['efficiency']:.3f}")
-        print(f"  sequential  {pipe['sequential_s'] * 1e3:8.1f} ms/batch "
-              f"-> speedup {pipe['speedup_vs_sequential']:.2f}x")
-        print(f"  replicas of the 40 ms stage: throughput x {reps}")
-        print(f"  zero latency, batch 256: in-process {over['in_process_s'] * 1e3:.1f} ms, distributed "
-              f"{over['distributed_s'] * 1e3:.1f} ms per step -> ratio {over['ratio']:.2f}")
-        print(f"  twin VJP 40 ms per micro-batch: in the trainer {offload['in_trainer_s'] * 1e3:.0f} ms, on 2 twin "
-              f"actors {offload['twin_actors_s'] * 1e3:.0f} ms per step -> speedup {offload['speedup']:.2f}x")
+        if pipe is not None:
+            print(f"stages {list(STAGES_MS)} ms, {args.micro_batches} micro-batches of {args.micro_batch} per batch")
+            print(f"  pipelined   {pipe['pipelined_s'] * 1e3:8.1f} ms/batch "
+                  f"(bottleneck bound {pipe['bound_s'] * 1e3:.0f} ms) -> efficiency {pipe['efficiency']:.3f}")
+            print(f"  sequential  {pipe['sequential_s'] * 1e3:8.1f} ms/batch "
+                  f"-> speedup {pipe['speedup_vs_sequential']:.2f}x")
+        if over is not None:
+            print(f"  zero latency, batch 256: in-process {over['in_process_s'] * 1e3:.1f} ms, distributed "
+                  f"{over['distributed_s'] * 1e3:.1f} ms per step -> ratio {over['ratio']:.2f}")
+        if offload is not None:
+            print(f"  twin VJP 40 ms per micro-batch: in the trainer {offload['in_trainer_s'] * 1e3:.0f} ms, on 2 "
+                  f"twin actors {offload['twin_actors_s'] * 1e3:.0f} ms per step -> speedup {offload['speedup']:.2f}x")
         print(json.dumps(result))
     return 0
 
