@@ -224,7 +224,7 @@ def record_region(task: str, layer: str, seed: int, quick: bool) -> Any:
                                  meta={"task": task, "seed": seed})
     run = run_experiment(cfg, InProcessPlacement(), echo=False, callbacks=[recorder])
     region = recorder.region()
-    region.meta.update(test_acc=run.test_acc, steps=int(cfg.schedule.epochs))
+    region.meta.update(test_acc=run.test_acc, epochs=int(cfg.schedule.epochs))
     return region[layer], run.test_acc
 
 
@@ -265,6 +265,7 @@ def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epo
             skipped[kind] = str(e)
             continue
         res = fit_twin(twin, fit_on, val, seed=seed, progress=False, stop=stop, epochs=epochs)
+        log(f"twins {system}: {kind} twin fitted in {res.seconds:.0f} s")
         out[kind] = res.nmse_val
         out[f"{kind}_seconds"] = res.seconds
         scores[kind], twins[kind] = res.nmse_stop, twin.requires_grad_(False)
@@ -276,6 +277,7 @@ def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epo
     # the operating region: settings and inputs a short training of the shipped task gave this system
     task, layer = TWIN_REGIONS[system]
     region, acc = record_region(task, layer, seed, quick)
+    log(f"twins {system}: operating region of {task}/{layer} recorded ({len(region)} settings, test {acc:.3f})")
     device.noise_stream("operating region")
     op = measure_region(device, region, groups=max(8, groups // 5), batch=batch, repeats=2, seed=seed + 1)
     out["operating"] = {**region_figures(twins, op), "task": task, "layer": layer, "settings": len(region),
@@ -294,6 +296,7 @@ def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epo
     def reached(twin, n: int) -> bool:
         score = evaluate_twin(twin, decide)
         curve.append([n, score, evaluate_twin(twin, report)])
+        log(f"twins {system}: sequential {best} twin at {n} device samples: NMSE {score:.3e} (target {target:.3e})")
         return score <= target
 
     plan = SequentialPlan(**{**SEQUENTIAL_BENCH, **(SEQUENTIAL_QUICK if quick else {}), "budget": samples // 2,
