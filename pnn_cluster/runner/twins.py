@@ -62,9 +62,12 @@ def make_twin(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed:
 
     With a ``pool`` (twin copies elsewhere, started from the shell) the fit runs in the first copy and
     every copy takes its result; ``twin``, the trainer's copy, takes it too (for in-silico passes and
-    checkpoints). Without one the fit runs here. For ``kind: best`` (``twin`` None) every candidate kind
-    is fitted here on the same samples and the one with the lowest NMSE on the early-stopping samples
-    is kept; the others' figures are in ``TwinFit.candidates``.
+    checkpoints). Without one the fit runs here. For ``kind: best`` (``twin`` None) every kind the device
+    allows (:func:`candidate_kinds`: physics, residual, mlp, and structured where its physics model has a
+    structure) is fitted here on the same samples, and the one with the lowest NMSE on the early-stopping
+    samples is kept; every candidate's figures are in ``TwinFit.candidates``. The physics twin is fitted
+    first and the kinds built around physics start from its constants, so none of them ends worse than it
+    on the early-stopping samples (and none fits the constants a second time).
     """
     device = ref.device
     t0 = time.perf_counter()
