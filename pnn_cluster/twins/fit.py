@@ -18,12 +18,13 @@ from pnn_cluster.twins.models import Twin, build_twin
 
 __all__ = ["FitResult", "fit_splits", "fit_twin", "evaluate_twin", "Calibration", "calibrate", "DEFAULT_FIT"]
 
-#: epochs, learning rate, optionally weight decay and batch per twin kind, and per fit stage (a residual or
-#: structured twin's first stage is a physics fit): physics fits a handful of constants, the MLP many
-#: weights; a structured twin's time-stepping costs about the same per step at 512 samples as at 128
+#: epochs, learning rate, and optionally weight decay, batch and warm-up epochs (the rate rising linearly)
+#: per twin kind and per fit stage (a residual or structured twin's first stage is a physics fit): physics
+#: fits a handful of constants, the MLP many weights; a structured twin's time-stepping costs about the
+#: same per step at 512 samples as at 128
 DEFAULT_FIT: dict[str, dict[str, Any]] = {
     "physics": {"epochs": 30, "lr": 2e-2},
-    "residual": {"epochs": 80, "lr": 3e-3},
+    "residual": {"epochs": 80, "lr": 1e-3, "warmup": 5},
     "mlp": {"epochs": 150, "lr": 2e-3},
     "structured": {"epochs": 40, "lr": 1e-2, "batch": 512},
 }
@@ -207,8 +208,12 @@ def fit_twin(twin: Twin, train: Samples, val: Samples | None = None, epochs: int
         opt = torch.optim.AdamW(trainable, lr=step_lr, weight_decay=wd) if wd > 0 \
             else torch.optim.Adam(trainable, lr=step_lr)
         total = n_epochs * steps
+        # a correction that starts at zero beside fitted physics: Adam's first steps move every one of its
+        # many weights by about the full rate at once, which undoes the physics fit before it helps
+        warm = max(1, int(cfg.get("warmup", 0)) * steps)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s, total=total: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+            opt, lambda s, total=total, warm=warm: min(1.0, (s + 1) / warm)
+            * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         bar = tqdm(range(n_epochs), desc=f"fit {twin.kind} twin ({stage})", unit="epoch", disable=not progress,
                    leave=False)
         inv_std = 1.0 / twin.y_std

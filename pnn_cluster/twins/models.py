@@ -323,8 +323,10 @@ class ResidualTwin(Twin):
         return self.coupling.penalty()
 
     def fit_stages(self) -> list[tuple[str, tuple[str, ...] | None]]:
-        """The physics model's constants first (a physics twin's fit), then everything from there."""
-        return [("physics", (CALIBRATION,)), ("residual", None)]
+        """The physics model's constants first (a physics twin's fit), then the couplings and the MLP
+        around them (moved again at the correction's rate, constants of small natural scale would leave
+        their fitted values faster than the correction learns)."""
+        return [("physics", (CALIBRATION,)), ("residual", ("coupling.", "mlp."))]
 
     def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         xin, pin = self.coupling.inputs(x, params)
