@@ -17,6 +17,10 @@ import sys
 # happens here, on import, before any test runs, so a clean machine's first plot is not a test starting a process
 import matplotlib.font_manager  # noqa: F401
 import pytest
+
+# urllib3 (imported by ray, mlflow and requests) binds a socket on import to learn whether the machine has
+# IPv6: that happens here too, so whichever test first imports one of them is not refused for it
+import urllib3  # noqa: F401
 import zmq
 
 

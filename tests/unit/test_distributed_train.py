@@ -25,7 +25,7 @@ def test_placement_labels_and_resources_reach_the_device_actor(monkeypatch, tmp_
     class FakeActorClass:
         def options(self, **opts):
             asked.append(opts)
-            return types.SimpleNamespace(remote=lambda recipe: ("actor", recipe))
+            return types.SimpleNamespace(remote=lambda recipe, lease=None: ("actor", recipe))
 
     monkeypatch.setattr(actors.device, "DeviceActor", FakeActorClass())
     recipe, = device_recipes(cfg)["circuit"]
