@@ -91,7 +91,7 @@ def mistake(tmp_path: Path, change) -> ConfigError:
      "devices.circuit.driver.imperfections.unmodelled", ["out of range: -1", ">= 0"]),
     (lambda d: d.update(method="digitl"), "method", ["'digitl'", "pat, in_silico, oracle, ablation, digital"]),
     (lambda d: d["devices"]["circuit"]["twin"].update(kind="gp"), "devices.circuit.twin.kind",
-     ["'gp'", "physics, residual, mlp, ideal, best"]),
+     ["'gp'", "physics, residual, mlp, structured, ideal, best"]),
     # every number is bounded: the message gives both ends of the range
     (lambda d: d.update(seed=2**70), "seed",
      ["out of range: 1180591620717411303424", "allowed: >= 0 and <= 4294967295"]),
