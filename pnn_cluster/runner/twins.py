@@ -14,9 +14,12 @@ from typing import Any
 from pnn_cluster.config import TwinConfig
 from pnn_cluster.runner.placement import DeviceRef
 from pnn_cluster.training.pipeline import TwinPool
+from pnn_cluster.training.workers import twin_payload
 from pnn_cluster.twins import TwinFit, build_twin, evaluate_twin, fit_twin, load_twin
 from pnn_cluster.twins.fit import fit_splits
 from pnn_cluster.twins.models import kinds_for
+from pnn_cluster.twins.sequential import calibrate_sequential
+from pnn_cluster.twins.versions import twin_digest
 
 __all__ = ["make_twin", "twin_shell", "candidate_kinds", "ReplicaTwins"]
 
@@ -76,6 +79,8 @@ def make_twin(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed:
         val = ref.collect(groups=groups, batch=tc.batch, repeats=tc.repeats, seed=seed, progress=progress)
         return TwinFit(ref.label, twin, twin.kind, evaluate_twin(twin, val), val.noise_floor(),
                        device_samples=val.device_samples, seconds=time.perf_counter() - t0, val=val, source="loaded")
+    if tc.sequential is not None:
+        return _sequential(ref, tc, twin, pool, seed, progress)
     samples = ref.collect(groups=tc.groups, batch=tc.batch, repeats=tc.repeats, seed=seed, progress=progress)
     fit_on, stop, val = fit_splits(samples, tc.holdout, seed)
     train = fit_on + stop if stop is not None else fit_on
@@ -113,6 +118,23 @@ def make_twin(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed:
         nmse_val, floor, nmse_train, history = res.nmse_val, res.noise_floor, res.nmse_train, list(res.history)
     return TwinFit(ref.label, twin, kind, nmse_val, floor, nmse_train, ideal, samples.device_samples,
                    time.perf_counter() - t0, history, val, "fit", candidates)
+
+
+def _sequential(ref: DeviceRef, tc: TwinConfig, twin, pool: TwinPool | None, seed: int, progress: bool) -> TwinFit:
+    """``twin.sequential``: measured in rounds where the twin is least sure, fitted here, until its held-out
+    error is within the configured factor of the floor or the budget is spent; twin copies elsewhere take
+    the result."""
+    model = ref.device.model()
+    ideal = None
+    res = calibrate_sequential(twin, tc.sequential.plan(tc.batch), measure=ref.collect, seed=seed,
+                               progress=progress)
+    twin.requires_grad_(False)
+    if model is not None:
+        ideal = evaluate_twin(build_twin("physics", ref.device.spec, model).requires_grad_(False), res.holdout)
+    if pool is not None:
+        payload = twin_payload(twin)
+        pool.update(payload, twin_digest(payload["state"]))
+    return res.twin_fit(ref.label, ideal)
 
 
 def _start_from_physics(twin, physics) -> bool:

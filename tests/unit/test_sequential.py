@@ -132,3 +132,27 @@ def test_a_twin_sections_sequential_settings_give_its_plan_and_only_for_a_kind_t
     twin["kind"], twin["sequential"] = "physics", {"ensemble": 1}
     with pytest.raises(ConfigError, match=r"sequential.ensemble: out of range: 1 \(allowed: >= 2 and <= 16\)"):
         parse_config(raw, source="t")
+
+
+def test_a_run_whose_twin_section_asks_for_it_calibrates_sequentially_within_its_budget():
+    from pnn_cluster.config import TwinConfig
+    from pnn_cluster.runner.build import DeviceRecipe
+    from pnn_cluster.runner.placement import InProcessPlacement
+    from pnn_cluster.runner.twins import make_twin, twin_shell
+
+    placement = InProcessPlacement()
+    try:
+        from pnn_cluster.config import SimulatedDriver
+
+        driver = SimulatedDriver(kind="simulated", system="shg", options={"n_in": 4, "n_out": 4},
+                                 imperfections={"latency_call_s": 0.0, "latency_sample_s": 0.0})
+        ref, = placement.start_devices([DeviceRecipe("optics", 0, driver, seed=3)])
+        plan = {k: v for k, v in TINY.items() if k != "batch"}
+        tc = TwinConfig(kind="physics", batch=8, sequential={"budget": 300, "factor": 0.0, **plan})
+        fit = make_twin(ref, tc, twin_shell(tc, ref), None, seed=1)
+    finally:
+        placement.close()
+    assert fit.source == "sequential" and fit.kind == "physics"
+    assert 0 < fit.device_samples <= 300
+    assert fit.twin is not None and not any(p.requires_grad for p in fit.twin.parameters())
+    assert fit.ideal_nmse is not None and np.isfinite(fit.nmse_val) and fit.noise_floor > 0
