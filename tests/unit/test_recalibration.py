@@ -377,15 +377,20 @@ def _run_until(s, done, steps=300):
     return False
 
 
-def test_a_refit_that_fits_trainings_region_only_is_checked_over_the_range_and_widened_within_its_budget(float64):
-    # training's gains stay at 1 and its refinement explores no further (spread 0.01): a bump of the gain and
-    # of the knee leaves a refit that fits training's region and misses every gain over 2
+def _knee_bumped():
+    """30 refined steps on a knee device, then its gain and its knee bumped: (setup, the watched replica)."""
     twin = build_twin("physics", NoisyGain.spec, KneeModel().double()).requires_grad_(False)
     s = Setup("refine", dev=NoisyKnee(), twin=twin, nmse=_knee_floor(), **WIDEN)
     for _ in range(30):
         s.step()
     s.dev.a, s.dev.k = 1.3, 1.0
-    w = s.watched
+    return s, s.watched
+
+
+def test_a_refit_that_fits_trainings_region_only_is_checked_over_the_range_and_widened_within_its_budget(float64):
+    # training's gains stay at 1 and its refinement explores no further (spread 0.01): a bump of the gain and
+    # of the knee leaves a refit that fits training's region and misses every gain over 2
+    s, w = _knee_bumped()
     assert _run_until(s, lambda: w.version >= 2 and w.pending is None), s.records
     recs = [r for r in s.records if isinstance(r, dict)]
     assert [r["source"] for r in recs[:2]] == ["refine", "widen"] and recs[0]["accepted"] and recs[1]["accepted"]
@@ -421,12 +426,7 @@ def test_a_refit_that_is_right_over_the_range_is_checked_once_and_not_widened(fl
 
 
 def test_a_widened_refinement_in_flight_is_asked_again_after_a_resume_not_the_first_refinement(float64, tmp_path):
-    twin = build_twin("physics", NoisyGain.spec, KneeModel().double()).requires_grad_(False)
-    s = Setup("refine", dev=NoisyKnee(), twin=twin, nmse=_knee_floor(), **WIDEN)
-    for _ in range(30):
-        s.step()
-    s.dev.a, s.dev.k = 1.3, 1.0
-    w = s.watched
+    s, w = _knee_bumped()
     assert _run_until(s, lambda: w.pending is not None and w.pending_info["source"] == "widen"), s.records
     since = w.pending_info["since"]
     path = atomic_torch_save(s.watch.state_dict(), tmp_path / "watch.pt")
