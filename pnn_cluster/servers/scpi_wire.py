@@ -281,13 +281,17 @@ class Framer:
                 self._pos = i + 1
                 continue
             n = d - 0x30
-            if i + 2 + n > len(text):
+            digits = bytes(text[i + 2: i + 2 + n])
+            if i + 2 + n > len(text) and (not digits or digits.isdigit()):
+                # the length's digits still arriving (a non-digit among those here is an error now, not a wait:
+                # a newline there would otherwise hold the message, and the ones after it, for good)
                 self._pos = i
                 self._check_length(events)
                 return
-            digits = bytes(text[i + 2: i + 2 + n])
             if not digits.isdigit():
-                events.append(ScpiError(-161, f"block length {digits!r} is not {n} decimal digits"))
+                # named up to its first non-digit: the same error however the stream was cut
+                bad = next(k for k, b in enumerate(digits) if not 0x30 <= b <= 0x39)
+                events.append(ScpiError(-161, f"block length {digits[:bad + 1]!r}... is not {n} decimal digits"))
                 self._discard_message(i + 2)
                 continue
             length = int(digits)

@@ -270,3 +270,14 @@ def test_fuzz_framer_and_parser_never_fail_and_hold_no_more_than_their_caps(stre
                 assert all(isinstance(err, ScpiError) for err in errors)
                 assert isinstance(session.respond(e.parts), list)
         assert len(session.errors) <= SCPI_ERROR_QUEUE_LEN
+
+
+def test_a_newline_where_a_blocks_length_digits_belong_ends_the_message_with_an_error():
+    """``#9`` then a newline: the length can no longer be nine digits, so the message ends there (found by the
+    fuzz test: the framer waited for digits that would never come, and held every message after it)."""
+    for pieces in ([b"#9\n*OPC?\n"], [b"#9\n", b"*OPC?\n"], [b"#9", b"\n", b"*OPC?\n"]):
+        framer = Framer(max_block_bytes=1 << 10)
+        events = [e for p in pieces for e in framer.feed(p)]
+        errors = [e for e in events if isinstance(e, ScpiError)]
+        assert len(errors) == 1 and errors[0].code == -161 and "b'\\n'" in errors[0].detail, events
+        assert isinstance(events[-1], Message) and events[-1].parts == [b"*OPC?"]
