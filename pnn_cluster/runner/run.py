@@ -39,7 +39,9 @@ from pnn_cluster.runner.credentials import check_tracking_credentials
 from pnn_cluster.runner.methods import method_for
 from pnn_cluster.runner.placement import DeviceRef, InProcessPlacement, Placement
 from pnn_cluster.runner.twins import ReplicaTwins, make_twin, twin_shell
+from pnn_cluster.tracking.runs import OPERATING_ARTIFACT
 from pnn_cluster.training.faults import FaultPolicy, NoReplicaLeft, TrainingAborted
+from pnn_cluster.training.operating import OperatingRecorder
 from pnn_cluster.training.pipeline import PipelineConfig, PipelineExecutor, Replica
 from pnn_cluster.training.recalibration import NoiseModel, RecalibrationWatch, WatchedReplica
 from pnn_cluster.training.selection import BestOnValidation
@@ -449,6 +451,12 @@ class ExperimentRun:
         watch = self.watch = self._watch(built, tracker)
         if watch is not None:
             callbacks.append(watch)  # before the MLflow callback: it adds its figures to each step's metrics
+        if tracker is not None and self.method.mode == "pat":
+            # where training ran each device, from the measurements it makes anyway: what `pnn-cluster calibrate
+            # --operating` judges twins on (the second half of the run: the trained network's region)
+            callbacks.append(OperatingRecorder(skip_fraction=0.5, seed=cfg.seed, meta={"config": cfg.name},
+                                               on_end=lambda region: tracker.log_written(
+                                                   region.save, OPERATING_ARTIFACT)))
         if tracker is not None:
             callbacks.append(tracker)
         best = None

@@ -21,7 +21,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +279,12 @@ class MlflowCallback(Callback):
     def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
         path = self._artifact_path(artifact_file, run_id)
         atomic_write_text(path, text)
+        self._log_file(path, artifact_file, run_id)
+
+    def log_written(self, write: Callable[[Path], Any], artifact_file: str, run_id: str | None = None) -> None:
+        """``write(path)`` writes the artifact into the run's local directory; then it goes to the server."""
+        path = self._artifact_path(artifact_file, run_id)
+        write(path)
         self._log_file(path, artifact_file, run_id)
 
     def log_figure(self, fig: Any, artifact_file: str, run_id: str | None = None) -> None:

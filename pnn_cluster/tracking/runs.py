@@ -20,13 +20,15 @@ from pnn_cluster.tracking.access import TrackingAccessDenied, denied_status, tra
 from pnn_cluster.tracking.outbox import bound_http, is_outage, short_reason
 from pnn_cluster.tracking.rundir import RunDir, find_run_dir
 
-__all__ = ["CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "TWIN_VERSIONS_ARTIFACT", "FoundRun", "NoSuchRun",
-           "NotARunDir", "RunUnreachable", "download_text", "find_run", "load_run_checkpoint",
+__all__ = ["CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "OPERATING_ARTIFACT", "TWIN_VERSIONS_ARTIFACT", "FoundRun",
+           "NoSuchRun", "NotARunDir", "RunUnreachable", "download_text", "find_run", "load_run_checkpoint",
            "resolve_tracking_uri", "tracking_client", "twin_state_artifact"]
 
 #: where a run keeps its latest checkpoint and its configuration
 CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
 CONFIG_ARTIFACT = "config/config.yaml"
+#: where a PAT run's training ran each physical layer (pnn_cluster.twins.operating.OperatingRegion, .npz)
+OPERATING_ARTIFACT = "operating/region.npz"
 #: every version of every twin of a run (fits and refits, accepted or not), rewritten whole at each new one
 TWIN_VERSIONS_ARTIFACT = "twins/versions.json"
 

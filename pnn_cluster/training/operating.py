@@ -12,7 +12,7 @@ uses the same device samples and noise as one without.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ class OperatingRecorder:
     trained network, not of its first steps); it needs the run's planned steps, known at the start."""
 
     def __init__(self, every: int = 1, rows: int = 32, max_steps: int = 256, skip_fraction: float = 0.0,
-                 path: str | Path | None = None, seed: int = 0, meta: Mapping[str, Any] | None = None) -> None:
+                 path: str | Path | None = None, seed: int = 0, meta: Mapping[str, Any] | None = None,
+                 on_end: Callable[[OperatingRegion], Any] | None = None) -> None:
         if every < 1 or rows < 1 or max_steps < 1:
             raise ValueError(f"OperatingRecorder: every, rows and max_steps must be >= 1, got {every}, {rows}, "
                              f"{max_steps}")
@@ -38,6 +39,8 @@ class OperatingRecorder:
             raise ValueError(f"OperatingRecorder: skip_fraction must be in [0, 1), got {skip_fraction}")
         self.every, self.rows, self.max_steps, self.skip_fraction = every, rows, max_steps, skip_fraction
         self.path = Path(path) if path is not None else None
+        #: handed the region when training ends (a run logs it as an MLflow artifact)
+        self.on_end = on_end
         self.meta = dict(meta or {})
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
@@ -106,6 +109,8 @@ class OperatingRecorder:
         self._executor = None
         if self.path is not None and self._kept:
             self.region().save(self.path)
+        if self.on_end is not None and self._kept:
+            self.on_end(self.region())
 
     def on_test_end(self, trainer: Any, result: dict[str, Any]) -> None: ...
 

@@ -92,9 +92,17 @@ def test_run_records_config_devices_twins_metrics_and_models(resumed_run):
     assert snap["identity"]["simulated"] is True and "constants" in snap["calibration"]
     assert snap["calibration"]["fit"]["nmse_val"] > 0
 
-    artifacts = {f.path for d in ("", "checkpoints", "config", "plots") for f in client.list_artifacts(run_id, d)}
+    artifacts = {f.path for d in ("", "checkpoints", "config", "plots", "operating")
+                 for f in client.list_artifacts(run_id, d)}
     assert {"devices.json", "checkpoints/last.pt", "config/config.yaml", "plots/training_curve.png",
-            "plots/confusion_matrix.png"} <= artifacts
+            "plots/confusion_matrix.png", "operating/region.npz"} <= artifacts
+    # where training ran the device (its second half): what `calibrate --operating` judges twins on
+    from pnn_cluster.twins.operating import OperatingRegion
+
+    region = OperatingRegion.load(client.download_artifacts(run_id, "operating/region.npz"))
+    layer = region.layers["circuit"]
+    assert layer.x.shape[-1] == 8 and set(layer.params) == {"drive"} and len(layer.steps) > 0
+    assert min(layer.steps) >= STEPS_PER_EPOCH  # the second half of a two-epoch run
 
     # each twin fit is a nested run with its figures and a parity plot
     (fit,) = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
