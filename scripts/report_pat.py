@@ -64,8 +64,8 @@ SWEEP_METHODS = ("oracle", "pat", "in_silico")
 TARGETS = (("pat_over_ablation", "PAT − ablation"), ("pat_over_digital", "PAT − digital"),
            ("pat_over_logistic", "PAT − logistic"), ("oracle_minus_pat", "oracle − PAT"),
            ("pat_minus_paper", "PAT − paper"))
-TWIN_KINDS = ("physics", "residual", "mlp")
-TWIN_LABELS = {"physics": "physics", "residual": "residual", "mlp": "MLP"}
+TWIN_KINDS = ("physics", "residual", "mlp", "structured")
+TWIN_LABELS = {"physics": "physics", "residual": "residual", "mlp": "MLP", "structured": "structured"}
 DASH = "—"
 MINUS = "−"
 
@@ -250,7 +250,8 @@ def best_twin(twin: dict) -> str | None:
 
 
 def twin_table(result: dict) -> str:
-    header = ["system", "noise floor", *(TWIN_LABELS[k] for k in TWIN_KINDS), "best / floor", "device samples"]
+    header = ["system", "noise floor", *(TWIN_LABELS[k] for k in TWIN_KINDS), "best / floor", "device samples",
+              "operating: floor", "best / floor", "sequential: samples to the best's NMSE"]
     rows = ["| " + " | ".join(header) + " |",
             "|---|" + "---:|" * (len(header) - 1)]
     for twin in dicts(result.get("twins")):
@@ -262,6 +263,16 @@ def twin_table(result: dict) -> str:
         # a zero floor (a noiseless device) has no meaningful ratio
         ratio = f"{number(twin[best]) / floor:.1f}x" if best is not None and floor else DASH
         cells += [ratio, count(twin.get("device_samples"))]
+        op = twin.get("operating") if isinstance(twin.get("operating"), dict) else {}
+        op_floor, op_best = number(op.get("noise_floor")), number(op.get(best)) if best is not None else None
+        cells += [nmse(op_floor), f"{op_best / op_floor:.1f}x" if op_best is not None and op_floor else DASH]
+        seq = twin.get("sequential") if isinstance(twin.get("sequential"), dict) else {}
+        if seq.get("reached"):
+            cells.append(count(seq.get("samples")))
+        elif seq:
+            cells.append(f"not within {count(seq.get('budget'))}")
+        else:
+            cells.append(DASH)
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -269,7 +280,10 @@ def twin_table(result: dict) -> str:
 TWINS_LINE = ("Twin NMSE on held-out device measurements, next to the device's noise floor (the NMSE of one "
               "measurement against the noise-free output, estimated from repeats); bold: the twin the benchmark "
               "chose (on its early-stopping samples, not on this NMSE), whose "
-              "ratio to the floor is shown. Near 1x, what the twin still misses is the device's own noise.")
+              "ratio to the floor is shown. Near 1x, what the twin still misses is the device's own noise. "
+              "Operating: the same twins on settings and inputs drawn from where a trained network ran the device, "
+              "next to that region's own floor. Sequential: the device samples sequential calibration needed to "
+              "reach the best twin's NMSE (target: half of its 20,000).")
 
 
 def results_block(result: dict, image_link: str) -> str:

@@ -53,7 +53,8 @@ def synthetic_result() -> dict:
         ],
         "twins": [
             {"system": "system_x", "noise_floor": 0.01, "physics": 0.05, "residual": 0.012, "mlp": 1.5,
-             "device_samples": 3000},
+             "device_samples": 3000, "operating": {"noise_floor": 0.002, "residual": 0.003},
+             "sequential": {"reached": True, "samples": 1200, "budget": 1500}},
             # the benchmark chose physics on its early-stopping samples although residual shows less here
             {"system": "system_y", "noise_floor": 0.02, "physics": 0.05, "residual": 0.03, "mlp": 0.5,
              "device_samples": 4000, "best": "physics", "best_ratio": 2.5},
@@ -100,8 +101,11 @@ def test_tables_plot_and_image_link_replace_what_lies_between_the_markers(lab):
     assert "PAT − ablation" not in block  # no targets in it, so no targets table
     assert "| 0.5 | 1.0e-02 | — | 60.0 | 58.0 | 50.0 | 3 |" in lines  # sweep rows without sds or cosines
     assert any("over 3 seeds" in line and "`--quick` run" in line for line in lines)
-    assert "| `system_x` | 1.0e-02 | 5.0e-02 | **1.2e-02** | 1.5e+00 | 1.2x | 3,000 |" in lines
-    assert "| `system_y` | 2.0e-02 | **5.0e-02** | 3.0e-02 | 5.0e-01 | 2.5x | 4,000 |" in lines
+    # no structured twin on this system; its operating region's floor and the best twin's ratio there; the
+    # samples sequential calibration needed
+    assert ("| `system_x` | 1.0e-02 | 5.0e-02 | **1.2e-02** | 1.5e+00 | — | 1.2x | 3,000 | 2.0e-03 | 1.5x | 1,200 |"
+            in lines)
+    assert "| `system_y` | 2.0e-02 | **5.0e-02** | 3.0e-02 | 5.0e-01 | — | 2.5x | 4,000 | — | — | — |" in lines
     assert "![PAT results](docs/pat_results.png)" in lines
 
     text = readme.read_text(encoding="utf-8")
