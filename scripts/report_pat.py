@@ -256,7 +256,9 @@ def twin_table(result: dict) -> str:
             "|---|" + "---:|" * (len(header) - 1)]
     for twin in dicts(result.get("twins")):
         best = best_twin(twin)
-        cells = [f"`{twin.get('system', '?')}`", nmse(twin.get("noise_floor"))]
+        # a row the last run did not measure again keeps its figures, said so (the JSON's "stale" says why)
+        stale = " (earlier code)" if twin.get("stale") else ""
+        cells = [f"`{twin.get('system', '?')}`{stale}", nmse(twin.get("noise_floor"))]
         # bold marks the best twin, so the ratio column needs no name
         cells += [f"**{nmse(twin[k])}**" if k == best else nmse(twin.get(k)) for k in TWIN_KINDS]
         floor = number(twin.get("noise_floor"))
