@@ -50,7 +50,8 @@ class RayPlacement:
     """
 
     kind = "ray"
-    micro_batches = None  # just enough micro-batches to keep every device actor busy
+    micro_batches = None  # planned from the devices' declared timings
+    untimed_micro_batches = None  # a device without a declared timing: enough to keep every actor busy
 
     def __init__(self, restart: RestartPolicy | None = None, connect_timeout_s: float = 300.0,
                  report: Callable[[str], None] | None = None, run: str = "", submitter: str | None = None,
@@ -215,7 +216,8 @@ class RayPlacement:
 
     def counts(self) -> dict[str, Any]:
         in_actor = ray.get_runtime_context().get_actor_id() is not None
-        return {"device_actors": len(self._devices), "twin_actors": len(self._twins), "trainer_actor": in_actor}
+        return {"device_actors": len(self._devices), "twin_actors": len(self._twins), "trainer_actor": in_actor,
+                "instrument_waits": dict(self.waits)}
 
     def close(self) -> None:
         if self._leases:

@@ -24,7 +24,9 @@ script instead. Prints, with ``--json``, one line::
   actor waits for the unit, and its submitter is told what it waits for, held by
   whom, since when (``message``, the first such line it printed); both must end
   with their exact step counts. ``waited_s``: how long the second's device
-  actor waited for the instrument, as its run reported it.
+  actor waited for the instrument, from its run's result (``instrument_waits`` of
+  ``pnn-cluster train --json``); ``waited_line_s``: the same read from the line it
+  printed when the instrument came free.
 """
 
 from __future__ import annotations
@@ -310,9 +312,11 @@ def contention_figures(latency_s: float = 0.1, epochs: int = 4, timeout_s: float
             results = [job.result(timeout_s) for job in jobs]
             wall_s = time.monotonic() - t0
         freed = GOT.search(jobs[1].text())
+        waits = (results[1] or {}).get("instrument_waits") or {}
         exact = [_exact(r, j, epochs) for r, j in zip(results, jobs)]
         return {"finished": all(r is not None and r["state"] == "finished" for r in results),
-                "exact": all(exact), "waited_s": float(freed.group(2)) if freed else None,
+                "exact": all(exact), "waited_s": max(waits.values()) if waits else None,
+                "waited_line_s": float(freed.group(2)) if freed else None,
                 "message": message.strip() if message else None, "steps": [r and r["steps"] for r in results],
                 "seconds": [r and round(r["seconds"], 2) for r in results], "wall_s": round(wall_s, 2),
                 "first_waited": WAITS in jobs[0].text(),

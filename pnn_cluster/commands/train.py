@@ -271,7 +271,8 @@ def train(cfg, args: argparse.Namespace, checkpoint: dict | None = None, trackin
                           "seconds": result.seconds, "run_id": result.run_id, "device_actors": result.device_actors,
                           "twin_actors": result.twin_actors, "trainer_actor": result.trainer_actor,
                           "nodes": result.nodes, "state": result.state, "run_dir": result.run_dir,
-                          "tracking_unsent": result.tracking_unsent, "tracking_wait_s": result.tracking_wait_s}))
+                          "tracking_unsent": result.tracking_unsent, "tracking_wait_s": result.tracking_wait_s,
+                          "instrument_waits": result.instrument_waits}))
     return 0
 
 

@@ -53,8 +53,11 @@ class Placement(Protocol):
     #: "in-process" or "ray"
     kind: str
     backend: Backend
-    #: micro-batches per batch when the configuration gives no size (None: enough to fill the pipeline)
+    #: micro-batches per batch when the configuration gives no size (None: planned from the devices'
+    #: declared timings, see PipelineConfig.micro_batches)
     micro_batches: int | None
+    #: the same where a device declares no timing (None: enough to fill the pipeline)
+    untimed_micro_batches: int | None
 
     def start_devices(self, recipes: Sequence[DeviceRecipe], twins: bool = False) -> list[DeviceRef]:
         """Start (build and connect) every replica; the spec of each is known when this returns.
@@ -64,7 +67,8 @@ class Placement(Protocol):
         """Twin copies for one replica (``recipe.placement.twins``), or None to use ``twin`` here."""
 
     def counts(self) -> dict[str, Any]:
-        """``device_actors``, ``twin_actors`` and ``trainer_actor``, as a run reports them."""
+        """``device_actors``, ``twin_actors`` and ``trainer_actor``, as a run reports them, and optionally
+        ``instrument_waits`` (seconds each device, by label, waited for an instrument another run held)."""
 
     def close(self) -> None:
         """Stop what was started (device connections are closed by their owners)."""
@@ -74,9 +78,13 @@ class InProcessPlacement:
     """Everything in this process: one thread per device replica, twins next to the trainer."""
 
     kind = "in-process"
-    #: devices in one interpreter measure one at a time: splitting a batch only adds calls (a batch
-    #: trained twice as fast whole, on the hybrid stack), unless ``schedule.micro_batch`` asks for it
-    micro_batches = 1
+    #: cut as a Ray placement cuts (planned from the devices' declared timings with the same call overhead),
+    #: so a seed gives the same run in process and on Ray; devices run on threads of their own, so slow
+    #: instruments overlap as actors do
+    micro_batches = None
+    #: a device that declares no timing: the batch whole (in one interpreter the fill's extra calls cost
+    #: more than they overlap: the hybrid stack trained twice as fast whole)
+    untimed_micro_batches = 1
 
     def __init__(self) -> None:
         self.backend = ThreadBackend()

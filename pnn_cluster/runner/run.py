@@ -74,6 +74,8 @@ class RunResult:
     tracking_unsent: int = 0
     tracking_wait_s: float = 0.0
     device_actors: int = 0
+    #: seconds each device (by label) waited for its instrument while another run held it; empty: none waited
+    instrument_waits: dict[str, float] = field(default_factory=dict)
     twin_actors: int = 0
     trainer_actor: bool = False
     nodes: dict[str, str] = field(default_factory=dict)
@@ -168,7 +170,9 @@ class ExperimentRun:
         self.progress = progress
         self.echo = echo
         self.keep_checkpoint = keep_checkpoint
-        self.pipeline = pipeline or PipelineConfig(micro_batches=getattr(self.placement, "micro_batches", None))
+        self.pipeline = pipeline or PipelineConfig(
+            micro_batches=getattr(self.placement, "micro_batches", None),
+            untimed_micro_batches=getattr(self.placement, "untimed_micro_batches", None))
         self.policy = policy or FaultPolicy()
         self.trainer: Trainer | None = None
         self.tracker = None
@@ -436,6 +440,10 @@ class ExperimentRun:
                     f"{len(built.data.y_val)} validation, {len(built.data.y_test)} test; devices "
                     + ", ".join(f"{n} (x{len(r)})" if len(r) > 1 else n for n, r in built.refs.items())
                     + (f"; {counts['device_actors']} device actor(s) on Ray" if counts["device_actors"] else ""))
+        if tracker is not None and counts.get("instrument_waits"):
+            # what the run waited for instruments other runs held, beside what it measured
+            tracker.log_metrics({f"instrument_wait_s/{label}": s for label, s in counts["instrument_waits"].items()},
+                                step=0)
         fits: dict[str, TwinFit] = {}
         cal_samples = init_samples = 0
         if self.resume is not None:
@@ -532,6 +540,7 @@ class ExperimentRun:
                          run_id=tracker.run_id if tracker is not None else None,
                          run_dir=str(tracker.run_dir) if tracker is not None else None,
                          device_actors=counts["device_actors"], twin_actors=counts["twin_actors"],
+                         instrument_waits=dict(counts.get("instrument_waits", {})),
                          trainer_actor=counts["trainer_actor"], nodes=nodes, executor=dict(built.executor.stats),
                          checkpoint=checkpoint, **self._recalibration_figures(watch))
 

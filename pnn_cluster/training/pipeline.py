@@ -97,8 +97,11 @@ class PipelineConfig:
         :class:`~pnn_cluster.devices.spec.Timing` and ``call_overhead_s``
         (:func:`planned_micro_batches`): devices that take no time get the
         batch whole, slow ones pieces small enough to keep every stage busy.
-        Where a device declares no timing: ``2 x (stages + replicas of the
-        largest pool - 1)``, enough to keep every device busy.
+        Where a device declares no timing: ``untimed_micro_batches``, or when
+        that is None ``2 x (stages + replicas of the largest pool - 1)``,
+        enough to keep every device busy.
+    untimed_micro_batches: the count when ``micro_batches`` is None and some
+        device declares no timing (None: the fill above).
     call_overhead_s: what one call costs beyond the device's own time (a
         round trip to its actor, the trainer's share of the work around it);
         the 3 ms default is an actor round trip measured on a 2-core machine.
@@ -115,6 +118,7 @@ class PipelineConfig:
     schedule: str = "pipelined"
     micro_batches: int | None = None
     micro_batch: int | None = None
+    untimed_micro_batches: int | None = None
     depth: int = 2
     eval_micro_batch: int | None = None
     backward_batch: int | None = None
@@ -132,7 +136,7 @@ class PipelineConfig:
                 or not 0 <= self.call_overhead_s < 60:
             raise ValueError(f"PipelineConfig.call_overhead_s: must be a number of seconds in [0, 60), "
                              f"got {self.call_overhead_s!r}")
-        for name in ("micro_batches", "micro_batch", "eval_micro_batch", "backward_batch"):
+        for name in ("micro_batches", "micro_batch", "untimed_micro_batches", "eval_micro_batch", "backward_batch"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"PipelineConfig.{name}: must be None or an integer >= 1, got {v!r}")
@@ -232,7 +236,8 @@ class PipelineExecutor:
 
     def _fill(self, model: nn.Module, n: int) -> int:
         """Micro-batches for a batch of ``n`` (when the configuration gives none): planned from the devices'
-        declared timings (:func:`planned_micro_batches`), else 2 x (stages + largest pool - 1)."""
+        declared timings (:func:`planned_micro_batches`), else ``untimed_micro_batches`` or
+        2 x (stages + largest pool - 1)."""
         if self.config.micro_batches is not None:
             return self.config.micro_batches
         layers = [m for m in model if isinstance(m, PhysicalLayer) and m.mode != "in_silico"] \
@@ -243,6 +248,8 @@ class PipelineExecutor:
         if all(t is not None for t in timings):
             stages = [(t, len(self.pool(m).active)) for t, m in zip(timings, layers)]
             fill = planned_micro_batches(n, stages, self.config.call_overhead_s)
+        elif self.config.untimed_micro_batches is not None:
+            fill = self.config.untimed_micro_batches
         else:
             widest = max(len(self.pool(m).active) for m in layers)
             fill = 2 * (len(layers) + widest - 1)

@@ -112,6 +112,8 @@ def test_a_run_whose_instrument_another_run_holds_waits_says_who_holds_it_and_tr
     assert result.state == "finished" and result.steps == 2 * math.ceil(train / 20)  # every step of 2 epochs
     assert result.nodes == {"circuit": ray_cluster.lab_nodes[INSTRUMENT]}
     assert "is free after" in out.getvalue()
+    # what it waited is in its result too (what `pnn-cluster train --json` prints), not only in a line
+    assert set(result.instrument_waits) == {"circuit"} and result.instrument_waits["circuit"] > 0
 
 
 def test_the_connect_timeout_does_not_run_while_the_instrument_is_held_and_runs_once_it_is_free(ray_cluster, holder):

@@ -13,6 +13,8 @@ from pnn_cluster.config import parse_config
 from pnn_cluster.devices import DeviceError
 from pnn_cluster.runner import ExperimentRun, build_stack, device_recipes, load_data
 from pnn_cluster.runner.launch import InProcessLauncher
+from pnn_cluster.runner.placement import InProcessPlacement
+from pnn_cluster.runner.run import RunResult
 from pnn_cluster.training.trainer import Callback
 
 STEPS_PER_EPOCH = 3  # 110 training digits (10 of the 120 are the validation split) in batches of 40
@@ -247,3 +249,22 @@ def test_keep_best_without_a_validation_split_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match="schedule.keep"):
         parse_config({**TINY, "schedule": {**TINY["schedule"], "keep": "best"},
                       "dataset": {**TINY["dataset"], "val_fraction": 0.0}})
+
+
+class _WaitedPlacement(InProcessPlacement):
+    """In process, as a Ray placement reports a device that waited for an instrument another run held."""
+
+    def counts(self):
+        return {**super().counts(), "instrument_waits": {"circuit": 12.5}}
+
+
+def test_what_a_run_waited_for_its_instruments_is_in_its_result_and_in_mlflow(mlflow_store):
+    cfg = parse_config(dict(TINY, schedule={**TINY["schedule"], "epochs": 1}), source="tiny.yaml")
+    result = ExperimentRun(cfg, placement=_WaitedPlacement(), tracking={"tracking_uri": mlflow_store},
+                           echo=False).run()
+    assert result.state == "finished" and result.instrument_waits == {"circuit": 12.5}
+    assert result.summary()["instrument_waits"] == {"circuit": 12.5}
+    from mlflow import MlflowClient
+
+    assert MlflowClient(mlflow_store).get_run(result.run_id).data.metrics["instrument_wait_s/circuit"] == 12.5
+    assert RunResult("c", "pat", "finished", 0.5, 1, 1, 0, 0, 0, 1.0).instrument_waits == {}  # none: nothing

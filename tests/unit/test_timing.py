@@ -12,6 +12,7 @@ from pnn_cluster.devices import make_device
 from pnn_cluster.devices.lab import LABS
 from pnn_cluster.devices.spec import DeviceSpec, Timing
 from pnn_cluster.layers import PhysicalLayer, Rescale, Stack
+from pnn_cluster.runner.placement import InProcessPlacement
 from pnn_cluster.training.pipeline import PipelineConfig, PipelineExecutor, planned_micro_batches
 
 
@@ -90,5 +91,10 @@ def test_the_executor_plans_from_declared_timings_and_keeps_its_old_fill_without
     devices[1].spec = DeviceSpec(**{**devices[1].spec.__dict__, "timing": None})  # a device that declares none
     assert ex._fill(model, 64) == 2 * (2 + 1 - 1)
     assert PipelineExecutor(config=PipelineConfig(micro_batches=3))._fill(model, 64) == 3
+    # in one process: the same plan where every device declares its timing, the batch whole where one does not
+    in_process = PipelineConfig(micro_batches=InProcessPlacement.micro_batches,
+                                untimed_micro_batches=InProcessPlacement.untimed_micro_batches)
+    assert PipelineExecutor(config=in_process)._fill(model_slow, 64) == ex._fill(model_slow, 64) > 1
+    assert PipelineExecutor(config=in_process)._fill(model, 64) == 1
     with pytest.raises(ValueError, match="call_overhead_s"):
         PipelineConfig(call_overhead_s=-1)
