@@ -25,6 +25,7 @@ __all__ = ["FitResult", "fit_splits", "fit_twin", "evaluate_twin", "Calibration"
 DEFAULT_FIT: dict[str, dict[str, Any]] = {
     "physics": {"epochs": 30, "lr": 2e-2},
     "residual": {"epochs": 80, "lr": 1e-3, "warmup": 5},
+    "joint": {"epochs": 80, "lr": 1e-3, "warmup": 5},
     "mlp": {"epochs": 150, "lr": 2e-3},
     "structured": {"epochs": 40, "lr": 1e-2, "batch": 512},
 }
@@ -61,6 +62,9 @@ class FitResult:
     nmse_stop: float | None = None
     #: the epoch whose state was kept (1-based; the last one without early stopping)
     best_epoch: int | None = None
+    #: each stage that ran, in order: ``{"stage", "epochs", "nmse_stop", "kept"}`` (``nmse_stop``: its best
+    #: on the early-stopping samples, None without them; ``kept``: whether the fit went on from its state)
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ratio_to_floor(self) -> float:
@@ -69,7 +73,7 @@ class FitResult:
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "nmse_train": self.nmse_train, "nmse_val": self.nmse_val,
                 "noise_floor": self.noise_floor, "ratio_to_floor": self.ratio_to_floor, "seconds": self.seconds,
-                "nmse_stop": self.nmse_stop, "best_epoch": self.best_epoch}
+                "nmse_stop": self.nmse_stop, "best_epoch": self.best_epoch, "stages": list(self.stages)}
 
 
 def _pooled(samples: Samples, dtype: torch.dtype):
@@ -188,6 +192,7 @@ def fit_twin(twin: Twin, train: Samples, val: Samples | None = None, epochs: int
     nmse_stop = evaluate_twin(twin, stop) if stop is not None else None
     best_epoch = 0 if stop is not None else None
     moved: set[str] | None = None
+    ran: list[dict[str, Any]] = []
     stages = _stages(twin)
     if calibrated and len(stages) > 1:
         stages = stages[1:]
@@ -253,7 +258,9 @@ def fit_twin(twin: Twin, train: Samples, val: Samples | None = None, epochs: int
             bar.set_postfix(postfix)
             if stop is not None and waited >= patience:
                 break
+        epochs_run = len(history) - sum(r["epochs"] for r in ran)
         if stop is None:
+            ran.append({"stage": stage, "epochs": epochs_run, "nmse_stop": None, "kept": True})
             continue
         if best_state is not None:
             twin.load_state_dict(best_state)
@@ -261,7 +268,9 @@ def fit_twin(twin: Twin, train: Samples, val: Samples | None = None, epochs: int
                 nmse_stop = _shrink_to_mean(twin, stop)
         # what this stage learned stays only where it helps beyond chance on the stopping settings;
         # the next stage starts from whichever state that is
-        if best_state is None or not _better_beyond_chance(begin[3], _group_errors(twin, stop)):
+        kept = best_state is not None and _better_beyond_chance(begin[3], _group_errors(twin, stop))
+        ran.append({"stage": stage, "epochs": epochs_run, "nmse_stop": float(nmse_stop), "kept": kept})
+        if not kept:
             twin.load_state_dict(begin[0])
             nmse_stop, best_epoch = begin[1], begin[2]
     for p in movable.values():
@@ -272,7 +281,8 @@ def fit_twin(twin: Twin, train: Samples, val: Samples | None = None, epochs: int
     floor = held.noise_floor() if all(y.shape[0] > 1 for y in held.y) else float("nan")
     if best_epoch is None and history:
         best_epoch = len(history)
-    return FitResult(twin.kind, nmse_train, evaluate_twin(twin, held), floor, seconds, history, nmse_stop, best_epoch)
+    return FitResult(twin.kind, nmse_train, evaluate_twin(twin, held), floor, seconds, history, nmse_stop, best_epoch,
+                     ran)
 
 
 def _better_beyond_chance(before: np.ndarray, after: np.ndarray) -> bool:

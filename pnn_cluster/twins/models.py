@@ -324,9 +324,12 @@ class ResidualTwin(Twin):
 
     def fit_stages(self) -> list[tuple[str, tuple[str, ...] | None]]:
         """The physics model's constants first (a physics twin's fit), then the couplings and the MLP
-        around them (moved again at the correction's rate, constants of small natural scale would leave
-        their fitted values faster than the correction learns)."""
-        return [("physics", (CALIBRATION,)), ("residual", ("coupling.", "mlp."))]
+        around them with the constants held (moved at the correction's rate from the start, constants of
+        small natural scale would leave their fitted values faster than the correction learns), then
+        everything together from there (the constants settle where the correction leaves them: on the
+        pendula 2.09x -> 1.89x the floor, on SHG 1.16x -> 1.10x; seed 1, 20,000 samples). Each stage is
+        kept only where it helps on the stopping settings."""
+        return [("physics", (CALIBRATION,)), ("residual", ("coupling.", "mlp.")), ("joint", None)]
 
     def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         xin, pin = self.coupling.inputs(x, params)

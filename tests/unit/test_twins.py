@@ -184,10 +184,18 @@ def test_residual_twin_closes_what_the_physics_twin_cannot(realistic_shg):
     dev, fit_on, stop, val = realistic_shg
     floor = val.noise_floor()
     physics = fit_twin(build_twin("physics", dev.spec, dev.model()), fit_on, val, stop=stop, progress=False)
-    residual = fit_twin(build_twin("residual", dev.spec, dev.model()), fit_on, val, stop=stop, progress=False)
+    residual_twin = build_twin("residual", dev.spec, dev.model())
+    residual = fit_twin(residual_twin, fit_on, val, stop=stop, progress=False)
     assert physics.nmse_val > 2.5 * floor  # the model lacks physics no calibration constant reaches
     assert residual.nmse_val < 2.0 * floor
     assert residual.nmse_val < 0.5 * physics.nmse_val
+    # physics constants, then the couplings around them, then everything together; each stage said and kept
+    # only where it helped, so the fit ends at the last kept stage's state
+    assert [st["stage"] for st in residual.stages] == ["physics", "residual", "joint"]
+    assert residual.stages[1]["kept"]  # the couplings are what closes the gap
+    last_kept = [st for st in residual.stages if st["kept"]][-1]
+    assert residual.nmse_stop == pytest.approx(last_kept["nmse_stop"], rel=1e-6)
+    assert evaluate_twin(residual_twin, stop) == pytest.approx(residual.nmse_stop, rel=1e-5)
 
 
 def test_early_stopping_keeps_the_best_epoch_and_stops_when_it_no_longer_improves(realistic_shg):
