@@ -11,7 +11,8 @@ steps with the RayExecutor. Prints, with ``--json``, one line::
      "twin_offload": {"in_trainer_s": A, "twin_actors_s": B, "speedup": A/B},
      "demo_epoch": {"in_process_s": T1, "ray_s": T2, "ratio": T2/T1, ...},
      "lab_clock": {"factor": F, "step_over_bound": R, ...},
-     "scale": {...}, "contention": {...}}
+     "scale": {...}, "contention": {...},
+     "call_paths": {"actor_call_ms": A, "compiled_graph_ms": C, "ratio": A/C, ...}}
 
 - efficiency: the bottleneck bound (micro-batches per batch x 40 ms) over the
   measured time per batch (an optimizer step included). Filling and draining
@@ -41,6 +42,12 @@ steps with the RayExecutor. Prints, with ``--json``, one line::
   (``in_trainer_s``); with 2 twin actors each micro-batch's VJP goes to a free
   one as soon as it is measured, while the next is being measured
   (``twin_actors_s``). ``speedup`` is their ratio.
+- call_paths: what one round trip to an actor costs, a micro-batch of 16 x 16
+  there and its measurement back, by the path the executor takes (an actor
+  method call: submit, wait, fetch) and through a Ray compiled graph
+  (``ray.dag``'s ``experimental_compile``: shared-memory channels set up once,
+  the lever the executor does not use yet), alternated in rounds on one
+  stand-in actor that does no work. What a step could save per device call.
 
 Run on an idle machine for stable figures; ``--address`` joins a running
 cluster instead of starting a local Ray.
@@ -79,7 +86,7 @@ from pnn_cluster.twins.versions import twin_digest
 
 STAGES_MS = (20, 40, 10)
 #: the figures, in the order they are measured (``--sections``)
-SECTIONS = ("pipeline", "replicas", "overhead", "offload", "demo", "lab_clock", "scale", "contention")
+SECTIONS = ("pipeline", "replicas", "overhead", "offload", "demo", "lab_clock", "scale", "contention", "call_paths")
 WIDTH = 16
 OPTIONS = {"n_in": WIDTH, "n_out": WIDTH}
 
@@ -298,6 +305,43 @@ def lab_clock_figures(factor: float = 1.0, steps: int = 4) -> dict[str, Any]:
             "micro_batches_per_step": result.executor.get("micro_batches", 0) / max(1, result.steps)}
 
 
+@ray.remote(num_cpus=0)
+class _Echo:
+    """A stand-in device actor that takes no time: what is left of a call is the path to it and back."""
+
+    def measure(self, x: np.ndarray) -> np.ndarray:
+        return x * 2.0
+
+
+def call_path_figures(calls: int = 200, rounds: int = 3) -> dict[str, Any]:
+    """Round trip of one micro-batch by an actor method call and by a compiled graph, alternated."""
+    from ray.dag import InputNode
+
+    x = np.random.default_rng(0).random((16, WIDTH))
+    plain_actor, graph_actor = _Echo.remote(), _Echo.remote()
+    with InputNode() as inp:
+        graph = graph_actor.measure.bind(inp).experimental_compile()
+    plain, compiled = [], []
+    try:
+        ray.get(plain_actor.measure.remote(x))
+        ray.get(graph.execute(x))
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                ray.get(plain_actor.measure.remote(x))
+            plain.append((time.perf_counter() - t0) / calls)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                ray.get(graph.execute(x))
+            compiled.append((time.perf_counter() - t0) / calls)
+    finally:
+        graph.teardown()
+        kill([plain_actor, graph_actor])
+    a, c = statistics.median(plain), statistics.median(compiled)
+    return {"actor_call_ms": round(a * 1e3, 3), "compiled_graph_ms": round(c * 1e3, 3), "ratio": round(a / c, 3),
+            "calls": calls, "rounds": rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print one JSON line (and nothing else on stdout)")
@@ -348,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             result["scale"] = bench_lab_scale.scale_figures()
         if "contention" in sections:
             result["contention"] = bench_lab_scale.contention_figures()
+    if "call_paths" in sections:
+        result["call_paths"] = call_path_figures()
     if args.json:
         print(json.dumps(result))
     else:
