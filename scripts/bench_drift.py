@@ -56,7 +56,8 @@ Runs are Ray tasks, ``--workers`` at a time (one CPU each); ``--workers 0`` runs
 ``--merge FILE`` prints FILE's result (a committed ``docs/bench_drift.json``) with what this run measured in
 place of what it held: each policy run replaces that policy's figures in its scenario, the detection and
 false-alarm figures are replaced only where ``monitor`` ran, the ablation only where it ran, and the targets
-are judged again on the whole; ``merged`` lists what was replaced. Progress goes to stderr.
+are judged again on the whole; ``merged`` lists what was replaced, by this merge and the file's earlier ones.
+Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -391,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         base = json.loads(Path(args.merge).read_text())
         merged, replaced = merge(base["scenarios"], summary, policies)
-        result = {**base, "scenarios": merged, "merged": replaced}
+        # a scenario merged again says what this merge replaced; the others keep what earlier merges said
+        result = {**base, "scenarios": merged, "merged": {**base.get("merged", {}), **replaced}}
         summary = merged
     print(json.dumps({**result, "targets": targets(summary)}), flush=True)
     return 0
