@@ -324,6 +324,18 @@ class Pool:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
             self._ray = ray
 
+    def call(self, key: tuple, fn, args: tuple, jobs: dict, done: dict, record) -> None:
+        """``fn(*args)`` under ``key``, unless ``done`` holds it: here and now when ``workers`` is 0, its result
+        kept in ``done`` and recorded at once (a benchmark stopped midway loses only the run it was in), else
+        submitted as a task into ``jobs`` for :meth:`gather`."""
+        if key in done:  # the log already holds it
+            return
+        if not self.workers:
+            done[key] = fn(*args)
+            record(key, done[key])
+            return
+        jobs[key] = self.submit(fn, *args)
+
     def submit(self, fn, *args):
         if not self.workers:
             return fn(*args)
@@ -335,11 +347,7 @@ class Pool:
     def gather(self, jobs: dict, done: dict, record) -> dict:
         """Every job's result as it finishes (``record(key, result)`` keeps it at once); ``done`` are kept ones."""
         out = dict(done)
-        if not self.workers:  # submit already ran them: the "refs" are the results
-            for key, result in jobs.items():
-                if key not in done:
-                    out[key] = result
-                    record(key, result)
+        if not self.workers:  # nothing is left: the caller ran each call here as it was submitted
             return out
         waiting = {ref: key for key, ref in jobs.items() if key not in done}
         while waiting:
@@ -419,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs: dict[tuple, Any] = {}
 
     def submit(key: tuple, fn, *fn_args) -> None:
-        if key not in done:  # the log already holds it
-            jobs[key] = pool.submit(fn, *fn_args)
+        pool.call(key, fn, fn_args, jobs, done, record)
 
     tasks = [t for t in args.tasks.split(",") if t] if "tasks" in sections else []
     runs_of = {name: args.vowel_runs if name == "shg_vowels" else seeds for name in tasks}

@@ -45,11 +45,22 @@ def test_every_finished_run_is_logged_and_a_rerun_skips_it(bench, tmp_path):
             fh.write(json.dumps({"key": list(key), "result": result}) + "\n")
 
     pool = bench.Pool(0)  # in this process
-    jobs = {("task", "t", "pat", 0): {"test_acc": 0.5}, ("twins", "shg"): {"noise_floor": 0.01}}
-    out = pool.gather(jobs, {("logistic", "t"): {"test_acc": 0.4}}, record)
-    assert set(out) == {*jobs, ("logistic", "t")} and kept == list(jobs)
+    runs = {("task", "t", "pat", 0): {"test_acc": 0.5}, ("twins", "shg"): {"noise_floor": 0.01}}
+    jobs, done = {}, {("logistic", "t"): {"test_acc": 0.4}}
+
+    def fails():
+        raise KeyboardInterrupt  # the benchmark stopped midway
+
+    for key, result in runs.items():
+        pool.call(key, lambda r=result: r, (), jobs, done, record)
+    pool.call(("logistic", "t"), fails, (), jobs, done, record)  # in the log already: not run again
+    with pytest.raises(KeyboardInterrupt):
+        pool.call(("sweep", 0.5, "pat", 0), fails, (), jobs, done, record)
+    # what finished before the stop is in the log at once, not only when everything has run
     lines = [json.loads(x) for x in log.read_text().splitlines()]
-    assert [tuple(x["key"]) for x in lines] == list(jobs)
+    assert [tuple(x["key"]) for x in lines] == list(runs) == kept
+    out = pool.gather(jobs, done, record)
+    assert set(out) == {*runs, ("logistic", "t")} and kept == list(runs)
     assert bench.mean_sd([0.5, 0.7]) == {"mean": pytest.approx(0.6), "sd": pytest.approx(0.1414, abs=1e-4),
                                          "n": 2, "values": [0.5, 0.7]}
 
