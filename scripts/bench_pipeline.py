@@ -6,6 +6,7 @@ leaves of that), with digital rescaling between them, trained for a few
 steps with the RayExecutor. Prints, with ``--json``, one line::
 
     {"stages_ms": [20, 40, 10], "efficiency": E, "speedup_vs_sequential": S,
+     "efficiency_ceiling": C, "step_breakdown_ms": {...},
      "replica_scaling": {"1": 1.0, "2": R2, "4": R4}, "overhead_ratio_zero_latency": O,
      "overhead_planned": {"ratio": O2, "micro_batches": M},
      "twin_offload": {"in_trainer_s": A, "twin_actors_s": B, "speedup": A/B},
@@ -17,6 +18,15 @@ steps with the RayExecutor. Prints, with ``--json``, one line::
 - efficiency: the bottleneck bound (micro-batches per batch x 40 ms) over the
   measured time per batch (an optimizer step included). Filling and draining
   the pipeline once per step costs (20 + 10) ms of it, inherently.
+- efficiency_ceiling: the bound over the bound plus filling and draining (a step's first micro-batch waits
+  20 ms before the bottleneck starts, its last 10 ms after): what a step without any other cost would reach.
+- step_breakdown_ms: where the pipelined step's time goes beyond the bound, per step (means over the timed
+  steps): ``fill_drain_ms`` (above), ``device_overrun_ms`` (the bottleneck device's own busy time past
+  32 x 40 ms: the simulation's sleep overshoots), ``device_idle_ms`` (the bottleneck idle while the batch is
+  measured, fill and drain aside: each call's turnaround in its actor and the first and last round trips),
+  ``backward_ms`` (the backward pass once the batch is measured) and ``rest_ms`` (the optimizer step and the
+  trainer's bookkeeping). Read from the executor's ``measure_s``/``backward_s`` stats and the device
+  actor's ``busy_s``.
 - speedup_vs_sequential: the same stack, executor and devices run one
   micro-batch at a time (``PipelineConfig(schedule="sequential")``).
 - replica_scaling: throughput with 1, 2 and 4 replicas of the 40 ms device,
@@ -56,6 +66,7 @@ cluster instead of starting a local Ray.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import json
@@ -120,11 +131,15 @@ def trainer_for(model: Stack, executor, batch: int, micro: int) -> Trainer:
     return Trainer(model, data, cfg, executor=executor, progress=False)
 
 
-def seconds_per_step(trainer: Trainer, steps: int, warmup: int = 1) -> float:
+def seconds_per_step(trainer: Trainer, steps: int, warmup: int = 1, warm: Any = None) -> float:
+    """The median seconds of ``steps`` optimizer steps after ``warmup`` untimed ones (``warm()`` is called
+    between them)."""
     x = torch.as_tensor(trainer.data.x_train, dtype=torch.get_default_dtype())
     y = torch.as_tensor(trainer.data.y_train)
     times = []
     for i in range(warmup + steps):
+        if i == warmup and warm is not None:
+            warm()
         t0 = time.perf_counter()
         trainer.step(x, y)
         if i >= warmup:
@@ -146,13 +161,39 @@ def pipeline_figures(micro_batches: int, micro: int, steps: int) -> dict[str, fl
     try:
         devices = [ActorDevice(a) for a in actors]
         batch = micro_batches * micro
-        out = {}
+        bottleneck = actors[STAGES_MS.index(max(STAGES_MS))]
+        out, seen = {}, {}
+
+        def warm() -> None:  # after the warm-up step: the timed steps' totals start here
+            seen.update(stats=collections.Counter(ex.stats), busy=ray.get(bottleneck.health.remote())["busy_s"])
+
         for schedule, n in (("pipelined", steps), ("sequential", max(2, steps // 2))):
             ex = RayExecutor(config=PipelineConfig(schedule=schedule))
-            out[schedule] = seconds_per_step(trainer_for(stack_of(devices), ex, batch, micro), n)
+            out[schedule] = seconds_per_step(trainer_for(stack_of(devices), ex, batch, micro), n, warm=warm)
+            if schedule == "pipelined":
+                busy = ray.get(bottleneck.health.remote())["busy_s"] - seen["busy"]
+                done = collections.Counter(ex.stats)
+                done.subtract(seen["stats"])
+                timed = max(1, done["steps"])
+                parts = {"measure_s": done["measure_s"] / timed, "backward_s": done["backward_s"] / timed,
+                         "bottleneck_busy_s": busy / timed}
         bound = micro_batches * max(STAGES_MS) / 1e3
+        fill = (sum(STAGES_MS) - max(STAGES_MS)) / 1e3
+        # where the pipelined step's time beyond the bound goes, per step (means over the timed steps)
+        breakdown = {
+            "fill_drain_ms": fill * 1e3,  # the other stages' time for the first and the last micro-batch
+            # the bottleneck device's own time past its 40 ms per call (a simulation's sleep overshoots)
+            "device_overrun_ms": (parts["bottleneck_busy_s"] - bound) * 1e3,
+            # the bottleneck idle while measurements are under way: the calls' turnaround in its actor, and
+            # the first and last calls' round trips
+            "device_idle_ms": (parts["measure_s"] - parts["bottleneck_busy_s"] - fill) * 1e3,
+            "backward_ms": parts["backward_s"] * 1e3,  # the batch's backward pass through the twins
+            # the optimizer step and the trainer's bookkeeping (medians and means differ: may be slightly off)
+            "rest_ms": (out["pipelined"] - parts["measure_s"] - parts["backward_s"]) * 1e3,
+        }
         return {"efficiency": bound / out["pipelined"], "speedup_vs_sequential": out["sequential"] / out["pipelined"],
-                "pipelined_s": out["pipelined"], "sequential_s": out["sequential"], "bound_s": bound}
+                "pipelined_s": out["pipelined"], "sequential_s": out["sequential"], "bound_s": bound,
+                "ceiling": bound / (bound + fill), "breakdown": {k: round(v, 1) for k, v in breakdown.items()}}
     finally:
         kill(actors)
 
@@ -369,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     if "pipeline" in sections:
         pipe = pipeline_figures(args.micro_batches, args.micro_batch, args.steps)
         result.update(efficiency=round(pipe["efficiency"], 3),
-                      speedup_vs_sequential=round(pipe["speedup_vs_sequential"], 3))
+                      speedup_vs_sequential=round(pipe["speedup_vs_sequential"], 3),
+                      efficiency_ceiling=round(pipe["ceiling"], 3), step_breakdown_ms=pipe["breakdown"])
     if "replicas" in sections:
         reps = replica_figures(args.micro_batches, args.micro_batch, args.steps)
         result["replica_scaling"] = {k: round(v, 3) for k, v in reps.items()}

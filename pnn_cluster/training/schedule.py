@@ -138,14 +138,20 @@ class BatchRun:
             self._plan_stream()
 
     def go(self) -> None:
+        t0 = time.perf_counter()
         with torch.no_grad():
             self._measure()
         if self.loss_fn is not None:
+            t1 = time.perf_counter()
             if self.stream:
                 self._apply_streamed_grads()
             else:
                 with torch.set_grad_enabled(self.grad):
                     self._backward()
+            # where a training step's time goes (the executor's stats, a run's `executor` figures): waiting for
+            # the batch's measurements (and, streamed, its twins' VJPs), then the backward pass after them
+            self.ex.stats["measure_s"] += t1 - t0
+            self.ex.stats["backward_s"] += time.perf_counter() - t1
 
     # -- measuring ---------------------------------------------------------------------------
 

@@ -120,6 +120,20 @@ def test_schedules_give_the_in_process_gradients(float64, schedule):
     assert ex.stats["calls"] == 2 * 4  # 4 micro-batches on each of 2 stages
 
 
+def test_a_training_step_says_where_its_time_went_and_evaluation_adds_nothing(float64):
+    ex = PipelineExecutor()
+    model = make_stack([GainDevice(1.0), GainDevice(0.8)])
+    x, y = batch()
+    grads_of(ex, model, x, y)
+    first = {k: ex.stats[k] for k in ("measure_s", "backward_s")}
+    assert first["measure_s"] > 0 and first["backward_s"] > 0
+    with torch.no_grad():
+        ex.evaluate(model, x)
+    assert {k: ex.stats[k] for k in first} == first
+    grads_of(ex, model, x, y)
+    assert all(ex.stats[k] > first[k] for k in first)  # totals over the steps, per executor
+
+
 @pytest.mark.parametrize("backward_batch", [None, 6])
 def test_replicas_and_backward_chunks_give_the_in_process_gradients(float64, backward_batch):
     x, y = batch(20)
@@ -305,6 +319,35 @@ def test_device_worker_serves_each_callers_calls_in_the_order_sent(float64):
     measured = [float(x[0, 0]) * 100 for x in worker.device.log]
     assert measured == pytest.approx(list(range(60)))
     assert worker.device.stats["param_writes"] == 1
+
+
+def test_ticketed_calls_run_one_at_a_time_in_order_raise_in_their_caller_and_a_lost_predecessor_is_waited_for_once():
+    import concurrent.futures
+
+    from pnn_cluster.training.workers import InTurn
+
+    runner = InTurn("dev", wait_s=30.0)  # far beyond how long the calls below take to be handed over
+    order, inside = [], []
+
+    def work(k, fail=False):
+        inside.append(k)
+        assert len(inside) == 1, inside  # one call at a time
+        order.append(k)
+        inside.remove(k)
+        if fail:
+            raise DeviceError(f"call {k} failed")
+        return k
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:  # a thread per call, as Ray's are
+        # sent in order 1..6, handed over in reverse: each waits for the one before it
+        calls = [pool.submit(runner.run, ("s", k, k - 1), lambda k=k: work(k, fail=k == 4)) for k in range(6, 0, -1)]
+        outcomes = [c.exception() or c.result() for c in calls[::-1]]
+    assert order == [1, 2, 3, 4, 5, 6]
+    assert [str(o) if isinstance(o, Exception) else o for o in outcomes] == [1, 2, 3, "call 4 failed", 5, 6]
+    # a call whose predecessor was served by a process before a restart: it goes on after wait_s, not forever
+    assert InTurn("restarted", wait_s=0.05).run(("r", 8, 7), lambda: work(8)) == 8
+    runner.close()
+    assert runner.run(("s", 7, 6), lambda: work(7)) == 7  # closed: a later call starts it again
 
 
 def test_restarted_device_gets_the_parameters_again_mid_step(float64):
