@@ -60,11 +60,12 @@ def curve_figure(steps: Mapping[str, list[tuple[int, float]]], epochs: Mapping[s
         (ax2 if "acc" in name else ax1).plot(s, v, marker="o", label=name)
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
-    ax1.legend(fontsize=7)
     ax2.set_xlabel("step")
     ax2.set_ylabel("accuracy")
     ax2.set_ylim(0, 1)
-    ax2.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:  # a run stopped before its first epoch has no accuracy yet
+            ax.legend(fontsize=7)
     fig.suptitle("training curve (validation accuracy measured on the physical devices)", fontsize=9)
     fig.tight_layout()
     return fig
