@@ -228,6 +228,38 @@ def record_region(task: str, layer: str, seed: int, quick: bool) -> Any:
     return region[layer], run.test_acc
 
 
+def sequential_figures(system: str, fresh, best_twin, best: str, val, budget: int, seed: int, quick: bool = False,
+                       plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A sequential calibration of kind ``best`` on ``fresh`` (a copy of the device: its own noise), in rounds,
+    until it reaches ``best_twin``'s NMSE or spends ``budget`` device samples. Half the held-out settings
+    ``val`` decide when it has (judged against the best twin's NMSE there), the other half report it: the round
+    that first dips below the target is not also the one scored. ``plan``: settings in place of the
+    benchmark's (``scripts/search_sequential.py``)."""
+    from pnn_cluster.twins import build_twin, evaluate_twin
+    from pnn_cluster.twins.sequential import SequentialPlan, calibrate_sequential
+
+    decide, report = val.split(0.5, seed=seed + 2)
+    target = evaluate_twin(best_twin, decide)
+    fresh.noise_stream("sequential calibration")
+    curve: list[list[float]] = []
+
+    def reached(twin, n: int) -> bool:
+        score = evaluate_twin(twin, decide)
+        curve.append([n, score, evaluate_twin(twin, report)])
+        log(f"twins {system}: sequential {best} twin at {n} device samples: NMSE {score:.3e} (target {target:.3e})")
+        return score <= target
+
+    plan_ = SequentialPlan(**{**SEQUENTIAL_BENCH, **(SEQUENTIAL_QUICK if quick else {}), "budget": budget,
+                              "batch": 16, **(plan or {})})
+    seq = calibrate_sequential(build_twin(best, fresh.spec, fresh.model()), plan_, device=fresh, seed=seed + 3,
+                               stop=reached, progress=False)
+    done = seq.reason == "the caller's stopping rule"
+    return {"samples": seq.device_samples if done else None, "nmse": evaluate_twin(seq.twin, report),
+            "target": evaluate_twin(best_twin, report), "kind": best, "reached": done, "budget": plan_.budget,
+            "curve": curve, "seconds": seq.seconds, "nmse_all_val": evaluate_twin(seq.twin, val),
+            "plan": plan_.as_dict()}
+
+
 def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epochs: int | None,
               quick: bool = False) -> dict[str, Any]:
     """Every twin kind on one simulated system's samples: NMSE on held-out settings and the floor; the same on
@@ -236,10 +268,9 @@ def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epo
     import torch
 
     from pnn_cluster.devices import make_device
-    from pnn_cluster.twins import build_twin, collect, evaluate_twin, fit_twin, models
+    from pnn_cluster.twins import build_twin, collect, fit_twin, models
     from pnn_cluster.twins.fit import fit_splits
     from pnn_cluster.twins.operating import measure_region, region_figures
-    from pnn_cluster.twins.sequential import SequentialPlan, calibrate_sequential
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -284,30 +315,7 @@ def fit_twins(system: str, options: dict[str, int], samples: int, seed: int, epo
                         "task_test_acc": acc}
     out["operating"]["best_ratio"] = out["operating"][best] / out["operating"]["noise_floor"]
 
-    # sequential calibration of the best kind, on a fresh copy of the device (its own noise), until it reaches
-    # the best twin's NMSE. Half the held-out settings decide when it has (judged against the best twin's NMSE
-    # there), the other half report it: the round that first dips below the target is not also the one scored.
-    decide, report = val.split(0.5, seed=seed + 2)
-    target = evaluate_twin(twins[best], decide)
-    fresh = same_device()
-    fresh.noise_stream("sequential calibration")
-    curve: list[list[float]] = []
-
-    def reached(twin, n: int) -> bool:
-        score = evaluate_twin(twin, decide)
-        curve.append([n, score, evaluate_twin(twin, report)])
-        log(f"twins {system}: sequential {best} twin at {n} device samples: NMSE {score:.3e} (target {target:.3e})")
-        return score <= target
-
-    plan = SequentialPlan(**{**SEQUENTIAL_BENCH, **(SEQUENTIAL_QUICK if quick else {}), "budget": samples // 2,
-                             "batch": batch})
-    seq = calibrate_sequential(build_twin(best, device.spec, model), plan, device=fresh, seed=seed + 3,
-                               stop=reached, progress=False)
-    done = seq.reason == "the caller's stopping rule"
-    out["sequential"] = {"samples": seq.device_samples if done else None, "nmse": evaluate_twin(seq.twin, report),
-                         "target": evaluate_twin(twins[best], report), "kind": best, "reached": done,
-                         "budget": plan.budget, "curve": curve, "seconds": seq.seconds,
-                         "nmse_all_val": evaluate_twin(seq.twin, val), "plan": plan.as_dict()}
+    out["sequential"] = sequential_figures(system, same_device(), twins[best], best, val, samples // 2, seed, quick)
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -246,6 +246,7 @@ class SequentialTwinConfig(Section):
     repeats: Annotated[int, Field(**_SB["repeats"])] = _SEQ.repeats
     near: Annotated[float, Field(**_SB["near"])] = _SEQ.near
     spread: Annotated[float, Field(**_SB["spread"])] = _SEQ.spread
+    stop_share: Annotated[float, Field(**_SB["stop_share"])] = _SEQ.stop_share
     cold: bool = _SEQ.cold
 
     def plan(self, batch: int) -> SequentialPlan:

@@ -55,7 +55,7 @@ SEQUENTIAL_BOUNDS: dict[str, dict[str, float]] = {
     "growth": {"gt": 0.0, "le": 10.0}, "ensemble": {"ge": 2, "le": 16}, "candidates": {"ge": 1, "le": 100},
     "round_epochs": {"ge": 1, "le": 100_000}, "first_epochs": {"ge": 0, "le": 100_000},
     "repeats": {"ge": 1, "le": 100}, "batch": {"ge": 1, "le": 100_000},
-    "near": {"ge": 0.0, "le": 1.0}, "spread": {"ge": 0.0, "le": 1.0},
+    "near": {"ge": 0.0, "le": 1.0}, "spread": {"ge": 0.0, "le": 1.0}, "stop_share": {"ge": 0.0, "le": 0.5},
 }
 
 
@@ -89,6 +89,9 @@ class SequentialPlan:
     batch: int = 16
     near: float = 0.0
     spread: float = 0.05
+    #: the share of the measured groups the kept twin stops early on beside the held-out set, drawn afresh each
+    #: round (0: the held-out set alone; every measured group is then fitted on)
+    stop_share: float = STOP_FRACTION
 
     def __post_init__(self) -> None:
         for name, bounds in SEQUENTIAL_BOUNDS.items():
@@ -175,9 +178,9 @@ def _bootstrap(samples: Samples, rng: np.random.Generator) -> Samples:
     return samples.subset(rng.integers(0, len(samples), size=len(samples)))
 
 
-def _rotate(samples: Samples, rng: np.random.Generator) -> tuple[Samples, Samples]:
-    """A random :data:`~pnn_cluster.twins.fit.STOP_FRACTION` of the groups apart (none when too few)."""
-    n_stop = int(round(STOP_FRACTION * len(samples)))
+def _rotate(samples: Samples, rng: np.random.Generator, share: float = STOP_FRACTION) -> tuple[Samples, Samples]:
+    """A random ``share`` of the groups apart (none when too few)."""
+    n_stop = int(round(share * len(samples)))
     if n_stop < 2 or len(samples) - n_stop < 2:
         return samples, Samples([], [], [])
     order = rng.permutation(len(samples))
@@ -243,7 +246,7 @@ def calibrate_sequential(twin: Twin, plan: SequentialPlan, device: Device | None
                 # afresh each round (every measured setting is fitted on in most rounds): a fit keeps the
                 # state it began from unless it beats it clearly there, which a few held-out settings
                 # alone can rarely show once the twin is close
-                data, apart = _rotate(train, rng)
+                data, apart = _rotate(train, rng, plan.stop_share)
                 early = holdout + apart
             else:
                 # the others run every epoch on their draws, so that they do differ where data are thin

@@ -61,6 +61,32 @@ def test_it_stops_at_its_budget_having_measured_every_sample_it_counts():
     assert (fit.source, fit.device_samples, fit.nmse_val) == ("sequential", res.device_samples, res.nmse)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3])
+def test_the_kept_twin_stops_early_on_the_held_out_set_and_its_share_of_the_measured_groups(monkeypatch, share):
+    from pnn_cluster.twins import sequential
+
+    seen = []
+
+    def recording(twin, data, val, stop=None, **kw):
+        if stop is not None:  # the kept twin's fit (the ensemble's others run every epoch on bootstrap draws)
+            seen.append((len(data), len(stop)))
+        return fit(twin, data, val, stop=stop, **kw)
+
+    fit = sequential.fit_twin
+    monkeypatch.setattr(sequential, "fit_twin", recording)
+    device = _device()
+    plan = SequentialPlan(budget=400, factor=0.0, stop_share=share, **{**TINY, "initial_groups": 10})
+    res = calibrate_sequential(build_twin("physics", device.spec, device.model()), plan, device=device, seed=2,
+                               progress=False)
+    groups = [r["groups"] for r in res.rounds]
+    assert len(seen) == len(groups) >= 2
+    for (fitted, stopped), n in zip(seen, groups):
+        apart = int(round(share * n))
+        assert (fitted, stopped) == (n - apart, 3 + apart)  # the 3 held-out settings, and the share apart
+    with pytest.raises(ValueError, match=r"SequentialPlan.stop_share must be a number >= 0 and <= 0.5, got 0.6"):
+        SequentialPlan(stop_share=0.6)
+
+
 def test_it_stops_once_the_held_out_error_is_within_its_factor_of_the_floor():
     device = _device()
     twin = build_twin("physics", device.spec, device.model())
