@@ -254,6 +254,14 @@ class Framer:
             if self._discarding:
                 self._pos = i + 1
                 continue
+            if self._text_bytes + i > self.max_message_bytes:
+                # the text before this quote or block header already passed the cap: the same error as when the
+                # stream was cut just before it (judged before the header, whatever the header holds)
+                events.append(ScpiError(-223, f"message longer than {self.max_message_bytes} bytes without a "
+                                              "newline; dropped up to the next newline"))
+                del text[:i]
+                self._discard_message(0)
+                continue
             if c in (0x22, 0x27):  # a quoted string: '#' inside it is text; a newline still ends the message
                 j = text.find(bytes([c]), i + 1)
                 nl = text.find(b"\n", i + 1, j if j >= 0 else len(text))  # only up to the quote: linear time
@@ -268,8 +276,7 @@ class Framer:
                 continue
             # '#': a block, or a non-decimal number (#H1F) that the parser judges later
             if i + 1 >= len(text):
-                self._pos = i
-                self._check_length(events)
+                self._pos = i  # the text before it is within the cap (above), the header at most 11 bytes
                 return
             d = text[i + 1]
             if d == 0x30:
@@ -284,9 +291,9 @@ class Framer:
             digits = bytes(text[i + 2: i + 2 + n])
             if i + 2 + n > len(text) and (not digits or digits.isdigit()):
                 # the length's digits still arriving (a non-digit among those here is an error now, not a wait:
-                # a newline there would otherwise hold the message, and the ones after it, for good)
+                # a newline there would otherwise hold the message, and the ones after it, for good); judged
+                # once the header is whole, as when it arrives in one piece
                 self._pos = i
-                self._check_length(events)
                 return
             if not digits.isdigit():
                 # named up to its first non-digit: the same error however the stream was cut

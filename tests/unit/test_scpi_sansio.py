@@ -281,3 +281,14 @@ def test_a_newline_where_a_blocks_length_digits_belong_ends_the_message_with_an_
         errors = [e for e in events if isinstance(e, ScpiError)]
         assert len(errors) == 1 and errors[0].code == -161 and "b'\\n'" in errors[0].detail, events
         assert isinstance(events[-1], Message) and events[-1].parts == [b"*OPC?"]
+
+
+@pytest.mark.parametrize("before", [398, 399, 400, 401])
+def test_text_over_the_cap_before_a_bad_block_header_is_one_error_however_the_stream_is_cut(before):
+    # found by the fuzz test: whole, the header's bad digit was judged first (-161); cut, the text's length (-223)
+    stream = b"9" * before + b"#1\n"
+    caps = {"max_block_bytes": FUZZ_BLOCK, "max_message_block_bytes": FUZZ_BLOCKS, "max_message_bytes": FUZZ_TEXT}
+    whole = fuzz_events(Framer(**caps), [stream])
+    assert whole == [("error", -223 if before > FUZZ_TEXT else -161)]
+    for cut in range(len(stream) + 1):
+        assert fuzz_events(Framer(**caps), [stream[:cut], stream[cut:]]) == whole, cut
