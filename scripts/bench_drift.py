@@ -35,19 +35,23 @@ groups of 64 inputs, two repeats); the figure is the NMSE of the device whose tw
 calibration, ``twin_nmse_first`` that device's NMSE at calibration and ``twin_nmse_end_ratio`` the worst
 end/first ratio (mean over seeds). ``device_samples``: training's measurements; ``recalibration_samples``:
 those spent on the twins during training (exploratory samples of refinements, their checks over the whole
-range and widened refinements, full recalibrations). ``ablation``: the same stack with fixed digital maps in
-place of the devices (what the physical layers add). ``detection_delay_steps``: with ``monitor``, from the
-step in which the change happened (the device's own record of its step change) or, for slow drift, from the
-first step at which the twin's error, averaged over 25 steps, has grown by the detector's ``rise`` over its
-warm-up baseline, to the first alarm (median over seeds and devices; null if never). ``false_alarms``:
-``monitor`` alarms on a device that did not change (no drift: every device; the step change: the other device,
-and the bumped one before its bump), summed over seeds and devices (``monitor`` raises one every few steps
-while the error stays high), and ``false_alarm_device_runs``: how many of the ``device_runs`` (seeds x
-devices) had any. With slow drift every device drifts: none is false, and ``alarms_before_onset`` counts those
-before the error had grown by ``rise``.
+range and widened refinements, full recalibrations, references measured again at alarms). ``ablation``: the
+same stack with fixed digital maps in place of the devices (what the physical layers add).
+``detection_delay_steps``: with ``monitor``, from the step in which the change happened (the device's own
+record of its step change) or, for slow drift, from the first step at which the twin's error, averaged over 25
+steps, has grown by the detector's ``rise`` over its warm-up baseline, to the first alarm (median over seeds
+and devices; null if never). ``false_alarms``: ``monitor`` alarms on a device that did not change (no drift:
+every device; the step change: the other device, and the bumped one before its bump), summed over seeds and
+devices (``monitor`` raises one every few steps while the error stays high), and ``false_alarm_device_runs``:
+how many of the ``device_runs`` (seeds x devices) had any. With slow drift every device drifts: none is false,
+and ``alarms_before_onset`` counts those before the error had grown by ``rise``. An alarm whose reference
+(what the device measured when the baseline was set, measured again) shows the device unchanged is not taken
+as drift (the twin is off where training has moved): ``region_alarms`` counts those, and they count neither as
+detections nor as false alarms.
 
-``none`` and ``monitor`` make the same device calls and draw the same noise (watching measures nothing
-and changes no gradient), so their runs are the same: ``none`` is run for the first ``--none-seeds``
+``none`` and ``monitor`` make the same device calls and draw the same noise (watching changes no gradient;
+a reference measured again at an alarm draws its noise from a stream of its own), so their runs are the same
+unless an alarm's reference samples move a step change's sample clock: ``none`` is run for the first ``--none-seeds``
 seeds (default 1) and checked equal to ``monitor`` there (``none_equals_monitor``); for the other seeds
 its figures are ``monitor``'s (``none_runs`` says how many were run).
 
@@ -222,10 +226,14 @@ def summarise(scenario: str, runs: list[dict], warmup: int, rise: float) -> dict
     if ablation:
         out["ablation"] = {"test_acc": statistics.fmean(ablation),
                            "test_acc_sd": statistics.stdev(ablation) if len(ablation) > 1 else 0.0}
-    delays, false_alarms, false_runs, early = [], 0, 0, 0
+    delays, false_alarms, false_runs, early, region = [], 0, 0, 0, 0
     for r in (r for r in runs if r["policy"] == "monitor"):
         for device, watch in (r["recalibration"] or {}).items():
-            alarms = watch["alarm_steps"]
+            # an alarm whose reference measured as before is not taken as drift (the twin is off where training
+            # moved): counted apart, neither a detection nor a false alarm of drift
+            not_drift = set(watch.get("region_steps", []))
+            region += len(not_drift)
+            alarms = [a for a in watch["alarm_steps"] if a not in not_drift]
             changed = r["changes"].get(device)
             if scenario == "no_drift" or (scenario in STEP_SIZE and not changed):
                 false = alarms  # nothing changed on this device: every alarm is a false one
@@ -248,6 +256,7 @@ def summarise(scenario: str, runs: list[dict], warmup: int, rise: float) -> dict
     out["detections"] = len(delays)
     out["false_alarms"] = None if scenario == "slow_drift" else false_alarms
     out["false_alarm_device_runs"] = None if scenario == "slow_drift" else false_runs
+    out["region_alarms"] = region
     if scenario == "slow_drift":
         out["alarms_before_onset"] = early
     out["device_runs"] = sum(len(r["recalibration"] or {}) for r in runs if r["policy"] == "monitor")

@@ -344,7 +344,9 @@ class RecalibrationConfig(Section):
     a drift reported), ``refine`` (refined online from what training measures, swapped in at a step boundary)
     or ``pause`` (the device recalibrated in full, training waiting). The rest tune the detector and the
     refinement (``check_groups``, ``widen_*``: an accepted refinement checked over the whole range, and widened
-    when it is still far off there); the defaults suit a device measured thousands of times per step.
+    when it is still far off there; ``reference_rows``, ``confirm_share``: a reference measured again at an alarm,
+    which tells a device that drifted from a twin that is off where training has moved); the defaults suit a
+    device measured thousands of times per step.
     """
 
     policy: Literal[POLICIES] = _RECAL.policy
@@ -361,6 +363,8 @@ class RecalibrationConfig(Section):
     widen_factor: Annotated[float, Field(**_RB["widen_factor"])] = _RECAL.widen_factor
     widen_groups: Annotated[int, Field(**_RB["widen_groups"])] = _RECAL.widen_groups
     widen_fraction: Annotated[float, Field(**_RB["widen_fraction"])] = _RECAL.widen_fraction
+    reference_rows: Annotated[int, Field(**_RB["reference_rows"])] = _RECAL.reference_rows
+    confirm_share: Annotated[float, Field(**_RB["confirm_share"])] = _RECAL.confirm_share
 
     def settings(self) -> Recalibration:
         return Recalibration(**self.model_dump())

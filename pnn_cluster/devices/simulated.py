@@ -230,7 +230,9 @@ class SimulatedDevice(Device):
                 z = torch.randn(c.shape, generator=gap_rng, dtype=c.dtype)
                 c.add_(self.imperfections.gap * spread * z)
         self._noise_rng = np.random.default_rng(seed)
-        self._noise_streams: dict[str, np.random.Generator] = {}
+        #: the purpose whose stream the noise is drawn from now ("default": the device's first stream)
+        self.noise_purpose = "default"
+        self._noise_streams: dict[str, np.random.Generator] = {"default": self._noise_rng}
         self._drift_rng = torch.Generator().manual_seed(20_011 + seed)
         # a generator of their own: adding a step change leaves the walk's draws as they were
         self._step_rng = torch.Generator().manual_seed(30_011 + seed)
@@ -359,6 +361,7 @@ class SimulatedDevice(Device):
             stream = self._noise_streams[purpose] = np.random.default_rng(
                 np.random.SeedSequence([self.imperfections.seed, key]))
         self._noise_rng = stream  # a purpose taken up again continues its stream where it stopped
+        self.noise_purpose = purpose
 
     def _quantise(self, y: np.ndarray, bits: int) -> np.ndarray:
         lo, hi = self.output_range

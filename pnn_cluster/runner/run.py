@@ -550,7 +550,8 @@ class ExperimentRun:
             return {}
         summary = watch.summary()
         history = {label: s.pop("history") for label, s in summary.items()}
-        spent = sum(s["explore_samples"] + s["recalibration_samples"] for s in summary.values())
+        spent = sum(s["explore_samples"] + s["recalibration_samples"] + s["reference_samples"]
+                    for s in summary.values())
         for label, s in summary.items():
             s["versions_log"] = [r for r in watch.records if r["device"] == label]
         return {"recalibration": summary, "drift_history": history, "recalibration_samples": spent}

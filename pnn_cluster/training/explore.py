@@ -1,6 +1,7 @@
 """Where a refinement's exploratory device samples are drawn: parameters around the current ones, within the
 device's limits, and inputs from the rows training sent; or, to check a refit beyond training's region, over each
-parameter's and the input's whole range (see :mod:`~pnn_cluster.training.recalibration`)."""
+parameter's and the input's whole range (see :mod:`~pnn_cluster.training.recalibration`); or, to measure a
+reference again, the very setting and inputs measured before."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AroundParams", "FromRows", "OverInputs", "OverRange"]
+__all__ = ["AroundParams", "AtSetting", "FromRows", "OverInputs", "OverRange", "TheseRows"]
 
 
 class AroundParams:
@@ -81,3 +82,25 @@ class OverInputs:
         if math.isfinite(self.low) and math.isfinite(self.high):
             return rng.uniform(self.low, self.high, size=(n, self.size))
         return self.rows(rng, n)
+
+
+class AtSetting:
+    """One parameter setting, every time (a reference measured again)."""
+
+    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+        self.params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
+
+    def __call__(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.params.items()}
+
+
+class TheseRows:
+    """These input rows, in order (a reference measured again: row for row what was measured before)."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = np.array(rows, dtype=np.float64)
+
+    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if n != len(self.rows):
+            raise ValueError(f"TheseRows: asked for {n} rows; it holds {len(self.rows)}")
+        return self.rows.copy()

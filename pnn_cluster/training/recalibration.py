@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 
 from pnn_cluster.training.backends import Backend, LocalTwinHandle, ThreadBackend
-from pnn_cluster.training.explore import AroundParams, FromRows, OverInputs, OverRange
+from pnn_cluster.training.explore import AroundParams, AtSetting, FromRows, OverInputs, OverRange, TheseRows
 from pnn_cluster.training.recalibration_policies import POLICIES, Action, RecalibrationPolicy, policy_for
 from pnn_cluster.training.trainer import Callback
 from pnn_cluster.training.workers import TwinWorker
@@ -94,7 +94,10 @@ BOUNDS: dict[str, dict[str, float]] = {
     "explore_spread": {"ge": 0.0, "le": 1.0}, "epochs": {"ge": 1, "le": 100_000},
     "widen_factor": {"ge": 1.0, "le": 1e6}, "widen_fraction": {"ge": 0.0, "le": 1.0},
     "check_groups": {"ge": 0, "le": 10_000}, "widen_groups": {"ge": 1, "le": 100_000},
+    "reference_rows": {"ge": 0, "le": 1_000_000}, "confirm_share": {"ge": 0.0, "le": 1000.0},
 }
+#: standard errors by which a reference's change must exceed what its noise alone gives to count
+REFERENCE_SIGNIFICANCE = 3.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,15 @@ class Recalibration:
     widen_groups: settings spread over the whole range a widened refinement measures at most.
     widen_fraction: checks and widened refinements measure at most this fraction of the samples training
         measured on the device so far (a budget of their own, beside ``explore_fraction``'s).
+    reference_rows: rows of a reference kept when the detector sets its baseline (that step's parameters and
+        inputs, and what the device measured): at an alarm they are measured again, and only a device that
+        no longer measures as it did there has drifted; 0: every alarm is taken as drift.
+    confirm_share: an alarm is drift when the device's own change at the reference (the power of the
+        difference between then and now beyond their noise, over the noise power) accounts for at least this
+        share of the rise the detector is set to catch (``(rise - 1)`` x the baseline ratio), and stands
+        :data:`REFERENCE_SIGNIFICANCE` standard errors above what noise alone gives. Otherwise the device is
+        as it was: training has moved to settings its twin predicts less well (the policy's
+        ``on_region_alarm`` decides; a policy that does not refine sets a new baseline there).
 
     The refinement's defaults (16 groups, 50 epochs) were chosen offline on bumped SHG optics of seeds
     other than the benchmark's: with 8 groups and 10 epochs a refit left a bumped twin's error over the
@@ -142,6 +154,8 @@ class Recalibration:
     widen_factor: float = 1.5
     widen_groups: int = 128
     widen_fraction: float = 0.05
+    reference_rows: int = 64
+    confirm_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -246,6 +260,17 @@ class WatchedReplica:
     widen_due: int | None = None
     #: each range check of an accepted refinement: (step, its NMSE over the range / the first calibration's)
     range_checks: list[tuple[int, float]] = field(default_factory=list)
+    #: what the device measured when the detector set its baseline: (step, inputs, parameters, outputs)
+    reference: tuple[int, np.ndarray, dict[str, np.ndarray], np.ndarray] | None = None
+    #: device samples spent measuring references again
+    reference_samples: int = 0
+    #: each reference measured again at an alarm: (step, the device's change there over its noise power,
+    #: the change that counts as drift, whether it did)
+    confirmations: list[tuple[int, float, float, bool]] = field(default_factory=list)
+    #: alarms the reference did not confirm (the device measured as before: the twin is off where training is)
+    region_steps: list[int] = field(default_factory=list)
+    #: the step at which the reference in use showed drift (later alarms against it are drift unmeasured)
+    drift_confirmed: int | None = None
     history: list[tuple[int, float]] = field(default_factory=list)
     buffer: collections.deque = field(default_factory=collections.deque)
     buffered_rows: int = 0
@@ -275,12 +300,19 @@ class WatchedReplica:
         import torch
 
         source = self.pending_info.get("source") if self.pending is not None else None
+        ref = self.reference
         due = self.pending_info.get("since") if source == "refine" else self.refine_due
         widen_due = self.pending_info.get("since") if source == "widen" else self.widen_due
         return {"detector": self.detector.state_dict(), "version": self.version, "versions": self.versions,
                 "trained_rows": self.trained_rows, "explore_samples": self.explore_samples,
                 "widen_samples": self.widen_samples, "widen_due": widen_due,
                 "range_checks": [[int(step), float(r)] for step, r in self.range_checks],
+                "reference": None if ref is None else [
+                    ref[0], torch.from_numpy(ref[1]), {k: torch.from_numpy(v) for k, v in ref[2].items()},
+                    torch.from_numpy(ref[3])],
+                "reference_samples": self.reference_samples, "region_steps": list(self.region_steps),
+                "drift_confirmed": self.drift_confirmed,
+                "confirmations": [[int(st), float(c), float(n), bool(ok)] for st, c, n, ok in self.confirmations],
                 "recalibration_samples": self.recalibration_samples, "alarm_steps": list(self.alarm_steps),
                 "noise_floor": _plain(self.noise_floor), "nmse": _plain(self.nmse),
                 "output_var": _plain(self.output_var),
@@ -304,12 +336,40 @@ class WatchedReplica:
         self.widen_samples = int(state.get("widen_samples", 0))
         self.widen_due = state.get("widen_due")
         self.range_checks = [(int(step), float(r)) for step, r in state.get("range_checks", [])]
+        ref = state.get("reference")
+        self.reference = None if ref is None else (
+            int(ref[0]), _array(ref[1]), {k: _array(v) for k, v in ref[2].items()}, _array(ref[3]))
+        self.reference_samples = int(state.get("reference_samples", 0))
+        self.region_steps = [int(st) for st in state.get("region_steps", [])]
+        self.drift_confirmed = state.get("drift_confirmed")
+        self.confirmations = [(int(st), float(c), float(n), bool(ok))
+                              for st, c, n, ok in state.get("confirmations", [])]
         self.history = [(int(step), float(r)) for step, r in state.get("history", [])]
         self.buffer = collections.deque(
             (int(step), _array(x), {k: _array(v) for k, v in params.items()}, _array(y))
             for step, x, params, y in state.get("buffer", []))
         self.buffered_rows = sum(e[3].shape[0] for e in self.buffer)
         self.repause = bool(state.get("paused", False))
+
+
+def reference_change(y_then: np.ndarray, y_now: np.ndarray, noise: NoiseModel | None,
+                     noise_per_value: float) -> tuple[float, float]:
+    """How much a device changed between two measurements of the same inputs at the same setting: the
+    power of their difference beyond what the noise of both gives, over the noise power of one (``0`` when
+    nothing changed, whatever the noise), and its standard error when nothing changed.
+
+    Each measurement carries its noise (``noise`` at its outputs, or ``noise_per_value`` on each value), so
+    the difference carries both: ``D = |y_now - y_then|^2 / (noise(y_now) + noise(y_then))`` is about 1 for
+    a device that has not changed, with a standard deviation of ``sqrt(2 / n)`` for ``n`` values (normal
+    noise); a change of power ``delta^2`` per value adds ``delta^2 / (2 sigma^2)``. The figure returned is
+    ``2 (D - 1)``, in units of the noise power (what the change adds to a twin's error over the floor)."""
+    y_then, y_now = np.asarray(y_then, dtype=np.float64), np.asarray(y_now, dtype=np.float64)
+    if noise is not None:
+        expected = noise.power(y_now) + noise.power(y_then)
+    else:
+        expected = 2.0 * noise_per_value * y_now.size
+    d = float(((y_now - y_then) ** 2).sum()) / max(expected, 1e-300)
+    return 2.0 * (d - 1.0), 2.0 * math.sqrt(2.0 / max(y_now.size, 1))
 
 
 def _plain(v: float | None) -> float | None:
@@ -359,9 +419,9 @@ class RecalibrationWatch(Callback):
         w._sq += float((r * r).sum())
         w._ys.append(y)
         w.trained_rows += y.shape[0]
-        if w.policy.keeps_inputs:
-            w._xs.append(np.array(x, dtype=np.float64))
-            w._params = params
+        # the inputs and parameters: a refinement fits to them, and a reference keeps them
+        w._xs.append(np.array(x, dtype=np.float64))
+        w._params = params
 
     # -- the trainer callback ----------------------------------------------------------------------------
 
@@ -413,6 +473,8 @@ class RecalibrationWatch(Callback):
                         "versions": w.versions, "trained_rows": w.trained_rows,
                         "explore_samples": w.explore_samples, "widen_samples": w.widen_samples,
                         "range_checks": list(w.range_checks), "recalibration_samples": w.recalibration_samples,
+                        "reference_samples": w.reference_samples, "region_steps": list(w.region_steps),
+                        "confirmations": list(w.confirmations),
                         "history": list(w.history)}
                 for label, w in self.watched.items()}
 
@@ -433,10 +495,11 @@ class RecalibrationWatch(Callback):
         sq = w._sq
         nmse = sq / ys.size / max(w.output_var or float(ys.var()), 1e-30)
         noise = w.noise.power(ys) if w.noise is not None else 0.0
-        if w._xs:
-            # one group per step: the step's micro-batches were measured with the same parameters
-            w.buffer.append((step, np.concatenate(w._xs), {k: np.array(v) for k, v in w._params.items()},
-                             np.concatenate(w._ys)))
+        # one group per step: the step's micro-batches were measured with the same parameters
+        group = (step, np.concatenate(w._xs), {k: np.array(v) for k, v in w._params.items()},
+                 np.concatenate(w._ys)) if w._xs else None
+        if group is not None and w.policy.keeps_inputs:
+            w.buffer.append(group)
             w.buffered_rows += ys.shape[0]
             while w.buffered_rows > w.settings.buffer_rows and len(w.buffer) > 1:
                 w.buffered_rows -= w.buffer.popleft()[3].shape[0]
@@ -444,7 +507,13 @@ class RecalibrationWatch(Callback):
         if not (math.isfinite(nmse) and nmse > 0 and w.noise_floor > 0):
             return
         ratio = sq / noise if noise > 0 else nmse / w.noise_floor
+        was_ready = w.detector.ready
         alarm = w.detector.update(ratio)
+        if w.detector.ready and not was_ready and group is not None and w.settings.reference_rows > 0:
+            # the baseline is set: what the device measures now, at these settings, is the reference
+            n = w.settings.reference_rows
+            w.reference = (step, group[1][:n].copy(), group[2], group[3][:n].copy())
+            w.drift_confirmed = None
         if w.detector.statistic == 0.0 and not alarm:
             w.zero_step = step
         w.history.append((step, ratio))
@@ -455,13 +524,38 @@ class RecalibrationWatch(Callback):
         if alarm:
             w.alarm_steps.append(step)
             metrics[f"{key}/alarm"] = 1.0
-            self._alarm(w, step, ratio)
+            self._alarm(w, step, ratio, metrics)
         metrics[f"{key}/alarms"] = float(len(w.alarm_steps))
+        metrics[f"{key}/region_alarms"] = float(len(w.region_steps))
 
-    def _alarm(self, w: WatchedReplica, step: int, ratio: float) -> None:
+    def _alarm(self, w: WatchedReplica, step: int, ratio: float, metrics: dict[str, float]) -> None:
         base = math.exp(w.detector.mu0) if w.detector.mu0 is not None else float("nan")
-        what = (f"twin of {w.label} has drifted from its device at step {step}: its error is {ratio:.2f} x the "
-                f"noise floor, {ratio / base:.2f} x its baseline of {base:.2f} (CUSUM alarm {len(w.alarm_steps)})")
+        risen = (f"its error is {ratio:.2f} x the noise floor, {ratio / base:.2f} x its baseline of {base:.2f} "
+                 f"(CUSUM alarm {len(w.alarm_steps)})")
+        confirmed = self._confirm(w, step, base, metrics)
+        if confirmed is False:
+            change, needed = w.confirmations[-1][1:3]
+            w.region_steps.append(step)
+            decision = w.policy.on_region_alarm(w, step)
+            line = (f"twin of {w.label} is further from its device at step {step}: {risen}; but the device measures "
+                    f"at step {w.reference[0]}'s setting as it did then (a change of {change:.2f} x its noise power; "
+                    f"drift is {needed:.2f} or more): training has moved where the twin predicts less well, not "
+                    f"drift; {decision.reason}")
+            if decision.action is Action.REFINE:
+                self.report(f"-- {line}")
+                w.refine_due = decision.since
+            else:
+                if decision.action is Action.WARN:
+                    self.report(f"-- warning: {line}")
+                    w.last_warned = step
+                # the twin's error in this region is the new normal: a baseline (and a reference) set afresh
+                w.detector.rebaseline()
+                w.reference = None
+            return
+        what = f"twin of {w.label} has drifted from its device at step {step}: {risen}"
+        if confirmed and w.drift_confirmed == step:
+            what += (f"; at step {w.reference[0]}'s setting the device changed by {w.confirmations[-1][1]:.2f} x "
+                     f"its noise power")
         decision = w.policy.on_alarm(w, step)
         if decision.action is Action.WARN:
             self.report(f"-- warning: {what}; {decision.reason}")
@@ -473,6 +567,27 @@ class RecalibrationWatch(Callback):
             self._pause(w, step, what)
         else:
             log.debug("%s: alarm at step %d, nothing done: %s", w.label, step, decision.reason)
+
+    def _confirm(self, w: WatchedReplica, step: int, base: float, metrics: dict[str, float]) -> bool | None:
+        """Measure the reference again: whether the device itself changed (None: no reference to ask)."""
+        ref = w.reference
+        if ref is None or w.settings.reference_rows < 1 or not math.isfinite(base):
+            return None
+        if w.drift_confirmed is not None:
+            return True  # a device that changed does not change back unasked: no need to measure it again
+        ref_step, x, params, y_then = ref
+        fresh = w.collect(groups=1, batch=len(x), repeats=1, seed=self.seed + 7_368_787 + step,
+                          sample_params=AtSetting(params), sample_inputs=TheseRows(x), purpose="drift reference")
+        w.reference_samples += fresh.device_samples
+        y_now = np.asarray(fresh.y[0][0], dtype=np.float64).reshape(y_then.shape)
+        change, se = reference_change(y_then, y_now, w.noise, w.noise_floor * (w.output_var or float(y_then.var())))
+        needed = max(w.settings.confirm_share * (w.settings.rise - 1.0) * base, REFERENCE_SIGNIFICANCE * se)
+        confirmed = bool(change > needed)
+        w.confirmations.append((step, change, needed, confirmed))
+        if confirmed:
+            w.drift_confirmed = step
+        metrics[f"drift/{w.label}/reference_change"] = change
+        return confirmed
 
     # -- refinement ------------------------------------------------------------------------------------
 

@@ -68,6 +68,12 @@ class RecalibrationPolicy:
         """The decision about an alarm at ``step`` on ``w``'s detector."""
         return Decision(Action.NOTHING, f"policy {self.name}: alarms change nothing")
 
+    def on_region_alarm(self, w: WatchedReplica, step: int) -> Decision:
+        """The decision about an alarm that its reference did not confirm: the device measures as it did when
+        the baseline was set, so the twin's error rose because training moved to settings it predicts less
+        well. Unless the decision is to refine, the watch then sets a new baseline (and reference)."""
+        return Decision(Action.NOTHING, f"policy {self.name}: a new baseline is set")
+
     def on_range_check(self, w: WatchedReplica, step: int, ratio: float, since: int) -> Decision:
         """The decision about an accepted refinement whose NMSE over the whole range is ``ratio`` x the first
         calibration's (``since``: the step the change it answers began)."""
@@ -91,6 +97,9 @@ class MonitorPolicy(RecalibrationPolicy):
         if w.last_warned is not None and step - w.last_warned < max(self.quiet_steps, w.settings.warmup):
             return Decision(Action.NOTHING, f"warned at step {w.last_warned} already")
         return Decision(Action.WARN, "policy monitor: nothing changed")
+
+    def on_region_alarm(self, w: WatchedReplica, step: int) -> Decision:
+        return Decision(Action.WARN, "policy monitor: a new baseline is set")
 
 
 class RefinePolicy(RecalibrationPolicy):
@@ -118,6 +127,14 @@ class RefinePolicy(RecalibrationPolicy):
             return Decision(Action.NOTHING, f"a refinement from step {w.refine_due} is due")
         return Decision(Action.REFINE, "the twin drifted: policy refine", since=w.zero_step)
 
+    def on_region_alarm(self, w: WatchedReplica, step: int) -> Decision:
+        # the twin is off where training works: a refinement there is what helps (a recalibration over the
+        # whole range would not), from when its error began to rise
+        decision = self.on_alarm(w, step)
+        if decision.action is Action.REFINE:
+            return Decision(Action.REFINE, "policy refine: refining it where training works", since=decision.since)
+        return decision
+
 
 class PausePolicy(RecalibrationPolicy):
     """``pause``: recalibrate the device in full, unless its recalibration is already running."""
@@ -128,6 +145,10 @@ class PausePolicy(RecalibrationPolicy):
         if w.pending is not None:
             return Decision(Action.NOTHING, "its recalibration is running")
         return Decision(Action.PAUSE, "the twin drifted: policy pause")
+
+    def on_region_alarm(self, w: WatchedReplica, step: int) -> Decision:
+        return Decision(Action.WARN, "policy pause: no recalibration (the device has not changed); a new "
+                                     "baseline is set")
 
 
 #: the policies a configuration may name (``devices.NAME.recalibration.policy``), in the order they are listed

@@ -113,14 +113,30 @@ def collect(
     sample_params: ParamSampler | None = None,
     sample_inputs: InputSampler | None = None,
     progress: bool = True,
+    purpose: str | None = None,
 ) -> Samples:
     """Measure ``groups`` random parameter settings, each on ``batch`` random inputs, ``repeats`` times.
 
     Inputs and parameters are drawn within the device's limits (uniformly by
     default), so collection never asks the hardware for anything it refuses.
+    ``purpose``: the device's noise stream for these samples (:meth:`Device.noise_stream`); the stream in
+    use before is taken up again after them, so a check between training steps leaves training's noise
+    as it was (a simulation's; real hardware has the noise it has).
     """
     if groups < 1 or batch < 1 or repeats < 1:
         raise ValueError(f"collect: groups, batch and repeats must be >= 1, got {groups}, {batch}, {repeats}")
+    before = getattr(device, "noise_purpose", None)
+    if purpose is not None:
+        device.noise_stream(purpose)
+    try:
+        return _collect(device, groups, batch, repeats, seed, sample_params, sample_inputs, progress)
+    finally:
+        if purpose is not None and before is not None:
+            device.noise_stream(before)
+
+
+def _collect(device: Device, groups: int, batch: int, repeats: int, seed: int, sample_params: ParamSampler | None,
+             sample_inputs: InputSampler | None, progress: bool) -> Samples:
     rng = np.random.default_rng(seed)
     sample_params = sample_params or uniform_params(device)
     sample_inputs = sample_inputs or uniform_inputs(device)

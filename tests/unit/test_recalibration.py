@@ -151,8 +151,87 @@ def test_monitor_raises_no_alarm_without_drift_and_one_soon_after_a_step_change(
     assert s.watched.alarm_steps and s.watched.alarm_steps[0] <= 83, s.watched.alarm_steps
     assert any("policy monitor: nothing changed" in r for r in s.records if isinstance(r, str))
     assert all(torch.equal(v, state[k]) for k, v in s.twin.state_dict().items())  # monitor changes nothing
+    # the reference kept at the end of the warm-up, measured again, says the device itself changed
+    step, change, needed, confirmed = s.watched.confirmations[0]
+    assert confirmed and change > needed and s.watched.region_steps == []
+    assert s.watched.reference[0] == 20 and s.watched.reference_samples == 32
     assert s.metrics[-1]["drift/gain/alarms"] >= 1
     s.close()
+
+
+class Kinked(NoisyGain):
+    """Its response steepens beyond g = 1.5, which its twin (``a tanh(g x)``) does not know: exact where the
+    baseline is set (g = 1), off where training may go later."""
+
+    def measure(self, x, params):
+        g = params["g"]
+        self.asked.append(np.array(g))
+        return self.a * np.tanh(np.minimum(g, 1.5) * x + 0.5 * np.maximum(g - 1.5, 0.0) * x) \
+            + NOISE * self.rng.standard_normal(x.shape)
+
+
+@pytest.mark.parametrize("policy", ["monitor", "pause"])
+def test_an_alarm_where_the_device_measures_as_it_did_is_not_drift_and_sets_a_new_baseline(float64, policy):
+    s = Setup(policy, dev=Kinked(1.0))
+    for _ in range(30):
+        s.step()
+    assert s.watched.reference is not None and s.watched.reference[0] == 20 and s.watched.alarm_steps == []
+    with torch.no_grad():
+        s.layer.theta["g"].fill_(3.0)  # training has moved where the twin is off; the device has not changed
+    for _ in range(15):
+        s.step()
+        if s.watched.alarm_steps:
+            break
+    w = s.watched
+    assert w.alarm_steps and w.region_steps == w.alarm_steps
+    step, change, needed, confirmed = w.confirmations[0]
+    assert not confirmed and change < needed
+    lines = [r for r in s.records if isinstance(r, str)]
+    assert any("not drift" in line and "a new baseline is set" in line for line in lines), lines
+    # no recalibration for a device that has not changed: the baseline and the reference are set afresh
+    assert w.version == 0 and w.recalibration_samples == 0 and w.reference_samples == 32
+    assert not w.detector.ready and w.reference is None
+    assert s.metrics[-1]["drift/gain/region_alarms"] == 1.0
+    for _ in range(25):
+        s.step()
+    assert w.detector.ready and w.reference is not None and w.reference[0] > step
+    assert np.allclose(w.reference[2]["g"], 3.0) and len(w.alarm_steps) == 1  # the new region is the new normal
+    s.close()
+
+
+def test_a_reference_measured_again_leaves_trainings_noise_stream_as_it_was():
+    from pnn_cluster.devices import make_device
+    from pnn_cluster.training.explore import AtSetting, TheseRows
+
+    x = np.random.default_rng(0).uniform(0, 1, (8, 6))
+    outs = []
+    for check in (False, True):
+        dev = make_device("circuit", n_in=6, n_out=6)
+        dev.noise_stream("training")
+        dev.set_params({"drive": np.zeros(6)})
+        first = dev.forward(x)
+        if check:
+            ref = collect(dev, groups=1, batch=8, repeats=1, sample_params=AtSetting({"drive": np.zeros(6)}),
+                          sample_inputs=TheseRows(x), progress=False, purpose="drift reference")
+            assert dev.noise_purpose == "training"
+            assert not np.array_equal(ref.y[0][0], first)  # a measurement of its own, with noise of its own
+            dev.set_params({"drive": np.zeros(6)})
+        outs.append((first, dev.forward(x)))
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+def test_the_change_at_a_reference_is_its_power_beyond_the_noise_in_units_of_the_noise():
+    from pnn_cluster.training.recalibration import NoiseModel, reference_change
+
+    rng = np.random.default_rng(1)
+    y = rng.uniform(0.2, 1.0, (64, 24))
+    sigma = 0.01
+    then = y + sigma * rng.standard_normal(y.shape)
+    same, se = reference_change(then, y + sigma * rng.standard_normal(y.shape), None, sigma**2)
+    assert abs(same) < 3 * se and se == pytest.approx(2 * np.sqrt(2 / y.size))
+    shifted = y + 2 * sigma * rng.choice([-1.0, 1.0], y.shape)  # a change of power 4 sigma^2 on every value
+    change, _ = reference_change(then, shifted + sigma * rng.standard_normal(y.shape), NoiseModel(sigma**2, 0.0), 0.0)
+    assert change == pytest.approx(4.0, abs=0.4)
 
 
 def test_refine_fits_a_copy_beside_training_and_swaps_it_in_on_every_copy_at_a_step_boundary(float64):
@@ -212,6 +291,12 @@ def test_a_resumed_watch_has_its_buffer_and_history_and_asks_again_for_the_refin
         np.testing.assert_array_equal(x0, x1)
         np.testing.assert_array_equal(y0, y1)
         np.testing.assert_array_equal(p0["g"], p1["g"])
+    # the reference and what it said go on too
+    assert w.reference[0] == before.reference[0] and w.confirmations == before.confirmations
+    assert w.drift_confirmed == before.drift_confirmed is not None and w.reference_samples == before.reference_samples
+    np.testing.assert_array_equal(w.reference[1], before.reference[1])
+    np.testing.assert_array_equal(w.reference[3], before.reference[3])
+    np.testing.assert_array_equal(w.reference[2]["g"], before.reference[2]["g"])
     for _ in range(50):
         r.step()
         if w.pending is not None:
@@ -251,7 +336,8 @@ def test_pause_takes_only_the_drifted_replica_out_of_its_pool_and_the_other_trai
 
     def held(dev):
         def measure(**kw):
-            assert go.wait(timeout=60)  # the recalibration waits until the test has seen training go on
+            if kw.get("purpose") is None:  # the reference measured again at the alarm is not held
+                assert go.wait(timeout=60)  # the recalibration waits until the test has seen training go on
             return collect(dev, progress=False, **kw)
         return measure
 
