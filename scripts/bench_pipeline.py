@@ -36,6 +36,11 @@ steps with the RayExecutor. Prints, with ``--json``, one line::
   the in-process one (SequentialExecutor, devices in this process), both with
   devices that take no time, batch 256 in micro-batches of 32 (8 calls per
   device and step: what each call through an actor costs).
+- overhead_runner_always: the same, alternated with it on the same actors,
+  with every call that waits for its turn handed to the device actor's runner
+  thread (``DeviceWorker.set_handover(0)``), as before calls were timed: by
+  default a device whose calls take under ``InTurn.HANDOVER_S`` runs waiting
+  calls on their own threads.
 - overhead_planned: the same with the micro-batch count left to the executor
   (planned from the devices' declared timing: for devices that take no time,
   one call per step): the overhead of the default path.
@@ -91,7 +96,7 @@ from pnn_cluster.layers import Affine, PhysicalLayer, Rescale, Stack
 from pnn_cluster.runner import DeviceRecipe
 from pnn_cluster.training.pipeline import PipelineConfig, Replica, TwinPool
 from pnn_cluster.training.trainer import SequentialExecutor, TrainConfig, Trainer
-from pnn_cluster.training.workers import twin_payload
+from pnn_cluster.training.workers import InTurn, twin_payload
 from pnn_cluster.twins import build_twin
 from pnn_cluster.twins.versions import twin_digest
 
@@ -216,7 +221,8 @@ def replica_figures(micro_batches: int, micro: int, steps: int) -> dict[str, flo
         kill(actors)
 
 
-def overhead_ratio(steps: int, batch: int = 256, micro: int | None = 32, rounds: int = 8) -> dict[str, float]:
+def overhead_ratio(steps: int, batch: int = 256, micro: int | None = 32, rounds: int = 8,
+                   handover_arm: bool = False) -> dict[str, float]:
     local = [recipe(0.0, i).build() for i in range(len(STAGES_MS))]
     in_process = trainer_for(stack_of(local), SequentialExecutor(), batch, micro)
     actors = [start(0.0, seed=i) for i in range(len(STAGES_MS))]
@@ -224,16 +230,25 @@ def overhead_ratio(steps: int, batch: int = 256, micro: int | None = 32, rounds:
         remote = [ActorDevice(a) for a in actors]
         ex = RayExecutor()
         distributed = trainer_for(stack_of(remote), ex, batch, micro)
-        # steps take tens of ms: alternate short blocks so both see the same load on a shared machine
-        t_local, t_ray = [], []
+        # steps take tens of ms: alternate short blocks so all see the same load on a shared machine; the third
+        # arm has every waiting call handed to the device actors' runner threads, whatever the calls take
+        t_local, t_ray, t_runner = [], [], []
         for _ in range(rounds):
             t_local.append(seconds_per_step(in_process, steps, warmup=1))
             t_ray.append(seconds_per_step(distributed, steps, warmup=1))
+            if handover_arm:
+                ray.get([a.set_handover.remote(0.0) for a in actors])
+                t_runner.append(seconds_per_step(distributed, steps, warmup=1))
+                ray.get([a.set_handover.remote(InTurn.HANDOVER_S) for a in actors])
     finally:
         kill(actors)
     t_local_s, t_ray_s = statistics.median(t_local), statistics.median(t_ray)
-    return {"ratio": t_ray_s / t_local_s, "in_process_s": t_local_s, "distributed_s": t_ray_s,
-            "micro_batches": ex.stats["micro_batches"] / max(1, ex.stats["steps"])}
+    out = {"ratio": t_ray_s / t_local_s, "in_process_s": t_local_s, "distributed_s": t_ray_s,
+           "micro_batches": ex.stats["micro_batches"] / max(1, ex.stats["steps"])}
+    if t_runner:
+        out["runner_always_s"] = statistics.median(t_runner)
+        out["ratio_runner_always"] = out["runner_always_s"] / t_local_s
+    return out
 
 
 class SlowSHGModel(SHGModel):
@@ -416,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         reps = replica_figures(args.micro_batches, args.micro_batch, args.steps)
         result["replica_scaling"] = {k: round(v, 3) for k, v in reps.items()}
     if "overhead" in sections:
-        over = overhead_ratio(args.steps)
+        over = overhead_ratio(args.steps, handover_arm=True)
         planned = overhead_ratio(args.steps, micro=None)
         result["overhead_ratio_zero_latency"] = round(over["ratio"], 3)
+        # the same actors with every waiting call handed to their runner threads (as before calls were timed)
+        result["overhead_runner_always"] = round(over["ratio_runner_always"], 3)
         result["overhead_planned"] = {"ratio": round(planned["ratio"], 3), "micro_batches": planned["micro_batches"]}
     if "offload" in sections:
         offload = twin_offload_figures(args.steps)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -106,6 +107,14 @@ class DeviceWorker:
         if ticket is None:
             return self._measure(x, params, version)
         return self._in_turn.run(ticket, lambda: self._measure(x, params, version))
+
+    def set_handover(self, seconds: float) -> None:
+        """Hand waiting calls to the runner's thread while the device's calls take ``seconds`` or more
+        (:class:`InTurn`; 0: always, ``inf``: never)."""
+        seconds = float(seconds)
+        if not seconds >= 0:
+            raise ValueError(f"handover: {seconds!r} s; allowed: >= 0 (0: always hand over, inf: never)")
+        self._in_turn.handover_s = seconds
 
     def _measure(self, x: np.ndarray, params: Mapping[str, Any] | None, version: str | None) -> np.ndarray | None:
         with self._lock:
@@ -194,25 +203,39 @@ class InTurn:
     sent (0 if not). Calls arrive on several threads at once (an actor takes a
     call's arguments while the last one is measured, and threads start in any
     order). A call that finds the device idle and nothing waiting runs at once
-    on its own thread; one that arrives while another runs hands its work to
-    the runner's thread and waits. The runner starts the next call whose turn
-    it is the moment the last one ends: the device does not wait for a woken
-    thread to get the interpreter while the last call's reply is being sent
-    (measured: about 1 ms a call before, tens of microseconds now). Waiting
-    for ``after`` keeps a write ahead of the measurements meant for it, and
-    each measurement's noise where a one-at-a-time device would draw it. A
+    on its own thread. One that arrives while another runs waits for its turn,
+    and then:
+
+    - while the device's calls take ``handover_s`` or more (a moving average of
+      the last ones), it is handed to the runner's thread, which starts the
+      next call whose turn it is the moment the last one ends: the device does
+      not wait for a woken thread to get the interpreter while the last call's
+      reply is being sent (measured: about 1 ms a call before, tens of
+      microseconds with the runner);
+    - while they take less (a simulation with no latency: the device is not
+      what the pipeline waits for), its own thread runs it when its turn
+      comes: a handover's two thread switches would cost more than they save.
+
+    Waiting for ``after`` keeps a write ahead of the measurements meant for it,
+    and each measurement's noise where a one-at-a-time device would draw it. A
     restarted process never sees the calls its predecessor served: a call
     waits for those at most ``wait_s``.
     """
 
-    def __init__(self, name: str, wait_s: float) -> None:
+    #: the moving average of a call's time from which waiting calls are handed to the runner's thread
+    HANDOVER_S = 1e-3
+
+    def __init__(self, name: str, wait_s: float, handover_s: float | None = None) -> None:
         self.name, self.wait_s = name, wait_s
+        self.handover_s = self.HANDOVER_S if handover_s is None else float(handover_s)
         self._cv = threading.Condition()
         self._jobs: list[_Job] = []  # in the order they arrived
         self._served: dict[str, int] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
         self._running = False  # a call is being served (on the runner's thread or its caller's)
+        #: a moving average of how long the device's calls take (starts long: a new device hands over)
+        self.call_s = math.inf
 
     def close(self) -> None:
         """End the runner's thread once the calls handed to it are done (a later call starts it again)."""
@@ -222,7 +245,8 @@ class InTurn:
 
     def run(self, ticket: tuple[str, int, int], work: Any) -> Any:
         """``work()`` in its turn; its result, or what it raised. A call that finds nothing running and nothing
-        waiting runs at once on its own thread (no handover); the others go to the runner's thread."""
+        waiting runs at once on its own thread (no handover); the others wait their turn, on the runner's thread
+        or (short calls) on their own."""
         stream, seq, after = ticket
         with self._cv:
             inline = not self._running and not self._jobs and self._served.get(stream, 0) >= after
@@ -230,49 +254,75 @@ class InTurn:
                 self._running = True
             else:
                 job = _Job(stream, seq, after, work, time.monotonic())
+                job.own = self.call_s < self.handover_s
                 self._closed = False
-                if self._thread is None or not self._thread.is_alive():
+                if not job.own and (self._thread is None or not self._thread.is_alive()):
                     self._thread = threading.Thread(target=self._loop, name=f"device-{self.name}", daemon=True)
                     self._thread.start()
                 self._jobs.append(job)
                 self._cv.notify_all()
+                if job.own:
+                    while self._pick() is not job:
+                        self._cv.wait(self._timeout())
+                    self._take(job)
+                    inline = True
         if inline:
+            t0 = time.perf_counter()
             try:
                 return work()
             finally:
-                self._finished(stream, seq)
+                self._finished(stream, seq, time.perf_counter() - t0)
         job.done.wait()
         if job.error is not None:
             raise job.error
         return job.result
 
-    def _finished(self, stream: str, seq: int) -> None:
+    def _finished(self, stream: str, seq: int, took: float) -> None:
         with self._cv:
             self._served[stream] = max(self._served.get(stream, 0), seq)
             self._running = False
+            self.call_s = took if not math.isfinite(self.call_s) else 0.8 * self.call_s + 0.2 * took
             self._cv.notify_all()
 
+    def _pick(self) -> _Job | None:
+        """The job whose turn it is now (None: a call is running, or none may go yet); holding the condition."""
+        if self._running:
+            return None
+        for job in self._jobs:
+            if self._served.get(job.stream, 0) >= job.after:
+                return job
+        now = time.monotonic()
+        for job in self._jobs:
+            if now - job.arrived >= self.wait_s:
+                return job
+        return None
+
+    def _take(self, job: _Job) -> None:
+        """``job`` leaves the queue to be served; holding the condition."""
+        if self._served.get(job.stream, 0) < job.after:
+            log.info("%s: call %d of %s waited %.1f s for call %d, served before a restart; going on",
+                     self.name, job.seq, job.stream, self.wait_s, job.after)
+        self._jobs.remove(job)
+        self._running = True
+
+    def _timeout(self) -> float | None:
+        """How long to wait before looking again: until the first waiting job's wait for its predecessor runs
+        out (at least a millisecond: a job past it is taken by whoever's it is; None: none waits)."""
+        if not self._jobs:
+            return None
+        return max(1e-3, min(j.arrived for j in self._jobs) + self.wait_s - time.monotonic())
+
     def _next(self) -> _Job | None:
-        """The first job whose turn it is (waiting for one; None once closed with none left); called holding
-        the condition."""
+        """The next job for the runner's thread (waiting for one; None once closed with none of its own left);
+        called holding the condition. A job whose turn it is but that runs on its caller's thread is left to it."""
         while True:
-            if self._closed and not self._jobs:
+            if self._closed and not any(not j.own for j in self._jobs):
                 self._thread = None
                 return None
-            if self._running:  # a call on its caller's thread: this one's turn comes after it
-                self._cv.wait()
-                continue
-            now = time.monotonic()
-            for job in self._jobs:
-                if self._served.get(job.stream, 0) >= job.after:
-                    return job
-            for job in self._jobs:
-                if now - job.arrived >= self.wait_s:
-                    log.info("%s: call %d of %s waited %.1f s for call %d, served before a restart; going on",
-                             self.name, job.seq, job.stream, self.wait_s, job.after)
-                    return job
-            timeout = min(j.arrived for j in self._jobs) + self.wait_s - now if self._jobs else None
-            self._cv.wait(timeout)
+            job = self._pick()
+            if job is not None and not job.own:
+                return job
+            self._cv.wait(self._timeout())
 
     def _loop(self) -> None:
         while True:
@@ -280,21 +330,22 @@ class InTurn:
                 job = self._next()
                 if job is None:
                     return
-                self._jobs.remove(job)
-                self._running = True
+                self._take(job)
+            t0 = time.perf_counter()
             try:
                 job.result = job.work()
             except BaseException as exc:  # the caller's thread raises it
                 job.error = exc
-            self._finished(job.stream, job.seq)
+            self._finished(job.stream, job.seq, time.perf_counter() - t0)
             job.done.set()
 
 
 class _Job:
-    __slots__ = ("stream", "seq", "after", "work", "arrived", "done", "result", "error")
+    __slots__ = ("stream", "seq", "after", "work", "arrived", "done", "result", "error", "own")
 
     def __init__(self, stream: str, seq: int, after: int, work: Any, arrived: float) -> None:
         self.stream, self.seq, self.after, self.work, self.arrived = stream, seq, after, work, arrived
+        self.own = False  # run on its caller's thread when its turn comes (short calls), not the runner's
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None

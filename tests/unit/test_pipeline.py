@@ -5,6 +5,7 @@ the same time, the devices wait on events set by other devices, never on
 the clock.
 """
 
+import math
 import threading
 
 import numpy as np
@@ -321,33 +322,42 @@ def test_device_worker_serves_each_callers_calls_in_the_order_sent(float64):
     assert worker.device.stats["param_writes"] == 1
 
 
-def test_ticketed_calls_run_one_at_a_time_in_order_raise_in_their_caller_and_a_lost_predecessor_is_waited_for_once():
+@pytest.mark.parametrize("handover_s", [0.0, 1e-3, math.inf], ids=["runner", "by-call-time", "own-thread"])
+def test_ticketed_calls_run_one_at_a_time_in_order_raise_in_their_caller_and_a_lost_predecessor_is_waited_for_once(
+        handover_s):
     import concurrent.futures
 
     from pnn_cluster.training.workers import InTurn
 
-    runner = InTurn("dev", wait_s=30.0)  # far beyond how long the calls below take to be handed over
-    order, inside = [], []
+    runner = InTurn("dev", wait_s=30.0, handover_s=handover_s)  # far beyond how long the calls below take
+    order, inside, threads = [], [], []
 
     def work(k, fail=False):
         inside.append(k)
         assert len(inside) == 1, inside  # one call at a time
         order.append(k)
+        threads.append(threading.current_thread().name)
         inside.remove(k)
         if fail:
             raise DeviceError(f"call {k} failed")
         return k
 
+    assert runner.run(("s", 1, 0), lambda: work(1)) == 1  # alone: on its caller's thread; the call time is known
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:  # a thread per call, as Ray's are
-        # sent in order 1..6, handed over in reverse: each waits for the one before it
-        calls = [pool.submit(runner.run, ("s", k, k - 1), lambda k=k: work(k, fail=k == 4)) for k in range(6, 0, -1)]
+        # sent in order 2..7, arriving in reverse: each waits for the one before it
+        calls = [pool.submit(runner.run, ("s", k, k - 1), lambda k=k: work(k, fail=k == 4)) for k in range(7, 1, -1)]
         outcomes = [c.exception() or c.result() for c in calls[::-1]]
-    assert order == [1, 2, 3, 4, 5, 6]
-    assert [str(o) if isinstance(o, Exception) else o for o in outcomes] == [1, 2, 3, "call 4 failed", 5, 6]
+    assert order == [1, 2, 3, 4, 5, 6, 7]
+    assert [str(o) if isinstance(o, Exception) else o for o in outcomes] == [2, 3, "call 4 failed", 5, 6, 7]
+    on_runner = [name == "device-dev" for name in threads[1:]]
+    if handover_s == 0.0:
+        assert all(on_runner[1:])  # the first may find the device idle; the rest are handed over
+    elif handover_s == math.inf:
+        assert not any(on_runner)  # every call on its caller's thread, in turn
     # a call whose predecessor was served by a process before a restart: it goes on after wait_s, not forever
     assert InTurn("restarted", wait_s=0.05).run(("r", 8, 7), lambda: work(8)) == 8
     runner.close()
-    assert runner.run(("s", 7, 6), lambda: work(7)) == 7  # closed: a later call starts it again
+    assert runner.run(("s", 8, 7), lambda: work(8)) == 8  # closed: a later call starts it again
 
 
 def test_restarted_device_gets_the_parameters_again_mid_step(float64):
