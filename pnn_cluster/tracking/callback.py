@@ -587,9 +587,14 @@ class MlflowCallback(Callback):
         keys |= {f"drift/{v['device']}/ratio" for v in self.twin_versions}  # logged before a resume, too
         if not keys:
             return
-        history = {k: pts for k, pts in self.metric_history(sorted(keys)).items() if pts}
+        devices = [figures.drift_device(k) for k in keys]
+        marks = [f"drift/{d}/{m}" for d in devices for m in ("alarm", "region_alarms")]
+        found = self.metric_history(sorted(keys) + marks)
+        history = {k: found[k] for k in keys if found.get(k)}
+        alarms = {d: figures.alarm_steps(found.get(f"drift/{d}/alarm") or [],
+                                         found.get(f"drift/{d}/region_alarms") or []) for d in devices}
         if history:
-            self.log_figure(figures.twin_history_figure(history, self.twin_versions), "plots/twin_drift.png")
+            self.log_figure(figures.twin_history_figure(history, self.twin_versions, alarms), "plots/twin_drift.png")
 
     def log_trained_models(self, trainer: Trainer) -> list[str]:
         """The trained stack (state_dict, device parameters, configuration) and each twin, as logged models."""

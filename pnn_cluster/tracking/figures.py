@@ -80,14 +80,29 @@ def drift_device(key: str) -> str | None:
     return None
 
 
-def twin_history_figure(history: Mapping[str, list[tuple[int, float]]], versions: Sequence[Mapping[str, Any]]):
+def alarm_steps(alarm: Sequence[tuple[int, float]], region: Sequence[tuple[int, float]]) -> list[tuple[int, bool]]:
+    """A device's alarms from its metrics: ``(step, drift)`` for each step ``drift/<device>/alarm`` was logged,
+    ``drift`` False where ``drift/<device>/region_alarms`` (a running count) rose at that step."""
+    counts = dict(region)
+    risen, last = set(), 0.0
+    for step in sorted(counts):
+        if counts[step] > last:
+            risen.add(step)
+        last = counts[step]
+    return [(int(step), int(step) not in risen) for step, value in sorted(alarm) if value > 0]
+
+
+def twin_history_figure(history: Mapping[str, list[tuple[int, float]]], versions: Sequence[Mapping[str, Any]],
+                        alarms: Mapping[str, Sequence[tuple[int, bool]]] | None = None):
     """Each twin's NMSE over its device's noise floor along a training, one panel per device.
 
     The curve is the metric ``drift/<device>/ratio`` (1: the twin is as good as the device's own noise lets
     anything be). A solid vertical line is a version swapped in at that step, a dotted one a refit recorded
     but not swapped in (it was not better than the twin in use); each is labelled ``v<k> <source>``. The
     horizontal lines are the ratio the device's first twin (version 0) had at calibration, and twice it:
-    how far the twin in use has moved from where the training started.
+    how far the twin in use has moved from where the training started. ``alarms`` (device: ``(step, drift)``)
+    are marked on the curve: a filled red triangle where the device's reference showed it had drifted, an
+    open grey circle where it measured as before (the twin is off where training moved: not drift).
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter
@@ -101,6 +116,14 @@ def twin_history_figure(history: Mapping[str, list[tuple[int, float]]], versions
         if device in curves:
             s, r = zip(*curves[device])
             ax.plot(s, r, lw=0.9, color="C0", label="twin NMSE / noise floor")
+            at = dict(zip(s, r))
+            for drift, style in ((True, {"marker": "v", "color": "C3", "label": "drift alarm"}),
+                                 (False, {"marker": "o", "mfc": "none", "color": "0.45",
+                                          "label": "alarm, device as before"})):
+                pts = [(st, at[st]) for st, d in (alarms or {}).get(device, []) if d is drift and st in at]
+                if pts:
+                    ax.plot(*zip(*pts), ls="none", ms=5, gid=f"alarm:{device}:{'drift' if drift else 'region'}",
+                            **style)
         mine = sorted((v for v in versions if str(v["device"]) == device), key=lambda v: int(v["version"]))
         base = next((v.get("ratio_to_floor") for v in mine if int(v["version"]) == 0), None)
         if isinstance(base, int | float) and math.isfinite(base) and base > 0:

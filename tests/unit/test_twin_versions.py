@@ -169,15 +169,30 @@ def test_the_drift_plot_marks_each_refit_and_the_calibration_ratio():
     versions = [record(version=0, step=0, source="calibration", ratio=1.2, parent=None), record(version=1, step=30),
                 record(version=2, step=60, source="recalibration", accepted=False),
                 record(device="optics", version=0, step=0, source="calibration", ratio=1.1, parent=None)]
-    fig = twin_history_figure(history, versions)
+    fig = twin_history_figure(history, versions, {"circuit/1": [(40, False), (70, True)], "optics": []})
     circuit, optics = fig.axes
     assert circuit.get_title(loc="left") == "circuit/1" and circuit.get_yscale() == "log"
-    marks = {l.get_gid(): l.get_linestyle() for l in circuit.lines if l.get_gid()}
+    marks = {l.get_gid(): l.get_linestyle() for l in circuit.lines if (l.get_gid() or "").startswith("twin-")}
     assert marks == {"twin-version:circuit/1:v1": "-", "twin-version:circuit/1:v2": ":"}  # kept solid, not kept dotted
+    # alarms on the curve: the one whose reference showed drift apart from the one where the device was as before
+    alarms = {l.get_gid(): list(zip(l.get_xdata(), l.get_ydata())) for l in circuit.lines
+              if (l.get_gid() or "").startswith("alarm:")}
+    assert alarms == {"alarm:circuit/1:region": [(40, pytest.approx(2.0))],
+                      "alarm:circuit/1:drift": [(70, pytest.approx(2.6))]}
     assert {t.get_text().strip() for t in circuit.texts} == {"v1 refine", "v2 recalibration"}
-    levels = sorted(l.get_ydata()[0] for l in circuit.lines if not l.get_gid() and len(set(l.get_ydata())) == 1)
+    levels = sorted(l.get_ydata()[0] for l in circuit.lines if not l.get_gid() and len(l.get_ydata()) > 1
+                    and len(set(l.get_ydata())) == 1)
     assert levels == pytest.approx([1.2, 2.4])  # the calibration's ratio and twice it
     assert not [l for l in optics.lines if l.get_gid()]
+
+
+def test_alarms_are_read_from_the_metrics_and_told_apart_by_the_region_count():
+    from pnn_cluster.tracking.figures import alarm_steps
+
+    alarm = [(10, 1.0), (25, 1.0), (40, 1.0)]
+    region = [(5, 0.0), (10, 0.0), (25, 1.0), (40, 1.0)]  # a running count: it rose at step 25
+    assert alarm_steps(alarm, region) == [(10, True), (25, False), (40, True)]
+    assert alarm_steps(alarm, []) == [(10, True), (25, True), (40, True)]  # a run from before the reference check
 
 
 def test_a_finished_training_draws_the_drift_plot_when_it_measured_drift(server):
@@ -186,7 +201,10 @@ def test_a_finished_training_draws_the_drift_plot_when_it_measured_drift(server)
     with cb:
         cb.log_twin_fit(calibration_fit())
         for step in range(10, 100, 10):
-            cb.on_step_end(SimpleNamespace(global_step=step), {"train_loss": 1.0, "drift/circuit/1/ratio": 1.2})
+            cb.on_step_end(SimpleNamespace(global_step=step), {"train_loss": 1.0, "drift/circuit/1/ratio": 1.2,
+                                                               "drift/circuit/1/region_alarms": float(step > 40),
+                                                               **({"drift/circuit/1/alarm": 1.0} if step in (40, 50)
+                                                                  else {})})
         cb.log_twin_version(record(version=1, step=50))
         cb.on_train_end(trainer, {})
         assert cb.dir.file("plots/twin_drift.png").stat().st_size > 0
