@@ -356,20 +356,28 @@ def reference_change(y_then: np.ndarray, y_now: np.ndarray, noise: NoiseModel | 
                      noise_per_value: float) -> tuple[float, float]:
     """How much a device changed between two measurements of the same inputs at the same setting: the
     power of their difference beyond what the noise of both gives, over the noise power of one (``0`` when
-    nothing changed, whatever the noise), and its standard error when nothing changed.
+    nothing changed, whatever the noise), and its standard error.
 
     Each measurement carries its noise (``noise`` at its outputs, or ``noise_per_value`` on each value), so
     the difference carries both: ``D = |y_now - y_then|^2 / (noise(y_now) + noise(y_then))`` is about 1 for
-    a device that has not changed, with a standard deviation of ``sqrt(2 / n)`` for ``n`` values (normal
-    noise); a change of power ``delta^2`` per value adds ``delta^2 / (2 sigma^2)``. The figure returned is
-    ``2 (D - 1)``, in units of the noise power (what the change adds to a twin's error over the floor)."""
+    a device that has not changed; a change of power ``delta^2`` per value adds ``delta^2 / (2 sigma^2)``.
+    The figure returned is ``2 (D - 1)``, in units of the noise power (what the change adds to a twin's
+    error over the floor). Its standard error is estimated from the rows themselves (each row is one
+    measurement: noise that moves a row's outputs together, a laser shot's energy or a drive's amplitude,
+    makes ``D`` far less certain than its count of values suggests), by the delta method for a ratio."""
     y_then, y_now = np.asarray(y_then, dtype=np.float64), np.asarray(y_now, dtype=np.float64)
+    rows_then, rows_now = y_then.reshape(y_then.shape[0], -1), y_now.reshape(y_now.shape[0], -1)
     if noise is not None:
-        expected = noise.power(y_now) + noise.power(y_then)
+        expected = (noise.additive * rows_now.shape[1] * 2.0
+                    + noise.relative * ((rows_now**2).sum(axis=1) + (rows_then**2).sum(axis=1)))
     else:
-        expected = 2.0 * noise_per_value * y_now.size
-    d = float(((y_now - y_then) ** 2).sum()) / max(expected, 1e-300)
-    return 2.0 * (d - 1.0), 2.0 * math.sqrt(2.0 / max(y_now.size, 1))
+        expected = np.full(rows_now.shape[0], 2.0 * noise_per_value * rows_now.shape[1])
+    diff = ((rows_now - rows_then) ** 2).sum(axis=1)
+    total = max(float(expected.sum()), 1e-300)
+    d = float(diff.sum()) / total
+    n = len(diff)
+    se = math.sqrt(float(((diff - d * expected) ** 2).sum()) * n / max(n - 1, 1)) / total if n > 1 else math.inf
+    return 2.0 * (d - 1.0), 2.0 * se
 
 
 def _plain(v: float | None) -> float | None:

@@ -228,10 +228,19 @@ def test_the_change_at_a_reference_is_its_power_beyond_the_noise_in_units_of_the
     sigma = 0.01
     then = y + sigma * rng.standard_normal(y.shape)
     same, se = reference_change(then, y + sigma * rng.standard_normal(y.shape), None, sigma**2)
-    assert abs(same) < 3 * se and se == pytest.approx(2 * np.sqrt(2 / y.size))
+    assert abs(same) < 3 * se and se == pytest.approx(2 * np.sqrt(2 / y.size), rel=0.3)  # independent values
     shifted = y + 2 * sigma * rng.choice([-1.0, 1.0], y.shape)  # a change of power 4 sigma^2 on every value
     change, _ = reference_change(then, shifted + sigma * rng.standard_normal(y.shape), NoiseModel(sigma**2, 0.0), 0.0)
     assert change == pytest.approx(4.0, abs=0.4)
+    # shot noise moves a row's outputs together: over many draws of an unchanged device, the change scatters
+    # about zero as far as the standard error given says, not as far as the count of values would say
+    shot, model = 0.02, NoiseModel(sigma**2, 0.02**2)
+    draws = [reference_change(*(y * (1 + shot * rng.standard_normal((64, 1))) + sigma * rng.standard_normal(y.shape)
+                                for _ in range(2)), model, 0.0) for _ in range(400)]
+    changes, ses = np.array([c for c, _ in draws]), np.array([e for _, e in draws])
+    assert abs(changes.mean()) < 3 * changes.std() / np.sqrt(len(changes))  # no change: zero on average
+    assert changes.std() == pytest.approx(np.median(ses), rel=0.25)
+    assert changes.std() > 2 * 2 * np.sqrt(2 / y.size)  # what independent values would have given
 
 
 def test_refine_fits_a_copy_beside_training_and_swaps_it_in_on_every_copy_at_a_step_boundary(float64):
