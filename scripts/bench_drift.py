@@ -53,7 +53,8 @@ detections nor as false alarms.
 a reference measured again at an alarm draws its noise from a stream of its own), so their runs are the same
 unless an alarm's reference samples move a step change's sample clock: ``none`` is run for the first ``--none-seeds``
 seeds (default 1) and checked equal to ``monitor`` there (``none_equals_monitor``); for the other seeds
-its figures are ``monitor``'s (``none_runs`` says how many were run).
+its figures are ``monitor``'s (``none_runs`` says how many were run), but for the device samples on the twins:
+none (``monitor``'s references are its own).
 
 Runs are Ray tasks, ``--workers`` at a time (one CPU each); ``--workers 0`` runs them in this process.
 ``--out FILE`` keeps every finished run (JSON lines) and a rerun with the same file skips them.
@@ -196,7 +197,9 @@ def summarise(scenario: str, runs: list[dict], warmup: int, rise: float) -> dict
     monitor = {r["seed"]: r for r in runs if r["policy"] == "monitor"}
     same = [ran_none[k]["test_acc"] == monitor[k]["test_acc"] and ran_none[k]["end"] == monitor[k]["end"]
             for k in ran_none if k in monitor]
-    runs = runs + [{**m, "policy": "none"} for k, m in monitor.items() if k not in ran_none] if ran_none else runs
+    # a run without a watch measures nothing beside training (monitor's references at alarms are its own)
+    runs = runs + [{**m, "policy": "none", "recalibration_samples": 0} for k, m in monitor.items()
+                   if k not in ran_none] if ran_none else runs
     for policy in POLICIES:
         rs = [r for r in runs if r["policy"] == policy]
         if not rs:
@@ -298,7 +301,7 @@ def targets(scenarios: list[dict]) -> dict[str, Any]:
 
 
 #: a scenario's figures that come from its monitor runs
-MONITOR_FIGURES = ("detection_delay_steps", "detections", "false_alarms", "false_alarm_device_runs",
+MONITOR_FIGURES = ("detection_delay_steps", "detections", "false_alarms", "false_alarm_device_runs", "region_alarms",
                    "alarms_before_onset", "device_runs", "none_runs", "none_equals_monitor")
 
 
