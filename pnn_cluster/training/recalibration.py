@@ -207,6 +207,10 @@ class NoiseModel:
         """Total noise power expected on the outputs ``y`` (summed over every value)."""
         return float(self.additive * y.size + self.relative * float((y * y).sum()))
 
+    def row_powers(self, rows: np.ndarray) -> np.ndarray:
+        """The noise power expected on each row of ``rows`` (n, values): :meth:`power` row by row."""
+        return self.additive * rows.shape[1] + self.relative * (rows * rows).sum(axis=1)
+
 
 @dataclass(eq=False)
 class WatchedReplica:
@@ -368,8 +372,7 @@ def reference_change(y_then: np.ndarray, y_now: np.ndarray, noise: NoiseModel | 
     y_then, y_now = np.asarray(y_then, dtype=np.float64), np.asarray(y_now, dtype=np.float64)
     rows_then, rows_now = y_then.reshape(y_then.shape[0], -1), y_now.reshape(y_now.shape[0], -1)
     if noise is not None:
-        expected = (noise.additive * rows_now.shape[1] * 2.0
-                    + noise.relative * ((rows_now**2).sum(axis=1) + (rows_then**2).sum(axis=1)))
+        expected = noise.row_powers(rows_now) + noise.row_powers(rows_then)
     else:
         expected = np.full(rows_now.shape[0], 2.0 * noise_per_value * rows_now.shape[1])
     diff = ((rows_now - rows_then) ** 2).sum(axis=1)
